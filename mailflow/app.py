@@ -1,0 +1,70 @@
+"""The application object: config + pipeline + shared services, one per process.
+
+``serve`` and ``check`` both build an :class:`App`, so the pipeline a message goes
+through is the same in both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from mailflow.config import Config
+from mailflow.delivery.maildir import MaildirDelivery
+from mailflow.delivery.spool import Spool
+from mailflow.dns import Resolver
+from mailflow.message import MessageContext
+from mailflow.pipeline import Pipeline
+from mailflow.verdict import Route
+
+log = logging.getLogger("mailflow")
+
+
+class App:
+    """Holds what plugins may use via ``mailflow_startup(app)``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        extra_plugins: dict[str, Any] | None = None,
+        available_plugins: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.resolver = Resolver(config.dns)
+        self.pipeline = Pipeline(config, extra=extra_plugins, available=available_plugins)
+        self.maildir = MaildirDelivery(config.delivery.maildir)
+        self._spool: Spool | None = None
+        self.started = False
+        self.state: dict[str, Any] = {}  # shared scratch space for plugins
+
+    @property
+    def spool(self) -> Spool:
+        if self._spool is None:
+            self._spool = Spool(Path(self.config.queue.directory))
+        return self._spool
+
+    @property
+    def authserv_id(self) -> str:
+        return self.config.authserv_id or self.config.server.hostname
+
+    async def startup(self) -> None:
+        if not self.started:
+            await self.pipeline.notify("mailflow_startup", app=self)
+            self.started = True
+
+    async def shutdown(self) -> None:
+        if self.started:
+            await self.pipeline.notify("mailflow_shutdown", app=self)
+            self.started = False
+
+    async def route(self, ctx: MessageContext) -> dict[str, Route]:
+        if not ctx.routes or set(ctx.routes) != set(ctx.envelope.rcpt_tos):
+            await self.pipeline.assign_routes(ctx)
+        return {r: ctx.routes[r] for r in ctx.envelope.rcpt_tos}
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)

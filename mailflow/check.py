@@ -1,0 +1,112 @@
+"""Run the whole pipeline on one message without SMTP (``mailflow check``)."""
+
+from __future__ import annotations
+
+import email.utils
+from typing import Any
+
+from mailflow.app import App
+from mailflow.delivery.spool import new_queue_id
+from mailflow.message import Connection, Envelope, MessageContext
+from mailflow.normalize import normalize_newlines
+from mailflow.verdict import Action
+
+
+def _addresses(raw_values: list[str]) -> list[str]:
+    return [addr for _, addr in email.utils.getaddresses(raw_values) if addr]
+
+
+async def check_message(
+    app: App,
+    raw: bytes,
+    *,
+    sender: str | None = None,
+    recipients: list[str] | None = None,
+    ip: str = "127.0.0.1",
+    helo: str = "localhost",
+    authenticated_user: str = "",
+) -> MessageContext:
+    """Run every stage (connect .. data, routing) as an SMTP session would.
+
+    Sender and recipients default to the From and To/Cc headers. A verdict at an
+    early stage ends the check there, as it would end the SMTP transaction.
+    """
+    raw = normalize_newlines(raw)
+    conn = Connection(ip=ip, helo=helo, authenticated_user=authenticated_user)
+    nets = app.config.relay_network_objects
+    addr = conn.address
+    conn.relay_allowed = addr is not None and any(addr in n for n in nets)
+    ctx = MessageContext(raw, Envelope(), conn, queue_id=new_queue_id())
+    if sender is None:
+        found = _addresses(ctx.headers.get_all("From", []))
+        sender = found[0] if found else ""
+    if not recipients:
+        recipients = _addresses(ctx.headers.get_all("To", []) + ctx.headers.get_all("Cc", []))
+    ctx.envelope.mail_from = sender
+    pipeline = app.pipeline
+
+    stages: list[tuple[str, dict[str, Any]]] = [
+        ("connect", {"connection": conn}),
+        ("helo", {"connection": conn, "name": helo}),
+        ("mail", {"connection": conn, "sender": sender, "options": []}),
+    ]
+    for stage, kwargs in stages:
+        result, runs = await pipeline.run_stage(stage, **kwargs)
+        for run in runs:
+            ctx.record(run)
+            if run.result is not None and run.result.mutations:
+                ctx.apply(run.result.mutations)
+        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL):
+            ctx.action, ctx.reply, ctx.reason = result.action, result.smtp_reply(), result.reason
+            ctx.decided_by = runs[-1].plugin
+            return ctx
+    for rcpt in recipients:
+        result, runs = await pipeline.run_stage(
+            "rcpt", connection=conn, sender=sender, recipient=rcpt, options=[]
+        )
+        for run in runs:
+            ctx.record(run)
+        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
+            # The recipient is refused at RCPT; with none left the transaction fails.
+            ctx.extra.setdefault("refused_recipients", {})[rcpt] = str(result.smtp_reply())
+            if result.action is not Action.DISCARD:
+                ctx.action, ctx.reply = result.action, result.smtp_reply()
+                ctx.reason = result.reason
+            continue
+        ctx.envelope.rcpt_tos.append(rcpt)
+        for run in runs:
+            if run.result is not None and run.result.mutations:
+                ctx.apply(run.result.mutations)
+    if not ctx.envelope.rcpt_tos:
+        if ctx.action is Action.CONTINUE:
+            ctx.action = Action.REJECT
+            ctx.reason = "no valid recipients"
+        return ctx
+    ctx.action = Action.CONTINUE
+    ctx.reply = None
+    await pipeline.run_data(ctx)
+    return ctx
+
+
+def report(ctx: MessageContext) -> dict[str, Any]:
+    """The ``check --json`` object."""
+    action = Action.ACCEPT if ctx.action is Action.CONTINUE else ctx.action
+    out: dict[str, Any] = {
+        "queue_id": ctx.queue_id,
+        "action": action.value,
+        "smtp_reply": ctx.reply.as_dict()
+        if ctx.reply and action in (Action.REJECT, Action.TEMPFAIL)
+        else None,
+        "reason": ctx.reason or None,
+        "decided_by": ctx.decided_by or None,
+        "score": round(ctx.score, 4),
+        "sender": ctx.envelope.mail_from,
+        "recipients": list(ctx.envelope.rcpt_tos),
+        "route": {r: route.as_dict() for r, route in ctx.routes.items()},
+        "headers_added": [[name, value] for name, value in ctx.headers_added],
+        "plugins": ctx.plugin_report(),
+    }
+    refused = ctx.extra.get("refused_recipients")
+    if refused:
+        out["refused_recipients"] = refused
+    return out

@@ -1,0 +1,378 @@
+"""The ``mailflow`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mailflow import __version__
+from mailflow.config import Config, ConfigError, default_config_text, load_config
+
+CONFIG_HELP = "Path to mailflow.yaml (default: the embedded default config)."
+
+
+def setup_logging(config: Config, verbose: bool = False) -> None:
+    from mailflow import msglog
+
+    level = logging.DEBUG if verbose else getattr(logging, config.log.level)
+    handler: logging.Handler
+    if config.log.file:
+        handler = logging.FileHandler(config.log.file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatty logger
+    msglog.configure(config.log.format == "json")
+
+
+def load_or_exit(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"mailflow: invalid config:\n{exc}", err=True)
+        sys.exit(2)
+
+
+def build_app(config: Config) -> Any:
+    from mailflow.app import App
+
+    try:
+        return App(config)
+    except ConfigError as exc:
+        click.echo(f"mailflow: invalid config:\n{exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mailflow")
+def main() -> None:
+    """mailflow: a pluggable mail filtering pipeline (SMTP in, plugins, Maildir/LMTP/relay out)."""
+
+
+@main.command()
+def version() -> None:
+    """Print the mailflow version."""
+    click.echo(f"mailflow {__version__}")
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--listen", "-l", multiple=True, help="Override server.listen (HOST:PORT).")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> None:
+    """Receive mail over SMTP, filter it, deliver it."""
+    config = load_or_exit(config_path)
+    if listen:
+        server_cfg = config.server.model_copy(update={"listen": list(listen)})
+        config = config.model_copy(update={"server": server_cfg})
+    setup_logging(config, verbose)
+    from mailflow.server import Server
+
+    app = build_app(config)
+
+    mail_root = Path(config.delivery.maildir.root).resolve()
+    spool_root = Path(config.queue.directory).resolve()
+
+    async def run() -> None:
+        server = Server(app)
+        try:
+            addresses = await server.start()
+        except OSError as exc:
+            click.echo(f"mailflow: cannot listen: {exc}", err=True)
+            await server.stop()
+            sys.exit(1)
+        source = config_path or "embedded default config"
+        for host, port in addresses:
+            click.echo(f"mailflow {__version__}: listening on {host}:{port} (SMTP)", err=True)
+        delivery = config.delivery
+        if delivery.method == "maildir":
+            where = f"Maildir under {mail_root}/"
+        else:
+            where = f"LMTP {delivery.lmtp}"
+        click.echo(
+            f"mailflow: config: {source}; local mail -> {where}; "
+            f"spool: {spool_root}; "
+            f"relay: {config.relay.default}",
+            err=True,
+        )
+        await server.run_forever()
+
+    asyncio.run(run())
+
+
+# --- check ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--from", "sender", help="Envelope sender (default: the From header).")
+@click.option("--to", "recipients", multiple=True, help="Envelope recipient (repeatable).")
+@click.option("--ip", default="127.0.0.1", show_default=True, help="Client IP address.")
+@click.option("--helo", default="localhost", show_default=True, help="HELO/EHLO name.")
+@click.option("--user", default="", help="Pretend the client authenticated as USER.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def check(
+    file: str,
+    config_path: str | None,
+    sender: str | None,
+    recipients: tuple[str, ...],
+    ip: str,
+    helo: str,
+    user: str,
+    as_json: bool,
+) -> None:
+    """Run the whole content pipeline on FILE (an .eml; '-' for stdin) and print the decision.
+
+    Exit status: 0 accept, 1 quarantine/discard, 2 reject/tempfail or error.
+    """
+    from mailflow.check import check_message, report
+
+    config = load_or_exit(config_path)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    app = build_app(config)
+
+    async def run() -> dict[str, Any]:
+        await app.startup()
+        try:
+            ctx = await check_message(
+                app,
+                raw,
+                sender=sender,
+                recipients=list(recipients) or None,
+                ip=ip,
+                helo=helo,
+                authenticated_user=user,
+            )
+        finally:
+            await app.shutdown()
+        return report(ctx)
+
+    result = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(f"action:     {result['action']}")
+        if result["smtp_reply"]:
+            r = result["smtp_reply"]
+            click.echo(f"smtp reply: {r['code']} {r['status']} {r['text']}")
+        if result["reason"]:
+            click.echo(f"reason:     {result['reason']}")
+        click.echo(f"score:      {result['score']}")
+        click.echo(f"sender:     <{result['sender']}>")
+        for rcpt, route in result["route"].items():
+            click.echo(f"route:      <{rcpt}> -> {route}")
+        for name, value in result["headers_added"]:
+            click.echo(f"header:     {name}: {value}")
+        for name, info in result["plugins"].items():
+            click.echo(f"plugin:     {name}: {info.get('action')} ({info.get('time_ms')} ms)")
+    code = {"accept": 0, "quarantine": 1, "discard": 1}.get(result["action"], 2)
+    sys.exit(code)
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+@main.group("config")
+def config_group() -> None:
+    """Config file commands."""
+
+
+@config_group.command("validate")
+@click.argument("path", type=click.Path(dir_okay=False), required=False)
+@click.option("--config", "-c", "config_opt", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def config_validate(path: str | None, config_opt: str | None) -> None:
+    """Validate a config file (and the settings of the plugins it enables)."""
+    target = path or config_opt
+    config = load_or_exit(target)
+    build_app(config)  # loads plugins and validates their settings
+    click.echo(f"{target or 'embedded default config'}: OK")
+
+
+@config_group.command("show-default")
+def config_show_default() -> None:
+    """Print the embedded default config."""
+    click.echo(default_config_text(), nl=False)
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False), default="mailflow.yaml")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path: str, force: bool) -> None:
+    """Write a commented starter config to PATH (default: mailflow.yaml)."""
+    import importlib.resources
+
+    target = Path(path)
+    if target.exists() and not force:
+        click.echo(f"mailflow: {target} exists (use --force to overwrite)", err=True)
+        sys.exit(1)
+    text = importlib.resources.files("mailflow").joinpath("data/starter.yaml").read_text("utf-8")
+    target.write_text(text, "utf-8")
+    click.echo(f"wrote {target}; check it with: mailflow config validate {target}")
+
+
+# --- queue ---------------------------------------------------------------------------------
+
+
+@main.group("queue")
+def queue_group() -> None:
+    """Inspect and manage the delivery queue (works while `serve` runs)."""
+
+
+def _spool(config_path: str | None) -> Any:
+    from mailflow.delivery.spool import Spool
+
+    config = load_or_exit(config_path)
+    return Spool(Path(config.queue.directory))
+
+
+@queue_group.command("list")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def queue_list(config_path: str | None, as_json: bool) -> None:
+    """List queued messages."""
+    spool = _spool(config_path)
+    rows = []
+    for entry in spool.entries():
+        rows.append(
+            {
+                "id": entry.id,
+                "age_s": round(time.time() - entry.created),
+                "size": entry.size,
+                "sender": entry.sender,
+                "pending": [
+                    {
+                        "rcpt": r.address,
+                        "attempts": r.attempts,
+                        "last_reply": r.last_reply,
+                        "next_attempt_in_s": max(0, round(r.next_attempt - time.time())),
+                    }
+                    for r in entry.pending()
+                ],
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("queue is empty")
+        return
+    for row in rows:
+        click.echo(f"{row['id']}  {row['size']:>8}  {row['age_s']:>6}s  <{row['sender']}>")
+        for p in row["pending"]:
+            click.echo(
+                f"    -> <{p['rcpt']}> attempts={p['attempts']} "
+                f"next in {p['next_attempt_in_s']}s  {p['last_reply']}"
+            )
+    click.echo(f"{len(rows)} message(s)")
+
+
+@queue_group.command("show")
+@click.argument("queue_id")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--body", is_flag=True, help="Also print the message.")
+def queue_show(queue_id: str, config_path: str | None, body: bool) -> None:
+    """Show one queued message's envelope and delivery state."""
+    from dataclasses import asdict
+
+    spool = _spool(config_path)
+    try:
+        entry = spool.load(queue_id)
+    except FileNotFoundError:
+        click.echo(f"mailflow: no queued message {queue_id}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(asdict(entry), indent=2))
+    if body:
+        click.echo(spool.read_message(queue_id).decode("utf-8", "replace"))
+
+
+@queue_group.command("flush")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def queue_flush(config_path: str | None) -> None:
+    """Ask the running server to retry every queued message now."""
+    from mailflow.delivery.queue import FLUSH_TRIGGER
+
+    spool = _spool(config_path)
+    for entry in spool.entries():
+        for r in entry.pending():
+            r.next_attempt = 0
+        spool.update(entry)
+    (spool.root / FLUSH_TRIGGER).touch()
+    click.echo("flush requested")
+
+
+@queue_group.command("delete")
+@click.argument("queue_ids", nargs=-1, required=True)
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def queue_delete(queue_ids: tuple[str, ...], config_path: str | None) -> None:
+    """Delete queued messages (no bounce is sent)."""
+    spool = _spool(config_path)
+    missing = 0
+    for queue_id in queue_ids:
+        if not spool.meta_path(queue_id).exists():
+            click.echo(f"mailflow: no queued message {queue_id}", err=True)
+            missing += 1
+            continue
+        spool.remove(queue_id)
+        click.echo(f"deleted {queue_id}")
+    sys.exit(1 if missing else 0)
+
+
+# --- plugins -------------------------------------------------------------------------------
+
+
+@main.group("plugins")
+def plugins_group() -> None:
+    """Installed plugins and the hook order."""
+
+
+@plugins_group.command("list")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def plugins_list(config_path: str | None) -> None:
+    """Installed plugins, whether the config enables them, and their hook order."""
+    from mailflow.hookspecs import hook_names
+    from mailflow.pipeline import available_plugins
+
+    config = load_or_exit(config_path)
+    enabled = {p.name for p in config.plugins if p.enabled}
+    for name, ep in sorted(available_plugins().items()):
+        mark = "enabled " if name in enabled else "disabled"
+        click.echo(f"{mark}  {name:<16} {ep.value}  ({ep.dist.name if ep.dist else '?'})")
+    app = build_app(config)
+    click.echo("\nhook order:")
+    for hook in hook_names():
+        names = app.pipeline.plugins_for(hook)
+        if names:
+            click.echo(f"  {hook}: {' -> '.join(names)}")
+
+
+def _register_plugin_commands() -> None:
+    """Let installed plugins add commands (``mailflow_register_commands``)."""
+    from mailflow.pipeline import available_plugins
+
+    for name, ep in available_plugins().items():
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            click.echo(f"mailflow: plugin {name} failed to load: {exc}", err=True)
+            continue
+        hook = getattr(obj, "mailflow_register_commands", None)
+        if callable(hook):
+            hook(cli=main)
+
+
+_register_plugin_commands()

@@ -1,0 +1,438 @@
+"""mailflow.yaml -> validated, immutable config models.
+
+Unknown keys are errors. Every error names the file, the key path, the line (from
+the YAML node marks) and what was expected.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
+
+DEFAULT_CONFIG_NAME = "<embedded default>"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def _parse_size(value: Any) -> Any:
+    """Accept 1048576, "25M", "25MB", "1.5 GiB"."""
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise ValueError(f"expected a size such as 10485760, '25M' or '1G', got {value!r}")
+        unit = (m.group(2) or "").lower()[:1]
+        return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    return value
+
+
+def _parse_duration(value: Any) -> Any:
+    """Accept 30, 30.5, "30s", "5m", "2h", "5d"."""
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(
+                f"expected a duration such as 30, '30s', '5m', '2h' or '5d', got {value!r}"
+            )
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return value
+
+
+Size = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(Strict):
+    cert: Path
+    key: Path
+    require: bool = False  # refuse MAIL before STARTTLS
+
+
+class AuthConfig(Strict):
+    users_file: Path  # lines "user:$argon2id$..." (see `mailflow users add`)
+    mechanisms: list[Literal["PLAIN", "LOGIN"]] = ["PLAIN", "LOGIN"]
+
+
+class ServerConfig(Strict):
+    listen: list[str] = ["127.0.0.1:2525"]
+    hostname: str = "localhost"
+    max_message_size: Size = 25 * 1024 * 1024
+    max_recipients: int = Field(100, ge=1)
+    max_connections: int = Field(200, ge=1)
+    command_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0
+    max_received_headers: int = Field(50, ge=1)  # loop detection (RFC 5321 6.3)
+    bare_newline: Literal["normalize", "reject"] = "normalize"
+    reverse_dns: bool = False
+    tls: TLSConfig | None = None
+    auth: AuthConfig | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_listen(item)
+        return value
+
+
+class MaildirConfig(Strict):
+    root: Path = Path("./mail")
+    # {recipient}, {local}, {domain} are replaced; result is relative to root.
+    layout: str = "{recipient}"
+    quota: Size | None = None  # bytes per mailbox; None = unlimited
+    over_quota_code: Literal[452, 552] = 452
+
+
+class LMTPTarget(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(24, ge=0, le=65535)
+    socket: Path | None = None  # unix socket path instead of host:port
+
+
+class RelayTarget(Strict):
+    host: str
+    port: int = Field(25, ge=0, le=65535)
+    tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
+    username: str | None = None
+    password: str | None = None
+    timeout: Duration = 60.0
+
+
+class LocalDeliveryConfig(Strict):
+    method: Literal["maildir", "lmtp"] = "maildir"
+    maildir: MaildirConfig = MaildirConfig()
+    lmtp: LMTPTarget | None = None
+
+
+class RelayConfig(Strict):
+    # "none": refuse non-local recipients; "mx": deliver to the domain's MX;
+    # any other string names a target in `targets`.
+    default: str = "none"
+    targets: dict[str, RelayTarget] = {}
+    routes: dict[str, str] = {}  # recipient domain -> target name or "mx"
+    mx_tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
+    mx_port: int = Field(25, ge=0, le=65535)
+    helo_name: str | None = None
+
+    def target_names(self) -> set[str]:
+        return set(self.targets) | {"mx", "none"}
+
+
+class QueueConfig(Strict):
+    directory: Path = Path("./spool")
+    retry_schedule: list[Duration] = [60, 300, 900, 1800, 3600]
+    lifetime: Duration = 5 * 86400.0
+    workers: int = Field(8, ge=1)
+    scan_interval: Duration = 1.0
+    bounce_from: str = "MAILER-DAEMON"
+
+
+class LogConfig(Strict):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = None  # default: stderr
+
+
+class ActionThresholds(Strict):
+    """rspamd-style: one place maps the total spam score to an action (None = never)."""
+
+    reject: float | None = None
+    quarantine: float | None = None
+    junk: float | None = None  # deliver to the recipient's .Junk folder
+    add_header: float | None = None
+
+
+class QuarantineConfig(Strict):
+    directory: Path = Path("./quarantine")
+
+
+class DNSConfig(Strict):
+    nameservers: list[str] = []  # empty: the system resolver's
+    port: int = Field(53, ge=1, le=65535)
+    timeout: Duration = 2.0
+    budget: Duration = 10.0  # overall DNS time per message
+
+
+class PluginEntry(Strict):
+    name: str
+    enabled: bool = True
+    on_error: Literal["tempfail", "continue"] = "tempfail"
+    timeout: Duration = 30.0
+    settings: dict[str, Any] = {}
+
+
+class Config(Strict):
+    server: ServerConfig = ServerConfig()
+    local_domains: list[str] = ["*"]  # "*" accepts any recipient as local
+    relay_networks: list[str] = []  # CIDRs allowed to relay without AUTH
+    delivery: LocalDeliveryConfig = LocalDeliveryConfig()
+    relay: RelayConfig = RelayConfig()
+    queue: QueueConfig = QueueConfig()
+    quarantine: QuarantineConfig = QuarantineConfig()
+    actions: ActionThresholds = ActionThresholds()
+    dns: DNSConfig = DNSConfig()
+    log: LogConfig = LogConfig()
+    authserv_id: str | None = None  # default: server.hostname
+    plugins: list[PluginEntry] = []
+
+    # Where the config came from, kept so later checks (plugin settings) can name lines.
+    _source: str = PrivateAttr(default=DEFAULT_CONFIG_NAME)
+    _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
+
+    @field_validator("relay_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{net!r} is not a network (expected CIDR such as 10.0.0.0/8)"
+                ) from exc
+        return value
+
+    @field_validator("plugins")
+    @classmethod
+    def _unique_plugins(cls, value: list[PluginEntry]) -> list[PluginEntry]:
+        seen: set[str] = set()
+        for p in value:
+            if p.name in seen:
+                raise ValueError(f"plugin {p.name!r} is listed twice")
+            seen.add(p.name)
+        return value
+
+    def is_local_domain(self, domain: str) -> bool:
+        domain = domain.lower().rstrip(".")
+        for pattern in self.local_domains:
+            p = pattern.lower()
+            if p == "*" or p == domain or (p.startswith("*.") and domain.endswith(p[1:])):
+                return True
+        return False
+
+    @property
+    def relay_network_objects(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.relay_networks]
+
+
+def parse_listen(item: str) -> tuple[str, int]:
+    """'127.0.0.1:2525', '[::1]:2525', ':25' -> (host, port)."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", item.strip())
+    if not m:
+        raise ValueError(f"listen address {item!r}: expected HOST:PORT or [IPv6]:PORT")
+    host = m.group(1) if m.group(1) is not None else (m.group(3) or "0.0.0.0")
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"listen address {item!r}: port out of range")
+    return host, port
+
+
+# --- loading with good errors --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    path: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        key = f" {self.path}:" if self.path else ""
+        return f"{where}:{key} {self.message}"
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file; ``str()`` lists them one per line."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> Any:
+    """Turn a composed YAML node tree into Python objects, remembering each key's line."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = (
+                yaml.safe_load(yaml.serialize(key_node))
+                if not isinstance(key_node, yaml.ScalarNode)
+                else _scalar(key_node)
+            )
+            if key in out:
+                raise ConfigError(
+                    [
+                        ConfigIssue(
+                            "", _dotted((*path, key)), key_node.start_mark.line + 1, "duplicate key"
+                        )
+                    ]
+                )
+            child = (*path, key)
+            out[key] = _to_python(value_node, child, lines)
+            lines[child] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(v, (*path, i), lines) for i, v in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node: yaml.Node) -> Any:
+    return yaml.SafeLoader(yaml.serialize(node)).get_single_data()
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _explain(err: dict[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; see `mailflow init` for all keys)"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    value = err.get("input")
+    if kind not in ("missing",) and not isinstance(value, dict | list):
+        msg += f" (got {value!r})"
+    return msg
+
+
+def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
+    """Parse and validate YAML text; raise :class:`ConfigError` naming file/key/line."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else None
+        problem = exc.problem or "invalid YAML"
+        raise ConfigError(
+            [ConfigIssue(filename, "", line, f"YAML syntax error: {problem}")]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigIssue(filename, "", None, f"YAML error: {exc}")]) from None
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is None:
+        data: Any = {}
+    else:
+        try:
+            data = _to_python(node, (), lines)
+        except ConfigError as exc:
+            raise ConfigError(
+                [ConfigIssue(filename, i.path, i.line, i.message) for i in exc.issues]
+            ) from None
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue(filename, "", 1, "the top level must be a mapping of keys")])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            line = None
+            for n in range(len(loc), -1, -1):
+                if loc[:n] in lines:
+                    line = lines[loc[:n]]
+                    break
+            issues.append(ConfigIssue(filename, _dotted(loc), line, _explain(dict(err))))
+        raise ConfigError(issues) from None
+    _check_references(config, filename, lines)
+    config._source = filename
+    config._lines = lines
+    return config
+
+
+def issues_from_validation(
+    config: Config, prefix: tuple[Any, ...], exc: ValidationError
+) -> ConfigError:
+    """Turn a nested model's ValidationError (e.g. plugin settings) into a ConfigError."""
+    issues = []
+    for err in exc.errors():
+        loc = (*prefix, *err["loc"])
+        line = None
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in config._lines:
+                line = config._lines[loc[:n]]
+                break
+        issues.append(ConfigIssue(config._source, _dotted(loc), line, _explain(dict(err))))
+    return ConfigError(issues)
+
+
+def _check_references(config: Config, filename: str, lines: dict[tuple[Any, ...], int]) -> None:
+    """Cross-field checks pydantic cannot express per field."""
+    issues: list[ConfigIssue] = []
+    names = config.relay.target_names()
+    if config.relay.default not in names:
+        issues.append(
+            ConfigIssue(
+                filename,
+                "relay.default",
+                lines.get(("relay", "default")),
+                f"unknown target {config.relay.default!r}; expected one of {sorted(names)}",
+            )
+        )
+    for domain, target in config.relay.routes.items():
+        if target not in names:
+            issues.append(
+                ConfigIssue(
+                    filename,
+                    f"relay.routes.{domain}",
+                    lines.get(("relay", "routes", domain)),
+                    f"unknown target {target!r}; expected one of {sorted(names)}",
+                )
+            )
+    if config.delivery.method == "lmtp" and config.delivery.lmtp is None:
+        issues.append(
+            ConfigIssue(
+                filename,
+                "delivery.lmtp",
+                lines.get(("delivery",)),
+                "delivery.method is 'lmtp' but no delivery.lmtp target is set",
+            )
+        )
+    if issues:
+        raise ConfigError(issues)
+
+
+def default_config_text() -> str:
+    return importlib.resources.files("mailflow").joinpath("default.yaml").read_text("utf-8")
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load ``path``, or the embedded default when ``path`` is None."""
+    if path is None:
+        return parse_config(default_config_text(), DEFAULT_CONFIG_NAME)
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(p), "", None, f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(str(p), "", None, "not UTF-8 text")]) from None
+    return parse_config(text, str(p))

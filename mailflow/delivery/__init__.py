@@ -1,0 +1,1 @@
+"""Delivery: durable spool, queue runner, and transports (Maildir, LMTP, relay, MX)."""

@@ -1,0 +1,291 @@
+"""The delivery queue: takes spooled messages to their routes, retries, expires, bounces.
+
+Every recipient has its own state. 2xx -> delivered; 4xx or a connection failure ->
+retried along ``queue.retry_schedule`` (the last step repeats) until
+``queue.lifetime`` has passed, then expired; 5xx -> bounced. Bounced and expired
+recipients get one DSN (RFC 3464) to the sender, unless the sender is null.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from mailflow.config import Config
+from mailflow.delivery.outcome import Outcome
+from mailflow.delivery.spool import (
+    BOUNCED,
+    DELIVERED,
+    DISCARDED,
+    EXPIRED,
+    PENDING,
+    QueueEntry,
+    RecipientState,
+    Spool,
+    new_queue_id,
+)
+from mailflow.verdict import Route, RouteKind
+
+log = logging.getLogger("mailflow.queue")
+
+# A transport delivers one message to a group of recipients sharing one route.
+Transport = Callable[
+    [QueueEntry, bytes, list[RecipientState], Route], Awaitable[dict[str, Outcome]]
+]
+DeliveredHook = Callable[[str, str, Route, str, str], Awaitable[None]]
+BounceBuilder = Callable[[QueueEntry, list[RecipientState], bytes], bytes]
+
+FLUSH_TRIGGER = "flush.request"
+
+
+class QueueManager:
+    """Runs in ``serve``: one instance per process."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        transports: dict[RouteKind, Transport],
+        on_delivered: DeliveredHook | None = None,
+        build_bounce: BounceBuilder | None = None,
+        bounce_route: Callable[[str], Route] | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.transports = transports
+        self.on_delivered = on_delivered
+        self.build_bounce = build_bounce
+        self.bounce_route = bounce_route
+        self._entries: dict[str, QueueEntry] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._wake = asyncio.Event()
+        self._running: set[str] = set()
+        self._sem = asyncio.Semaphore(config.queue.workers)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        entries = await asyncio.to_thread(self.spool.recover)
+        for entry in entries:
+            self._schedule(entry)
+        if entries:
+            log.info("queue: resumed %d message(s) from %s", len(entries), self.spool.queue_dir)
+        self._main = asyncio.create_task(self._run(), name="mailflow-queue")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10)
+            for t in self._tasks:
+                t.cancel()
+
+    # --- intake ---------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        sender: str,
+        routes: dict[str, Route],
+        message: bytes,
+        *,
+        client_ip: str = "",
+        helo: str = "",
+        is_bounce: bool = False,
+        queue_id: str = "",
+    ) -> QueueEntry:
+        """Store durably (returns after fsync), then schedule an immediate attempt."""
+        now = time.time()
+        entry = QueueEntry(
+            id=queue_id or new_queue_id(),
+            sender=sender,
+            recipients=[
+                RecipientState(rcpt, route.as_dict(), next_attempt=now)
+                for rcpt, route in routes.items()
+            ],
+            created=now,
+            size=len(message),
+            client_ip=client_ip,
+            helo=helo,
+            is_bounce=is_bounce,
+        )
+        await self.spool.store(entry, message)
+        self._schedule(entry)
+        return entry
+
+    def _schedule(self, entry: QueueEntry) -> None:
+        self._entries[entry.id] = entry
+        heapq.heappush(self._heap, (entry.next_attempt, entry.id))
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Retry everything now."""
+        for entry in self._entries.values():
+            for r in entry.pending():
+                r.next_attempt = 0
+            heapq.heappush(self._heap, (0, entry.id))
+        self._wake.set()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        scan = self.config.queue.scan_interval or 1.0
+        while not self._stopping:
+            self._check_flush_trigger()
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now:
+                _, queue_id = heapq.heappop(self._heap)
+                entry = self._entries.get(queue_id)
+                if entry is None or queue_id in self._running:
+                    continue
+                if entry.next_attempt > now:  # stale heap item; a newer one exists
+                    continue
+                self._running.add(queue_id)
+                task = asyncio.create_task(self._attempt_guarded(entry))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            delay = scan
+            if self._heap:
+                delay = max(0.0, min(scan, self._heap[0][0] - time.time()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+
+    def _check_flush_trigger(self) -> None:
+        trigger = Path(self.spool.root) / FLUSH_TRIGGER
+        if trigger.exists():
+            trigger.unlink(missing_ok=True)
+            # Pick up entries changed or added by other processes (`mailflow queue ...`).
+            known = set(self._entries)
+            for entry in self.spool.entries():
+                if entry.id not in self._running:
+                    self._entries[entry.id] = entry
+            for gone in known - set(self.spool.ids()):
+                self._entries.pop(gone, None)
+            self.flush()
+
+    async def _attempt_guarded(self, entry: QueueEntry) -> None:
+        try:
+            async with self._sem:
+                await self.attempt(entry)
+        except Exception:
+            log.exception("queue %s: delivery attempt failed unexpectedly", entry.id)
+            for r in entry.pending():
+                r.next_attempt = time.time() + self._backoff(r.attempts)
+        finally:
+            self._running.discard(entry.id)
+            if entry.id in self._entries and not entry.done:
+                heapq.heappush(self._heap, (entry.next_attempt, entry.id))
+                self._wake.set()
+
+    def _backoff(self, attempts: int) -> float:
+        schedule = self.config.queue.retry_schedule or [300.0]
+        return schedule[min(max(attempts - 1, 0), len(schedule) - 1)]
+
+    async def attempt(self, entry: QueueEntry) -> None:
+        """One delivery attempt for every due recipient of ``entry``."""
+        if not self.spool.meta_path(entry.id).exists():  # deleted by `mailflow queue delete`
+            self._entries.pop(entry.id, None)
+            return
+        now = time.time()
+        due = [r for r in entry.pending() if r.next_attempt <= now]
+        if not due:
+            return
+        message = await asyncio.to_thread(self.spool.read_message, entry.id)
+        groups: dict[tuple[str, str, str, str], list[RecipientState]] = defaultdict(list)
+        for r in due:
+            route = r.route_obj
+            groups[(route.kind.value, route.target, route.folder, route.mailbox)].append(r)
+        for members in groups.values():
+            route = members[0].route_obj
+            outcomes = await self._deliver_group(entry, message, members, route)
+            for r in members:
+                outcome = outcomes.get(r.address) or Outcome(451, "no result from transport")
+                await self._record(entry, r, route, outcome)
+        failed = [r for r in due if r.status in (BOUNCED, EXPIRED)]
+        if failed:
+            await self._bounce(entry, failed, message)
+        if entry.done:
+            await asyncio.to_thread(self.spool.remove, entry.id)
+            self._entries.pop(entry.id, None)
+        else:
+            await asyncio.to_thread(self.spool.update, entry)
+
+    async def _deliver_group(
+        self, entry: QueueEntry, message: bytes, members: list[RecipientState], route: Route
+    ) -> dict[str, Outcome]:
+        if route.kind is RouteKind.DISCARD:
+            return {r.address: Outcome(250, "discarded by route") for r in members}
+        transport = self.transports.get(route.kind)
+        if transport is None:
+            return {
+                r.address: Outcome(554, f"no transport for route {route.kind.value}")
+                for r in members
+            }
+        try:
+            return await transport(entry, message, members, route)
+        except Exception as exc:
+            log.exception("queue %s: transport %s failed", entry.id, route.kind.value)
+            return {r.address: Outcome(451, f"transport error: {exc}") for r in members}
+
+    async def _record(
+        self, entry: QueueEntry, r: RecipientState, route: Route, outcome: Outcome
+    ) -> None:
+        r.attempts += 1
+        r.last_reply = str(outcome)
+        r.final_code = outcome.code
+        if outcome.ok:
+            r.status = DELIVERED if route.kind is not RouteKind.DISCARD else DISCARDED
+            what = "delivered"
+        elif outcome.permanent:
+            r.status = BOUNCED
+            what = "bounced"
+        elif time.time() - entry.created >= self.config.queue.lifetime:
+            r.status = EXPIRED
+            what = "expired"
+        else:
+            r.next_attempt = time.time() + self._backoff(r.attempts)
+            what = "deferred"
+        log.info(
+            "queue %s: to=<%s> route=%s status=%s reply=%r",
+            entry.id,
+            r.address,
+            route.kind.value,
+            what,
+            str(outcome),
+        )
+        if self.on_delivered is not None:
+            await self.on_delivered(entry.id, r.address, route, what, str(outcome))
+
+    async def _bounce(
+        self, entry: QueueEntry, failed: list[RecipientState], message: bytes
+    ) -> None:
+        # RFC 5321 6.1/RFC 3464: never send a DSN to the null sender or about a DSN.
+        if not entry.sender or entry.is_bounce or self.build_bounce is None:
+            log.info("queue %s: not bouncing (null sender or bounce)", entry.id)
+            return
+        dsn = self.build_bounce(entry, failed, message)
+        route = self.bounce_route(entry.sender) if self.bounce_route else Route(RouteKind.MAILDIR)
+        bounce = await self.enqueue("", {entry.sender: route}, dsn, is_bounce=True)
+        log.info("queue %s: bounce %s queued to <%s>", entry.id, bounce.id, entry.sender)
+
+    # --- inspection -----------------------------------------------------------------------
+
+    def entries(self) -> list[QueueEntry]:
+        return list(self._entries.values())
+
+
+PENDING_STATES = {PENDING}

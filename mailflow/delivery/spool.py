@@ -1,0 +1,242 @@
+"""The durable on-disk spool: a message is fsync'd here before the client sees 250.
+
+Layout under ``queue.directory``::
+
+    queue/<id>.eml    the message bytes as accepted (after filtering), never rewritten
+    queue/<id>.json   envelope and per-recipient delivery state, replaced atomically
+
+A message exists once its ``.json`` is in ``queue/`` (written after the ``.eml``).
+Writes are group-committed: concurrent stores are batched so one directory fsync
+covers all files of the batch, while each file still gets its own fsync before
+anyone is told it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mailflow.verdict import Route, RouteKind
+
+PENDING = "pending"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+EXPIRED = "expired"
+DISCARDED = "discarded"
+FINAL_STATES = {DELIVERED, BOUNCED, EXPIRED, DISCARDED}
+
+
+def new_queue_id() -> str:
+    """Sortable, unique: 12 hex digits of microsecond time + 8 random hex digits."""
+    return f"{int(time.time() * 1_000_000):013X}{secrets.token_hex(4).upper()}"
+
+
+@dataclass(slots=True)
+class RecipientState:
+    address: str
+    route: dict[str, str]
+    status: str = PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""
+    final_code: int = 0  # SMTP code of the final answer (for DSN Status/Diagnostic-Code)
+
+    @property
+    def route_obj(self) -> Route:
+        r = self.route
+        return Route(
+            RouteKind(r["kind"]), r.get("target", ""), r.get("folder", ""), r.get("mailbox", "")
+        )
+
+
+@dataclass(slots=True)
+class QueueEntry:
+    id: str
+    sender: str
+    recipients: list[RecipientState]
+    created: float
+    size: int = 0
+    client_ip: str = ""
+    helo: str = ""
+    is_bounce: bool = False  # a DSN we generated: never bounce a bounce
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.status == PENDING]
+
+    @property
+    def done(self) -> bool:
+        return not self.pending()
+
+    @property
+    def next_attempt(self) -> float:
+        times = [r.next_attempt for r in self.pending()]
+        return min(times) if times else float("inf")
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> QueueEntry:
+        obj = json.loads(data)
+        obj["recipients"] = [RecipientState(**r) for r in obj["recipients"]]
+        return cls(**obj)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write via a temp name, fsync, rename: the final name never holds a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class Spool:
+    """Durable message store with group commit."""
+
+    def __init__(self, directory: Path) -> None:
+        self.root = Path(directory)
+        self.queue_dir = self.root / "queue"
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._batch: list[
+            tuple[QueueEntry, bytes, asyncio.Future[None], asyncio.AbstractEventLoop]
+        ] = []
+        self._committing = False
+
+    # --- paths ----------------------------------------------------------------------------
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.queue_dir / f"{queue_id}.eml"
+
+    def meta_path(self, queue_id: str) -> Path:
+        return self.queue_dir / f"{queue_id}.json"
+
+    # --- writing --------------------------------------------------------------------------
+
+    def store_sync(self, entry: QueueEntry, message: bytes) -> None:
+        """Store one message durably (blocking)."""
+        self._commit([(entry, message)])
+
+    async def store(self, entry: QueueEntry, message: bytes) -> None:
+        """Store durably; returns only once message and metadata are fsync'd.
+
+        Concurrent callers are batched: the first caller's worker thread commits
+        everything that queued up meanwhile, with one directory fsync per batch.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._batch.append((entry, message, future, loop))
+            start_worker = not self._committing
+            if start_worker:
+                self._committing = True
+        if start_worker:
+            threading.Thread(target=self._drain, name="spool-commit", daemon=True).start()
+        await future
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._batch = self._batch, []
+                if not batch:
+                    self._committing = False
+                    return
+            error: BaseException | None = None
+            try:
+                self._commit([(entry, msg) for entry, msg, _, _ in batch])
+            except BaseException as exc:
+                error = exc
+            for _, _, future, loop in batch:
+                loop.call_soon_threadsafe(_resolve, future, error)
+
+    def _commit(self, items: list[tuple[QueueEntry, bytes]]) -> None:
+        for entry, message in items:
+            _write_file(self.message_path(entry.id), message)
+        for entry, _ in items:
+            _write_file(self.meta_path(entry.id), entry.to_json())
+        _fsync_dir(self.queue_dir)
+
+    def update(self, entry: QueueEntry) -> None:
+        """Persist new delivery state (atomic replace; fsync'd)."""
+        _write_file(self.meta_path(entry.id), entry.to_json())
+
+    def remove(self, queue_id: str) -> None:
+        for path in (self.meta_path(queue_id), self.message_path(queue_id)):
+            path.unlink(missing_ok=True)
+
+    # --- reading --------------------------------------------------------------------------
+
+    def read_message(self, queue_id: str) -> bytes:
+        return self.message_path(queue_id).read_bytes()
+
+    def load(self, queue_id: str) -> QueueEntry:
+        return QueueEntry.from_json(self.meta_path(queue_id).read_bytes())
+
+    def ids(self) -> list[str]:
+        return sorted(p.stem for p in self.queue_dir.glob("*.json") if not p.name.startswith("."))
+
+    def entries(self) -> Iterator[QueueEntry]:
+        for queue_id in self.ids():
+            try:
+                yield self.load(queue_id)
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+
+    def recover(self) -> list[QueueEntry]:
+        """After a crash: drop half-written files, return every stored entry.
+
+        An ``.eml`` without ``.json`` was never acknowledged (the metadata is written
+        second), so it is removed; temp files likewise.
+        """
+        for tmp in self.queue_dir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        metas = {p.stem for p in self.queue_dir.glob("*.json")}
+        for eml in self.queue_dir.glob("*.eml"):
+            if eml.stem not in metas:
+                eml.unlink(missing_ok=True)
+        entries = []
+        for queue_id in sorted(metas):
+            if not self.message_path(queue_id).exists():
+                self.meta_path(queue_id).unlink(missing_ok=True)
+                continue
+            try:
+                entries.append(self.load(queue_id))
+            except (OSError, ValueError, TypeError, KeyError):
+                # Corrupt metadata: keep the files for the admin, do not deliver blindly.
+                os.replace(
+                    self.meta_path(queue_id), self.meta_path(queue_id).with_suffix(".corrupt")
+                )
+        return entries
+
+
+def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,162 @@
+"""Every hook a mailflow plugin can implement.
+
+Hooks are named after the SMTP phase they run in, like milter callbacks. Any hook
+implementation may be a plain function or an ``async def`` coroutine; the pipeline
+awaits each one in the order the config lists the plugins (pluggy's own calling
+order is not used, because pluggy cannot await coroutines).
+
+Verdict hooks return ``None`` (no opinion) or a :class:`mailflow.verdict.Result`.
+A final action (reject, tempfail, discard, quarantine, accept) stops the chain at
+that stage; a reject or tempfail returned from an early stage is answered at that
+SMTP command (e.g. at RCPT), before any message data is sent.
+
+A plugin that raises, or runs longer than its ``timeout``, is logged with its name
+and handled by its ``on_error`` setting (``tempfail`` or ``continue``): it never
+takes the server down. Work that is CPU-heavy should run via
+``await asyncio.to_thread(...)`` so other connections keep flowing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from mailflow.app import App
+    from mailflow.message import Connection, MessageContext
+    from mailflow.verdict import Result, Route
+
+PROJECT = "mailflow"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def mailflow_startup(app: App) -> None:
+    """Run once when the application starts (``serve``, ``check``, ...), before any mail.
+
+    ``app`` gives access to the validated config (``app.config``), the shared DNS
+    resolver (``app.resolver``) and the directory paths in use. Open files, load
+    models and connect to shared state here, not per message. May be async.
+    Return value is ignored. An exception here aborts start-up with the plugin named.
+    """
+
+
+@hookspec
+def mailflow_shutdown(app: App) -> None:
+    """Run once when the application stops: close what ``mailflow_startup`` opened.
+
+    May be async. Return value and exceptions are logged and otherwise ignored.
+    """
+
+
+@hookspec
+def mailflow_connect(connection: Connection) -> Result | None:
+    """A client has connected; runs before the SMTP greeting is sent.
+
+    ``connection.ip`` / ``connection.port`` identify the client; the reverse DNS name
+    is available through ``await connection.resolve_reverse_name()``.
+
+    Return ``Result.reject(...)`` or ``Result.tempfail(...)`` to answer the greeting
+    with 554/421 and close the connection; ``Result.accept()`` skips the remaining
+    connect hooks. No mutations apply at this stage.
+    """
+
+
+@hookspec
+def mailflow_helo(connection: Connection, name: str) -> Result | None:
+    """The client sent HELO or EHLO ``name`` (also stored as ``connection.helo``).
+
+    A reject/tempfail is answered to the HELO/EHLO command itself. No mutations apply.
+    """
+
+
+@hookspec
+def mailflow_mail_from(connection: Connection, sender: str, options: list[str]) -> Result | None:
+    """The client sent ``MAIL FROM:<sender>`` (``""`` is the null sender ``<>``).
+
+    ``options`` are the ESMTP parameters (e.g. ``SIZE=1234``, ``BODY=8BITMIME``).
+    A reject/tempfail is answered to MAIL FROM. A ``ChangeSender`` mutation rewrites
+    the envelope sender for the rest of the transaction.
+    """
+
+
+@hookspec
+def mailflow_rcpt_to(
+    connection: Connection, sender: str, recipient: str, options: list[str]
+) -> Result | None:
+    """The client sent ``RCPT TO:<recipient>``; relay control has already passed it.
+
+    A reject/tempfail refuses only this recipient (the transaction goes on with the
+    others). ``AddRecipient`` / ``RemoveRecipient`` / ``SetRoute`` mutations are kept
+    and applied to the envelope when the message arrives.
+    """
+
+
+@hookspec
+def mailflow_data(message: MessageContext) -> Result | None:
+    """The whole message has arrived (end of DATA); also what ``mailflow check`` runs.
+
+    ``message`` carries the envelope, connection, raw bytes, lazily parsed headers
+    (``message.headers``) and MIME tree (``message.message``), and the results of the
+    plugins before this one (``message.runs``, ``message.score``).
+
+    Return a Result with a verdict, a spam score and/or symbols, and mutations:
+    ``AddHeader``, ``ChangeHeader``, ``RemoveHeader``, ``ReplaceBody``,
+    ``AddRecipient``, ``RemoveRecipient``, ``ChangeSender``, ``SetRoute``. Mutations
+    are applied before the next plugin runs, so later plugins (e.g. DKIM signing)
+    see the changed message. After the chain, the total score is mapped to an action
+    by the ``actions`` thresholds in the config.
+    """
+
+
+@hookspec
+def mailflow_route(message: MessageContext, recipient: str) -> Route | None:
+    """Choose where ``recipient``'s copy goes; runs after ``mailflow_data`` accepted.
+
+    Return a :class:`mailflow.verdict.Route` (Maildir folder/mailbox, LMTP target,
+    relay target, direct MX or discard) or ``None`` to leave the choice to the next
+    plugin and finally to the config (``local_domains`` -> local delivery,
+    ``relay.routes`` / ``relay.default`` otherwise). The first non-None route wins;
+    a ``SetRoute`` mutation from an earlier stage takes precedence over this hook.
+    """
+
+
+@hookspec
+def mailflow_delivered(
+    queue_id: str, recipient: str, route: Route, outcome: str, detail: str
+) -> None:
+    """A delivery attempt for one recipient finished.
+
+    ``outcome`` is ``delivered``, ``deferred`` (will retry), ``bounced`` or
+    ``expired``; ``detail`` is the remote reply or error. For audit logs, archives
+    and metrics. May be async; return value ignored; exceptions are logged only.
+    """
+
+
+@hookspec
+def mailflow_register_commands(cli: click.Group) -> None:
+    """Add sub-commands to the ``mailflow`` CLI (e.g. ``mailflow train``).
+
+    Called at CLI start-up for every installed plugin, enabled or not, so a
+    plugin's maintenance commands work before it is switched on.
+    """
+
+
+def hook_names() -> list[str]:
+    """Names of all hook specs, in the order they are documented above."""
+    return [name for name in globals() if name.startswith("mailflow_")]
+
+
+STAGE_HOOKS: dict[str, str] = {
+    "connect": "mailflow_connect",
+    "helo": "mailflow_helo",
+    "mail": "mailflow_mail_from",
+    "rcpt": "mailflow_rcpt_to",
+    "data": "mailflow_data",
+}
+
+__all__: list[Any] = ["STAGE_HOOKS", "hook_names", "hookimpl", "hookspec"]

@@ -1,0 +1,314 @@
+"""The one message model both front ends (SMTP, milter, `check`) feed the pipeline.
+
+Parsing is lazy and done at most once: ``headers`` parses the header block only
+(cheap, compat32), ``message`` parses the whole MIME tree on first use. Plugins
+never see aiosmtpd or milter types.
+"""
+
+from __future__ import annotations
+
+import email
+import email.parser
+import email.policy
+import ipaddress
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Any
+
+from mailflow.verdict import (
+    Action,
+    AddHeader,
+    AddRecipient,
+    ChangeHeader,
+    ChangeSender,
+    Mutation,
+    RemoveHeader,
+    RemoveRecipient,
+    ReplaceBody,
+    Result,
+    Route,
+    SetRoute,
+    SMTPReply,
+)
+
+CRLF = b"\r\n"
+
+
+@dataclass(slots=True)
+class Connection:
+    """What is known about the SMTP client.
+
+    ``reverse_name`` is resolved lazily (PTR lookups cost time): call
+    ``await conn.resolve_reverse_name()`` in a hook that needs it.
+    """
+
+    ip: str
+    port: int = 0
+    helo: str = ""
+    tls: bool = False
+    tls_version: str = ""
+    authenticated_user: str = ""
+    relay_allowed: bool = False  # client network is in relay_networks
+    connected_at: float = field(default_factory=time.time)
+    reverse_name: str | None = None
+    _resolver: Callable[[str], Awaitable[str | None]] | None = None
+
+    @property
+    def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(self.ip)
+        except ValueError:
+            return None
+
+    @property
+    def trusted(self) -> bool:
+        """Authenticated, or connecting from a configured relay network."""
+        return bool(self.authenticated_user) or self.relay_allowed
+
+    async def resolve_reverse_name(self) -> str | None:
+        """The client's PTR name (cached); None when unknown or lookups are off."""
+        if self.reverse_name is None and self._resolver is not None:
+            self.reverse_name = await self._resolver(self.ip) or ""
+        return self.reverse_name or None
+
+
+@dataclass(slots=True)
+class PluginRun:
+    """One plugin's outcome at one stage, kept for ``check --json``, logs and metrics."""
+
+    plugin: str
+    stage: str
+    result: Result | None
+    elapsed_ms: float
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"stage": self.stage, "time_ms": round(self.elapsed_ms, 3)}
+        if self.error:
+            out["error"] = self.error
+        res = self.result
+        if res is not None:
+            out["action"] = res.action.value
+            if res.score:
+                out["score"] = res.score
+            if res.reason:
+                out["reason"] = res.reason
+            if res.symbols:
+                out["symbols"] = [
+                    {"name": s.name, "score": s.score, "reason": s.reason} for s in res.symbols
+                ]
+            out.update(res.details)
+        else:
+            out["action"] = Action.CONTINUE.value
+        return out
+
+
+@dataclass(slots=True)
+class Envelope:
+    mail_from: str = ""  # "" is the null sender <>
+    rcpt_tos: list[str] = field(default_factory=list)
+    mail_options: list[str] = field(default_factory=list)
+
+
+class MessageContext:
+    """Envelope + raw message + everything plugins concluded about it.
+
+    Plugins read from it and return :class:`~mailflow.verdict.Result` objects;
+    the pipeline (not plugins) applies mutations via :meth:`apply`.
+    """
+
+    def __init__(
+        self,
+        raw: bytes,
+        envelope: Envelope,
+        connection: Connection,
+        queue_id: str = "",
+    ) -> None:
+        self.queue_id = queue_id
+        self.connection = connection
+        self.envelope = envelope
+        self.received_at = time.time()
+        self._raw = raw
+        self._headers: Message | None = None
+        self._message: Message | None = None
+        self.runs: list[PluginRun] = []
+        self.score: float = 0.0
+        self.headers_added: list[tuple[str, str]] = []
+        self.routes: dict[str, Route] = {}
+        self.action: Action = Action.CONTINUE
+        self.reply: SMTPReply | None = None
+        self.reason: str = ""
+        self.decided_by: str = ""
+        self.extra: dict[str, Any] = {}  # free space for plugins to share data
+
+    # --- raw access -----------------------------------------------------------------------
+
+    @property
+    def raw(self) -> bytes:
+        """The message as it will be delivered (after mutations applied so far)."""
+        return self._raw
+
+    @property
+    def size(self) -> int:
+        return len(self._raw)
+
+    def split(self) -> tuple[bytes, bytes]:
+        """(header block including its final CRLF, body)."""
+        raw = self._raw
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            if raw.startswith(b"\r\n"):
+                return b"", raw[2:]
+            return raw if raw.endswith(CRLF) or not raw else raw + CRLF, b""
+        return raw[: end + 2], raw[end + 4 :]
+
+    @property
+    def body(self) -> bytes:
+        return self.split()[1]
+
+    # --- lazy parsing ---------------------------------------------------------------------
+
+    @property
+    def headers(self) -> Message:
+        """Headers only, parsed with compat32 (fast). Values are raw strings."""
+        if self._message is not None:
+            return self._message
+        if self._headers is None:
+            parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+            self._headers = parser.parsebytes(self._raw)
+        return self._headers
+
+    @property
+    def message(self) -> Message:
+        """The full MIME tree (compat32, parsed on first use, at most once).
+
+        Use ``part.get_payload(decode=True)`` to decode only the parts you need.
+        """
+        if self._message is None:
+            self._message = email.message_from_bytes(self._raw, policy=email.policy.compat32)
+        return self._message
+
+    def header(self, name: str, default: str = "") -> str:
+        value = self.headers.get(name)
+        return str(value) if value is not None else default
+
+    def _invalidate(self) -> None:
+        self._headers = None
+        self._message = None
+
+    # --- evidence -------------------------------------------------------------------------
+
+    def record(self, run: PluginRun) -> None:
+        self.runs.append(run)
+        if run.result is not None:
+            self.score += run.result.score
+
+    def result_of(self, plugin: str) -> Result | None:
+        for run in reversed(self.runs):
+            if run.plugin == plugin:
+                return run.result
+        return None
+
+    def plugin_report(self) -> dict[str, Any]:
+        """``{plugin: details}`` merged across stages, for JSON output and logs."""
+        report: dict[str, Any] = {}
+        for run in self.runs:
+            entry = run.as_dict()
+            if run.plugin in report:
+                prev = report[run.plugin]
+                entry["time_ms"] = round(prev["time_ms"] + entry["time_ms"], 3)
+                entry = {**prev, **entry}
+            report[run.plugin] = entry
+        return report
+
+    # --- mutations ------------------------------------------------------------------------
+
+    def apply(self, mutations: list[Mutation]) -> None:
+        """Apply mutations in order. Raw bytes stay the single source of truth."""
+        for m in mutations:
+            match m:
+                case AddHeader(name=name, value=value, index=index):
+                    self._add_header(name, value, index)
+                case ChangeHeader(name=name, value=value, occurrence=occ):
+                    self._change_header(name, value, occ)
+                case RemoveHeader(name=name):
+                    self._change_header(name, None, 0)
+                case ReplaceBody(body=body):
+                    head, _ = self.split()
+                    self._raw = head + CRLF + body
+                    self._invalidate()
+                case AddRecipient(address=addr):
+                    if addr not in self.envelope.rcpt_tos:
+                        self.envelope.rcpt_tos.append(addr)
+                case RemoveRecipient(address=addr):
+                    self.envelope.rcpt_tos = [
+                        r for r in self.envelope.rcpt_tos if r.lower() != addr.lower()
+                    ]
+                    self.routes.pop(addr, None)
+                case ChangeSender(address=addr):
+                    self.envelope.mail_from = addr
+                case SetRoute(route=route, recipient=rcpt):
+                    for r in [rcpt] if rcpt else list(self.envelope.rcpt_tos):
+                        self.routes[r] = route
+
+    def _add_header(self, name: str, value: str, index: int) -> None:
+        line = format_header(name, value)
+        head, body = self.split()
+        head = line + head if index == 0 else head + line
+        self._raw = head + CRLF + body
+        self.headers_added.append((name, value))
+        self._invalidate()
+
+    def _change_header(self, name: str, value: str | None, occurrence: int) -> None:
+        """Change the n-th (1-based) ``name`` header; occurrence 0 means every one."""
+        head, body = self.split()
+        fields = split_header_fields(head)
+        lname = name.lower().encode()
+        seen = 0
+        out: list[bytes] = []
+        for f in fields:
+            fname = f.split(b":", 1)[0].strip().lower()
+            if fname == lname:
+                seen += 1
+                if occurrence in (0, seen):
+                    if value is not None:
+                        out.append(format_header(name, value))
+                    continue
+            out.append(f)
+        if value is not None and occurrence > seen:
+            out.append(format_header(name, value))
+        self._raw = b"".join(out) + CRLF + body
+        self._invalidate()
+
+
+def split_header_fields(head: bytes) -> list[bytes]:
+    """Split a header block into fields, each with its continuation lines and CRLF."""
+    fields: list[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
+def format_header(name: str, value: str) -> bytes:
+    """One header field as CRLF-terminated bytes, folded at whitespace (RFC 5322 2.2.3)."""
+    # Never let a value smuggle extra header lines in.
+    value = " ".join(value.replace("\r", " ").replace("\n", " ").split())
+    line = f"{name}: {value}"
+    if len(line) <= 78:
+        return line.encode("utf-8", "surrogateescape") + CRLF
+    words = line.split(" ")
+    lines: list[str] = []
+    current = words[0]
+    for word in words[1:]:
+        if len(current) + 1 + len(word) > 78:
+            lines.append(current)
+            current = "\t" + word
+        else:
+            current += " " + word
+    lines.append(current)
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape") + CRLF

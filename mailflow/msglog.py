@@ -1,0 +1,65 @@
+"""One structured log line per message (text or JSON lines, by config)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from mailflow.message import MessageContext
+
+log = logging.getLogger("mailflow.message")
+_json_mode = False
+
+
+def configure(json_lines: bool) -> None:
+    global _json_mode
+    _json_mode = json_lines
+
+
+def message_record(ctx: MessageContext, reply: str, elapsed_ms: float) -> dict[str, Any]:
+    action = ctx.action.value if ctx.action.value != "continue" else "accept"
+    return {
+        "queue_id": ctx.queue_id,
+        "client": ctx.connection.ip,
+        "helo": ctx.connection.helo,
+        "user": ctx.connection.authenticated_user or None,
+        "from": ctx.envelope.mail_from,
+        "rcpts": ctx.envelope.rcpt_tos,
+        "size": ctx.size,
+        "action": action,
+        "score": round(ctx.score, 3),
+        "reply": reply,
+        "reason": ctx.reason or None,
+        "delivery": ctx.extra.get("delivery", ""),
+        "plugins": {
+            name: {k: v for k, v in entry.items() if k in ("action", "score", "time_ms", "error")}
+            for name, entry in ctx.plugin_report().items()
+        },
+        "time_ms": round(elapsed_ms, 2),
+    }
+
+
+def log_message(ctx: MessageContext, reply: str, elapsed_ms: float) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    record = message_record(ctx, reply, elapsed_ms)
+    if _json_mode:
+        log.info(json.dumps(record, separators=(",", ":"), default=str))
+        return
+    plugins = " ".join(
+        f"{name}={p.get('action')}/{p.get('time_ms')}ms" for name, p in record["plugins"].items()
+    )
+    log.info(
+        "%s client=%s from=<%s> rcpts=%s size=%d action=%s score=%.2f delivery=%s reply=%r%s",
+        record["queue_id"],
+        record["client"],
+        record["from"],
+        ",".join(f"<{r}>" for r in record["rcpts"]),
+        record["size"],
+        record["action"],
+        record["score"],
+        record["delivery"],
+        reply,
+        f" plugins: {plugins}" if plugins else "",
+    )

@@ -1,0 +1,299 @@
+"""Plugin manager (builtins and third-party alike, via entry points) and the async runner.
+
+pluggy registers plugins and validates hook signatures; calling is done here, in
+the order the config lists the plugins, awaiting coroutine hooks and stopping at
+the first final verdict (pluggy itself cannot await: pluggy issue 320).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from mailflow import hookspecs
+from mailflow.config import Config, ConfigError, ConfigIssue, PluginEntry, issues_from_validation
+from mailflow.message import MessageContext, PluginRun
+from mailflow.verdict import Action, AddHeader, Result, Route, RouteKind, SMTPReply
+
+ENTRY_POINT_GROUP = "mailflow.plugins"
+log = logging.getLogger("mailflow.pipeline")
+
+PLUGIN_FAILURE_REPLY = SMTPReply(451, "Temporary local problem, please try again later", "4.3.0")
+
+
+def available_plugins() -> dict[str, importlib.metadata.EntryPoint]:
+    """Every installed plugin (builtin or third-party), by entry-point name."""
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return {ep.name: ep for ep in eps}
+
+
+def instantiate(factory: Any, settings: dict[str, Any], config: Config, index: int) -> Any:
+    """Build a plugin object from what its entry point names.
+
+    * a module: registered as is (hook functions at module level); takes no settings;
+    * a class or callable: called with its settings. If it has a ``Settings`` attribute
+      (a pydantic model), the settings are validated against it first, so mistakes are
+      reported with file, key and line like the rest of the config.
+    """
+    if inspect.ismodule(factory):
+        if settings:
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        config._source,
+                        f"plugins[{index}].settings",
+                        config._lines.get(("plugins", index, "settings")),
+                        "this plugin takes no settings",
+                    )
+                ]
+            )
+        return factory
+    model = getattr(factory, "Settings", None)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        try:
+            validated: Any = model.model_validate(settings)
+        except ValidationError as exc:
+            raise issues_from_validation(config, ("plugins", index, "settings"), exc) from None
+        return factory(validated)
+    return factory(settings) if settings else factory()
+
+
+@dataclass(slots=True)
+class _Impl:
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+    entry: PluginEntry
+
+
+class Pipeline:
+    """One per application instance: the loaded plugins and how to run them."""
+
+    def __init__(
+        self,
+        config: Config,
+        extra: dict[str, Any] | None = None,
+        available: dict[str, Any] | None = None,
+    ) -> None:
+        """Load the plugins the config enables.
+
+        ``extra`` maps names to already-built plugin objects (tests, embedding);
+        ``available`` overrides entry-point discovery (name -> factory).
+        """
+        self.config = config
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.entries: dict[str, PluginEntry] = {}
+        factories: dict[str, Any] = dict(available) if available is not None else {}
+        eps = available_plugins() if available is None else {}
+        extra = extra or {}
+        for index, entry in enumerate(config.plugins):
+            if not entry.enabled:
+                continue
+            if entry.name in extra:
+                obj = extra[entry.name]
+            else:
+                factory = factories.get(entry.name)
+                if factory is None:
+                    ep = eps.get(entry.name)
+                    if ep is None:
+                        known = sorted(set(eps) | set(factories) | set(extra))
+                        raise ConfigError(
+                            [
+                                ConfigIssue(
+                                    config._source,
+                                    f"plugins[{index}].name",
+                                    config._lines.get(("plugins", index, "name")),
+                                    f"no installed plugin {entry.name!r}; installed: {known}",
+                                )
+                            ]
+                        )
+                    factory = ep.load()
+                obj = instantiate(factory, entry.settings, config, index)
+            self.pm.register(obj, name=entry.name)
+            self.entries[entry.name] = entry
+        # Objects handed in directly but not listed in the config run last, with defaults.
+        for name, obj in extra.items():
+            if name not in self.entries and not any(p.name == name for p in config.plugins):
+                self.pm.register(obj, name=name)
+                self.entries[name] = PluginEntry(name=name)
+        self.pm.check_pending()  # a misspelt hook name fails here, at start-up
+        self.order = list(self.entries)
+        self._impls: dict[str, list[_Impl]] = {}
+        for hook_name in hookspecs.hook_names():
+            caller = getattr(self.pm.hook, hook_name)
+            impls = [
+                _Impl(i.plugin_name, i.function, tuple(i.argnames), self.entries[i.plugin_name])
+                for i in caller.get_hookimpls()
+            ]
+            impls.sort(key=lambda i: self.order.index(i.plugin))
+            self._impls[hook_name] = impls
+
+    # --- introspection --------------------------------------------------------------------
+
+    def plugins_for(self, hook_name: str) -> list[str]:
+        """Plugin names implementing ``hook_name``, in calling order."""
+        return [i.plugin for i in self._impls.get(hook_name, [])]
+
+    def has(self, hook_name: str) -> bool:
+        return bool(self._impls.get(hook_name))
+
+    # --- running --------------------------------------------------------------------------
+
+    async def _call(self, impl: _Impl, kwargs: dict[str, Any]) -> Any:
+        args = {name: kwargs[name] for name in impl.argnames}
+        value = impl.function(**args)
+        if inspect.isawaitable(value):
+            async with asyncio.timeout(impl.entry.timeout or None):
+                value = await value
+        return value
+
+    async def _guarded(self, impl: _Impl, stage: str, kwargs: dict[str, Any]) -> PluginRun:
+        start = time.perf_counter()
+        try:
+            value = await self._call(impl, kwargs)
+        except Exception as exc:
+            elapsed = (time.perf_counter() - start) * 1000
+            what = "timed out" if isinstance(exc, TimeoutError) else f"raised {exc!r}"
+            log.error(
+                "plugin %s %s at %s (on_error=%s)",
+                impl.plugin,
+                what,
+                stage,
+                impl.entry.on_error,
+                exc_info=not isinstance(exc, TimeoutError),
+            )
+            result = None
+            if impl.entry.on_error == "tempfail":
+                result = Result(
+                    Action.TEMPFAIL, PLUGIN_FAILURE_REPLY, reason=f"plugin {impl.plugin} failed"
+                )
+            return PluginRun(impl.plugin, stage, result, elapsed, error=what)
+        elapsed = (time.perf_counter() - start) * 1000
+        if value is not None and not isinstance(value, Result):
+            log.error(
+                "plugin %s returned %r at %s; expected Result or None",
+                impl.plugin,
+                type(value).__name__,
+                stage,
+            )
+            value = None
+        return PluginRun(impl.plugin, stage, value, elapsed)
+
+    async def run_stage(self, stage: str, **kwargs: Any) -> tuple[Result | None, list[PluginRun]]:
+        """Run one SMTP-phase hook (connect/helo/mail/rcpt) through all plugins in order.
+
+        Returns the final result (or None) and every plugin run, for the record.
+        """
+        hook_name = hookspecs.STAGE_HOOKS[stage]
+        runs: list[PluginRun] = []
+        for impl in self._impls[hook_name]:
+            run = await self._guarded(impl, stage, kwargs)
+            runs.append(run)
+            if run.result is not None and run.result.action.is_final:
+                return run.result, runs
+        return None, runs
+
+    async def run_data(self, ctx: MessageContext) -> MessageContext:
+        """Run end-of-message hooks, apply mutations, then map the score to an action."""
+        for impl in self._impls["mailflow_data"]:
+            run = await self._guarded(impl, "data", {"message": ctx})
+            ctx.record(run)
+            result = run.result
+            if result is None:
+                continue
+            if result.mutations:
+                ctx.apply(result.mutations)
+            if result.action.is_final:
+                ctx.action = result.action
+                ctx.reply = result.smtp_reply()
+                ctx.reason = result.reason
+                ctx.decided_by = impl.plugin
+                break
+        if ctx.action is Action.CONTINUE:
+            apply_thresholds(ctx, self.config)
+        if ctx.action in (Action.CONTINUE, Action.ACCEPT):
+            await self.assign_routes(ctx)
+        return ctx
+
+    async def assign_routes(self, ctx: MessageContext) -> None:
+        for rcpt in ctx.envelope.rcpt_tos:
+            if rcpt in ctx.routes:
+                continue
+            route = None
+            for impl in self._impls["mailflow_route"]:
+                run = await self._guarded_route(impl, ctx, rcpt)
+                if run is not None:
+                    route = run
+                    break
+            ctx.routes[rcpt] = route or default_route(self.config, rcpt, ctx)
+
+    async def _guarded_route(self, impl: _Impl, ctx: MessageContext, rcpt: str) -> Route | None:
+        try:
+            value = await self._call(impl, {"message": ctx, "recipient": rcpt})
+        except Exception:
+            log.exception("plugin %s failed in mailflow_route for %s", impl.plugin, rcpt)
+            return None
+        return value if isinstance(value, Route) else None
+
+    async def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call an informational hook (startup, shutdown, delivered) on every plugin."""
+        for impl in self._impls[hook_name]:
+            try:
+                await self._call(impl, kwargs)
+            except Exception:
+                if hook_name == "mailflow_startup":
+                    raise
+                log.exception("plugin %s failed in %s", impl.plugin, hook_name)
+
+    def register_commands(self, cli: Any) -> None:
+        self.pm.hook.mailflow_register_commands(cli=cli)
+
+
+def apply_thresholds(ctx: MessageContext, config: Config) -> None:
+    """rspamd-style: the one place where the total score becomes an action."""
+    t = config.actions
+    score = ctx.score
+    if t.reject is not None and score >= t.reject:
+        ctx.action = Action.REJECT
+        ctx.reply = SMTPReply(550, f"Message rejected as spam (score {score:.1f})", "5.7.1")
+        ctx.reason = f"score {score:.2f} >= reject {t.reject}"
+    elif t.quarantine is not None and score >= t.quarantine:
+        ctx.action = Action.QUARANTINE
+        ctx.reason = f"score {score:.2f} >= quarantine {t.quarantine}"
+    elif t.junk is not None and score >= t.junk:
+        ctx.extra["junk"] = True
+        ctx.reason = f"score {score:.2f} >= junk {t.junk}"
+    if t.add_header is not None and score >= t.add_header and ctx.action is Action.CONTINUE:
+        ctx.apply([AddHeader("X-Spam-Flag", "YES")])
+
+
+def default_route(config: Config, rcpt: str, ctx: MessageContext | None = None) -> Route:
+    """Route from config alone: local domains -> local delivery, else relay rules."""
+    domain = rcpt.rpartition("@")[2].lower()
+    folder = ".Junk" if ctx is not None and ctx.extra.get("junk") else ""
+    if config.is_local_domain(domain):
+        kind = RouteKind.LMTP if config.delivery.method == "lmtp" else RouteKind.MAILDIR
+        return Route(kind, folder=folder if kind is RouteKind.MAILDIR else "")
+    target = config.relay.routes.get(domain, config.relay.default)
+    if target == "mx":
+        return Route(RouteKind.MX)
+    if target == "none":
+        # Only reachable when relay control let it through (e.g. a plugin added it).
+        return Route(RouteKind.RELAY, target="none")
+    return Route(RouteKind.RELAY, target=target)
+
+
+def load_plugin_objects(names: Iterable[str]) -> dict[str, Any]:
+    """Load installed plugins by name without a config (for `mailflow plugins`)."""
+    eps = available_plugins()
+    return {name: eps[name].load() for name in names if name in eps}

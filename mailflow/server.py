@@ -1,0 +1,107 @@
+"""`mailflow serve`: SMTP listeners + pipeline + durable queue, in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from mailflow.app import App
+from mailflow.delivery.queue import QueueManager
+from mailflow.delivery.transports import build_transports
+from mailflow.message import MessageContext
+from mailflow.pipeline import default_route
+from mailflow.smtp import Handler, bound_addresses, start_servers
+
+log = logging.getLogger("mailflow.server")
+
+
+class Server:
+    """Owns the listeners and the queue; ``start``/``stop`` are idempotent."""
+
+    def __init__(self, app: App, authenticator: object | None = None) -> None:
+        self.app = app
+        self.authenticator = authenticator
+        self.queue: QueueManager | None = None
+        self.handler: Handler | None = None
+        self.servers: list[asyncio.Server] = []
+
+    async def start(self) -> list[tuple[str, int]]:
+        app = self.app
+        await app.startup()
+        self.queue = QueueManager(
+            app.config,
+            app.spool,
+            build_transports(app),
+            on_delivered=self._on_delivered,
+            build_bounce=self._build_bounce,
+            bounce_route=lambda rcpt: default_route(app.config, rcpt),
+        )
+        await self.queue.start()
+        self.handler = Handler(app, self.enqueue)
+        if self.authenticator is None and app.config.server.auth is not None:
+            from mailflow.auth import UsersFileAuthenticator
+
+            self.authenticator = UsersFileAuthenticator(app.config.server.auth.users_file)
+        self.servers = await start_servers(app, self.handler, self.authenticator)
+        return bound_addresses(self.servers)
+
+    async def enqueue(self, ctx: MessageContext) -> None:
+        assert self.queue is not None
+        routes = await self.app.route(ctx)
+        await self.queue.enqueue(
+            ctx.envelope.mail_from,
+            routes,
+            ctx.raw,
+            client_ip=ctx.connection.ip,
+            helo=ctx.connection.helo,
+            queue_id=ctx.queue_id,
+        )
+
+    async def _on_delivered(
+        self, queue_id: str, rcpt: str, route: object, outcome: str, detail: str
+    ) -> None:
+        await self.app.pipeline.notify(
+            "mailflow_delivered",
+            queue_id=queue_id,
+            recipient=rcpt,
+            route=route,
+            outcome=outcome,
+            detail=detail,
+        )
+
+    def _build_bounce(self, entry: object, failed: object, message: bytes) -> bytes:
+        from mailflow.delivery.dsn import build_dsn
+
+        return build_dsn(
+            entry,
+            failed,
+            message,  # type: ignore[arg-type]
+            reporting_mta=self.app.config.server.hostname,
+            bounce_from=self.app.config.queue.bounce_from,
+        )
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        self.servers = []
+        if self.queue is not None:
+            await self.queue.stop()
+            self.queue = None
+        await self.app.shutdown()
+
+    async def run_forever(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            await self.stop()

@@ -1,0 +1,430 @@
+"""SMTP front end: aiosmtpd protocol -> the mailflow pipeline -> spool.
+
+The handler turns each SMTP phase into one pipeline stage; a verdict at an early
+stage is answered at that command. A message is acknowledged with 250 only after
+it has been fsync'd into the spool (or quarantine), never before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
+
+from mailflow.app import App
+from mailflow.config import parse_listen
+from mailflow.delivery.spool import new_queue_id
+from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
+from mailflow.msglog import log_message
+from mailflow.normalize import BareNewlineError, normalize_newlines
+from mailflow.quarantine import Quarantine
+from mailflow.verdict import Action, Mutation, Result, SMTPReply
+
+log = logging.getLogger("mailflow.smtp")
+
+# RFC 5321 4.2 replies used by the front end.
+R_RELAY_DENIED = SMTPReply(554, "Relay access denied", "5.7.1")
+R_NO_ROUTE = SMTPReply(550, "No route to this domain", "5.1.2")
+R_TOO_MANY_RCPTS = SMTPReply(452, "Too many recipients", "4.5.3")
+R_TOO_MANY_CONNS = SMTPReply(421, "Too many connections, try again later", "4.7.0")
+R_LOOP = SMTPReply(554, "Too many Received headers: mail loop?", "5.4.6")
+R_BARE_NEWLINE = SMTPReply(
+    550, "Bare CR or LF in message data is not allowed (RFC 5322 2.3)", "5.6.0"
+)
+R_NUL = SMTPReply(550, "NUL characters are not allowed in message data", "5.6.0")
+R_SPOOL_FAILED = SMTPReply(451, "Local error storing the message, try again later", "4.3.0")
+R_BAD_ADDRESS = SMTPReply(553, "Malformed address", "5.1.3")
+R_SENDER_NEEDED = SMTPReply(503, "Need MAIL command first", "5.5.1")
+_FALLBACK_TEMPFAIL = SMTPReply(421, "Service not available, closing channel", "4.3.2")
+
+_ADDRESS_OK = re.compile(
+    r"^[^\s<>()\[\],;:\\\"]+@[A-Za-z0-9.\-\[\]:]+$|^postmaster$", re.IGNORECASE
+)
+
+
+@dataclass(slots=True)
+class Transaction:
+    """Per-MAIL-transaction state kept on aiosmtpd's Envelope."""
+
+    runs: list[PluginRun] = field(default_factory=list)
+    mutations: list[Mutation] = field(default_factory=list)
+
+
+def _tx(envelope: SMTPEnvelope) -> Transaction:
+    tx = getattr(envelope, "mailflow_tx", None)
+    if tx is None:
+        tx = Transaction()
+        envelope.mailflow_tx = tx  # type: ignore[attr-defined]
+    return tx
+
+
+def _reply_for(result: Result, stage: str) -> str:
+    reply = result.smtp_reply()
+    if reply is None:
+        reply = SMTPReply(550, "Rejected", "5.7.1")
+    if stage == "rcpt" and result.action is Action.DISCARD:
+        reply = SMTPReply(550, "Recipient rejected", "5.7.1")
+    return str(reply)
+
+
+class MailflowSMTP(SMTP):
+    """aiosmtpd's protocol plus connection limits and the connect stage."""
+
+    def __init__(self, handler: Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.mailflow_handler = handler
+        self.mailflow_conn: Connection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # Peers lose ~40 ms per reply to Nagle + delayed ACK otherwise.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.mailflow_handler.active += 1
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.mailflow_handler.active > 0 and self.mailflow_conn is not None:
+            self.mailflow_handler.active -= 1
+            self.mailflow_conn = None
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        handler = self.mailflow_handler
+        peer = self.session.peer if self.session else None
+        ip, port = (peer[0], peer[1]) if isinstance(peer, tuple) else (str(peer or ""), 0)
+        conn = handler.new_connection(ip, port)
+        self.mailflow_conn = conn
+        self.session.mailflow_conn = conn  # type: ignore[union-attr]
+        if handler.active > handler.app.config.server.max_connections:
+            await self.push(str(R_TOO_MANY_CONNS))
+            self._close()
+            return
+        result, runs = await handler.app.pipeline.run_stage("connect", connection=conn)
+        handler.connect_runs[id(conn)] = runs
+        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
+            reply = result.smtp_reply() or SMTPReply(554, "Connection refused", "5.7.1")
+            code = 554 if reply.code >= 500 else 421
+            await self.push(str(SMTPReply(code, reply.text, reply.status)))
+            self._close()
+            return
+        await super()._handle_client()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # Between DATA chunks the idle timer uses the (longer) data timeout.
+        self._timeout_duration = self.mailflow_handler.app.config.server.data_timeout
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._timeout_duration = self.mailflow_handler.app.config.server.command_timeout
+
+
+class Handler:
+    """aiosmtpd handler: the glue between SMTP commands and pipeline stages."""
+
+    def __init__(self, app: App, enqueue: Callable[..., Any]) -> None:
+        self.app = app
+        self.enqueue = enqueue  # async (ctx) -> queue id, after durable store
+        self.quarantine = Quarantine(app.config.quarantine.directory)
+        self.active = 0
+        self.connect_runs: dict[int, list[PluginRun]] = {}
+        self._relay_nets = app.config.relay_network_objects
+
+    def new_connection(self, ip: str, port: int) -> Connection:
+        conn = Connection(ip=ip, port=port)
+        addr = conn.address
+        if addr is not None and getattr(addr, "ipv4_mapped", None):
+            addr = addr.ipv4_mapped  # type: ignore[union-attr]
+        conn.relay_allowed = addr is not None and any(addr in n for n in self._relay_nets)
+        if self.app.config.server.reverse_dns:
+            conn._resolver = self.app.resolver.ptr
+        return conn
+
+    @staticmethod
+    def conn(session: Session) -> Connection:
+        return session.mailflow_conn  # type: ignore[attr-defined,no-any-return]
+
+    # --- HELO/EHLO ------------------------------------------------------------------------
+
+    async def handle_HELO(
+        self, server: SMTP, session: Session, envelope: SMTPEnvelope, hostname: str
+    ) -> str:
+        reply = await self._helo(session, hostname)
+        if reply is None:
+            session.host_name = hostname
+            return f"250 {server.hostname}"
+        return reply
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SMTPEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        reply = await self._helo(session, hostname)
+        if reply is not None:
+            return [reply]
+        session.host_name = hostname
+        return responses
+
+    async def _helo(self, session: Session, hostname: str) -> str | None:
+        conn = self.conn(session)
+        conn.helo = hostname
+        result, runs = await self.app.pipeline.run_stage("helo", connection=conn, name=hostname)
+        self.connect_runs.setdefault(id(conn), []).extend(runs)
+        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL):
+            return _reply_for(result, "helo")
+        return None
+
+    # --- MAIL FROM ------------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SMTPEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        conn = self.conn(session)
+        conn.tls = session.ssl is not None
+        if address and not _ADDRESS_OK.match(address):
+            return str(R_BAD_ADDRESS)
+        tx = _tx(envelope)
+        result, runs = await self.app.pipeline.run_stage(
+            "mail", connection=conn, sender=address, options=mail_options
+        )
+        tx.runs.extend(runs)
+        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL):
+            return _reply_for(result, "mail")
+        for run in runs:
+            if run.result is not None:
+                tx.mutations.extend(run.result.mutations)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    # --- RCPT TO --------------------------------------------------------------------------
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SMTPEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        conn = self.conn(session)
+        config = self.app.config
+        if envelope.mail_from is None:
+            return str(R_SENDER_NEEDED)
+        if not _ADDRESS_OK.match(address):
+            return str(R_BAD_ADDRESS)
+        if len(envelope.rcpt_tos) >= config.server.max_recipients:
+            return str(R_TOO_MANY_RCPTS)
+        domain = address.rpartition("@")[2]
+        local = config.is_local_domain(domain) or address.lower() == "postmaster"
+        if not local:
+            # No open relay: non-local recipients only for AUTH users / relay networks.
+            if not conn.trusted:
+                return str(R_RELAY_DENIED)
+            target = config.relay.routes.get(domain.lower(), config.relay.default)
+            if target == "none":
+                return str(R_NO_ROUTE)
+        elif config.delivery.method == "maildir" and config.delivery.maildir.quota is not None:
+            try:
+                await asyncio.to_thread(self.app.maildir.check_quota, address, 0)
+            except Exception:
+                code = config.delivery.maildir.over_quota_code
+                status = "4.2.2" if code == 452 else "5.2.2"
+                return f"{code} {status} Mailbox full"
+        tx = _tx(envelope)
+        result, runs = await self.app.pipeline.run_stage(
+            "rcpt",
+            connection=conn,
+            sender=envelope.mail_from or "",
+            recipient=address,
+            options=rcpt_options,
+        )
+        tx.runs.extend(runs)
+        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
+            return _reply_for(result, "rcpt")
+        for run in runs:
+            if run.result is not None:
+                tx.mutations.extend(run.result.mutations)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    # --- DATA -----------------------------------------------------------------------------
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
+        started = time.perf_counter()
+        conn = self.conn(session)
+        config = self.app.config
+        raw = envelope.original_content or b""
+        if b"\x00" in raw:
+            return str(R_NUL)
+        try:
+            raw = normalize_newlines(raw, config.server.bare_newline)
+        except BareNewlineError:
+            return str(R_BARE_NEWLINE)
+        queue_id = new_queue_id()
+        if _count_received(raw) >= config.server.max_received_headers:
+            return str(R_LOOP)
+        raw = self.received_header(conn, session, envelope, queue_id) + raw
+        ctx = MessageContext(
+            raw,
+            Envelope(
+                envelope.mail_from or "", list(envelope.rcpt_tos), list(envelope.mail_options)
+            ),
+            conn,
+            queue_id=queue_id,
+        )
+        tx = _tx(envelope)
+        ctx.runs.extend(self.connect_runs.get(id(conn), []))
+        ctx.runs.extend(tx.runs)
+        for run in ctx.runs:
+            if run.result is not None:
+                ctx.score += run.result.score
+        ctx.apply(tx.mutations)
+        await self.app.pipeline.run_data(ctx)
+        reply = await self.finish(ctx)
+        log_message(ctx, reply, (time.perf_counter() - started) * 1000)
+        return reply
+
+    async def finish(self, ctx: MessageContext) -> str:
+        """Turn the pipeline's decision into storage and an SMTP reply."""
+        action = ctx.action
+        if action in (Action.REJECT, Action.TEMPFAIL):
+            reply = ctx.reply or (
+                SMTPReply(550, "Rejected", "5.7.1")
+                if action is Action.REJECT
+                else SMTPReply(451, "Try again later", "4.7.1")
+            )
+            return str(reply)
+        if action is Action.DISCARD:
+            ctx.extra["delivery"] = "discarded"
+            return f"250 2.0.0 Ok: {ctx.queue_id} discarded"
+        try:
+            if action is Action.QUARANTINE:
+                await self.quarantine.store(ctx)
+                ctx.extra["delivery"] = "quarantined"
+                return f"250 2.0.0 Ok: queued as {ctx.queue_id}"
+            if not ctx.envelope.rcpt_tos:
+                ctx.extra["delivery"] = "no recipients left"
+                return f"250 2.0.0 Ok: {ctx.queue_id} (no recipients left)"
+            await self.enqueue(ctx)
+        except Exception:
+            log.exception("queue %s: could not store message", ctx.queue_id)
+            ctx.extra["delivery"] = "store failed"
+            return str(R_SPOOL_FAILED)
+        ctx.extra["delivery"] = "queued"
+        return f"250 2.0.0 Ok: queued as {ctx.queue_id}"
+
+    def received_header(
+        self, conn: Connection, session: Session, envelope: SMTPEnvelope, queue_id: str
+    ) -> bytes:
+        """RFC 5321 4.4 trace header; 'with' uses RFC 3848 protocol names."""
+        proto = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl is not None:
+            proto += "S"
+        if conn.authenticated_user:
+            proto += "A"
+        helo = _sanitize(conn.helo or "unknown")
+        rdns = _sanitize(conn.reverse_name or "")
+        ip = f"[{conn.ip}]" if ":" not in conn.ip else f"[IPv6:{conn.ip}]"
+        by = self.app.config.server.hostname
+        rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else ""
+        value = (
+            f"from {helo} ({rdns + ' ' if rdns else ''}{ip}) by {by} (mailflow) "
+            f"with {proto} id {queue_id}"
+        )
+        if rcpt:
+            value += f" for <{_sanitize(rcpt)}>"
+        value += "; " + email.utils.formatdate(localtime=True)
+        return format_header("Received", value)
+
+
+def _sanitize(text: str) -> str:
+    return "".join(ch if 32 < ord(ch) < 127 and ch not in "();<>" else "_" for ch in text)[:255]
+
+
+def _count_received(raw: bytes) -> int:
+    end = raw.find(b"\r\n\r\n")
+    head = raw[: end if end >= 0 else len(raw)]
+    return sum(1 for line in head.split(b"\r\n") if line[:9].lower() == b"received:")
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+async def start_servers(
+    app: App, handler: Handler, authenticator: Any = None
+) -> list[asyncio.Server]:
+    """Listen on every configured address; returns the asyncio servers."""
+    cfg = app.config.server
+    tls_context = make_tls_context(str(cfg.tls.cert), str(cfg.tls.key)) if cfg.tls else None
+    loop = asyncio.get_running_loop()
+
+    def factory() -> MailflowSMTP:
+        return MailflowSMTP(
+            handler,
+            hostname=cfg.hostname,
+            ident="mailflow ESMTP",
+            data_size_limit=cfg.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=tls_context,
+            require_starttls=bool(cfg.tls and cfg.tls.require),
+            timeout=cfg.command_timeout,
+            auth_require_tls=True,
+            authenticator=authenticator,
+            auth_exclude_mechanism=_excluded_mechanisms(app) if authenticator else None,
+            loop=loop,
+        )
+
+    servers = []
+    for item in cfg.listen:
+        host, port = parse_listen(item)
+        servers.append(await loop.create_server(factory, host=host, port=port, reuse_address=True))
+    return servers
+
+
+def _excluded_mechanisms(app: App) -> list[str]:
+    allowed = set(app.config.server.auth.mechanisms) if app.config.server.auth else set()
+    return [m for m in ("PLAIN", "LOGIN") if m not in allowed]
+
+
+def bound_addresses(servers: list[asyncio.Server]) -> list[tuple[str, int]]:
+    out = []
+    for server in servers:
+        for sock in server.sockets:
+            name = sock.getsockname()
+            out.append((name[0], name[1]))
+    return out

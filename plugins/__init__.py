@@ -1,0 +1,1 @@
+"""mailflow builtin plugins (installed as the `mailflow_plugins` package)."""
