@@ -9,7 +9,7 @@ from mailflow.app import App
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
-from mailflow.verdict import Action
+from mailflow.verdict import Action, SMTPReply
 
 
 def _addresses(raw_values: list[str]) -> list[str]:
@@ -56,8 +56,14 @@ async def check_message(
             ctx.record(run)
             if run.result is not None and run.result.mutations:
                 ctx.apply(run.result.mutations)
-        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL):
+        refused: tuple[Action, ...] = (Action.REJECT, Action.TEMPFAIL)
+        if stage == "connect":
+            refused += (Action.DISCARD,)  # the SMTP front end drops such a connection too
+        if result is not None and result.action in refused:
             ctx.action, ctx.reply, ctx.reason = result.action, result.smtp_reply(), result.reason
+            if ctx.action is Action.DISCARD:
+                ctx.action = Action.REJECT
+                ctx.reply = SMTPReply(554, result.reason or "Connection refused", "5.7.1")
             ctx.decided_by = runs[-1].plugin
             return ctx
     for rcpt in recipients:
@@ -81,9 +87,13 @@ async def check_message(
         if ctx.action is Action.CONTINUE:
             ctx.action = Action.REJECT
             ctx.reason = "no valid recipients"
+            ctx.reply = SMTPReply(554, "No valid recipients", "5.5.1")  # RFC 5321 3.3
         return ctx
+    # Some recipients were refused at RCPT, others accepted: the transaction goes on,
+    # so a refusal recorded above must not become the message's decision.
     ctx.action = Action.CONTINUE
     ctx.reply = None
+    ctx.reason = ""
     await pipeline.run_data(ctx)
     return ctx
 
