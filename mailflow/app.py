@@ -16,6 +16,7 @@ from mailflow.delivery.maildir import MaildirDelivery
 from mailflow.delivery.spool import Spool
 from mailflow.dns import Resolver
 from mailflow.message import MessageContext
+from mailflow.metrics import Metrics
 from mailflow.pipeline import Pipeline
 from mailflow.verdict import Route
 
@@ -36,6 +37,7 @@ class App:
         self.resolver = Resolver(config.dns)
         self.pipeline = Pipeline(config, extra=extra_plugins, available=available_plugins)
         self.maildir = MaildirDelivery(config.delivery.maildir)
+        self.metrics = Metrics()
         self._spool: Spool | None = None
         self.started = False
         self.state: dict[str, Any] = {}  # shared scratch space for plugins

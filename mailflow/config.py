@@ -117,6 +117,7 @@ class RelayTarget(Strict):
     username: str | None = None
     password: str | None = None
     timeout: Duration = 60.0
+    ca_file: Path | None = None  # CA bundle for tls: verify (default: the system CAs)
 
 
 class LocalDeliveryConfig(Strict):
@@ -133,7 +134,12 @@ class RelayConfig(Strict):
     routes: dict[str, str] = {}  # recipient domain -> target name or "mx"
     mx_tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
     mx_port: int = Field(25, ge=0, le=65535)
+    mx_ca_file: Path | None = None  # CA bundle for mx_tls: verify (default: the system CAs)
+    mx_timeout: Duration = 60.0
     helo_name: str | None = None
+    # Idle outbound connections kept per (host, port, TLS policy) for reuse.
+    pool_size: int = Field(4, ge=0)
+    pool_idle: Duration = 5.0  # seconds an idle connection is kept before QUIT
 
     def target_names(self) -> set[str]:
         return set(self.targets) | {"mx", "none"}
@@ -174,6 +180,17 @@ class DNSConfig(Strict):
     budget: Duration = 10.0  # overall DNS time per message
 
 
+class MetricsConfig(Strict):
+    listen: str | None = None  # e.g. "127.0.0.1:9125" serves GET /metrics (Prometheus)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+
 class PluginEntry(Strict):
     name: str
     enabled: bool = True
@@ -193,6 +210,7 @@ class Config(Strict):
     actions: ActionThresholds = ActionThresholds()
     dns: DNSConfig = DNSConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     authserv_id: str | None = None  # default: server.hostname
     plugins: list[PluginEntry] = []
 

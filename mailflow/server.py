@@ -13,6 +13,7 @@ from mailflow.delivery.transports import build_transports
 from mailflow.message import MessageContext
 from mailflow.pipeline import default_route
 from mailflow.smtp import Handler, bound_addresses, start_servers
+from mailflow.verdict import Route
 
 log = logging.getLogger("mailflow.server")
 
@@ -26,6 +27,7 @@ class Server:
         self.queue: QueueManager | None = None
         self.handler: Handler | None = None
         self.servers: list[asyncio.Server] = []
+        self.metrics_server: asyncio.Server | None = None
 
     async def start(self) -> list[tuple[str, int]]:
         app = self.app
@@ -45,7 +47,19 @@ class Server:
 
             self.authenticator = UsersFileAuthenticator(app.config.server.auth.users_file)
         self.servers = await start_servers(app, self.handler, self.authenticator)
+        if app.config.metrics.listen:
+            from mailflow.metrics import start_metrics_server
+
+            self.metrics_server = await start_metrics_server(
+                app.config.metrics.listen, app.metrics, refresh=self._refresh_gauges
+            )
         return bound_addresses(self.servers)
+
+    def _refresh_gauges(self) -> None:
+        if self.queue is not None:
+            self.app.metrics.queue_size.set(len(self.queue.entries()))
+        if self.handler is not None:
+            self.app.metrics.connections.set(self.handler.active)
 
     async def enqueue(self, ctx: MessageContext) -> None:
         assert self.queue is not None
@@ -60,8 +74,9 @@ class Server:
         )
 
     async def _on_delivered(
-        self, queue_id: str, rcpt: str, route: object, outcome: str, detail: str
+        self, queue_id: str, rcpt: str, route: Route, outcome: str, detail: str
     ) -> None:
+        self.app.metrics.observe_delivery(outcome, route.kind.value)
         await self.app.pipeline.notify(
             "mailflow_delivered",
             queue_id=queue_id,
@@ -83,6 +98,9 @@ class Server:
         )
 
     async def stop(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         for server in self.servers:
             server.close()
         for server in self.servers:
