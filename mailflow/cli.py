@@ -94,6 +94,10 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
             click.echo(f"mailflow: cannot listen: {exc}", err=True)
             await server.stop()
             sys.exit(1)
+        except ConfigError as exc:  # e.g. a malformed server.auth.users_file
+            click.echo(f"mailflow: invalid config:\n{exc}", err=True)
+            await server.stop()
+            sys.exit(2)
         source = config_path or "embedded default config"
         for host, port in addresses:
             click.echo(f"mailflow {__version__}: listening on {host}:{port} (SMTP)", err=True)
@@ -375,4 +379,7 @@ def _register_plugin_commands() -> None:
             hook(cli=main)
 
 
+from mailflow.auth import users_group  # noqa: E402  (mailflow users add/remove/list)
+
+main.add_command(users_group)
 _register_plugin_commands()

@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from mailflow.app import App
+from mailflow.auth import AuthMechanisms
 from mailflow.config import parse_listen
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
@@ -46,7 +47,11 @@ R_SPOOL_FAILED = SMTPReply(451, "Local error storing the message, try again late
 R_BAD_ADDRESS = SMTPReply(553, "Malformed address", "5.1.3")
 R_SENDER_NEEDED = SMTPReply(503, "Need MAIL command first", "5.5.1")
 _FALLBACK_TEMPFAIL = SMTPReply(421, "Service not available, closing channel", "4.3.2")
+R_LOCAL_ERROR = SMTPReply(451, "Local error in processing, try again later", "4.3.0")
+R_TIMEOUT = SMTPReply(421, "Timeout, closing connection", "4.4.2")
 
+# RFC 5322 2.2 field name (printable ASCII except ":"), with obsolete WSP before ":".
+_HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 _ADDRESS_OK = re.compile(
     r"^[^\s<>()\[\],;:\\\"]+@[A-Za-z0-9.\-\[\]:]+$|^postmaster$", re.IGNORECASE
 )
@@ -77,29 +82,115 @@ def _reply_for(result: Result, stage: str) -> str:
     return str(reply)
 
 
-class MailflowSMTP(SMTP):
-    """aiosmtpd's protocol plus connection limits and the connect stage."""
+class MailflowSMTP(AuthMechanisms, SMTP):
+    """aiosmtpd's protocol plus connection limits, timeouts, TLS facts and the connect stage.
+
+    One instance serves one TCP connection (STARTTLS keeps the instance and swaps
+    the transport).
+    """
 
     def __init__(self, handler: Handler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.mailflow_handler = handler
         self.mailflow_conn: Connection | None = None
+        self.mailflow_connect_runs: list[PluginRun] = []
+        self.mailflow_helo_runs: list[PluginRun] = []
+        self._counted = False  # this connection is in handler.active
+        self._in_data = False  # between "354" and the end of the message data
+
+    # --- connection bookkeeping -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
+        after_starttls = self.transport is not None
         super().connection_made(transport)
-        if first:
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                # Peers lose ~40 ms per reply to Nagle + delayed ACK otherwise.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.mailflow_handler.active += 1
+        if after_starttls:
+            self._after_starttls()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Peers lose ~40 ms per reply to Nagle + delayed ACK otherwise.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.mailflow_handler.active += 1
+        self._counted = True
+
+    def _after_starttls(self) -> None:
+        """aiosmtpd made a fresh Session; carry the Connection over, minus what TLS resets.
+
+        RFC 3207 4.2: after the handshake the server forgets what the client said
+        before it (HELO name, and any AUTH), so ``helo`` is cleared here too.
+        """
+        conn = self.mailflow_conn
+        if conn is None or self.session is None:
+            return
+        self.session.mailflow_conn = conn  # type: ignore[attr-defined]
+        conn.helo = ""
+        conn.authenticated_user = ""
+        self.mailflow_helo_runs = []
+        ssl_object = (self.session.ssl or {}).get("ssl_object")
+        conn.tls = True
+        conn.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self.mailflow_handler.active > 0 and self.mailflow_conn is not None:
+        # May run twice (aiosmtpd calls it itself when the TLS handshake fails), and
+        # before _handle_client ever ran: the flag keeps the count exact either way.
+        if self._counted:
+            self._counted = False
             self.mailflow_handler.active -= 1
-            self.mailflow_conn = None
         super().connection_lost(error)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- timeouts ---------------------------------------------------------------------------
+
+    def _timeout_cb(self) -> None:
+        """Tell the client why before closing (RFC 5321 4.5.3.2: 421 on timeout)."""
+        if self.transport is not None and not self.transport.is_closing():
+            phase = "data" if self._in_data else "command"
+            self.transport.write(f"{R_TIMEOUT} ({phase})\r\n".encode())
+        super()._timeout_cb()
+
+    def data_received(self, data: bytes) -> None:
+        # RFC 5321 4.5.3.2.5: the DATA timeout is per received chunk, not per message,
+        # so a large message on a slow link is not cut off while it is still flowing.
+        if self._in_data:
+            self._reset_timeout(self.mailflow_handler.app.config.server.data_timeout)
+        super().data_received(data)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        server = self.mailflow_handler.app.config.server
+        self._in_data = True
+        self._reset_timeout(server.data_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._in_data = False
+            if self.transport is not None:
+                self._reset_timeout(server.command_timeout)
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command != "DATA":
+            return await super()._call_handler_hook(command, *args)
+        # The data is in; filtering has its own per-plugin timeouts, so the idle
+        # timer must not cut the client off while we decide (RFC 5321 4.5.3.2.6).
+        self._in_data = False
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        return await super()._call_handler_hook(command, *args)
+
+    # --- AUTH -------------------------------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+        conn = self.mailflow_conn
+        if self.session is not None and self.session.authenticated and conn is not None:
+            login = getattr(self.session.auth_data, "login", b"") or b""
+            if not conn.authenticated_user:
+                conn.authenticated_user = login.decode("utf-8", "replace")
+                log.info("%s authenticated as %s", conn.ip, conn.authenticated_user)
+
+    # --- greeting ---------------------------------------------------------------------------
 
     async def _handle_client(self) -> None:
         handler = self.mailflow_handler
@@ -109,11 +200,12 @@ class MailflowSMTP(SMTP):
         self.mailflow_conn = conn
         self.session.mailflow_conn = conn  # type: ignore[union-attr]
         if handler.active > handler.app.config.server.max_connections:
+            # RFC 5321 3.1: a server may answer the connection with 421 and close.
             await self.push(str(R_TOO_MANY_CONNS))
             self._close()
             return
         result, runs = await handler.app.pipeline.run_stage("connect", connection=conn)
-        handler.connect_runs[id(conn)] = runs
+        self.mailflow_connect_runs = runs
         if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
             reply = result.smtp_reply() or SMTPReply(554, "Connection refused", "5.7.1")
             code = 554 if reply.code >= 500 else 421
@@ -121,18 +213,6 @@ class MailflowSMTP(SMTP):
             self._close()
             return
         await super()._handle_client()
-
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    async def smtp_DATA(self, arg: str) -> None:
-        # Between DATA chunks the idle timer uses the (longer) data timeout.
-        self._timeout_duration = self.mailflow_handler.app.config.server.data_timeout
-        try:
-            await super().smtp_DATA(arg)
-        finally:
-            self._timeout_duration = self.mailflow_handler.app.config.server.command_timeout
 
 
 class Handler:
@@ -142,8 +222,7 @@ class Handler:
         self.app = app
         self.enqueue = enqueue  # async (ctx) -> queue id, after durable store
         self.quarantine = Quarantine(app.config.quarantine.directory)
-        self.active = 0
-        self.connect_runs: dict[int, list[PluginRun]] = {}
+        self.active = 0  # open connections (MailflowSMTP keeps it exact)
         self._relay_nets = app.config.relay_network_objects
 
     def new_connection(self, ip: str, port: int) -> Connection:
@@ -156,6 +235,11 @@ class Handler:
             conn._resolver = self.app.resolver.ptr
         return conn
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug or I/O error in a stage: log it, answer a temporary failure, keep serving."""
+        log.error("SMTP session error: %r", error, exc_info=error)
+        return str(R_LOCAL_ERROR)
+
     @staticmethod
     def conn(session: Session) -> Connection:
         return session.mailflow_conn  # type: ignore[attr-defined,no-any-return]
@@ -165,7 +249,7 @@ class Handler:
     async def handle_HELO(
         self, server: SMTP, session: Session, envelope: SMTPEnvelope, hostname: str
     ) -> str:
-        reply = await self._helo(session, hostname)
+        reply = await self._helo(server, session, hostname)
         if reply is None:
             session.host_name = hostname
             return f"250 {server.hostname}"
@@ -179,17 +263,18 @@ class Handler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        reply = await self._helo(session, hostname)
+        reply = await self._helo(server, session, hostname)
         if reply is not None:
             return [reply]
         session.host_name = hostname
         return responses
 
-    async def _helo(self, session: Session, hostname: str) -> str | None:
+    async def _helo(self, server: SMTP, session: Session, hostname: str) -> str | None:
         conn = self.conn(session)
         conn.helo = hostname
         result, runs = await self.app.pipeline.run_stage("helo", connection=conn, name=hostname)
-        self.connect_runs.setdefault(id(conn), []).extend(runs)
+        # A second EHLO replaces the first (RFC 5321 4.1.4), and so do its results.
+        server.mailflow_helo_runs = runs  # type: ignore[attr-defined]
         if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL):
             return _reply_for(result, "helo")
         return None
@@ -290,6 +375,11 @@ class Handler:
         queue_id = new_queue_id()
         if _count_received(raw) >= config.server.max_received_headers:
             return str(R_LOOP)
+        if not raw.startswith(b"\r\n") and not _HEADER_START.match(raw):
+            # No header section at all (RFC 5322 3.5 wants a blank line before the
+            # body): add the blank line, or our Received header would turn the first
+            # body line into a broken header field.
+            raw = b"\r\n" + raw
         raw = self.received_header(conn, session, envelope, queue_id) + raw
         ctx = MessageContext(
             raw,
@@ -300,7 +390,8 @@ class Handler:
             queue_id=queue_id,
         )
         tx = _tx(envelope)
-        ctx.runs.extend(self.connect_runs.get(id(conn), []))
+        ctx.runs.extend(getattr(server, "mailflow_connect_runs", []))
+        ctx.runs.extend(getattr(server, "mailflow_helo_runs", []))
         ctx.runs.extend(tx.runs)
         for run in ctx.runs:
             if run.result is not None:
@@ -308,7 +399,9 @@ class Handler:
         ctx.apply(tx.mutations)
         await self.app.pipeline.run_data(ctx)
         reply = await self.finish(ctx)
-        log_message(ctx, reply, (time.perf_counter() - started) * 1000)
+        elapsed = time.perf_counter() - started
+        log_message(ctx, reply, elapsed * 1000)
+        self.app.metrics.observe_message(ctx, elapsed)
         return reply
 
     async def finish(self, ctx: MessageContext) -> str:

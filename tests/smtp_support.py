@@ -1,0 +1,70 @@
+"""Helpers shared by the SMTP front-end tests (TLS certificates, a recording plugin)."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailflow.hookspecs import hookimpl
+from mailflow.message import Connection, MessageContext
+
+
+def self_signed_cert(directory: Path, hostname: str = "mx.test") -> tuple[Path, Path]:
+    """A throwaway EC certificate for ``hostname`` and 127.0.0.1, made by the openssl CLI."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec",
+            "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(cert), "-days", "2",
+            "-subj", f"/CN={hostname}",
+            "-addext", f"subjectAltName=DNS:{hostname},IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
+def client_context(cert: Path) -> ssl.SSLContext:
+    """A client context that trusts exactly ``cert``."""
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    return ctx
+
+
+@dataclass
+class Seen:
+    """What one stage saw of the connection (copied: the Connection object lives on)."""
+
+    tls: bool
+    tls_version: str
+    user: str
+
+
+@dataclass
+class Recorder:
+    """A plugin that records what each stage saw; it never gives a verdict."""
+
+    stages: dict[str, list[Seen]] = field(default_factory=dict)
+    messages: list[bytes] = field(default_factory=list)
+
+    def _seen(self, stage: str, conn: Connection) -> None:
+        seen = Seen(conn.tls, conn.tls_version, conn.authenticated_user)
+        self.stages.setdefault(stage, []).append(seen)
+
+    @hookimpl
+    def mailflow_mail_from(self, connection: Connection, sender: str, options: list[str]) -> None:
+        self._seen("mail", connection)
+
+    @hookimpl
+    def mailflow_rcpt_to(self, connection: Connection, sender: str, recipient: str) -> None:
+        self._seen("rcpt", connection)
+
+    @hookimpl
+    def mailflow_data(self, message: MessageContext) -> None:
+        self._seen("data", message.connection)
+        self.messages.append(message.raw)

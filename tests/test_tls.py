@@ -1,0 +1,120 @@
+"""STARTTLS on the SMTP front end (RFC 3207), with a real handshake on loopback."""
+
+from __future__ import annotations
+
+import ssl
+
+import aiosmtplib
+import pytest
+from smtp_support import Recorder, client_context, self_signed_cert
+
+from mailflow.testing import SMTPDialog, make_message, running_server, send
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    return self_signed_cert(tmp_path_factory.mktemp("tls"))
+
+
+def tls_yaml(tls_files, require: bool = False, extra: str = "") -> str:
+    cert, key = tls_files
+    return f"""
+        server:
+          listen: ["127.0.0.1:0"]
+          hostname: mx.test
+          tls: {{cert: {cert}, key: {key}, require: {str(require).lower()}}}
+          {extra}
+        """
+
+
+def tls_client(port: int, cert) -> aiosmtplib.SMTP:
+    return aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=False, tls_context=client_context(cert)
+    )
+
+
+async def test_starttls_is_advertised_and_every_stage_sees_tls(make_config, tls_files):
+    rec = Recorder()
+    async with running_server(make_config(tls_yaml(tls_files)), extra_plugins={"rec": rec}) as srv:
+        client = tls_client(srv.port, tls_files[0])
+        async with client:
+            await client.ehlo()
+            assert client.supports_extension("starttls")
+            await client.starttls()
+            errors, _ = await client.sendmail("a@example.org", ["bob@example.com"], make_message())
+            assert errors == {}
+        [msg] = await srv.wait_delivered("bob@example.com")
+    for stage in ("mail", "rcpt", "data"):
+        [seen] = rec.stages[stage]
+        assert seen.tls is True, stage
+        assert seen.tls_version.startswith("TLSv1."), stage
+    # RFC 3848: "ESMTPS" names an ESMTP session protected by STARTTLS.
+    assert b"with ESMTPS id" in msg.split(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ")
+
+
+async def test_plain_session_is_recorded_as_not_tls(make_config, tls_files):
+    rec = Recorder()
+    async with running_server(make_config(tls_yaml(tls_files)), extra_plugins={"rec": rec}) as srv:
+        assert await send(srv.port, "a@example.org", ["bob@example.com"], make_message()) == {}
+        [msg] = await srv.wait_delivered("bob@example.com")
+    assert [s.tls for s in rec.stages["data"]] == [False]
+    assert rec.stages["data"][0].tls_version == ""
+    assert b"with ESMTP id" in msg.replace(b"\r\n\t", b" ")
+
+
+async def test_required_tls_refuses_mail_before_starttls(make_config, tls_files):
+    config = make_config(tls_yaml(tls_files, require=True))
+    async with running_server(config) as srv:
+        dialog, greeting = await SMTPDialog.open(srv.port)
+        assert greeting.startswith("220")
+        assert (await dialog.command("EHLO client.test")).startswith("250")
+        reply = await dialog.command("MAIL FROM:<a@example.org>")
+        assert reply.startswith("530"), reply
+        await dialog.close()
+        # The same client succeeds once it has done STARTTLS.
+        client = tls_client(srv.port, tls_files[0])
+        async with client:
+            await client.starttls()
+            errors, _ = await client.sendmail("a@example.org", ["bob@example.com"], make_message())
+        assert errors == {}
+        await srv.wait_delivered("bob@example.com")
+
+
+async def test_helo_is_forgotten_after_starttls(make_config, tls_files):
+    # RFC 3207 4.2: the client must EHLO again; what it said before TLS is discarded.
+    async with running_server(make_config(tls_yaml(tls_files))) as srv:
+        client = tls_client(srv.port, tls_files[0])
+        async with client:
+            await client.ehlo(hostname="before.test")
+            await client.starttls()
+            code, message = await client.execute_command(b"MAIL", b"FROM:<a@example.org>")
+            assert code == 503, message
+            await client.ehlo(hostname="after.test")
+            errors, _ = await client.sendmail("a@example.org", ["bob@example.com"], make_message())
+            assert errors == {}
+        [msg] = await srv.wait_delivered("bob@example.com")
+    assert b"from after.test" in msg
+
+
+async def test_failed_handshake_does_not_hurt_the_server(make_config, tls_files):
+    async with running_server(make_config(tls_yaml(tls_files))) as srv:
+        dialog, _ = await SMTPDialog.open(srv.port)
+        await dialog.command("EHLO client.test")
+        assert (await dialog.command("STARTTLS")).startswith("220")
+        await dialog.write_raw(b"this is not a TLS ClientHello\r\n" * 4)
+        assert await dialog.reader.read() == b""  # the server hangs up
+        await dialog.close()
+        assert await send(srv.port, "a@example.org", ["bob@example.com"], make_message()) == {}
+        await srv.wait_delivered("bob@example.com")
+        await srv.wait_queue_empty()
+        assert srv.server.handler.active == 0
+
+
+async def test_untrusted_client_context_fails_cleanly(make_config, tls_files, tmp_path):
+    other_cert, _ = self_signed_cert(tmp_path, "other.test")
+    async with running_server(make_config(tls_yaml(tls_files))) as srv:
+        client = tls_client(srv.port, other_cert)
+        async with client:
+            with pytest.raises((aiosmtplib.SMTPException, ssl.SSLError, ConnectionError)):
+                await client.starttls()
+        assert await send(srv.port, "a@example.org", ["bob@example.com"], make_message()) == {}
