@@ -1,0 +1,277 @@
+"""SMTP throughput benchmark: mailflow vs. a bare aiosmtpd server, in the same run.
+
+    python -m benchmarks.smtp_load                      # defaults: N=1000, K=1,10,50
+    python -m benchmarks.smtp_load -n 2000 -k 10 --json
+    python -m benchmarks.smtp_load --plugins bayes,attachments --targets bare,maildir+plugins
+
+For each concurrency K it pushes N messages (about ``--size`` bytes, multipart)
+over K reused connections to every target and prints messages/s, p50/p99 latency
+(MAIL FROM to the reply after DATA) and the ratio to the bare server. Mailflow
+targets are then waited on until their queue is empty, giving the delivered count
+and the end-to-end rate (accept start to last delivery).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.sample import DEFAULT_SIZE, MessageFactory
+from benchmarks.smtp_client import run_load
+from benchmarks.targets import BareTarget, MailflowTarget, Sink, Target
+
+DRAIN_TIMEOUT = 60.0  # seconds to wait for a mailflow queue to empty after a load
+DRAIN_POLL = 0.02
+TARGET_NAMES = ("bare", "maildir", "relay", "maildir+plugins", "relay+plugins")
+DEFAULT_TARGETS = "bare,maildir,relay,maildir+plugins"
+# Builtin plugins that need no network (DNS-based checks such as SPF/DMARC are left out).
+OFFLINE_BUILTINS = ("bayes", "attachments", "content", "rules", "headers")
+
+
+@dataclass
+class Row:
+    """One (target, K) measurement."""
+
+    server: str
+    concurrency: int
+    messages: int
+    accepted: int
+    failed: int
+    rate: float  # accepted messages per second
+    p50_ms: float
+    p99_ms: float
+    ratio: float | None = None  # rate / bare rate at the same K
+    delivered: int | None = None
+    e2e_rate: float | None = None  # delivered per second, from load start to empty queue
+    drain_s: float | None = None  # seconds after the load until the queue was empty
+    errors: list[str] = field(default_factory=list)
+
+
+def wait_drained(target: Target, timeout: float) -> float | None:
+    """Seconds until ``target.queued()`` is 0, or None on timeout."""
+    start = time.perf_counter()
+    while target.queued():
+        if time.perf_counter() - start > timeout:
+            return None
+        time.sleep(DRAIN_POLL)
+    return time.perf_counter() - start
+
+
+def measure(
+    target: Target, count: int, concurrency: int, factory: MessageFactory, drain_timeout: float
+) -> Row:
+    before = target.delivered()
+    started = time.perf_counter()
+    result = asyncio.run(
+        run_load("127.0.0.1", target.port, count, concurrency, factory.payload, target.addressing)
+    )
+    row = Row(
+        server=target.name,
+        concurrency=concurrency,
+        messages=count,
+        accepted=result.sent,
+        failed=result.failed,
+        rate=round(result.rate, 1),
+        p50_ms=round(result.percentile(0.50) * 1000, 2),
+        p99_ms=round(result.percentile(0.99) * 1000, 2),
+        errors=result.errors,
+    )
+    if before is not None:
+        drain = wait_drained(target, drain_timeout)
+        after = target.delivered()
+        row.delivered = (after or 0) - before
+        if drain is not None:
+            total = time.perf_counter() - started
+            row.drain_s = round(drain, 2)
+            row.e2e_rate = round(row.delivered / total, 1) if total > 0 else None
+    return row
+
+
+def build_targets(
+    names: list[str], workdir: Path, plugins: list[dict[str, object]], profile: Path | None
+) -> list[Target]:
+    targets: list[Target] = []
+    for name in names:
+        if name not in TARGET_NAMES:
+            raise SystemExit(f"unknown target {name!r}; choose from {', '.join(TARGET_NAMES)}")
+        mode, _, extra = name.partition("+")
+        if mode == "bare":
+            targets.append(BareTarget(workdir))
+            continue
+        chain = plugins if extra == "plugins" else []
+        if extra == "plugins" and not chain:
+            print(f"skipping {name}: no plugins selected or installed", file=sys.stderr)
+            continue
+        sink = Sink(workdir / name.replace("+", "-")) if mode == "relay" else None
+        if sink is not None:
+            sink.workdir.mkdir(parents=True, exist_ok=True)
+        prof = profile / f"{name.replace('+', '-')}.prof" if profile else None
+        targets.append(MailflowTarget(workdir, mode, chain, sink, prof))
+    return targets
+
+
+def select_plugins(spec: str) -> list[dict[str, object]]:
+    """``auto`` -> the offline builtins that are installed; else a comma-separated list."""
+    if spec == "none":
+        return []
+    if spec != "auto":
+        return [{"name": n.strip()} for n in spec.split(",") if n.strip()]
+    from mailflow.pipeline import available_plugins
+
+    installed = available_plugins()
+    return [{"name": n} for n in OFFLINE_BUILTINS if n in installed]
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model or platform.processor(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
+    for k in sorted({r.concurrency for r in rows}):
+        group = [r for r in rows if r.concurrency == k]
+        n = group[0].messages
+        print(f"\nK={k} connections, N={n} messages", file=out)
+        header = (
+            f"{'server':<24} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
+            f"{'failed':>6} {'delivered':>9} {'e2e/s':>7}"
+        )
+        print(header, file=out)
+        print("-" * len(header), file=out)
+        for r in group:
+            ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
+            delivered = "-" if r.delivered is None else str(r.delivered)
+            e2e = "-" if r.e2e_rate is None else f"{r.e2e_rate:.0f}"
+            if r.delivered is not None and r.drain_s is None:
+                e2e = "timeout"
+            print(
+                f"{r.server:<24} {r.rate:>8.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {ratio:>6} "
+                f"{r.failed:>6} {delivered:>9} {e2e:>7}",
+                file=out,
+            )
+            for err in r.errors[:2]:
+                print(f"    error: {err}", file=out)
+
+
+def print_profile(path: Path, top: int = 25) -> None:
+    print(f"\n=== cProfile of {path.name} (top {top} by cumulative, then by own time) ===")
+    stats = pstats.Stats(str(path))
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-n", "--messages", type=int, default=1000, help="messages per run")
+    p.add_argument("-k", "--concurrency", default="1,10,50", help="comma-separated K values")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
+    p.add_argument("--targets", default=DEFAULT_TARGETS, help=f"from: {', '.join(TARGET_NAMES)}")
+    p.add_argument(
+        "--plugins",
+        default="auto",
+        help="plugin chain for +plugins targets: 'auto' (installed offline builtins), "
+        "'none', or names, comma-separated",
+    )
+    p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.add_argument("--profile", type=Path, help="run mailflow under cProfile; stats go here")
+    p.add_argument("--workdir", type=Path, help="keep servers' files here (default: temp)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Start every target, load each at each K, stop everything; return the report."""
+    ks = [int(k) for k in str(args.concurrency).split(",") if k.strip()]
+    plugins = select_plugins(args.plugins)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailflow-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = build_targets(names, workdir, plugins, args.profile)
+    factory = MessageFactory(args.size, run=f"b{os.getpid()}")
+    rows: list[Row] = []
+    extra: dict[str, Any] = {}
+    started = time.perf_counter()
+    try:
+        for t in targets:
+            t.start()
+        for k in ks:
+            bare_rate: float | None = None
+            for t in targets:
+                row = measure(t, args.messages, k, factory, args.drain_timeout)
+                if isinstance(t, BareTarget):
+                    bare_rate = row.rate
+                if bare_rate:
+                    row.ratio = round(row.rate / bare_rate, 3)
+                rows.append(row)
+    finally:
+        for t in targets:
+            t.stop()
+            if isinstance(t, MailflowTarget) and t.sink is not None:
+                extra[f"{t.name} sink received (total)"] = t.sink_received
+                extra[f"{t.name} sink"] = t.sink.kind
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "machine": machine(),
+        "command": " ".join(["python -m benchmarks.smtp_load", *(args.argv or [])]),
+        "messages": args.messages,
+        "size": factory.size,
+        "plugins": [p["name"] for p in plugins],
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "rows": [asdict(r) for r in rows],
+        **extra,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    report = run(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        m = report["machine"]
+        print(
+            f"machine: {m['nproc']} x {m['cpu']}, Python {m['python']}, load {m['load_avg']}; "
+            f"message {report['size']} bytes; plugins: {', '.join(report['plugins']) or '-'}"
+        )
+        print_tables([Row(**r) for r in report["rows"]])
+        for key, value in report.items():
+            if "sink" in key:
+                print(f"{key}: {value}")
+        print(f"elapsed: {report['elapsed_s']} s")
+    if args.profile:
+        for path in sorted(args.profile.glob("*.prof")):
+            print_profile(path)
+
+
+if __name__ == "__main__":
+    main()
