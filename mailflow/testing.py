@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailflow.app import App
@@ -211,6 +212,8 @@ class SinkBehaviour:
 
     data_replies: list[str | None] = field(default_factory=lambda: [None])
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # per recipient, permanent
+    # LMTP only: the reply after DATA for these recipients (RFC 2033 4.2); others get 250.
+    lmtp_data_replies: dict[str, str] = field(default_factory=dict)
 
 
 class SinkHandler:
@@ -241,16 +244,24 @@ class SinkHandler:
         reply = replies[index]
         if reply is not None:
             return reply
+        stored = list(envelope.rcpt_tos)
+        lmtp_lines = None
+        if isinstance(server, LMTP):
+            per_rcpt = self.behaviour.lmtp_data_replies
+            lmtp_lines = [per_rcpt.get(r, "250 2.0.0 OK") for r in envelope.rcpt_tos]
+            stored = [r for r in envelope.rcpt_tos if r not in per_rcpt]
         self.messages.append(
             SinkMessage(
                 envelope.mail_from or "",
-                list(envelope.rcpt_tos),
+                stored,
                 envelope.original_content or b"",
                 tls=session.ssl is not None,
                 auth_user=getattr(session.auth_data, "login", None)
                 and session.auth_data.login.decode(),
             )
         )
+        if lmtp_lines is not None:
+            return "\r\n".join(lmtp_lines)  # LMTP: one reply per recipient
         return "250 OK: stored"
 
 
@@ -290,8 +301,10 @@ async def smtp_sink(
     lmtp: bool = False,
     factory_kwargs: dict[str, Any] | None = None,
     smtp_class: Callable[..., SMTP] | None = None,
+    port: int = 0,
 ) -> AsyncIterator[Sink]:
-    """A real aiosmtpd server on 127.0.0.1 (port 0) that records what it receives."""
+    """A real aiosmtpd server on 127.0.0.1 (port 0 unless ``port`` is given) that records
+    what it receives."""
     handler = SinkHandler(behaviour or SinkBehaviour())
     loop = asyncio.get_running_loop()
     if smtp_class is None:
@@ -309,7 +322,7 @@ async def smtp_sink(
             smtp_class = _CountingSMTP
     kwargs = {"hostname": "sink.test", "loop": loop, **(factory_kwargs or {})}
     server = await loop.create_server(
-        lambda: smtp_class(handler, **kwargs), host="127.0.0.1", port=0
+        lambda: smtp_class(handler, **kwargs), host="127.0.0.1", port=port
     )
     port = server.sockets[0].getsockname()[1]
     try:

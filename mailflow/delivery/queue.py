@@ -42,6 +42,7 @@ DeliveredHook = Callable[[str, str, Route, str, str], Awaitable[None]]
 BounceBuilder = Callable[[QueueEntry, list[RecipientState], bytes], bytes]
 
 FLUSH_TRIGGER = "flush.request"
+STOP_GRACE = 10.0  # seconds running attempts get to finish at shutdown
 
 
 class QueueManager:
@@ -89,9 +90,16 @@ class QueueManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=10)
-            for t in self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_GRACE)
+            for t in list(self._tasks):
                 t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Transports holding connections (relay pools) expose ``aclose``.
+        for transport in self.transports.values():
+            aclose = getattr(transport, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
     # --- intake ---------------------------------------------------------------------------
 
@@ -231,10 +239,9 @@ class QueueManager:
             return {r.address: Outcome(250, "discarded by route") for r in members}
         transport = self.transports.get(route.kind)
         if transport is None:
-            return {
-                r.address: Outcome(554, f"no transport for route {route.kind.value}")
-                for r in members
-            }
+            # A deployment problem, not the recipient's: keep the mail until it is fixed.
+            outcome = Outcome(451, f"4.3.5 no transport for route {route.kind.value}")
+            return {r.address: outcome for r in members}
         try:
             return await transport(entry, message, members, route)
         except Exception as exc:

@@ -1,0 +1,193 @@
+"""LMTP delivery (RFC 2033) to a local mail store (Dovecot, Cyrus) over TCP or a unix socket.
+
+aiosmtplib speaks SMTP only (no LHLO, and it expects one reply after DATA), so this is
+a small client on asyncio streams. The difference that matters: after the end of
+DATA, an LMTP server sends *one reply per accepted recipient*, in RCPT order
+(RFC 2033 4.2), so one mailbox can be full while the others succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from mailflow.app import App
+from mailflow.config import LMTPTarget
+from mailflow.delivery.outcome import Outcome
+from mailflow.delivery.spool import QueueEntry, RecipientState
+from mailflow.verdict import Route
+
+log = logging.getLogger("mailflow.lmtp")
+
+COMMAND_TIMEOUT = 60.0  # seconds per command reply
+DATA_TIMEOUT = 600.0  # seconds for the message transfer and all final replies
+MAX_REPLY_LINES = 100  # a multi-line reply longer than this is a broken server
+STREAM_LIMIT = 64 * 1024  # longest reply line we accept
+
+
+class LMTPError(Exception):
+    """The session failed; ``outcome`` applies to every recipient not yet answered."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(str(outcome))
+        self.outcome = outcome
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """The DATA payload with its terminator: CRLF line ends, leading dots doubled.
+
+    RFC 5321 4.5.2: a line starting with "." gets another "." prepended; 2.3.8: lines
+    end in CRLF, so bare LFs are turned into CRLF on the way.
+    """
+    data = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if data.startswith(b"."):
+        data = b"." + data
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+class LMTPClient:
+    """One LMTP session on a pair of streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.extensions: set[str] = set()
+
+    @classmethod
+    async def connect(cls, target: LMTPTarget, timeout: float = COMMAND_TIMEOUT) -> LMTPClient:
+        async with asyncio.timeout(timeout):
+            if target.socket is not None:
+                reader, writer = await asyncio.open_unix_connection(
+                    str(target.socket), limit=STREAM_LIMIT
+                )
+            else:
+                reader, writer = await asyncio.open_connection(
+                    target.host, target.port, limit=STREAM_LIMIT
+                )
+        return cls(reader, writer)
+
+    async def _read_lines(self, timeout: float) -> tuple[int, list[str]]:
+        """One (possibly multi-line, RFC 5321 4.2.1) reply: its code and text lines."""
+        texts: list[str] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.reader.readline()
+                if not raw.endswith(b"\n"):
+                    raise ConnectionError("connection closed by the LMTP server")
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if len(line) < 3 or not line[:3].isdigit() or len(texts) >= MAX_REPLY_LINES:
+                    raise ConnectionError(f"malformed LMTP reply {line[:80]!r}")
+                texts.append(line[4:].strip())
+                if len(line) == 3 or line[3] != "-":
+                    return int(line[:3]), texts
+
+    async def read_reply(self, timeout: float = COMMAND_TIMEOUT) -> Outcome:
+        code, texts = await self._read_lines(timeout)
+        return Outcome(code, " ".join(texts).strip())
+
+    async def command(self, line: str) -> Outcome:
+        self.writer.write(line.encode("utf-8") + b"\r\n")
+        await self.writer.drain()
+        return await self.read_reply()
+
+    async def lhlo(self, name: str) -> None:
+        """Greeting and LHLO (RFC 2033 4.1); remembers the advertised extensions."""
+        greeting = await self.read_reply()
+        if greeting.code != 220:
+            raise LMTPError(Outcome(451, f"4.4.2 LMTP greeting: {greeting}"))
+        self.writer.write(f"LHLO {name}\r\n".encode())
+        await self.writer.drain()
+        code, lines = await self._read_lines(COMMAND_TIMEOUT)
+        if code != 250:
+            raise LMTPError(Outcome(451, f"4.4.2 LHLO refused: {code} {' '.join(lines)}"))
+        # The extension keywords follow the first line (RFC 5321 4.1.1.1).
+        self.extensions = {ln.split(" ")[0].upper() for ln in lines[1:] if ln}
+
+    async def deliver(self, sender: str, rcpts: list[str], message: bytes) -> dict[str, Outcome]:
+        """MAIL, RCPT each, DATA; then one final reply per accepted recipient."""
+        mail_from = f"MAIL FROM:<{sender}>"
+        if "8BITMIME" in self.extensions and not message.isascii():
+            mail_from += " BODY=8BITMIME"  # RFC 6152
+        reply = await self.command(mail_from)
+        if reply.code != 250:
+            await self.command("RSET")
+            return dict.fromkeys(rcpts, reply)
+        out: dict[str, Outcome] = {}
+        accepted: list[str] = []
+        for rcpt in rcpts:
+            reply = await self.command(f"RCPT TO:<{rcpt}>")
+            if 200 <= reply.code < 300:
+                accepted.append(rcpt)
+            else:
+                out[rcpt] = reply
+        if not accepted:
+            await self.command("RSET")
+            return out
+        reply = await self.command("DATA")
+        if reply.code != 354:
+            out.update(dict.fromkeys(accepted, reply))
+            return out
+        # One large write: the whole stuffed message and its terminator.
+        self.writer.write(dot_stuff(message))
+        await self.writer.drain()
+        for rcpt in accepted:  # RFC 2033 4.2: replies in the order of the RCPTs
+            out[rcpt] = await self.read_reply(timeout=DATA_TIMEOUT)
+        return out
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write(b"QUIT\r\n")
+            await self.writer.drain()
+            await self.read_reply(timeout=2.0)
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+class LMTPTransport:
+    """Route kind ``lmtp``: hand the message to ``delivery.lmtp``."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    @property
+    def name(self) -> str:
+        return self.app.config.relay.helo_name or self.app.config.server.hostname
+
+    async def __call__(
+        self, entry: QueueEntry, message: bytes, rcpts: list[RecipientState], route: Route
+    ) -> dict[str, Outcome]:
+        target = self.app.config.delivery.lmtp
+        addresses = [r.address for r in rcpts]
+        if target is None:
+            outcome = Outcome(451, "4.3.5 no delivery.lmtp target configured")
+            return dict.fromkeys(addresses, outcome)
+        where = str(target.socket) if target.socket else f"{target.host}:{target.port}"
+        out: dict[str, Outcome] = {}
+        client: LMTPClient | None = None
+        try:
+            client = await LMTPClient.connect(target)
+            await client.lhlo(self.name)
+            out = await client.deliver(entry.sender, addresses, message)
+        except LMTPError as exc:
+            fallback = exc.outcome
+        except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError
+            reason = str(exc) or exc.__class__.__name__
+            fallback = Outcome(451, f"4.4.1 LMTP {where}: {reason}")
+        else:
+            fallback = Outcome(451, "4.4.2 no reply from LMTP server")
+        finally:
+            if client is not None:
+                await client.close()
+        # Recipients without a final reply are retried: never assume delivery.
+        for addr in addresses:
+            out.setdefault(addr, fallback)
+        return out
+
+
+def lmtp_transport(app: App) -> LMTPTransport:
+    return LMTPTransport(app)
