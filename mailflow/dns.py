@@ -2,13 +2,21 @@
 
 Every plugin and the relay use this, so lookups never block the event loop and
 identical questions inside a TTL cost nothing. Failures surface as
-:class:`DNSTempError` (servfail, timeout, no nameserver) or an empty answer
-(NXDOMAIN/NODATA), never as a hang.
+:class:`DNSTempError` (servfail, timeout, no nameserver, budget spent) or an empty
+answer (NXDOMAIN/NODATA, or a name that cannot exist), never as a hang.
+
+Time is bounded twice (see docs/dns.md): every query by ``dns.timeout``, and all
+the queries made for one message by ``dns.budget``. The budget is a deadline kept
+in a context variable: the pipeline starts a fresh one at MAIL FROM (and at end of
+data when none is running), and every coroutine and worker thread of that SMTP
+transaction sees it, because asyncio tasks and ``asyncio.to_thread`` copy the
+caller's context.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import time
 from dataclasses import dataclass
@@ -28,6 +36,37 @@ MAX_CACHE_ENTRIES = 50_000
 
 class DNSTempError(Exception):
     """The answer could not be obtained now (timeout, SERVFAIL, unreachable server)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The DNS time one message may still spend: a monotonic deadline."""
+
+    seconds: float
+    deadline: float
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+_budget: contextvars.ContextVar[Budget | None] = contextvars.ContextVar(
+    "mailflow_dns_budget", default=None
+)
+
+
+def start_budget(seconds: float) -> Budget | None:
+    """Give the current message (this task's context) ``seconds`` of DNS time.
+
+    ``0`` means unlimited (only the per-query timeout applies). Returns the budget.
+    """
+    budget = Budget(seconds, time.monotonic() + seconds) if seconds > 0 else None
+    _budget.set(budget)
+    return budget
+
+
+def current_budget() -> Budget | None:
+    """The budget of the message being processed in this context, if any."""
+    return _budget.get()
 
 
 @dataclass(slots=True)
@@ -68,10 +107,13 @@ class Resolver:
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
+        budget = _budget.get()
+        if budget is not None and budget.remaining() <= 0:
+            raise DNSTempError(f"{rdtype} {key[0]}: DNS budget of {budget.seconds}s spent")
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            records = await self._lookup(key[0], rdtype)
+            records = await self._bounded_lookup(key[0], rdtype, budget)
             future.set_result(records)
             return records
         except BaseException as exc:
@@ -81,7 +123,22 @@ class Resolver:
         finally:
             del self._inflight[key]
 
+    async def _bounded_lookup(self, name: str, rdtype: str, budget: Budget | None) -> list[str]:
+        if budget is None:
+            return await self._lookup(name, rdtype)
+        try:
+            async with asyncio.timeout(budget.remaining()):
+                return await self._lookup(name, rdtype)
+        except TimeoutError:
+            raise DNSTempError(f"{rdtype} {name}: DNS budget of {budget.seconds}s spent") from None
+
     async def _lookup(self, name: str, rdtype: str) -> list[str]:
+        try:
+            # A name that cannot exist (empty or over-long label, RFC 1035 2.3.4) has no
+            # records; asking would only turn a permanent fact into a temporary error.
+            dns.name.from_text(name)
+        except dns.exception.DNSException:
+            return []
         try:
             answer = await self._resolver.resolve(name, rdtype, raise_on_no_answer=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from mailflow import hookspecs
 from mailflow.config import Config, ConfigError, ConfigIssue, PluginEntry, issues_from_validation
+from mailflow.dns import current_budget, start_budget
 from mailflow.message import MessageContext, PluginRun
 from mailflow.verdict import Action, AddHeader, Result, Route, RouteKind, SMTPReply
 
@@ -195,6 +196,8 @@ class Pipeline:
         Returns the final result (or None) and every plugin run, for the record.
         """
         hook_name = hookspecs.STAGE_HOOKS[stage]
+        if stage == "mail":
+            start_budget(self.config.dns.budget)  # one DNS time budget per transaction
         runs: list[PluginRun] = []
         for impl in self._impls[hook_name]:
             run = await self._guarded(impl, stage, kwargs)
@@ -205,6 +208,8 @@ class Pipeline:
 
     async def run_data(self, ctx: MessageContext) -> MessageContext:
         """Run end-of-message hooks, apply mutations, then map the score to an action."""
+        if current_budget() is None:
+            start_budget(self.config.dns.budget)  # front ends that skip the mail stage
         for impl in self._impls["mailflow_data"]:
             run = await self._guarded(impl, "data", {"message": ctx})
             ctx.record(run)
