@@ -52,6 +52,13 @@ R_TIMEOUT = SMTPReply(421, "Timeout, closing connection", "4.4.2")
 
 # RFC 5322 2.2 field name (printable ASCII except ":"), with obsolete WSP before ":".
 _HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+
+def _sender(address: str | None) -> str:
+    """The envelope sender as mailflow models it: "" is the null sender."""
+    return "" if not address or address == "<>" else address
+
+
 _ADDRESS_OK = re.compile(
     r"^[^\s<>()\[\],;:\\\"]+@[A-Za-z0-9.\-\[\]:]+$|^postmaster$", re.IGNORECASE
 )
@@ -291,11 +298,12 @@ class Handler:
     ) -> str:
         conn = self.conn(session)
         conn.tls = session.ssl is not None
-        if address and not _ADDRESS_OK.match(address):
+        # aiosmtpd spells the null sender (RFC 5321 4.5.5) "<>" and needs it truthy.
+        if address and address != "<>" and not _ADDRESS_OK.match(address):
             return str(R_BAD_ADDRESS)
         tx = _tx(envelope)
         result, runs = await self.app.pipeline.run_stage(
-            "mail", connection=conn, sender=address, options=mail_options
+            "mail", connection=conn, sender=_sender(address), options=mail_options
         )
         tx.runs.extend(runs)
         if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL):
@@ -345,7 +353,7 @@ class Handler:
         result, runs = await self.app.pipeline.run_stage(
             "rcpt",
             connection=conn,
-            sender=envelope.mail_from or "",
+            sender=_sender(envelope.mail_from),
             recipient=address,
             options=rcpt_options,
         )
@@ -384,7 +392,9 @@ class Handler:
         ctx = MessageContext(
             raw,
             Envelope(
-                envelope.mail_from or "", list(envelope.rcpt_tos), list(envelope.mail_options)
+                _sender(envelope.mail_from),
+                list(envelope.rcpt_tos),
+                list(envelope.mail_options),
             ),
             conn,
             queue_id=queue_id,

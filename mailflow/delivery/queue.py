@@ -226,11 +226,15 @@ class QueueManager:
         failed = [r for r in due if r.status in (BOUNCED, EXPIRED)]
         if failed:
             await self._bounce(entry, failed, message)
+        # The bounce (above) is stored before this state change: a crash in between
+        # repeats the bounce after restart rather than losing it.
         if entry.done:
             await asyncio.to_thread(self.spool.remove, entry.id)
             self._entries.pop(entry.id, None)
-        else:
+        elif self.spool.meta_path(entry.id).exists():
             await asyncio.to_thread(self.spool.update, entry)
+        else:  # deleted by `mailflow queue delete` during the attempt: stay deleted
+            self._entries.pop(entry.id, None)
 
     async def _deliver_group(
         self, entry: QueueEntry, message: bytes, members: list[RecipientState], route: Route
@@ -264,7 +268,11 @@ class QueueManager:
             r.status = EXPIRED
             what = "expired"
         else:
-            r.next_attempt = time.time() + self._backoff(r.attempts)
+            # Never sleep past the lifetime: the last try happens when it ends, so an
+            # expired message is bounced on time rather than one backoff step late.
+            now = time.time()
+            deadline = entry.created + self.config.queue.lifetime
+            r.next_attempt = min(now + self._backoff(r.attempts), max(deadline, now))
             what = "deferred"
         log.info(
             "queue %s: to=<%s> route=%s status=%s reply=%r",
@@ -284,7 +292,12 @@ class QueueManager:
         if not entry.sender or entry.is_bounce or self.build_bounce is None:
             log.info("queue %s: not bouncing (null sender or bounce)", entry.id)
             return
-        dsn = self.build_bounce(entry, failed, message)
+        try:
+            dsn = self.build_bounce(entry, failed, message)
+        except Exception:
+            # Never let a DSN bug keep the original in the queue for ever (and retry it).
+            log.exception("queue %s: cannot build the bounce to <%s>", entry.id, entry.sender)
+            return
         route = self.bounce_route(entry.sender) if self.bounce_route else Route(RouteKind.MAILDIR)
         bounce = await self.enqueue("", {entry.sender: route}, dsn, is_bounce=True)
         log.info("queue %s: bounce %s queued to <%s>", entry.id, bounce.id, entry.sender)
