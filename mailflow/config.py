@@ -6,12 +6,14 @@ the YAML node marks) and what was expected.
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -301,10 +303,15 @@ def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ..
                 else _scalar(key_node)
             )
             if key in out:
+                # YAML itself would silently keep the last one; that hides mistakes.
+                first = lines.get((*path, key))
                 raise ConfigError(
                     [
                         ConfigIssue(
-                            "", _dotted((*path, key)), key_node.start_mark.line + 1, "duplicate key"
+                            "",
+                            _dotted((*path, key)),
+                            key_node.start_mark.line + 1,
+                            f"duplicate key (first given on line {first})",
                         )
                     ]
                 )
@@ -328,18 +335,82 @@ def _dotted(path: tuple[Any, ...]) -> str:
     return out
 
 
-def _explain(err: dict[str, Any]) -> str:
+# pydantic's wording ("Input should be a valid integer, unable to parse string as an
+# integer") is precise but long; these say what was expected in the config's own terms.
+_EXPECTED = {
+    "int_parsing": "expected a whole number",
+    "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected a text string",
+    "list_type": "expected a list (e.g. [a, b] or lines starting with '- ')",
+    "dict_type": "expected a mapping of keys (key: value)",
+    "model_type": "expected a mapping of keys (key: value)",
+    "model_attributes_type": "expected a mapping of keys (key: value)",
+    "path_type": "expected a file or directory path",
+}
+
+
+def _explain(err: dict[str, Any], known: list[str] | None = None) -> str:
+    """One pydantic error as a short sentence ending with the offending value."""
     kind = err.get("type", "")
+    value = err.get("input")
     if kind == "extra_forbidden":
-        return "unknown key (check the spelling; see `mailflow init` for all keys)"
+        key = str(err["loc"][-1]) if err.get("loc") else ""
+        close = difflib.get_close_matches(key, known or [], n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see `mailflow init` for all keys"
+        return f"unknown key ({hint})"
     if kind == "missing":
         return "required key is missing"
-    msg = str(err.get("msg", "invalid value"))
-    msg = msg.removeprefix("Value error, ")
-    value = err.get("input")
-    if kind not in ("missing",) and not isinstance(value, dict | list):
-        msg += f" (got {value!r})"
+    msg = _EXPECTED.get(kind) or str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if msg.startswith("Input should be "):
+        msg = msg.removeprefix("Input should be ")
+        if msg.startswith(("greater ", "less ")):
+            msg = "a value " + msg  # "expected a value greater than or equal to 1"
+        msg = "expected " + msg
+    shown = repr(value)
+    if not isinstance(value, dict | list) and shown not in msg:
+        msg += f" (got {shown})"
     return msg
+
+
+def _unwrap(tp: Any) -> Any:
+    """Drop ``Annotated[...]`` and ``X | None`` around an annotation."""
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin in (Union, UnionType):
+            options = [a for a in get_args(tp) if a is not type(None)]
+            if len(options) != 1:
+                return tp
+            tp = options[0]
+        else:
+            return tp
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed beside ``loc[-1]``, for "did you mean" hints (best effort)."""
+    current: Any = model
+    for part in loc[:-1]:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        elif get_origin(current) in (dict, list):
+            current = get_args(current)[-1]  # a mapping's value type, a list's item type
+        else:
+            return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
 
 
 def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
@@ -350,6 +421,9 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
         mark = exc.problem_mark
         line = mark.line + 1 if mark else None
         problem = exc.problem or "invalid YAML"
+        if exc.context:  # e.g. "while scanning a quoted scalar" started on another line
+            where = f" (line {exc.context_mark.line + 1})" if exc.context_mark else ""
+            problem = f"{problem} {exc.context}{where}"
         raise ConfigError(
             [ConfigIssue(filename, "", line, f"YAML syntax error: {problem}")]
         ) from None
@@ -378,7 +452,8 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
                 if loc[:n] in lines:
                     line = lines[loc[:n]]
                     break
-            issues.append(ConfigIssue(filename, _dotted(loc), line, _explain(dict(err))))
+            known = _known_keys(Config, loc) if err.get("type") == "extra_forbidden" else None
+            issues.append(ConfigIssue(filename, _dotted(loc), line, _explain(dict(err), known)))
         raise ConfigError(issues) from None
     _check_references(config, filename, lines)
     config._source = filename
@@ -387,9 +462,15 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
 
 
 def issues_from_validation(
-    config: Config, prefix: tuple[Any, ...], exc: ValidationError
+    config: Config,
+    prefix: tuple[Any, ...],
+    exc: ValidationError,
+    model: type[BaseModel] | None = None,
 ) -> ConfigError:
-    """Turn a nested model's ValidationError (e.g. plugin settings) into a ConfigError."""
+    """Turn a nested model's ValidationError (e.g. plugin settings) into a ConfigError.
+
+    ``model`` (the one that raised) makes unknown keys come with a "did you mean" hint.
+    """
     issues = []
     for err in exc.errors():
         loc = (*prefix, *err["loc"])
@@ -398,7 +479,10 @@ def issues_from_validation(
             if loc[:n] in config._lines:
                 line = config._lines[loc[:n]]
                 break
-        issues.append(ConfigIssue(config._source, _dotted(loc), line, _explain(dict(err))))
+        known = None
+        if model is not None and err.get("type") == "extra_forbidden":
+            known = _known_keys(model, tuple(err["loc"]))
+        issues.append(ConfigIssue(config._source, _dotted(loc), line, _explain(dict(err), known)))
     return ConfigError(issues)
 
 
@@ -412,7 +496,8 @@ def _check_references(config: Config, filename: str, lines: dict[tuple[Any, ...]
                 filename,
                 "relay.default",
                 lines.get(("relay", "default")),
-                f"unknown target {config.relay.default!r}; expected one of {sorted(names)}",
+                f"unknown target {config.relay.default!r}; expected one of {sorted(names)} "
+                "(targets are defined under relay.targets)",
             )
         )
     for domain, target in config.relay.routes.items():
@@ -422,7 +507,8 @@ def _check_references(config: Config, filename: str, lines: dict[tuple[Any, ...]
                     filename,
                     f"relay.routes.{domain}",
                     lines.get(("relay", "routes", domain)),
-                    f"unknown target {target!r}; expected one of {sorted(names)}",
+                    f"unknown target {target!r}; expected one of {sorted(names)} "
+                    "(targets are defined under relay.targets)",
                 )
             )
     if config.delivery.method == "lmtp" and config.delivery.lmtp is None:
