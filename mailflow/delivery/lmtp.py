@@ -107,16 +107,22 @@ class LMTPClient:
         # The extension keywords follow the first line (RFC 5321 4.1.1.1).
         self.extensions = {ln.split(" ")[0].upper() for ln in lines[1:] if ln}
 
-    async def deliver(self, sender: str, rcpts: list[str], message: bytes) -> dict[str, Outcome]:
-        """MAIL, RCPT each, DATA; then one final reply per accepted recipient."""
+    async def deliver(
+        self, sender: str, rcpts: list[str], message: bytes, out: dict[str, Outcome]
+    ) -> None:
+        """MAIL, RCPT each, DATA; then one final reply per accepted recipient.
+
+        Results go into ``out`` as they arrive, so the replies received before a
+        connection dies are kept (those recipients *were* delivered).
+        """
         mail_from = f"MAIL FROM:<{sender}>"
         if "8BITMIME" in self.extensions and not message.isascii():
             mail_from += " BODY=8BITMIME"  # RFC 6152
         reply = await self.command(mail_from)
         if reply.code != 250:
+            out.update(dict.fromkeys(rcpts, reply))
             await self.command("RSET")
-            return dict.fromkeys(rcpts, reply)
-        out: dict[str, Outcome] = {}
+            return
         accepted: list[str] = []
         for rcpt in rcpts:
             reply = await self.command(f"RCPT TO:<{rcpt}>")
@@ -126,17 +132,16 @@ class LMTPClient:
                 out[rcpt] = reply
         if not accepted:
             await self.command("RSET")
-            return out
+            return
         reply = await self.command("DATA")
         if reply.code != 354:
             out.update(dict.fromkeys(accepted, reply))
-            return out
+            return
         # One large write: the whole stuffed message and its terminator.
         self.writer.write(dot_stuff(message))
         await self.writer.drain()
         for rcpt in accepted:  # RFC 2033 4.2: replies in the order of the RCPTs
             out[rcpt] = await self.read_reply(timeout=DATA_TIMEOUT)
-        return out
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -172,7 +177,7 @@ class LMTPTransport:
         try:
             client = await LMTPClient.connect(target)
             await client.lhlo(self.name)
-            out = await client.deliver(entry.sender, addresses, message)
+            await client.deliver(entry.sender, addresses, message, out)
         except LMTPError as exc:
             fallback = exc.outcome
         except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError

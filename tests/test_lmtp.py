@@ -1,0 +1,183 @@
+"""LMTP delivery (RFC 2033) against a real aiosmtpd LMTP server, over TCP and a unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiosmtpd.lmtp import LMTP
+
+from mailflow.app import App
+from mailflow.delivery.lmtp import LMTPTransport, dot_stuff
+from mailflow.delivery.spool import QueueEntry, RecipientState
+from mailflow.testing import (
+    SinkBehaviour,
+    SinkHandler,
+    free_port,
+    make_message,
+    running_server,
+    send,
+    smtp_sink,
+)
+from mailflow.verdict import Route, RouteKind
+
+ROUTE = Route(RouteKind.LMTP)
+
+
+def lmtp_config(make_config, where: str):
+    return make_config(
+        f"""
+        local_domains: [example.com]
+        delivery:
+          method: lmtp
+          lmtp: {{{where}}}
+        """
+    )
+
+
+def entry_for(rcpts: list[str], sender: str = "alice@example.org") -> QueueEntry:
+    states = [RecipientState(r, ROUTE.as_dict()) for r in rcpts]
+    return QueueEntry("Q1", sender, states, created=0.0)
+
+
+async def deliver(config, rcpts: list[str], message: bytes) -> dict[str, tuple[int, str]]:
+    entry = entry_for(rcpts)
+    outcomes = await LMTPTransport(App(config))(entry, message, entry.recipients, ROUTE)
+    return {k: (v.code, v.text) for k, v in outcomes.items()}
+
+
+# --- dot-stuffing -------------------------------------------------------------------------------
+
+
+def test_dot_stuffing_doubles_leading_dots_and_terminates():
+    assert dot_stuff(b".a\r\nb\r\n..c\r\n") == b"..a\r\nb\r\n...c\r\n.\r\n"
+
+
+def test_dot_stuffing_fixes_bare_newlines_and_a_missing_final_crlf():
+    assert dot_stuff(b"a\nb") == b"a\r\nb\r\n.\r\n"
+    assert dot_stuff(b"a\r\n.") == b"a\r\n..\r\n.\r\n"
+
+
+# --- one reply per recipient --------------------------------------------------------------------
+
+
+async def test_each_recipient_gets_its_own_final_reply(make_config):
+    behaviour = SinkBehaviour(
+        lmtp_data_replies={
+            "full@example.com": "452 4.2.2 mailbox full",
+            "gone@example.com": "550 5.1.1 no such mailbox",
+        }
+    )
+    async with smtp_sink(behaviour, lmtp=True) as sink:
+        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {sink.port}")
+        rcpts = ["ok@example.com", "full@example.com", "gone@example.com", "ok2@example.com"]
+        msg = make_message(body=".dot line\r\nend\r\n")
+        outcomes = await deliver(config, rcpts, msg)
+    assert outcomes["ok@example.com"][0] == 250
+    assert outcomes["ok2@example.com"][0] == 250
+    assert outcomes["full@example.com"] == (452, "4.2.2 mailbox full")
+    assert outcomes["gone@example.com"] == (550, "5.1.1 no such mailbox")
+    [got] = sink.messages
+    assert got.rcpt_tos == ["ok@example.com", "ok2@example.com"]
+    assert got.data == msg  # dot-stuffing undone by the server: content intact
+
+
+async def test_rcpt_refusal_is_reported_and_the_rest_delivered(make_config):
+    behaviour = SinkBehaviour(rcpt_replies={"nobody@example.com": "550 5.1.1 unknown user"})
+    async with smtp_sink(behaviour, lmtp=True) as sink:
+        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {sink.port}")
+        outcomes = await deliver(
+            config, ["nobody@example.com", "ok@example.com"], b"X: y\r\n\r\nz\r\n"
+        )
+    assert outcomes["nobody@example.com"][0] == 550
+    assert outcomes["ok@example.com"][0] == 250
+    assert sink.messages[0].rcpt_tos == ["ok@example.com"]
+
+
+async def test_lmtp_server_down_is_a_temporary_failure(make_config):
+    config = lmtp_config(make_config, f"host: 127.0.0.1, port: {free_port()}")
+    outcomes = await deliver(config, ["ok@example.com"], make_message())
+    code, text = outcomes["ok@example.com"]
+    assert code == 451 and text.startswith("4.4.1")
+
+
+async def test_server_closing_after_data_leaves_recipients_to_retry(make_config):
+    """A server that dies before answering every recipient: nobody counts as delivered."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 fake LMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"LHLO"):
+                writer.write(b"250-fake\r\n250 PIPELINING\r\n")
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+                while (await reader.readline()) != b".\r\n":
+                    pass
+                writer.write(b"250 2.0.0 first ok\r\n")  # then vanish before the second
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {port}")
+        outcomes = await deliver(config, ["a@example.com", "b@example.com"], make_message())
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes["a@example.com"][0] == 250
+    assert outcomes["b@example.com"][0] == 451
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def unix_lmtp_sink() -> AsyncIterator[tuple[SinkHandler, Path]]:
+    handler = SinkHandler(SinkBehaviour())
+    loop = asyncio.get_running_loop()
+    with tempfile.TemporaryDirectory(prefix="mf-lmtp-") as tmp:
+        path = Path(tmp) / "lmtp.sock"  # short: unix socket paths are limited to ~108 bytes
+        server = await loop.create_unix_server(
+            lambda: LMTP(handler, hostname="store.test", loop=loop), str(path)
+        )
+        try:
+            yield handler, path
+        finally:
+            server.close()
+            await server.wait_closed()
+
+
+async def test_local_mail_goes_to_lmtp_over_a_unix_socket(make_config):
+    async with unix_lmtp_sink() as (handler, path):
+        config = lmtp_config(make_config, f"socket: {path}")
+        async with running_server(config) as srv:
+            msg = make_message(subject="via lmtp")
+            assert await send(srv.port, "alice@example.org", ["bob@example.com"], msg) == {}
+            await srv.wait_queue_empty()
+    [got] = handler.messages
+    assert got.rcpt_tos == ["bob@example.com"]
+    assert got.mail_from == "alice@example.org"
+    assert b"Subject: via lmtp" in got.data
+
+
+async def test_lmtp_permanent_failure_bounces_and_temporary_is_retried(make_config):
+    behaviour = SinkBehaviour(lmtp_data_replies={"gone@example.com": "550 5.1.1 no such mailbox"})
+    async with smtp_sink(behaviour, lmtp=True) as sink:
+        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {sink.port}")
+        async with running_server(config) as srv:
+            rcpts = ["ok@example.com", "gone@example.com"]
+            await send(srv.port, "carol@example.com", rcpts, make_message())
+            await sink.wait_messages(2)  # the message, then the bounce (also over LMTP)
+            await srv.wait_queue_empty()
+    original, bounce = sink.messages
+    assert original.rcpt_tos == ["ok@example.com"]
+    assert bounce.mail_from == "<>" and bounce.rcpt_tos == ["carol@example.com"]
+    assert b"Final-Recipient: rfc822; gone@example.com" in bounce.data
