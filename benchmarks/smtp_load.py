@@ -55,6 +55,7 @@ class Row:
     delivered: int | None = None
     e2e_rate: float | None = None  # delivered per second, from load start to empty queue
     drain_s: float | None = None  # seconds after the load until the queue was empty
+    cpu_ms: float | None = None  # server CPU per accepted message (all threads, to drained)
     errors: list[str] = field(default_factory=list)
 
 
@@ -72,6 +73,7 @@ def measure(
     target: Target, count: int, concurrency: int, factory: MessageFactory, drain_timeout: float
 ) -> Row:
     before = target.delivered()
+    cpu_before = target.cpu()
     started = time.perf_counter()
     result = asyncio.run(
         run_load("127.0.0.1", target.port, count, concurrency, factory.payload, target.addressing)
@@ -95,11 +97,18 @@ def measure(
             total = time.perf_counter() - started
             row.drain_s = round(drain, 2)
             row.e2e_rate = round(row.delivered / total, 1) if total > 0 else None
+    cpu_after = target.cpu()
+    if cpu_before is not None and cpu_after is not None and row.accepted:
+        row.cpu_ms = round((cpu_after - cpu_before) * 1000 / row.accepted, 2)
     return row
 
 
 def build_targets(
-    names: list[str], workdir: Path, plugins: list[dict[str, object]], profile: Path | None
+    names: list[str],
+    workdir: Path,
+    plugins: list[dict[str, object]],
+    profile: Path | None,
+    py_spy: Path | None = None,
 ) -> list[Target]:
     targets: list[Target] = []
     for name in names:
@@ -116,8 +125,10 @@ def build_targets(
         sink = Sink(workdir / name.replace("+", "-")) if mode == "relay" else None
         if sink is not None:
             sink.workdir.mkdir(parents=True, exist_ok=True)
-        prof = profile / f"{name.replace('+', '-')}.prof" if profile else None
-        targets.append(MailflowTarget(workdir, mode, chain, sink, prof))
+        slug = name.replace("+", "-")
+        prof = profile / f"{slug}.prof" if profile else None
+        spy = py_spy / f"{slug}.txt" if py_spy else None
+        targets.append(MailflowTarget(workdir, mode, chain, sink, prof, spy))
     return targets
 
 
@@ -158,7 +169,7 @@ def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
         print(f"\nK={k} connections, N={n} messages", file=out)
         header = (
             f"{'server':<24} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
-            f"{'failed':>6} {'delivered':>9} {'e2e/s':>7}"
+            f"{'failed':>6} {'delivered':>9} {'e2e/s':>7} {'cpu ms/msg':>10}"
         )
         print(header, file=out)
         print("-" * len(header), file=out)
@@ -168,9 +179,10 @@ def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
             e2e = "-" if r.e2e_rate is None else f"{r.e2e_rate:.0f}"
             if r.delivered is not None and r.drain_s is None:
                 e2e = "timeout"
+            cpu = "-" if r.cpu_ms is None else f"{r.cpu_ms:.2f}"
             print(
                 f"{r.server:<24} {r.rate:>8.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {ratio:>6} "
-                f"{r.failed:>6} {delivered:>9} {e2e:>7}",
+                f"{r.failed:>6} {delivered:>9} {e2e:>7} {cpu:>10}",
                 file=out,
             )
             for err in r.errors[:2]:
@@ -201,6 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT)
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument("--profile", type=Path, help="run mailflow under cProfile; stats go here")
+    p.add_argument("--py-spy", type=Path, help="sample mailflow with py-spy; stacks go here")
     p.add_argument("--workdir", type=Path, help="keep servers' files here (default: temp)")
     return p.parse_args(argv)
 
@@ -211,10 +224,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plugins = select_plugins(args.plugins)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailflow-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for out in (args.profile, args.py_spy):
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
-    targets = build_targets(names, workdir, plugins, args.profile)
+    targets = build_targets(names, workdir, plugins, args.profile, args.py_spy)
     factory = MessageFactory(args.size, run=f"b{os.getpid()}")
     rows: list[Row] = []
     extra: dict[str, Any] = {}
@@ -271,6 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         for path in sorted(args.profile.glob("*.prof")):
             print_profile(path)
+    if args.py_spy:
+        from benchmarks.stacks import summarise
+
+        for path in sorted(args.py_spy.glob("*.txt")):
+            print(summarise(path))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -88,11 +87,26 @@ class Process:
         return self.proc.returncode
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all threads (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    # Fields 14 and 15 of proc(5) (utime, stime); index 11/12 after the ")" split.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Target:
     """A server under test: started once, loaded several times, then stopped."""
 
     name = "target"
     port = 0
+    process: Process | None = None
+
+    def cpu(self) -> float | None:
+        """CPU seconds the server process has used so far."""
+        return cpu_seconds(self.process.proc.pid) if self.process is not None else None
 
     def start(self) -> None:
         raise NotImplementedError
@@ -194,6 +208,7 @@ class MailflowTarget(Target):
         plugins: list[dict[str, object]] | None = None,
         sink: Sink | None = None,
         profile: Path | None = None,
+        py_spy: Path | None = None,
     ) -> None:
         if mode not in ("maildir", "relay"):
             raise ValueError(f"unknown mailflow mode {mode!r}")
@@ -203,6 +218,8 @@ class MailflowTarget(Target):
         self.plugins = plugins or []
         self.sink = sink
         self.profile = profile
+        self.py_spy = py_spy
+        self.spy: Process | None = None
         suffix = "+plugins" if self.plugins else ""
         self.name = f"mailflow {mode}{suffix}"
         self.dir = workdir / f"mailflow-{mode}{'-plugins' if self.plugins else ''}"
@@ -253,10 +270,22 @@ class MailflowTarget(Target):
         self.process = Process(argv, self.dir / "serve.log", cwd=self.dir)
         match = self.process.wait_for(r"listening on [^\s]+:(\d+) \(SMTP\)")
         self.port = int(match.group(1))
+        if self.py_spy is not None:
+            # Sampling ends when serve exits; py-spy then writes collapsed stacks.
+            argv = ["py-spy", "record", "--pid", str(self.process.proc.pid), "--format", "raw"]
+            argv += ["--rate", "200", "--output", str(self.py_spy)]
+            argv += os.environ.get("BENCH_PY_SPY_FLAGS", "").split()
+            self.spy = Process(argv, self.dir / "py-spy.log")
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+        if self.spy is not None:
+            try:
+                self.spy.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.spy.proc.send_signal(signal.SIGINT)
+            self.spy.stop()
         if self.sink is not None:
             self.sink_received = self.sink.stop()
 
@@ -281,11 +310,3 @@ class MailflowTarget(Target):
 
     def output(self) -> str:
         return self.process.output() if self.process is not None else ""
-
-
-def sink_available_note() -> str:
-    return "postfix smtp-sink" if smtp_sink_usable() else "aiosmtpd discard server"
-
-
-def which_mailflow() -> str | None:
-    return shutil.which("mailflow")
