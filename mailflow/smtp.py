@@ -186,6 +186,17 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             self._timeout_handle.cancel()
         return await super()._call_handler_hook(command, *args)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser, minus its crashes on some malformed input.
+
+        The stdlib header parser it uses raises AttributeError (not HeaderParseError)
+        for e.g. ``<a@[bad``; that is a malformed address (553 5.1.3), not a local error.
+        """
+        try:
+            return super()._getaddr(arg)  # type: ignore[no-any-return]
+        except Exception:
+            return None, None
+
     # --- AUTH -------------------------------------------------------------------------------
 
     async def smtp_AUTH(self, arg: str) -> None:
@@ -274,7 +285,9 @@ class Handler:
         if reply is not None:
             return [reply]
         session.host_name = hostname
-        return responses
+        # RFC 2920: aiosmtpd reads commands one line at a time from its buffer and
+        # answers in order, so batched commands are safe to accept (and to advertise).
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def _helo(self, server: SMTP, session: Session, hostname: str) -> str | None:
         conn = self.conn(session)
@@ -299,7 +312,7 @@ class Handler:
         conn = self.conn(session)
         conn.tls = session.ssl is not None
         # aiosmtpd spells the null sender (RFC 5321 4.5.5) "<>" and needs it truthy.
-        if address and address != "<>" and not _ADDRESS_OK.match(address):
+        if address and address != "<>" and not _address_ok(address):
             return str(R_BAD_ADDRESS)
         tx = _tx(envelope)
         result, runs = await self.app.pipeline.run_stage(
@@ -329,7 +342,7 @@ class Handler:
         config = self.app.config
         if envelope.mail_from is None:
             return str(R_SENDER_NEEDED)
-        if not _ADDRESS_OK.match(address):
+        if not _address_ok(address):
             return str(R_BAD_ADDRESS)
         if len(envelope.rcpt_tos) >= config.server.max_recipients:
             return str(R_TOO_MANY_RCPTS)
@@ -465,6 +478,16 @@ class Handler:
             value += f" for <{_sanitize(rcpt)}>"
         value += "; " + email.utils.formatdate(localtime=True)
         return format_header("Received", value)
+
+
+def _address_ok(address: str) -> bool:
+    """Plausible mailbox syntax, and valid UTF-8 (RFC 6531 3.3): aiosmtpd hands us
+    undecodable bytes as surrogate escapes, which must not reach paths or the spool."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return _ADDRESS_OK.match(address) is not None
 
 
 def _sanitize(text: str) -> str:

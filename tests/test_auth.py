@@ -9,13 +9,13 @@ import aiosmtplib
 import pytest
 from argon2 import PasswordHasher
 from click.testing import CliRunner
-from smtp_support import Recorder, client_context, self_signed_cert
 
 from mailflow.auth import UsersFileAuthenticator, UsersFileError, parse_users
 from mailflow.cli import main
 from mailflow.config import ConfigError
 from mailflow.smtp import MailflowSMTP
 from mailflow.testing import SMTPDialog, make_message, running_server
+from tests.smtp_support import Recorder, client_context, self_signed_cert
 
 HASH = PasswordHasher().hash("s3cret")
 

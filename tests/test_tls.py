@@ -6,9 +6,9 @@ import ssl
 
 import aiosmtplib
 import pytest
-from smtp_support import Recorder, client_context, self_signed_cert
 
 from mailflow.testing import SMTPDialog, make_message, running_server, send
+from tests.smtp_support import Recorder, client_context, self_signed_cert
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,18 @@ async def test_untrusted_client_context_fails_cleanly(make_config, tls_files, tm
             with pytest.raises((aiosmtplib.SMTPException, ssl.SSLError, ConnectionError)):
                 await client.starttls()
         assert await send(srv.port, "a@example.org", ["bob@example.com"], make_message()) == {}
+
+
+async def test_commands_injected_before_the_handshake_are_discarded(make_config, tls_files):
+    # RFC 3207 4.2 / CVE-2011-0411: plaintext sent after STARTTLS must not be run
+    # as if it had arrived over TLS.
+    async with running_server(make_config(tls_yaml(tls_files))) as srv:
+        dialog, _ = await SMTPDialog.open(srv.port)
+        await dialog.command("EHLO client.test")
+        await dialog.write_raw(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+        assert (await dialog.read_reply()).startswith("220")
+        await dialog.writer.start_tls(client_context(tls_files[0]))
+        assert (await dialog.command("EHLO client.test")).startswith("250")
+        # Had the injected MAIL run, this would be "503 nested MAIL".
+        assert (await dialog.command("MAIL FROM:<a@example.org>")).startswith("250")
+        await dialog.close()
