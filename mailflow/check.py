@@ -9,6 +9,7 @@ from mailflow.app import App
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
+from mailflow.smtp import R_NO_ROUTE, R_RELAY_DENIED
 from mailflow.verdict import Action, SMTPReply
 
 
@@ -67,17 +68,20 @@ async def check_message(
             ctx.decided_by = runs[-1].plugin
             return ctx
     for rcpt in recipients:
+        denied = relay_refusal(app, conn, rcpt)
+        if denied is not None:
+            _refuse(ctx, rcpt, Action.REJECT, denied, denied.text)
+            continue
         result, runs = await pipeline.run_stage(
             "rcpt", connection=conn, sender=sender, recipient=rcpt, options=[]
         )
         for run in runs:
             ctx.record(run)
         if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
-            # The recipient is refused at RCPT; with none left the transaction fails.
-            ctx.extra.setdefault("refused_recipients", {})[rcpt] = str(result.smtp_reply())
-            if result.action is not Action.DISCARD:
-                ctx.action, ctx.reply = result.action, result.smtp_reply()
-                ctx.reason = result.reason
+            # Like the SMTP front end: a discard at RCPT can only be a refusal.
+            reply = result.smtp_reply() or SMTPReply(550, "Recipient rejected", "5.7.1")
+            action = Action.REJECT if result.action is Action.DISCARD else result.action
+            _refuse(ctx, rcpt, action, reply, result.reason)
             continue
         ctx.envelope.rcpt_tos.append(rcpt)
         for run in runs:
@@ -96,6 +100,29 @@ async def check_message(
     ctx.reason = ""
     await pipeline.run_data(ctx)
     return ctx
+
+
+def relay_refusal(app: App, conn: Connection, rcpt: str) -> SMTPReply | None:
+    """The SMTP front end's relay control for one recipient (None: allowed).
+
+    Non-local recipients are only for trusted clients (``relay_networks`` or AUTH),
+    and only when a relay route exists for their domain.
+    """
+    config = app.config
+    domain = rcpt.rpartition("@")[2]
+    if config.is_local_domain(domain) or rcpt.lower() == "postmaster":
+        return None
+    if not conn.trusted:
+        return R_RELAY_DENIED
+    if config.relay.routes.get(domain.lower(), config.relay.default) == "none":
+        return R_NO_ROUTE
+    return None
+
+
+def _refuse(ctx: MessageContext, rcpt: str, action: Action, reply: SMTPReply, reason: str) -> None:
+    """Record a recipient refused at RCPT; with none left, this becomes the answer."""
+    ctx.extra.setdefault("refused_recipients", {})[rcpt] = str(reply)
+    ctx.action, ctx.reply, ctx.reason = action, reply, reason
 
 
 def report(ctx: MessageContext) -> dict[str, Any]:

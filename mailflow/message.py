@@ -212,14 +212,27 @@ class MessageContext:
         return None
 
     def plugin_report(self) -> dict[str, Any]:
-        """``{plugin: details}`` merged across stages, for JSON output and logs."""
+        """``{plugin: details}`` merged across stages, for JSON output and logs.
+
+        The top level holds the latest run's fields over the earlier ones' details and
+        the total ``time_ms``; ``stages`` lists every run (stage, action, time, reason,
+        error) so that e.g. a recipient refused at RCPT is not mistaken for a verdict
+        on the whole message.
+        """
         report: dict[str, Any] = {}
         for run in self.runs:
             entry = run.as_dict()
+            step = {
+                k: entry[k] for k in ("stage", "action", "time_ms", "reason", "error") if k in entry
+            }
             if run.plugin in report:
                 prev = report[run.plugin]
                 entry["time_ms"] = round(prev["time_ms"] + entry["time_ms"], 3)
-                entry = {**prev, **entry}
+                prev.pop("reason", None)  # a reason belongs to its own stage, kept in stages
+                prev.pop("error", None)
+                entry = {**prev, **entry, "stages": [*prev["stages"], step]}
+            else:
+                entry["stages"] = [step]
             report[run.plugin] = entry
         return report
 
