@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ssl
 from collections.abc import Callable
@@ -304,3 +305,78 @@ async def srv_send(srv, rcpts: list[str], message: bytes) -> dict[str, tuple[int
     from mailflow.testing import send
 
     return await send(srv.port, SENDER, rcpts, message)
+
+
+# --- direct MX delivery, against a real DNS server on loopback ---------------------------------
+
+
+@contextlib.asynccontextmanager
+async def mx_setup(make_config, zone: dict, servfail: tuple[str, ...] = ()):
+    """A loopback DNS server with ``zone``, a sink as every MX, and mailflow with
+    relay.default: mx pointed at both."""
+    from mailflow.testing_dns import dns_server
+
+    async with dns_server(zone) as dns, smtp_sink() as sink:
+        dns.servfail_names.update(servfail)
+        config = make_config(
+            f"""
+            local_domains: [example.org]
+            relay_networks: ["127.0.0.0/8"]
+            relay: {{default: mx, mx_port: {sink.port}, mx_tls: none, mx_timeout: 5}}
+            {dns.config_yaml(timeout=1.0)}
+            """
+        )
+        async with running_server(config) as srv:
+            yield dns, sink, srv
+
+
+async def test_mx_delivery_uses_the_domains_mx_host(make_config):
+    zone = {
+        "remote.test": [("MX", "10 mx.remote.test.")],
+        "mx.remote.test": [("A", "127.0.0.1")],
+    }
+    async with mx_setup(make_config, zone) as (dns, sink, srv):
+        await srv_send(srv, ["bob@remote.test"], make_message(subject="by mx"))
+        [got] = await sink.wait_messages(1)
+        await srv.wait_queue_empty()
+    assert got.rcpt_tos == ["bob@remote.test"]
+    assert b"Subject: by mx" in got.data
+    assert dns.queried("remote.test", "MX") >= 1
+
+
+async def test_mx_hosts_are_tried_in_preference_order(make_config):
+    # The preferred MX resolves to an address where nothing listens (refused), so the
+    # backup at preference 20 must take the message.
+    zone = {
+        "remote.test": [("MX", "20 backup.remote.test."), ("MX", "10 dead.remote.test.")],
+        "dead.remote.test": [("A", "127.0.0.2")],
+        "backup.remote.test": [("A", "127.0.0.1")],
+    }
+    async with mx_setup(make_config, zone) as (dns, sink, srv):
+        await srv_send(srv, ["bob@remote.test"], make_message())
+        await sink.wait_messages(1)
+        await srv.wait_queue_empty()
+    assert dns.queried("dead.remote.test", "A") >= 1
+    assert dns.queried("backup.remote.test", "A") >= 1
+    assert len(sink.messages) == 1
+
+
+async def test_null_mx_bounces_with_5_1_10(make_config):
+    async with mx_setup(make_config, {"remote.test": [("MX", "0 .")]}) as (_, sink, srv):
+        await srv_send(srv, ["bob@remote.test"], make_message())
+        [bounce] = await srv.wait_delivered(SENDER)
+        await srv.wait_queue_empty()
+    assert sink.messages == []
+    assert b"Status: 5.1.10" in bounce
+    assert b"null MX" in bounce
+
+
+async def test_dns_failure_defers_the_message(make_config):
+    zone = {"remote.test": [("MX", "10 mx.remote.test.")]}
+    async with mx_setup(make_config, zone, servfail=("remote.test",)) as (_, sink, srv):
+        await srv_send(srv, ["bob@remote.test"], make_message())
+        await wait_for(lambda: (e := first_entry(srv.app.spool)) and e.recipients[0].attempts)
+        [r] = first_entry(srv.app.spool).recipients
+    assert r.status == "pending"
+    assert r.last_reply.startswith("451 4.4.3")
+    assert sink.messages == []
