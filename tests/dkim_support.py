@@ -46,7 +46,7 @@ _VERIFY_WRAPPER = textwrap.dedent("""\
 
 
 @dataclass
-class TestKey:
+class KeyFixture:
     domain: str
     selector: str
     algorithm: str  # rsa-sha256 | ed25519-sha256
@@ -67,25 +67,27 @@ class TestKey:
         )
 
 
-def mailflow_key(tmp_path: Path, domain: str, selector: str, kind: str) -> TestKey:
+def mailflow_key(tmp_path: Path, domain: str, selector: str, kind: str) -> KeyFixture:
     """A key made by mailflow's own generator."""
     pair = dkim_keys.generate("ed25519" if kind == "ed25519" else "rsa", 2048)
     path = tmp_path / f"{selector}.{domain}.{kind}.key"
     dkim_keys.write_private(path, pair.private)
     algorithm = "ed25519-sha256" if kind == "ed25519" else "rsa-sha256"
-    return TestKey(
+    return KeyFixture(
         domain, selector, algorithm, path, dkim_keys.txt_record(pair.type, pair.public_b64)
     )
 
 
-def foreign_key(tmp_path: Path, domain: str, selector: str, kind: str) -> TestKey:
+def foreign_key(tmp_path: Path, domain: str, selector: str, kind: str) -> KeyFixture:
     """A key made without mailflow's code (PKCS#8 PEM for RSA, raw seed for ed25519)."""
     path = tmp_path / f"foreign.{selector}.{domain}.key"
     if kind == "ed25519":
         signing = nacl.signing.SigningKey.generate()
         path.write_bytes(base64.b64encode(bytes(signing)))
         public = base64.b64encode(bytes(signing.verify_key)).decode()
-        return TestKey(domain, selector, "ed25519-sha256", path, f"v=DKIM1; k=ed25519; p={public}")
+        return KeyFixture(
+            domain, selector, "ed25519-sha256", path, f"v=DKIM1; k=ed25519; p={public}"
+        )
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path.write_bytes(
         key.private_bytes(
@@ -97,7 +99,7 @@ def foreign_key(tmp_path: Path, domain: str, selector: str, kind: str) -> TestKe
     der = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return TestKey(
+    return KeyFixture(
         domain, selector, "rsa-sha256", path, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
     )
 
@@ -135,7 +137,7 @@ def _dkimsign_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "dkim.dkimsign"]
 
 
-async def run_dkimsign(message: bytes, key: TestKey) -> bytes:
+async def run_dkimsign(message: bytes, key: KeyFixture) -> bytes:
     """Sign with dkimpy's ``dkimsign`` command; returns the signed message."""
     argv = [*_dkimsign_command(), "--signalg", key.algorithm, key.selector, key.domain]
     code, out, err = await _run([*argv, str(key.path)], message)

@@ -12,7 +12,6 @@ import stat
 
 import pytest
 from click.testing import CliRunner
-from dkim_support import mailflow_key, run_dkimverify
 from mailflow_plugins.dkim_keys import DKIMKeyError
 
 from mailflow.app import App
@@ -23,6 +22,7 @@ from mailflow.hookspecs import hookimpl
 from mailflow.testing import make_message, running_server, send
 from mailflow.testing_dns import dns_server
 from mailflow.verdict import AddHeader, ReplaceBody, Result
+from tests.dkim_support import mailflow_key, run_dkimverify
 
 
 def sign_config(make_config, keys, extra: str = "", plugins_before: str = ""):

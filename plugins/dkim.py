@@ -1,0 +1,215 @@
+"""DKIM verification (RFC 6376 6, RFC 8463), plugin name ``dkim``.
+
+Every ``DKIM-Signature`` field (up to ``max_signatures``, topmost first) is
+verified with dkimpy and reported on its own: domain, selector, algorithm and
+result, in the RFC 8601 2.7.1 vocabulary:
+
+* ``pass``: the signature verified;
+* ``fail``: it did not (changed body or headers, wrong key);
+* ``permerror``: it cannot ever verify: broken tags, unknown algorithm, From not
+  signed, no key record (6.1.2), malformed or revoked key;
+* ``temperror``: the key lookup failed for now (timeout, SERVFAIL);
+* ``policy``: not verified because the message carries more signatures than the
+  configured limit (bounded work per message).
+
+The message result is ``pass`` if any signature passes, else the most telling of
+``temperror``, ``fail``, ``permerror``, ``policy``; ``none`` without signatures.
+DMARC (RFC 7489) decides what a failure means, so by default this plugin only
+reports; ``fail_score`` / ``fail_action`` let an admin act on a failure anyway.
+The Authentication-Results header is built by the ``authres`` plugin from
+``details``; this plugin adds no header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import dkim
+from dkim.util import InvalidTagValueList, parse_tag_value
+from mailflow_plugins.dkim_dns import KeyTable, check_key_record, fetch_keys, key_name
+from pydantic import BaseModel, ConfigDict, Field
+
+from mailflow.hookspecs import hookimpl
+from mailflow.verdict import Action, Result, Symbol
+
+# Order in which per-signature results summarise the message (first found wins).
+_PRECEDENCE = ("pass", "temperror", "fail", "permerror", "neutral", "policy")
+REASON_LIMIT = 160  # characters: reasons end up in headers and logs
+HEADER_B_LENGTH = 8  # RFC 6008 2: a prefix of b= that tells signatures apart
+
+
+class Settings(BaseModel):
+    """``plugins: [{name: dkim, settings: {...}}]``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_signatures: int = Field(5, ge=1, le=50)  # verified per message; the rest: policy
+    min_key_bits: int = Field(1024, ge=1024)  # RFC 8301 3.2: shorter RSA keys never pass
+    fail_score: float = 0.0  # added when the message result is fail or permerror
+    fail_action: Literal["continue", "quarantine", "reject"] = "continue"
+    temperror_action: Literal["continue", "tempfail"] = "continue"
+
+
+@dataclass(slots=True)
+class SignatureCheck:
+    """One DKIM-Signature field and what became of it."""
+
+    index: int
+    tags: dict[bytes, bytes]
+    name: str | None = None  # key record name
+    result: str = ""
+    reason: str = ""
+
+    def tag(self, key: bytes) -> str:
+        return self.tags.get(key, b"").decode("ascii", "replace")
+
+    def as_dict(self) -> dict[str, Any]:
+        domain = self.tag(b"d").lower()
+        b_value = re.sub(r"\s+", "", self.tag(b"b"))
+        return {
+            "domain": domain,
+            "selector": self.tag(b"s"),
+            "algorithm": self.tag(b"a"),
+            "result": self.result,
+            "reason": self.reason,
+            "header_d": domain,
+            "header_b": b_value[:HEADER_B_LENGTH],
+            "identity": self.tag(b"i") or (f"@{domain}" if domain else ""),
+        }
+
+
+def _short(text: str) -> str:
+    """One line, bounded, without dkimpy's ``b'...'`` byte-string reprs."""
+    text = " ".join(re.sub(r"""b'([^']*)'""", r"\1", text).split())
+    return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
+
+
+def parse_signatures(raw: bytes, limit: int) -> tuple[Any, list[SignatureCheck]]:
+    """Parse the message once with dkimpy and pre-check each signature's tags.
+
+    Returns the dkimpy verifier object (None if the header is unparsable) and one
+    entry per signature; entries that already have a result need no key.
+    """
+    try:
+        verifier = dkim.DKIM(raw)
+    except Exception as exc:  # dkimpy's parser raises assorted errors on garbage
+        return None, [SignatureCheck(0, {}, result="permerror", reason=_short(str(exc)))]
+    fields = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
+    checks = []
+    for index, value in enumerate(fields):
+        check = SignatureCheck(index, {})
+        checks.append(check)
+        try:
+            check.tags = parse_tag_value(value)
+        except InvalidTagValueList as exc:
+            check.result, check.reason = "permerror", f"malformed tag list: {_short(str(exc))}"
+            continue
+        if index >= limit:
+            check.result, check.reason = "policy", f"not verified: more than {limit} signatures"
+            continue
+        try:
+            dkim.validate_signature_fields(check.tags)
+        except dkim.DKIMException as exc:
+            check.result, check.reason = "permerror", _short(str(exc))
+            continue
+        signed = [h.strip().lower() for h in check.tags[b"h"].split(b":")]
+        if b"from" not in signed:  # RFC 6376 6.1.1
+            check.result, check.reason = "permerror", "From field not signed"
+            continue
+        check.name = key_name(check.tags[b"s"], check.tags[b"d"])
+        if check.name is None:
+            check.result, check.reason = "permerror", "invalid d= or s= domain name"
+    return verifier, checks
+
+
+def verify_signatures(
+    verifier: Any, checks: list[SignatureCheck], keys: KeyTable, min_key_bits: int
+) -> None:
+    """Verify the signatures still pending, in place (CPU work: run in a thread)."""
+    verifier.minkey = min_key_bits
+    for check in checks:
+        if check.result:
+            continue
+        assert check.name is not None
+        problem = check_key_record(check.name, keys)
+        if problem is not None:
+            check.result, check.reason = problem[0], _short(problem[1])
+            continue
+        try:
+            ok = verifier.verify(check.index, dnsfunc=keys.dnsfunc)
+        except dkim.ValidationError as exc:
+            text = str(exc)
+            if text.startswith("body hash mismatch"):
+                check.result, check.reason = "fail", "body hash did not verify"
+            else:
+                check.result, check.reason = "permerror", _short(text)
+            continue
+        except Exception as exc:  # hostile input reaches dkimpy's internals
+            check.result = "permerror"
+            check.reason = _short(str(exc) or exc.__class__.__name__)
+            continue
+        if ok:
+            check.result, check.reason = "pass", ""
+        else:
+            check.result, check.reason = "fail", "signature did not verify"
+
+
+def summarise(checks: list[SignatureCheck]) -> str:
+    found = {c.result for c in checks}
+    return next((r for r in _PRECEDENCE if r in found), "none")
+
+
+class DKIMVerify:
+    """The ``dkim`` plugin: see the module docstring."""
+
+    Settings = Settings
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.resolver: Any = None
+
+    @hookimpl
+    def mailflow_startup(self, app: Any) -> None:
+        self.resolver = app.resolver
+
+    async def evaluate(self, raw: bytes) -> dict[str, Any]:
+        """The ``details`` for one message (public: the ARC and DMARC tests use it)."""
+        verifier, checks = await asyncio.to_thread(
+            parse_signatures, raw, self.settings.max_signatures
+        )
+        if verifier is not None:
+            names = {c.name for c in checks if not c.result and c.name}
+            keys = await fetch_keys(self.resolver, names) if names else KeyTable()
+            await asyncio.to_thread(
+                verify_signatures, verifier, checks, keys, self.settings.min_key_bits
+            )
+        elif b"dkim-signature" not in raw.split(b"\r\n\r\n", 1)[0].lower():
+            checks = []  # unparsable, but nothing claimed a signature either
+        result = summarise(checks)
+        details: dict[str, Any] = {
+            "result": result,
+            "signatures": [c.as_dict() for c in checks],
+        }
+        if verifier is None and checks:
+            details["reason"] = f"message header unparsable: {checks[0].reason}"
+        return details
+
+    @hookimpl
+    async def mailflow_data(self, message: Any) -> Result:
+        details = await self.evaluate(message.raw)
+        result = details["result"]
+        symbol = Symbol(f"DKIM_{result.upper()}")
+        out = Result(symbols=[symbol], details=details)
+        s = self.settings
+        if result in ("fail", "permerror"):
+            symbol.score = out.score = s.fail_score
+            if s.fail_action != "continue":
+                out.action = Action(s.fail_action)
+                out.reason = f"DKIM {result}"
+        elif result == "temperror" and s.temperror_action == "tempfail":
+            out = Result.tempfail("DKIM key lookup failed, try again later")
+            out.symbols, out.details = [symbol], details
+        return out

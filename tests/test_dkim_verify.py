@@ -1,0 +1,294 @@
+"""DKIM verification (plugin ``dkim``) against keys served by a real DNS server.
+
+Signatures come from dkimpy's ``dkimsign`` command (an outside signer) or from
+``dkim.sign`` in the test; the keys are fetched by mailflow over UDP from the
+loopback DNS server, never from the system resolver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import aiosmtplib
+import dkim
+import pytest
+
+from mailflow.app import App
+from mailflow.check import check_message, report
+from mailflow.hookspecs import hookimpl
+from mailflow.testing import make_message, running_server, send
+from mailflow.testing_dns import dns_server
+from tests.dkim_support import KeyFixture, foreign_key, run_dkimsign
+
+DOMAIN = "signer.test"
+
+
+@pytest.fixture
+def rsa_key(tmp_path) -> KeyFixture:
+    return foreign_key(tmp_path, DOMAIN, "rsa1", "rsa")
+
+
+@pytest.fixture
+def ed_key(tmp_path) -> KeyFixture:
+    return foreign_key(tmp_path, DOMAIN, "ed1", "ed25519")
+
+
+def sign(raw: bytes, key: KeyFixture, **kwargs) -> bytes:
+    """Sign in-process with dkimpy (for cases the CLI cannot produce)."""
+    header = dkim.sign(
+        raw,
+        key.selector.encode(),
+        key.domain.encode(),
+        key.path.read_bytes(),
+        signature_algorithm=key.algorithm.encode(),
+        **kwargs,
+    )
+    return header + raw
+
+
+def message(**kwargs) -> bytes:
+    return make_message(sender=f"alice@{DOMAIN}", **kwargs)
+
+
+async def dkim_report(make_config, dns, raw: bytes, settings: str = "{}", **kwargs) -> dict:
+    config = make_config(dns.config_yaml() + f"plugins: [{{name: dkim, settings: {settings}}}]\n")
+    app = App(config)
+    await app.startup()
+    try:
+        ctx = await check_message(app, raw, **kwargs)
+    finally:
+        await app.shutdown()
+    return report(ctx)
+
+
+def results(rep: dict) -> list[tuple[str, str]]:
+    return [(s["selector"], s["result"]) for s in rep["plugins"]["dkim"]["signatures"]]
+
+
+@pytest.mark.parametrize("which", ["rsa", "ed25519"])
+async def test_signature_from_dkimsign_command_passes(make_config, rsa_key, ed_key, which):
+    key = rsa_key if which == "rsa" else ed_key
+    raw = await run_dkimsign(message(), key)
+    async with dns_server(key.zone()) as dns:
+        rep = await dkim_report(make_config, dns, raw)
+        assert dns.queried(key.name, "TXT") == 1
+    entry = rep["plugins"]["dkim"]
+    assert entry["result"] == "pass"
+    [sig] = entry["signatures"]
+    assert sig["domain"] == DOMAIN
+    assert sig["selector"] == key.selector
+    assert sig["algorithm"] == key.algorithm
+    assert sig["result"] == "pass"
+    assert sig["identity"] == f"@{DOMAIN}"
+    assert rep["plugins"]["dkim"]["symbols"][0]["name"] == "DKIM_PASS"
+    assert rep["action"] == "accept"
+
+
+@pytest.mark.slow  # the CLI process imports every installed plugin (about 5 s)
+async def test_check_json_command_reports_each_signature(tmp_path, rsa_key, ed_key):
+    """``mailflow check --json`` (the real CLI, in a subprocess) with two signatures."""
+    raw = await run_dkimsign(await run_dkimsign(message(), rsa_key), ed_key)
+    raw = raw.replace(b"this is a test", b"this is a TEST")  # both body hashes break
+    raw = await run_dkimsign(raw, ed_key)  # a third, good one on the changed body
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(raw)
+    async with dns_server({**rsa_key.zone(), **ed_key.zone()}) as dns:
+        cfg = tmp_path / "mailflow.yaml"
+        cfg.write_text(dns.config_yaml() + "plugins: [{name: dkim}]\n")
+        mailflow = shutil.which("mailflow")
+        assert mailflow, "the mailflow console script is not installed"
+        proc = await asyncio.create_subprocess_exec(
+            mailflow,
+            "check",
+            "--json",
+            "-c",
+            str(cfg),
+            str(eml),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    entry = json.loads(out)["plugins"]["dkim"]
+    assert entry["result"] == "pass"
+    assert [(s["selector"], s["algorithm"], s["result"]) for s in entry["signatures"]] == [
+        ("ed1", "ed25519-sha256", "pass"),
+        ("ed1", "ed25519-sha256", "fail"),
+        ("rsa1", "rsa-sha256", "fail"),
+    ]
+    assert entry["signatures"][1]["reason"] == "body hash did not verify"
+
+
+async def test_absent_signature_is_none(make_config):
+    async with dns_server({}) as dns:
+        rep = await dkim_report(make_config, dns, message())
+        assert dns.queries == []
+    assert rep["plugins"]["dkim"]["result"] == "none"
+    assert rep["plugins"]["dkim"]["signatures"] == []
+
+
+async def test_tampered_body_and_header_fail(make_config, rsa_key):
+    signed = sign(message(subject="original"), rsa_key)
+    async with dns_server(rsa_key.zone()) as dns:
+        body = await dkim_report(make_config, dns, signed.replace(b"Hello,", b"Hullo,"))
+        head = await dkim_report(make_config, dns, signed.replace(b"original", b"changed!"))
+    assert body["plugins"]["dkim"]["result"] == "fail"
+    assert body["plugins"]["dkim"]["signatures"][0]["reason"] == "body hash did not verify"
+    assert head["plugins"]["dkim"]["result"] == "fail"
+    assert head["plugins"]["dkim"]["signatures"][0]["reason"] == "signature did not verify"
+    assert head["action"] == "accept"  # DMARC, not DKIM, decides by default
+
+
+async def test_added_second_from_header_fails(make_config, rsa_key):
+    signed = sign(message(), rsa_key)
+    doubled = signed.replace(b"\r\n\r\n", b"\r\nFrom: mallory@evil.test\r\n\r\n", 1)
+    async with dns_server(rsa_key.zone()) as dns:
+        rep = await dkim_report(make_config, dns, doubled)
+    assert results(rep) == [("rsa1", "fail")]
+
+
+@pytest.mark.parametrize(
+    ("records", "reason"),
+    [
+        ({}, "no key for signature (rsa1._domainkey.signer.test)"),
+        ({"rsa1._domainkey.signer.test": [("TXT", "v=DKIM1; k=rsa; p=")]}, "key revoked"),
+        (
+            {"rsa1._domainkey.signer.test": [("TXT", "v=DKIM1; k=rsa; p=bm90IGEga2V5")]},
+            "key record unusable",
+        ),
+        ({"rsa1._domainkey.signer.test": [("TXT", "hello world")]}, "key record unusable"),
+        (
+            {"rsa1._domainkey.signer.test": [("TXT", "v=DKIM1; k=dsa; p=AAAA")]},
+            "key record unusable",
+        ),
+        ({"rsa1._domainkey.signer.test": [("A", "127.0.0.1")]}, "no key for signature"),
+    ],
+    ids=["nxdomain", "revoked", "bad-base64-key", "not-a-key", "unknown-k", "nodata"],
+)
+async def test_missing_or_malformed_key_is_permerror(make_config, rsa_key, records, reason):
+    signed = sign(message(), rsa_key)
+    async with dns_server(records) as dns:
+        rep = await dkim_report(make_config, dns, signed)
+    [sig] = rep["plugins"]["dkim"]["signatures"]
+    assert sig["result"] == "permerror"
+    assert sig["reason"].startswith(reason)
+    assert rep["plugins"]["dkim"]["result"] == "permerror"
+
+
+async def test_dns_timeout_and_servfail_are_temperror(make_config, rsa_key, ed_key):
+    raw = sign(sign(message(), rsa_key), ed_key)
+    async with dns_server({**rsa_key.zone(), **ed_key.zone()}) as dns:
+        dns.timeout_names.add(rsa_key.name)
+        dns.servfail_names.add(ed_key.name)
+        rep = await dkim_report(make_config, dns, raw, "{temperror_action: tempfail}")
+    assert results(rep) == [("ed1", "temperror"), ("rsa1", "temperror")]
+    assert all("key lookup failed" in s["reason"] for s in rep["plugins"]["dkim"]["signatures"])
+    assert rep["action"] == "tempfail"
+    assert rep["smtp_reply"]["code"] == 451
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda h: h.replace(b" b=", b" x="), "missing b="),
+        (lambda h: h.replace(b"a=rsa-sha256", b"a=rsa-md5"), "unknown signature algorithm"),
+        (lambda h: h.replace(b"v=1;", b"v=1; ; ==;"), "malformed tag list"),
+        (
+            lambda h: h.replace(b"h=from", b"h=x-a").replace(b": from;", b": x-b;"),
+            "From field not signed",
+        ),
+        (lambda h: h.replace(b"signer.test", b"sign er..test"), "invalid d= or s="),
+        (lambda h: h.replace(b"s=rsa1", b"s=" + b"a" * 300), "invalid d= or s="),
+        (lambda h: h.replace(b"v=1;", b"v=1; l=12e3;"), "l= value is not a decimal integer"),
+    ],
+    ids=["no-b", "bad-a", "garbage", "from-unsigned", "bad-d", "long-s", "bad-l"],
+)
+async def test_broken_signature_tags_are_permerror(make_config, rsa_key, edit, reason):
+    signed = sign(message(), rsa_key)
+    header, rest = signed.split(b"\r\n", 1)
+    while rest[:1] in (b" ", b"\t"):  # take the folded continuation lines too
+        line, rest = rest.split(b"\r\n", 1)
+        header += b"\r\n" + line
+    broken = edit(header) + b"\r\n" + rest
+    assert broken != signed
+    async with dns_server(rsa_key.zone()) as dns:
+        rep = await dkim_report(make_config, dns, broken)
+    [sig] = rep["plugins"]["dkim"]["signatures"]
+    assert (sig["result"], reason in sig["reason"]) == ("permerror", True), sig
+
+
+async def test_many_signatures_are_bounded_and_reported(make_config, rsa_key):
+    signed = sign(message(), rsa_key)
+    header = signed[: signed.index(b"From: ")]
+    raw = header * 199 + signed  # 200 copies of one valid signature
+    async with dns_server(rsa_key.zone()) as dns:
+        rep = await dkim_report(make_config, dns, raw, "{max_signatures: 3}")
+        assert dns.queried(rsa_key.name) == 1  # one lookup serves them all
+    sigs = rep["plugins"]["dkim"]["signatures"]
+    assert len(sigs) == 200
+    assert [s["result"] for s in sigs[:3]] == ["pass"] * 3
+    assert {s["result"] for s in sigs[3:]} == {"policy"}
+    assert sigs[3]["reason"] == "not verified: more than 3 signatures"
+    assert rep["plugins"]["dkim"]["result"] == "pass"
+
+
+async def test_thousands_of_headers_still_verify(make_config, ed_key):
+    noise = b"".join(b"X-Noise-%d: %d\r\n" % (i, i) for i in range(5000))
+    raw = sign(noise + message(), ed_key)
+    async with dns_server(ed_key.zone()) as dns:
+        rep = await dkim_report(make_config, dns, raw)
+    assert results(rep) == [("ed1", "pass")]
+
+
+async def test_unparsable_header_block_gives_a_result(make_config):
+    raw = b"DKIM-Signature: v=1; a=rsa-sha256\r\n\x01\x02 no colon here\r\n\r\nbody\r\n"
+    async with dns_server({}) as dns:
+        rep = await dkim_report(make_config, dns, raw, recipients=["bob@example.com"])
+    assert rep["plugins"]["dkim"]["result"] in ("permerror", "none")
+    assert "error" not in rep["plugins"]["dkim"]
+
+
+async def test_fail_score_and_fail_action_are_configurable(make_config, rsa_key):
+    tampered = sign(message(), rsa_key).replace(b"Hello,", b"Hullo,")
+    async with dns_server(rsa_key.zone()) as dns:
+        scored = await dkim_report(make_config, dns, tampered, "{fail_score: 2.5}")
+        rejected = await dkim_report(make_config, dns, tampered, "{fail_action: reject}")
+    assert scored["score"] == 2.5
+    assert scored["plugins"]["dkim"]["symbols"] == [
+        {"name": "DKIM_FAIL", "score": 2.5, "reason": ""}
+    ]
+    assert rejected["action"] == "reject"
+    assert rejected["decided_by"] == "dkim"
+
+
+class Recorder:
+    """Runs after ``dkim`` and keeps what it concluded, as DMARC/authres would read it."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    @hookimpl
+    def mailflow_data(self, message):
+        self.seen.append(message.result_of("dkim").details)
+
+
+async def test_through_smtp_pass_fail_and_reject(make_config, rsa_key, ed_key):
+    good = await run_dkimsign(message(subject="one"), ed_key)
+    bad = sign(message(subject="two"), rsa_key).replace(b"Hello,", b"Hullo,")
+    recorder = Recorder()
+    async with dns_server({**rsa_key.zone(), **ed_key.zone()}) as dns:
+        config = make_config(
+            dns.config_yaml()
+            + "plugins: [{name: dkim, settings: {fail_action: reject}}, {name: recorder}]\n"
+        )
+        async with running_server(config, extra_plugins={"recorder": recorder}) as srv:
+            await send(srv.port, f"alice@{DOMAIN}", ["bob@example.com"], good)
+            [delivered] = await srv.wait_delivered("bob@example.com")
+            with pytest.raises(aiosmtplib.SMTPResponseException) as info:
+                await send(srv.port, f"alice@{DOMAIN}", ["bob@example.com"], bad)
+    assert info.value.code == 550
+    assert b"Subject: one" in delivered
+    assert [d["result"] for d in recorder.seen] == ["pass"]  # the reject ends the chain
