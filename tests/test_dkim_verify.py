@@ -8,6 +8,7 @@ loopback DNS server, never from the system resolver.
 from __future__ import annotations
 
 import asyncio
+import email
 import json
 import shutil
 
@@ -292,3 +293,29 @@ async def test_through_smtp_pass_fail_and_reject(make_config, rsa_key, ed_key):
     assert info.value.code == 550
     assert b"Subject: one" in delivered
     assert [d["result"] for d in recorder.seen] == ["pass"]  # the reject ends the chain
+
+
+async def test_authentication_results_header_for_valid_tampered_and_absent(make_config, rsa_key):
+    """With the ``authres`` plugin: one RFC 8601 header per delivered message."""
+    valid = await run_dkimsign(message(subject="valid"), rsa_key)
+    tampered = (await run_dkimsign(message(subject="tampered"), rsa_key)).replace(
+        b"Hello,", b"Hullo,"
+    )
+    absent = message(subject="absent")
+    async with dns_server(rsa_key.zone()) as dns:
+        config = make_config(dns.config_yaml() + "plugins: [{name: dkim}, {name: authres}]\n")
+        async with running_server(config) as srv:
+            for raw in (valid, tampered, absent):
+                await send(srv.port, f"alice@{DOMAIN}", ["bob@example.com"], raw)
+            delivered = await srv.wait_delivered("bob@example.com", 3)
+    by_subject = {}
+    for raw in delivered:
+        msg = email.message_from_bytes(raw)
+        [header] = msg.get_all("Authentication-Results")
+        by_subject[msg["Subject"]] = " ".join(header.split())
+    assert by_subject["valid"].startswith("mx.test;")
+    assert "dkim=pass" in by_subject["valid"]
+    assert f"header.d={DOMAIN}" in by_subject["valid"]
+    assert "dkim=fail" in by_subject["tampered"]
+    assert "body hash did not verify" in by_subject["tampered"]
+    assert "dkim=none" in by_subject["absent"]
