@@ -1,0 +1,223 @@
+"""DMARC (RFC 7489): align SPF and DKIM with the From domain, apply the domain's policy.
+
+List it after ``spf`` and ``dkim`` (and before ``authres``): it reads their results
+via ``message.result_of("spf")`` / ``message.result_of("dkim")``. The policy record
+is looked up with the shared resolver (``_dmarc.<From domain>``, then
+``_dmarc.<organizational domain>``, RFC 7489 6.6.3); the organizational domain comes
+from the Public Suffix List bundled with tldextract, offline. Docs: docs/plugins/dmarc.md.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mailflow_plugins.dmarc_record import (
+    Record,
+    aligned,
+    author_domains,
+    organizational_domain,
+    select_record,
+)
+from pydantic import BaseModel, ConfigDict
+
+from mailflow.dns import DNSTempError
+from mailflow.hookspecs import hookimpl
+from mailflow.verdict import Result, Symbol
+
+PolicyAction = Literal["reject", "quarantine", "tag"]
+# How strict each disposition is, to pick the strictest among several From domains.
+_SEVERITY = {"none": 0, "quarantine": 1, "reject": 2}
+
+
+class Settings(BaseModel):
+    """``plugins: [{name: dmarc, settings: {...}}]``; every key is optional."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # What a failing message gets, per the domain's policy: honour it, or override.
+    on_reject: PolicyAction = "reject"
+    on_quarantine: PolicyAction = "quarantine"
+    honour_pct: bool = True  # RFC 7489 6.6.4 sampling; False applies p to every failure
+    on_temperror: Literal["tempfail", "tag"] = "tag"  # DNS trouble looking up the policy
+    # No From field, several From fields, or a From without a usable domain (6.6.1).
+    on_invalid_from: PolicyAction = "reject"
+    fail_score: float = 0.0  # added to the spam score whenever DMARC fails
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """DMARC for one author domain."""
+
+    from_domain: str
+    result: str = "none"  # pass / fail / none / temperror / permerror
+    policy: str = "none"  # the p or sp that applies, "none" without a record
+    disposition: str = "none"  # after pct: none / quarantine / reject
+    policy_domain: str = ""
+    record: Record | None = None
+    aligned: dict[str, bool] = field(default_factory=lambda: {"spf": False, "dkim": False})
+    reason: str = ""
+    sampled_out: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "result": self.result,
+            "policy": self.policy,
+            "disposition": self.disposition,
+            "from_domain": self.from_domain,
+            "org_domain": organizational_domain(self.from_domain),
+            "aligned": dict(self.aligned),
+        }
+        if self.policy_domain:
+            out["policy_domain"] = self.policy_domain
+        if self.record is not None:
+            r = self.record
+            out["record"] = {"p": r.p, "sp": r.sp, "adkim": r.adkim, "aspf": r.aspf, "pct": r.pct}
+        if self.sampled_out:
+            out["sampled_out"] = True
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+class DMARCPlugin:
+    """Evaluates DMARC at end of data; rejects, quarantines or tags per policy."""
+
+    Settings = Settings
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.resolver: Any = None
+        self.random = random.Random()  # pct sampling; tests may seed it
+
+    @hookimpl
+    def mailflow_startup(self, app: Any) -> None:
+        self.resolver = app.resolver
+
+    async def lookup(self, from_domain: str) -> tuple[Record | None, str]:
+        """(record, the domain it was found at); raises DNSTempError (RFC 7489 6.6.3)."""
+        org = organizational_domain(from_domain)
+        for domain in dict.fromkeys((from_domain, org)):
+            record = select_record(await self.resolver.query(f"_dmarc.{domain}", "TXT"))
+            if record is not None:
+                return record, domain
+        return None, ""
+
+    async def evaluate(
+        self, from_domain: str, spf: dict[str, Any], dkim: dict[str, Any]
+    ) -> Evaluation:
+        ev = Evaluation(from_domain)
+        try:
+            record, where = await self.lookup(from_domain)
+        except DNSTempError as exc:
+            ev.result, ev.reason = "temperror", f"policy lookup failed: {exc}"
+            return ev
+        if record is None:
+            ev.reason = "no DMARC policy published"
+            return ev
+        ev.record, ev.policy_domain = record, where
+        # RFC 7489 6.6.3: sp applies when the policy came from the organizational domain
+        # of a sub-domain.
+        ev.policy = record.sp if where != from_domain else record.p
+        if spf.get("result") == "pass" and not spf.get("skipped"):
+            ev.aligned["spf"] = aligned(str(spf.get("domain", "")), from_domain, record.aspf)
+        for sig in dkim.get("signatures") or []:
+            if sig.get("result") == "pass" and aligned(
+                str(sig.get("domain", "")), from_domain, record.adkim
+            ):
+                ev.aligned["dkim"] = True
+        if ev.aligned["spf"] or ev.aligned["dkim"]:
+            ev.result = "pass"
+            return ev
+        ev.result = "fail"
+        ev.reason = "neither SPF nor DKIM passed aligned with the From domain"
+        ev.disposition = self._sample(ev.policy, record.pct, ev)
+        return ev
+
+    def _sample(self, policy: str, pct: int, ev: Evaluation) -> str:
+        """RFC 7489 6.6.4: outside the pct sample, reject becomes quarantine and
+        quarantine becomes none."""
+        if policy == "none" or not self.settings.honour_pct or pct >= 100:
+            return policy
+        if self.random.random() * 100 < pct:
+            return policy
+        ev.sampled_out = True
+        return {"reject": "quarantine", "quarantine": "none"}[policy]
+
+    @hookimpl
+    async def mailflow_data(self, message: Any) -> Result:
+        if message.connection.trusted:
+            return Result(details={"result": "none", "policy": "none", "disposition": "none",
+                                   "skipped": "trusted client"})  # fmt: skip
+        domains, problem = author_domains(message.headers.get_all("From") or [])
+        if problem:
+            return self._invalid_from(problem)
+        spf = _details(message, "spf")
+        dkim = _details(message, "dkim")
+        evaluations = [await self.evaluate(d, spf, dkim) for d in domains]
+        # Several author domains: the strictest outcome decides (RFC 7489 6.6.1).
+        worst = max(evaluations, key=_rank)
+        details = worst.as_dict()
+        if len(evaluations) > 1:
+            details["from_domains"] = [e.as_dict() for e in evaluations]
+        return self._verdict(worst, details)
+
+    def _verdict(self, ev: Evaluation, details: dict[str, Any]) -> Result:
+        s = self.settings
+        symbol = Symbol(f"DMARC_{ev.result.upper()}", reason=ev.reason)
+        if ev.result == "temperror" and s.on_temperror == "tempfail":
+            result = Result.tempfail(
+                f"DMARC policy of {ev.from_domain} could not be retrieved, try again later",
+                451,
+                "4.7.1",  # RFC 3463 3.8: delivery not authorized (for now)
+            )
+        elif ev.result == "fail":
+            text = (
+                f"DMARC policy of {ev.policy_domain} ({ev.policy}): {ev.from_domain} "
+                f"not authenticated by aligned SPF or DKIM"
+            )
+            action = {"reject": s.on_reject, "quarantine": s.on_quarantine}.get(
+                ev.disposition, "tag"
+            )
+            result = self._act(action, text)
+            symbol.score = s.fail_score
+            result.score = s.fail_score
+        else:
+            result = Result()
+        result.symbols.append(symbol)
+        result.details = details
+        return result
+
+    @staticmethod
+    def _act(action: str, text: str) -> Result:
+        if action == "reject":
+            return Result.reject(text, 550, "5.7.1")
+        if action == "quarantine":
+            return Result.quarantine(text)
+        return Result(reason=text)
+
+    def _invalid_from(self, problem: str) -> Result:
+        result = self._act(self.settings.on_invalid_from, f"DMARC permerror: {problem}")
+        result.symbols.append(Symbol("DMARC_PERMERROR", reason=problem))
+        disposition = {"reject": "reject", "quarantine": "quarantine"}.get(
+            self.settings.on_invalid_from, "none"
+        )
+        result.details = {
+            "result": "permerror",
+            "policy": "none",
+            "disposition": disposition,
+            "from_domain": "",
+            "reason": problem,
+        }
+        return result
+
+
+def _details(message: Any, plugin: str) -> dict[str, Any]:
+    res = message.result_of(plugin)
+    return dict(res.details) if res is not None else {}
+
+
+def _rank(ev: Evaluation) -> tuple[int, int]:
+    failing = ev.result in ("fail", "temperror")
+    return (_SEVERITY.get(ev.disposition, 0), int(failing))
