@@ -6,6 +6,7 @@ fsync'd, so a delivered message survives a crash (maildir(5) delivery protocol).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -44,6 +45,7 @@ class MaildirDelivery:
     def __init__(self, config: MaildirConfig) -> None:
         self.config = config
         self.root = Path(config.root)
+        self._ready: set[str] = set()  # Maildirs known to have tmp/, new/ and cur/
 
     def mailbox_path(self, recipient: str, mailbox: str = "") -> Path:
         local, _, domain = recipient.rpartition("@")
@@ -85,19 +87,28 @@ class MaildirDelivery:
             raise QuotaExceeded(f"mailbox of {recipient} is over its quota of {quota} bytes")
 
     def deliver(self, recipient: str, data: bytes, folder: str = "", mailbox: str = "") -> Path:
-        """Deliver one copy (blocking: call via ``asyncio.to_thread``). Returns the new path."""
+        """Deliver one copy (blocking: call via ``asyncio.to_thread``). Returns the new path.
+
+        maildir(5): write to ``tmp/``, fsync, rename into ``new/``, fsync ``new/``;
+        only then is the copy reported delivered.
+        """
         self.check_quota(recipient, len(data), mailbox)
         target = self.folder_path(recipient, folder, mailbox)
-        ensure_maildir(target)
         if folder:
-            ensure_maildir(self.mailbox_path(recipient, mailbox))
+            self._ensure(self.mailbox_path(recipient, mailbox))
+        base = self._ensure(target)
         now = time.time()
         unique = (
             f"{int(now)}.M{int((now % 1) * 1_000_000)}P{os.getpid()}"
             f"Q{next(_counter)}.{_HOST},S={len(data)}"
         )
-        tmp = target / "tmp" / unique
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = os.path.join(base, "tmp", unique)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:  # removed since we last looked: create it again
+            self._ready.discard(base)
+            base = self._ensure(target)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -106,17 +117,35 @@ class MaildirDelivery:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
         os.close(fd)
-        final = target / "new" / unique
-        os.rename(tmp, final)
-        dir_fd = os.open(target / "new", os.O_RDONLY | os.O_DIRECTORY)
+        new_dir = os.path.join(base, "new")
+        final = os.path.join(new_dir, unique)
+        try:
+            os.rename(tmp, final)
+        except FileNotFoundError:  # new/ vanished under us: recreate it, try once more
+            self._ready.discard(base)
+            self._ensure(target)
+            os.rename(tmp, final)
+        dir_fd = os.open(new_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        return final
+        return Path(final)
+
+    def _ensure(self, path: Path) -> str:
+        """``path`` as a string, creating tmp/new/cur the first time this process sees it.
+
+        Remembering the Maildirs already made saves three mkdir calls per delivery.
+        """
+        key = os.fspath(path)
+        if key not in self._ready:
+            ensure_maildir(path)
+            self._ready.add(key)
+        return key
 
 
 def ensure_maildir(path: Path) -> None:

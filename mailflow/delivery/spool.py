@@ -14,12 +14,14 @@ anyone is told it is stored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,23 @@ class QueueEntry:
         return cls(**obj)
 
 
-def _fsync_dir(path: Path) -> None:
+COMMIT_IDLE = 1.0  # seconds the commit thread waits for more work before it exits
+FSYNC_PARALLEL = 8  # files fsync'd at once: concurrent fsyncs share journal commits
+
+_fsync_pool: ThreadPoolExecutor | None = None
+_fsync_pool_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One small fsync pool per process, shared by every spool."""
+    global _fsync_pool
+    with _fsync_pool_lock:
+        if _fsync_pool is None:
+            _fsync_pool = ThreadPoolExecutor(FSYNC_PARALLEL, thread_name_prefix="spool-fsync")
+        return _fsync_pool
+
+
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -99,19 +117,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _write_file(path: str | Path, data: bytes) -> None:
     """Write via a temp name, fsync, rename: the final name never holds a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _write_files([(os.fspath(path), data)])
+
+
+def _write_files(items: list[tuple[str, bytes]]) -> None:
+    """Write each file via a temp name, fsync every one, then rename them into place.
+
+    The fsyncs of a batch run concurrently (the file system folds them into fewer
+    journal commits); no file is renamed before all of them are on disk, so a crash
+    leaves only temp files, which :meth:`Spool.recover` removes. The caller fsyncs
+    the directory afterwards to make the renames durable.
+    """
+    opened: list[tuple[int, str, str]] = []
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
+        for path, data in items:
+            head, name = os.path.split(path)
+            tmp = os.path.join(head, f".{name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            opened.append((fd, tmp, path))
+            _write_all(fd, data)
+        if len(opened) == 1:
+            os.fsync(opened[0][0])
+        else:
+            # Wait for every fsync before closing any descriptor, then report the first error.
+            futures = [_pool().submit(os.fsync, fd) for fd, _, _ in opened]
+            wait(futures)
+            for future in futures:
+                future.result()
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        for fd, _, _ in opened:
+            os.close(fd)
+    for _, tmp, path in opened:
+        os.replace(tmp, path)
+
+
+_Waiter = tuple[QueueEntry, bytes, asyncio.Future[None], asyncio.AbstractEventLoop]
 
 
 class Spool:
@@ -121,10 +170,10 @@ class Spool:
         self.root = Path(directory)
         self.queue_dir = self.root / "queue"
         self.queue_dir.mkdir(parents=True, exist_ok=True)
+        self._dir = os.fspath(self.queue_dir)
         self._lock = threading.Lock()
-        self._batch: list[
-            tuple[QueueEntry, bytes, asyncio.Future[None], asyncio.AbstractEventLoop]
-        ] = []
+        self._more = threading.Condition(self._lock)
+        self._batch: list[_Waiter] = []
         self._committing = False
 
     # --- paths ----------------------------------------------------------------------------
@@ -144,23 +193,27 @@ class Spool:
     async def store(self, entry: QueueEntry, message: bytes) -> None:
         """Store durably; returns only once message and metadata are fsync'd.
 
-        Concurrent callers are batched: the first caller's worker thread commits
-        everything that queued up meanwhile, with one directory fsync per batch.
+        Concurrent callers are batched: one long-lived commit thread takes
+        everything that queued up while it was busy, fsyncs every file of the
+        batch, then fsyncs the directory once and wakes all their callers.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         with self._lock:
             self._batch.append((entry, message, future, loop))
-            start_worker = not self._committing
-            if start_worker:
+            if self._committing:
+                self._more.notify()
+            else:
                 self._committing = True
-        if start_worker:
-            threading.Thread(target=self._drain, name="spool-commit", daemon=True).start()
+                threading.Thread(target=self._drain, name="spool-commit", daemon=True).start()
         await future
 
     def _drain(self) -> None:
+        """The commit thread: runs while there is work, exits after ``COMMIT_IDLE``."""
         while True:
             with self._lock:
+                if not self._batch:
+                    self._more.wait(COMMIT_IDLE)
                 batch, self._batch = self._batch, []
                 if not batch:
                     self._committing = False
@@ -170,19 +223,25 @@ class Spool:
                 self._commit([(entry, msg) for entry, msg, _, _ in batch])
             except BaseException as exc:
                 error = exc
+            # One wake-up per event loop per batch, not one per message.
+            by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
             for _, _, future, loop in batch:
-                loop.call_soon_threadsafe(_resolve, future, error)
+                by_loop.setdefault(loop, []).append(future)
+            for loop, futures in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve_all, futures, error)
 
     def _commit(self, items: list[tuple[QueueEntry, bytes]]) -> None:
-        for entry, message in items:
-            _write_file(self.message_path(entry.id), message)
-        for entry, _ in items:
-            _write_file(self.meta_path(entry.id), entry.to_json())
-        _fsync_dir(self.queue_dir)
+        d = self._dir
+        # Messages first, then metadata: a .json never names a missing .eml.
+        _write_files([(os.path.join(d, f"{e.id}.eml"), msg) for e, msg in items])
+        _write_files([(os.path.join(d, f"{e.id}.json"), e.to_json()) for e, _ in items])
+        _fsync_dir(d)
 
     def update(self, entry: QueueEntry) -> None:
-        """Persist new delivery state (atomic replace; fsync'd)."""
+        """Persist new delivery state (atomic replace; file and directory fsync'd)."""
         _write_file(self.meta_path(entry.id), entry.to_json())
+        _fsync_dir(self._dir)
 
     def remove(self, queue_id: str) -> None:
         for path in (self.meta_path(queue_id), self.message_path(queue_id)):
@@ -233,10 +292,11 @@ class Spool:
         return entries
 
 
-def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _resolve_all(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():  # the caller was cancelled
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
