@@ -16,10 +16,11 @@ import authres as ar
 from pydantic import BaseModel, ConfigDict
 
 from mailflow.hookspecs import hookimpl
-from mailflow.verdict import AddHeader, ChangeHeader, Mutation, Result
+from mailflow.verdict import AddHeader, ChangeHeader, Mutation, RemoveHeader, Result
 
 HEADER = "Authentication-Results"
 MAX_REASON = 120  # characters of a reason= text kept in the header
+MAX_SINGLE_REMOVALS = 20  # above this many forged fields, remove all and re-add the others
 _FEATURES = ar.all_features()
 _CLASSES = _FEATURES.result_class_by_auth_method
 # RFC 8601 2.7 result vocabularies: anything else a plugin reports becomes "none"/"neutral"
@@ -205,18 +206,31 @@ class AuthResPlugin:
         header = _FEATURES.header(authserv_id=self.authserv_id, results=results)
         return str(header).partition(":")[2].strip()
 
+    def _removals(self, values: list[Any]) -> tuple[list[Mutation], int]:
+        """Mutations deleting the fields that claim our authserv-id, and their count."""
+        ours = self.authserv_id.lower()
+        claims = [authserv_id_of(str(v)) == ours for v in values]
+        count = sum(claims)
+        if count <= MAX_SINGLE_REMOVALS:
+            # Delete from the last occurrence down, so earlier indexes stay valid.
+            return [
+                ChangeHeader(HEADER, None, occurrence=index)
+                for index in range(len(values), 0, -1)
+                if claims[index - 1]
+            ], count
+        # A flood of forgeries: each single deletion rewrites the header block, so drop
+        # every field at once and append the foreign ones again, in their order.
+        keep = [str(v) for v, claim in zip(values, claims, strict=True) if not claim]
+        mutations: list[Mutation] = [RemoveHeader(HEADER)]
+        mutations += [AddHeader(HEADER, v, index=-1) for v in keep]
+        return mutations, count
+
     @hookimpl
     def mailflow_data(self, message: Any) -> Result:
         mutations: list[Mutation] = []
         removed = 0
         if self.settings.remove_ours:
-            ours = self.authserv_id.lower()
-            values = message.headers.get_all(HEADER) or []
-            # Delete from the last occurrence down, so earlier indexes stay valid.
-            for index in range(len(values), 0, -1):
-                if authserv_id_of(str(values[index - 1])) == ours:
-                    mutations.append(ChangeHeader(HEADER, None, occurrence=index))
-                    removed += 1
+            mutations, removed = self._removals(message.headers.get_all(HEADER) or [])
         value = self.build(message)
         mutations.append(AddHeader(HEADER, value, index=0))
         return Result(mutations=mutations, details={"header": value, "removed": removed})

@@ -178,3 +178,18 @@ async def test_smtp_delivers_exactly_one_header_of_ours(make_config, dns):
 )
 def test_authserv_id_is_read_from_odd_values(value, expected):
     assert authserv_id_of(value) == expected
+
+
+async def test_a_flood_of_forged_headers_is_removed_and_others_kept(make_config, dns):
+    config = make_config(dns.config_yaml() + "plugins: [{name: spf}, {name: authres}]\n")
+    forged = "".join(
+        f"Authentication-Results: {'mx.test' if i % 2 else f'o{i}.example'}; spf=pass\r\n"
+        for i in range(2000)
+    )
+    raw = forged.encode() + make_message(sender="a@pass.test")
+    ctx = await run_check(config, raw)
+    values = ar_values(ctx.raw)
+    assert report(ctx)["plugins"]["authres"]["removed"] == 1000
+    assert len(values) == 1001
+    assert [parsed(v).authserv_id for v in values].count("mx.test") == 1
+    assert values[1:3] == ["o0.example; spf=pass", "o2.example; spf=pass"]

@@ -41,6 +41,12 @@ ZONE = {
     "broken.test": [("TXT", "v=spf1 +all")],
     "mx.pass.test": [("TXT", "v=spf1 ip4:192.0.2.10 -all")],
     "mx.fail.test": [("TXT", "v=spf1 -all")],
+    "nonascii.test": [("TXT", [b"v=spf1 ip4:192.0.2.10 \xff\xfe -all"])],
+    "void.test": [("TXT", "v=spf1 a:n1.void.test a:n2.void.test a:n3.void.test -all")],
+    "v6.test": [("TXT", "v=spf1 ip6:2001:db8::/32 -all")],
+    "mx.test": [("TXT", "v=spf1 mx -all"), ("MX", "10 m.mx.test.")],
+    "m.mx.test": [("A", "192.0.2.10")],
+    "cname.test": [("CNAME", "pass.test.")],
 }
 
 
@@ -208,3 +214,26 @@ async def test_check_json_cli_shows_spf_result(make_config, dns, tmp_path):
     assert proc.returncode == 0, err.decode()
     spf = json.loads(out)["plugins"]["spf"]
     assert (spf["result"], spf["domain"], spf["helo_result"]) == ("softfail", "soft.test", "pass")
+
+
+@pytest.mark.parametrize(
+    ("sender", "ip", "expected"),
+    [
+        ("a@nonascii.test", CLIENT, "permerror"),  # RFC 7208 3.1: records are ASCII
+        ("a@void.test", CLIENT, "permerror"),  # RFC 7208 4.6.4: more than 2 void lookups
+        ("a@v6.test", "2001:db8::1", "pass"),
+        ("a@v6.test", "2001:db9::1", "fail"),
+        ("a@mx.test", CLIENT, "pass"),
+        ("a@cname.test", CLIENT, "pass"),
+        ("a@-bad-.test", CLIENT, "none"),
+        ("a@" + "x" * 70 + ".test", CLIENT, "none"),  # label over 63 octets
+        ("a@b@c.test", CLIENT, "none"),
+        ("a@\u00e9.test", CLIENT, "none"),
+        ("noatsign", CLIENT, "none"),
+    ],
+)
+async def test_bad_records_and_odd_senders_give_a_clear_result(
+    make_config, dns, sender, ip, expected
+):
+    ctx = await run_check(spf_config(make_config, dns, timeout=0.3), sender, ip=ip)
+    assert report(ctx)["plugins"]["spf"]["result"] == expected
