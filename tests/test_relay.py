@@ -24,13 +24,16 @@ from mailflow.verdict import Route, RouteKind
 SENDER = "alice@example.org"  # local: bounces land in its Maildir
 
 
-def relay_config(make_config, port: int, target: str = "tls: none", extra: str = ""):
+def relay_config(
+    make_config, port: int, target: str = "tls: none", extra: str = "", pool_idle: float = 5
+):
     return make_config(
         f"""
         local_domains: [example.org]
         relay_networks: ["127.0.0.0/8"]
         relay:
           default: up
+          pool_idle: {pool_idle}
           targets:
             up: {{host: 127.0.0.1, port: {port}, timeout: 5, {target}}}
         {extra}
@@ -126,6 +129,34 @@ async def test_connections_are_reused_across_messages(make_config):
         await srv.wait_queue_empty()
     assert len(sink.messages) == 4
     assert sink.handler.connections == 1
+
+
+async def test_idle_connections_are_closed_after_pool_idle(make_config):
+    async with smtp_sink() as sink:
+        config = relay_config(make_config, sink.port, pool_idle=0.2)
+        async with running_server(config) as srv:
+            await srv_send(srv, ["bob@remote.test"], make_message())
+            await sink.wait_messages(1)
+            await asyncio.sleep(0.6)  # longer than pool_idle: the session got QUIT
+            await srv_send(srv, ["bob@remote.test"], make_message())
+            await sink.wait_messages(2)
+    assert sink.handler.connections == 2
+
+
+async def test_a_pooled_session_closed_by_the_server_is_replaced(make_config):
+    # aiosmtpd drops sessions idle for `timeout` seconds, while our pool keeps them 5 s.
+    async with (
+        smtp_sink(factory_kwargs={"timeout": 0.2}) as sink,
+        running_server(relay_config(make_config, sink.port)) as srv,
+    ):
+        await srv_send(srv, ["bob@remote.test"], make_message())
+        await sink.wait_messages(1)
+        await asyncio.sleep(0.6)
+        await srv_send(srv, ["bob@remote.test"], make_message())
+        await sink.wait_messages(2)
+        await srv.wait_queue_empty()
+    assert sink.handler.connections == 2
+    assert sink.handler.transactions == 2  # no failed attempt in between
 
 
 async def test_route_to_target_none_fails_permanently(make_config):

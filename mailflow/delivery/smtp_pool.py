@@ -246,19 +246,18 @@ class SMTPPool:
                 outcomes = await transaction(client, sender, rcpts, message)
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
                 client.close()
-                if reused and not _had_data(exc):
+                if reused:  # the server closed our idle session: one fresh try
                     client, reused = await self.open(dest), False
                     continue
                 raise _temp("4.4.2", f"connection to {dest} lost: {_describe(exc)}") from exc
+            except SessionError:
+                client.close()
+                raise
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 client.close()
                 raise _temp("4.4.2", f"{dest}: {_describe(exc)}") from exc
             self.release(dest, client)
             return outcomes
-
-
-def _had_data(exc: BaseException) -> bool:
-    return bool(getattr(exc, "_mailflow_after_data", False))
 
 
 async def transaction(
@@ -296,9 +295,9 @@ async def transaction(
     except aiosmtplib.SMTPDataError as exc:
         outcome = _reply_outcome(exc)
     except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-        # The message may have been received: never retry it silently on a new session.
-        exc._mailflow_after_data = True  # type: ignore[union-attr]
-        raise
+        # The message may have arrived: retry it later (a possible duplicate, RFC 5321
+        # 6.1), never at once on a fresh session as if nothing had been sent.
+        raise _temp("4.4.2", f"connection lost after DATA: {_describe(exc)}") from exc
     else:
         outcome = Outcome(reply.code, " ".join(reply.message.split()))
     out.update(dict.fromkeys(accepted, outcome))
