@@ -1,0 +1,190 @@
+"""``mailflow train``, ``mailflow learn`` and ``mailflow evaluate``.
+
+Progress bars and notes go to stderr, so ``evaluate --json`` prints exactly one
+JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from mailflow_plugins.bayes.features import Hasher
+from mailflow_plugins.bayes.model import DEFAULT_ALPHA, HAM, SPAM, Model, ModelError, now
+from mailflow_plugins.bayes.sources import SourceError, count_messages, iter_messages
+from mailflow_plugins.bayes.training import (
+    CV_FOLDS,
+    compute_metrics,
+    cross_validate,
+    featurize,
+    format_report,
+    plot,
+)
+
+DEFAULT_MODEL = "bayes-model.npz"
+MODEL_HELP = "Model file to {}"
+SOURCE_HELP = "{}: a directory of .eml files, an mbox file or a Maildir (repeatable)."
+
+
+def _fail(message: str) -> None:
+    click.echo(f"mailflow: {message}", err=True)
+    sys.exit(2)
+
+
+def _read(paths: tuple[str, ...], label: str, hasher: Hasher) -> list[np.ndarray]:
+    """Featurize every message under ``paths`` with a progress bar on stderr."""
+    try:
+        total = count_messages(list(paths))
+    except SourceError as exc:
+        _fail(str(exc))
+    rows: list[np.ndarray] = []
+
+    def messages() -> Iterator[bytes]:
+        for path in paths:
+            yield from iter_messages(path)
+
+    with click.progressbar(
+        length=total, label=f"reading {label:<4}", file=sys.stderr, show_pos=True
+    ) as bar:
+        rows = featurize(messages(), hasher, bar.update)
+    return rows
+
+
+def _load_model(path: Path) -> Model:
+    try:
+        return Model.load(path)
+    except ModelError as exc:
+        _fail(str(exc))
+        raise  # unreachable; keeps type checkers calm
+
+
+@click.command("train")
+@click.option("--spam", "spam", multiple=True, required=True, help=SOURCE_HELP.format("Spam"))
+@click.option("--ham", "ham", multiple=True, required=True, help=SOURCE_HELP.format("Ham"))
+@click.option(
+    "--model",
+    "-o",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help=MODEL_HELP.format("write (atomically)."),
+)
+@click.option("--folds", default=CV_FOLDS, show_default=True, help="CV folds; 0 skips.")
+@click.option("--alpha", default=DEFAULT_ALPHA, show_default=True, help="Naive Bayes smoothing.")
+def train_command(
+    spam: tuple[str, ...], ham: tuple[str, ...], model_path: str, folds: int, alpha: float
+) -> None:
+    """Train a new spam model from labelled mail and report its cross-validated accuracy."""
+    hasher = Hasher()
+    ham_rows = _read(ham, "ham", hasher)
+    spam_rows = _read(spam, "spam", hasher)
+    click.echo(f"messages: {len(ham_rows)} ham, {len(spam_rows)} spam")
+    if not ham_rows or not spam_rows:
+        _fail("training needs at least one ham and one spam message")
+    rows = ham_rows + spam_rows
+    labels = np.array([HAM] * len(ham_rows) + [SPAM] * len(spam_rows))
+    if folds >= 2 and min(len(ham_rows), len(spam_rows)) >= 2:
+        metrics, _ = cross_validate(rows, labels, alpha=alpha, folds=folds)
+        click.echo(format_report(metrics, f"{folds}-fold cross-validation:"))
+    model = Model.empty(alpha=alpha)
+    model.learn(rows, labels)
+    model.info = {"trained": now(), "sources": {"ham": list(ham), "spam": list(spam)}}
+    model.save(model_path)
+    click.echo(f"wrote {model_path}; enable it with the bayes plugin setting `model: {model_path}`")
+
+
+@click.command("learn")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--spam", "label", flag_value="spam", help="The messages are spam.")
+@click.option("--ham", "label", flag_value="ham", help="The messages are ham (not spam).")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help=MODEL_HELP.format("update; created from the shipped model if missing."),
+)
+def learn_command(paths: tuple[str, ...], label: str | None, model_path: str) -> None:
+    """Teach the model that PATHS (files, mboxes, Maildir folders) are spam or ham.
+
+    Like sa-learn: run it on a folder users drag misclassified mail into. A running
+    `mailflow serve` whose `model` setting names the same file picks up the change.
+    """
+    if label is None:
+        _fail("say what the messages are: --spam or --ham")
+    path = Path(model_path)
+    if path.exists():
+        model = _load_model(path)
+    else:
+        from mailflow_plugins.bayes import shipped_model_path
+
+        model = _load_model(shipped_model_path())
+        click.echo(f"{path} does not exist: starting from the shipped model", err=True)
+    rows = _read(paths, str(label), Hasher(model.n_features, model.seed))
+    if not rows:
+        _fail("no messages found")
+    model.learn(rows, [SPAM if label == "spam" else HAM] * len(rows))
+    model.info = {**model.info, "updated": now()}
+    model.save(path)
+    ham, spam = (int(c) for c in model.class_counts)
+    click.echo(f"learned {len(rows)} message(s) as {label}; {path} now has {ham} ham, {spam} spam")
+
+
+@click.command("evaluate")
+@click.option("--spam", "spam", multiple=True, required=True, help=SOURCE_HELP.format("Spam"))
+@click.option("--ham", "ham", multiple=True, required=True, help=SOURCE_HELP.format("Ham"))
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=MODEL_HELP.format("evaluate (default: the shipped model)."),
+)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate_command(
+    spam: tuple[str, ...],
+    ham: tuple[str, ...],
+    model_path: str | None,
+    plot_path: str | None,
+    as_json: bool,
+) -> None:
+    """Score labelled mail with a model: metrics table, confusion matrix, optional plot."""
+    from mailflow_plugins.bayes import shipped_model_path
+
+    path = Path(model_path) if model_path else shipped_model_path()
+    model = _load_model(path)
+    hasher = Hasher(model.n_features, model.seed)
+    ham_rows = _read(ham, "ham", hasher)
+    spam_rows = _read(spam, "spam", hasher)
+    rows = ham_rows + spam_rows
+    labels = np.array([HAM] * len(ham_rows) + [SPAM] * len(spam_rows), dtype=np.int64)
+    if not rows:
+        _fail("no messages found")
+    from mailflow_plugins.bayes.model import matrix
+
+    probabilities = model.probabilities(matrix(rows, model.n_features))
+    metrics = compute_metrics(labels, probabilities)
+    if plot_path:
+        try:
+            plot(labels, probabilities, plot_path)
+        except RuntimeError as exc:
+            _fail(str(exc))
+        click.echo(f"wrote {plot_path}", err=True)
+    if as_json:
+        out: dict[str, Any] = {"model": str(path), **metrics.as_dict()}
+        click.echo(json.dumps(out))
+    else:
+        click.echo(format_report(metrics, f"model {path}:"))
+
+
+def register(cli: click.Group) -> None:
+    for command in (train_command, learn_command, evaluate_command):
+        cli.add_command(command)

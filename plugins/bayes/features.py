@@ -1,0 +1,261 @@
+"""Message -> feature tokens -> hashed feature indices.
+
+Every token carries a short prefix saying where it came from (``s:`` subject word,
+``u:`` URL domain, ``att:`` attachment type, ...), so the same word in the subject
+and in the body are different features. Tokens are *presence* features: each
+counts once per message, which keeps long messages from drowning short ones.
+
+Deliberately left out, because they identify the training corpus rather than
+spam (and would not generalise to other sites or years): dates and times, message
+IDs, host names and IP addresses in Received headers, list headers, plain numbers,
+and mailing-list subject tags such as ``[ILUG]``. Relay-path features keep only
+shape: hop count, top-level domains and whether hosts look dynamic or unknown.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Iterable
+
+import numpy as np
+from mailflow_plugins.bayes.mime import Parsed, decode_words, parse
+from sklearn.utils import murmurhash3_32
+
+# 2**20 hashed features: few collisions for a mail vocabulary, 4 MB as float32 weights.
+N_FEATURES = 2**20
+HASH_SEED = 0
+MAX_SCAN_BYTES = 512 * 1024  # only the head of a huge message is read (as SpamAssassin does)
+MAX_TEXT_CHARS = 100_000  # text per part that is tokenised
+MAX_TOKEN_LEN = 25
+
+_WORD = re.compile(r"[^\W\d_][^\W_]{1,24}")  # letters first: no bare numbers or dates
+_MONEY = re.compile(r"[$€£]\s?\d")
+_URL = re.compile(r"(?:https?|ftp)://([^/\s\"'<>?#\\]+)", re.IGNORECASE)
+_WWW = re.compile(r"(?<![\w./])(www\.[a-z0-9-]+(?:\.[a-z0-9-]+)+)", re.IGNORECASE)
+_TAG = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,9})")
+_SCRIPT_STYLE = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_ANY_TAG = re.compile(r"<[^>]*>")
+_LIST_TAG = re.compile(r"\[[^\]]{1,40}\]")  # "[ILUG]", "[SAtalk]": list names, not content
+_IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+_ADDRESS = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
+_RCV_FROM = re.compile(r"^\s*from\s+(\S+)(?:\s+\(([^)]*)\))?", re.IGNORECASE)
+# Reverse names of consumer lines ("dsl-1-2-3.isp.net", "pool-...") rather than servers.
+_DYNAMIC = re.compile(r"(dsl|dial|dyn|pool|dhcp|ppp|cable|\d+[-.]\d+[-.]\d+[-.]\d+)")
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "[127.0.0.1]"})
+# Placeholders the SpamAssassin corpus put in place of its owners' addresses (see the
+# corpus README): as features they would only teach the model that corpus.
+ARTEFACTS = frozenset({"zzzz", "taint", "s:zzzz", "s:taint", "u:taint.org", "f:taint.org"})
+# Headers whose first word (the product) says something about the sending software.
+_MAILER_HEADERS = ("x-mailer", "user-agent")
+_HASH_CACHE_MAX = 200_000
+_FOOTER_MAX = 1200
+_FOOTER_MARKERS = ("listinfo", "mailing list", "groups.yahoo.com", "list-request")
+
+
+def bucket(n: int, cap: int = 6) -> str:
+    """Small integer -> coarse log2 bucket label, so counts generalise."""
+    return str(min(n, 1 << cap).bit_length())
+
+
+def html_to_text(markup: str) -> str:
+    """Visible text of an HTML part (tags, scripts, styles, comments removed)."""
+    markup = _COMMENT.sub(" ", _SCRIPT_STYLE.sub(" ", markup))
+    return html.unescape(_ANY_TAG.sub(" ", markup))
+
+
+def _domain_tokens(host: str, prefix: str) -> Iterable[str]:
+    host = host.lower().rstrip(".").rsplit("@", 1)[-1].split(":", 1)[0]
+    if not host:
+        return
+    if _IPV4.match(host):
+        yield f"{prefix}ip"
+        return
+    labels = host.split(".")
+    yield f"{prefix}tld:{labels[-1][:MAX_TOKEN_LEN]}"
+    if len(labels) >= 2:
+        # The last two labels approximate the registered domain (good enough for
+        # hashing: a few public suffixes such as co.uk merge, which costs little).
+        yield f"{prefix}{'.'.join(labels[-2:])[:60]}"
+
+
+def _url_tokens(text: str, out: set[str]) -> None:
+    if "://" in text:  # substring tests are much cheaper than a regex scan
+        for m in _URL.finditer(text):
+            out.update(_domain_tokens(m.group(1), "u:"))
+    if "www." in text or "WWW." in text:
+        for m in _WWW.finditer(text):
+            out.update(_domain_tokens(m.group(1), "u:"))
+
+
+def strip_list_footer(text: str) -> str:
+    """Cut a mailing-list footer (Mailman's underscore rule + "listinfo" link, ...).
+
+    A list adds the same footer to the spam and the ham it carries, so its words say
+    which list a message came through, not whether it is spam.
+    """
+    cut = max(text.rfind("\n____________"), text.rfind("\n------------"))
+    if cut >= 0 and len(text) - cut < _FOOTER_MAX:
+        tail = text[cut:].lower()
+        if any(marker in tail for marker in _FOOTER_MARKERS):
+            return text[:cut]
+    return text
+
+
+def _text_tokens(text: str, out: set[str]) -> None:
+    """Body words (no prefix), a money flag and URL domains."""
+    text = strip_list_footer(text[:MAX_TEXT_CHARS])
+    out.update(_WORD.findall(text.lower()))
+    if _MONEY.search(text):
+        out.add("$money")
+    _url_tokens(text, out)
+
+
+def _header_tokens(parsed: Parsed, out: set[str]) -> None:
+    h = parsed.headers
+
+    def first(name: str) -> str:
+        values = h.get(name)
+        return values[0] if values else ""
+
+    subject = _LIST_TAG.sub(" ", decode_words(first("subject")))
+    for w in _WORD.findall(subject.lower()):
+        out.add("s:" + w)
+    if "=?" in first("subject"):
+        out.add("s:=encoded")
+    letters = [c for c in subject if c.isalpha()]
+    if len(letters) >= 8 and sum(c.isupper() for c in letters) > 0.7 * len(letters):
+        out.add("s:=allcaps")
+    if "!" in subject:
+        out.add("s:=bang")
+    if _MONEY.search(subject):
+        out.add("s:$money")
+    if not subject.strip():
+        out.add("s:=empty")
+
+    sender = decode_words(first("from"))
+    name, _, _ = sender.partition("<")
+    for w in _WORD.findall(name.lower()):
+        out.add("fn:" + w)
+    m = _ADDRESS.search(sender)
+    if m:
+        out.update(_domain_tokens(m.group(1), "f:"))
+        local = sender[: m.start(1)].rsplit("<", 1)[-1]
+        if sum(c.isdigit() for c in local) >= 3:
+            out.add("f:=digits")
+    else:
+        out.add("f:=noaddr")
+
+    to = first("to")
+    if not to:
+        out.add("to:=missing")
+    elif "undisclosed" in to.lower():
+        out.add("to:=undisclosed")
+    out.add("to:n" + bucket(to.count("@") + first("cc").count("@")))
+    reply_to = _ADDRESS.search(first("reply-to"))
+    if reply_to and (not m or reply_to.group(1).lower() != m.group(1).lower()):
+        out.add("rt:=otherdomain")
+    for name in ("message-id", "date", "mime-version"):
+        if name not in h:
+            out.add("h:=no-" + name)
+    for name in _MAILER_HEADERS:
+        product = _WORD.findall(first(name).lower())
+        if product:
+            out.add(f"xm:{product[0]}")
+    if "x-priority" in h or "x-msmail-priority" in h:
+        out.add("h:=priority")
+
+    received = h.get("received", [])
+    out.add("rcv:n" + bucket(len(received), 3))
+    for value in received:
+        rm = _RCV_FROM.match(value)
+        if rm is None:
+            continue
+        helo, comment = rm.group(1).lower(), (rm.group(2) or "").lower()
+        if helo in _LOCAL_NAMES or ("." not in helo and not helo.startswith("[")):
+            continue  # hops inside the receiving site say nothing about the sender
+        if helo.startswith("[") or _IPV4.match(helo):
+            out.add("rcv:=ip-helo")
+        if "unknown" in comment:
+            out.add("rcv:=unknown")
+        words = comment.split()
+        reverse = words[0] if words and not words[0].startswith("[") else ""
+        if reverse and _DYNAMIC.search(reverse):
+            out.add("rcv:=dynamic")
+        tld = (reverse or helo).rstrip(".").rsplit(".", 1)[-1]
+        if tld.isalpha() and 2 <= len(tld) <= 6:
+            out.add("rcv:tld:" + tld)
+
+
+def extract_tokens(raw: bytes) -> list[str]:
+    """All feature tokens of one raw message (unique, in no particular order)."""
+    parsed = parse(raw[:MAX_SCAN_BYTES])
+    out: set[str] = set()
+    if len(raw) > MAX_SCAN_BYTES:
+        out.add("m:=huge")
+    _header_tokens(parsed, out)
+    top = parsed.headers.get("content-type", ["text/plain"])[0].split(";", 1)[0]
+    out.add("ct:" + top.strip().lower()[:40])
+    out.add("m:parts" + bucket(len(parsed.parts)))
+    has_plain = has_html = False
+    body_chars = 0
+    for part in parsed.parts:
+        ctype = part.ctype
+        filename = part.filename
+        out.add("mime:" + part.path[-80:])
+        if ctype.startswith("text/") and not filename:
+            charset = part.params.get("charset", "").strip('"').lower()
+            if charset:
+                out.add("cs:" + charset[:MAX_TOKEN_LEN])
+            cte = part.header("content-transfer-encoding").strip().lower()
+            if cte:
+                out.add(f"cte:{ctype}:{cte[:20]}")
+            text = part.text()
+            if ctype == "text/html":
+                has_html = True
+                out.update("tag:" + t.lower() for t in _TAG.findall(text[:MAX_TEXT_CHARS]))
+                # URLs hide in attributes, so take them from the markup, words from the text.
+                _url_tokens(text[:MAX_TEXT_CHARS], out)
+                text = html_to_text(text)
+            else:
+                has_plain = True
+            body_chars += len(text)
+            _text_tokens(text, out)
+        else:
+            out.add("att:" + ctype[:40])
+            if "." in filename:
+                out.add("att:." + filename.rsplit(".", 1)[1].lower()[:10])
+    if has_html and not has_plain:
+        out.add("m:=html-only")
+    out.add("m:len" + bucket(body_chars // 256, 10))
+    out -= ARTEFACTS
+    return list(out)
+
+
+class Hasher:
+    """Token -> column index by MurmurHash3 (the hashing trick), with a bounded cache.
+
+    The same function is used for training and scoring, so a model is valid for
+    any vocabulary with no stored dictionary; ``n_features`` fixes the model size.
+    """
+
+    def __init__(self, n_features: int = N_FEATURES, seed: int = HASH_SEED) -> None:
+        if n_features & (n_features - 1):
+            raise ValueError("n_features must be a power of two")
+        self.n_features = n_features
+        self.seed = seed
+        self._mask = n_features - 1
+        self._cache: dict[str, int] = {}
+
+    def index(self, tokens: Iterable[str]) -> np.ndarray:
+        cache = self._cache
+        if len(cache) > _HASH_CACHE_MAX:
+            cache.clear()  # cheap bound on memory; hot tokens come back at once
+        out = []
+        for tok in tokens:
+            i = cache.get(tok)
+            if i is None:
+                i = cache[tok] = murmurhash3_32(tok, self.seed, positive=True) & self._mask
+            out.append(i)
+        return np.unique(np.asarray(out, dtype=np.int64))

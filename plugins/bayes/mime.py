@@ -1,0 +1,206 @@
+"""A small, forgiving MIME walker for feature extraction.
+
+The stdlib ``email`` parser is correct but costs ~0.3 ms per typical message,
+more than the whole scoring budget (2,000 messages/s). Spam scoring only needs
+each part's headers, content type and decoded text, so this walker splits on
+boundaries with ``bytes.find`` and decodes with ``binascii``. It never raises on
+bad input: broken encodings decode to what can be salvaged, unknown charsets fall
+back to Latin-1, and sizes and nesting are capped so a huge or hostile message
+costs bounded time.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import email.header
+import re
+from dataclasses import dataclass, field
+
+MAX_DEPTH = 8  # nested multiparts deeper than this are treated as opaque
+MAX_PARTS = 64  # enough for real mail; bounds work on MIME bombs
+MAX_PART_BYTES = 256 * 1024  # encoded bytes of one text part that are decoded
+
+_UNFOLD = re.compile(rb"\r?\n[ \t]+")
+_PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
+
+
+@dataclass(slots=True)
+class Part:
+    """One leaf MIME part: its content type, parameters, headers and raw body."""
+
+    ctype: str
+    params: dict[str, str]
+    headers: dict[str, list[str]]
+    body: bytes
+    path: str = ""  # e.g. "multipart/mixed>multipart/alternative>text/html"
+
+    def header(self, name: str) -> str:
+        values = self.headers.get(name)
+        return values[0] if values else ""
+
+    @property
+    def filename(self) -> str:
+        name = self.params.get("name", "")
+        disposition = self.header("content-disposition")
+        if disposition:
+            name = parse_params(disposition).get("filename", name)
+        return decode_words(name)
+
+    def text(self) -> str:
+        """The decoded body as text (transfer encoding and charset undone)."""
+        data = decode_transfer(self.body[:MAX_PART_BYTES], self.header("content-transfer-encoding"))
+        return decode_charset(data, self.params.get("charset", ""))
+
+
+@dataclass(slots=True)
+class Parsed:
+    """The top-level headers and the leaf parts of a message, in order."""
+
+    headers: dict[str, list[str]]
+    parts: list[Part] = field(default_factory=list)
+    truncated: bool = False  # nesting or part limits were hit
+
+
+def parse_headers(block: bytes) -> dict[str, list[str]]:
+    """Header block -> {lower-case name: [values]}, unfolded, raw (not RFC 2047 decoded)."""
+    headers: dict[str, list[str]] = {}
+    if b"\n " in block or b"\n\t" in block:
+        block = _UNFOLD.sub(b" ", block)
+    text = block.decode("utf-8", "surrogateescape")
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if not sep or not name or " " in name.strip():
+            continue  # not a header line (mbox "From " line, garbage)
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return headers
+
+
+def parse_params(value: str) -> dict[str, str]:
+    """Parameters of a Content-Type/Content-Disposition value (lower-case names)."""
+    if ";" not in value:
+        return {}
+    params: dict[str, str] = {}
+    for m in _PARAM.finditer(value):
+        key = m.group(1).lower().rstrip("*")
+        raw = m.group(2) if m.group(2) is not None else m.group(3)
+        if "''" in raw and m.group(1).endswith("*"):  # RFC 2231: charset'lang'value
+            raw = raw.split("''", 1)[1]
+        params.setdefault(key, raw)
+    return params
+
+
+def split_entity(raw: bytes) -> tuple[bytes, bytes]:
+    """(header block, body); a message without a blank line is all headers."""
+    # bytes.find is ~20x faster than a regex search here; take the earlier of the
+    # CRLF and bare-LF forms of the blank line.
+    best, skip = -1, 0
+    for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
+        pos = raw.find(sep, 0, best if best >= 0 else len(raw))
+        if pos >= 0 and (best < 0 or pos < best):
+            best, skip = pos, len(sep)
+    if best < 0:
+        return raw, b""
+    return raw[:best], raw[best + skip :]
+
+
+def parse(raw: bytes) -> Parsed:
+    """Walk ``raw`` into its leaf parts. Never raises on malformed input."""
+    head, body = split_entity(raw)
+    headers = parse_headers(head)
+    parsed = Parsed(headers)
+    _walk(headers, body, "", 0, parsed)
+    return parsed
+
+
+def _walk(headers: dict[str, list[str]], body: bytes, path: str, depth: int, out: Parsed) -> None:
+    ctype_value = headers.get("content-type", [""])[0]
+    ctype = ctype_value.split(";", 1)[0].strip().lower() or "text/plain"
+    if "/" not in ctype:
+        ctype = "text/plain"  # RFC 2045 5.2: invalid types default to text/plain
+    params = parse_params(ctype_value)
+    here = f"{path}>{ctype}" if path else ctype
+    if len(out.parts) >= MAX_PARTS:
+        out.truncated = True
+        return
+    boundary = params.get("boundary", "")
+    if ctype.startswith("multipart/") and boundary and depth < MAX_DEPTH:
+        for chunk in _split_multipart(body, boundary.encode("utf-8", "surrogateescape")):
+            sub_head, sub_body = split_entity(chunk)
+            _walk(parse_headers(sub_head), sub_body, here, depth + 1, out)
+        return
+    if ctype == "message/rfc822" and depth < MAX_DEPTH:
+        sub_head, sub_body = split_entity(body)
+        _walk(parse_headers(sub_head), sub_body, here, depth + 1, out)
+        return
+    if depth >= MAX_DEPTH:
+        out.truncated = True
+    out.parts.append(Part(ctype, params, headers, body, here))
+
+
+def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
+    """The body parts between ``--boundary`` lines (RFC 2046 5.1.1), preamble dropped."""
+    delimiter = b"--" + boundary
+    chunks: list[bytes] = []
+    pos = body.find(delimiter)
+    while pos >= 0 and len(chunks) <= MAX_PARTS:
+        start = body.find(b"\n", pos)
+        if start < 0 or body.startswith(b"--", pos + len(delimiter)):
+            break  # close delimiter (or nothing after it): the epilogue follows
+        nxt = body.find(b"\n" + delimiter, start)
+        end = nxt if nxt >= 0 else len(body)
+        chunks.append(body[start + 1 : end].rstrip(b"\r"))
+        pos = nxt + 1 if nxt >= 0 else -1
+    return chunks
+
+
+def decode_transfer(data: bytes, encoding: str) -> bytes:
+    """Undo a Content-Transfer-Encoding, salvaging what a broken encoding allows."""
+    encoding = encoding.strip().lower()
+    try:
+        if encoding == "base64":
+            # Drop everything outside the alphabet and fix the padding, as mail clients do.
+            clean = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+            clean = clean[: len(clean) - len(clean) % 4]
+            return binascii.a2b_base64(clean)
+        if encoding == "quoted-printable":
+            return binascii.a2b_qp(data)
+    except (binascii.Error, ValueError):
+        return data
+    return data
+
+
+def decode_charset(data: bytes, charset: str) -> str:
+    """Bytes -> str in ``charset``; unknown or wrong charsets fall back without failing."""
+    charset = charset.strip().strip('"').lower() or "utf-8"
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        charset = "utf-8"
+    try:
+        return data.decode(charset)
+    except UnicodeDecodeError:
+        # Mislabelled mail is common: try UTF-8, then Latin-1 (which always succeeds).
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return data.decode("latin-1")
+    except Exception:  # exotic codecs can raise other errors on garbage
+        return data.decode("latin-1")
+
+
+def decode_words(value: str) -> str:
+    """Decode RFC 2047 encoded words (``=?charset?B?...?=``); plain values pass through."""
+    if "=?" not in value:
+        return decode_charset(value.encode("utf-8", "surrogateescape"), "utf-8")
+    try:
+        pieces = email.header.decode_header(value)
+    except Exception:  # malformed encoded words: keep the raw text
+        return value
+    out = []
+    for piece, charset in pieces:
+        if isinstance(piece, bytes):
+            out.append(decode_charset(piece, charset or "utf-8"))
+        else:
+            out.append(piece)
+    return " ".join(out) if len(out) > 1 else "".join(out)

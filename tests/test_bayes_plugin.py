@@ -1,0 +1,201 @@
+"""The bayes plugin in the pipeline: scores, headers, thresholds, reloads, real SMTP."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from mailflow_plugins.bayes import BayesPlugin, Settings, shipped_model_path
+from mailflow_plugins.bayes.model import Model
+
+from mailflow.app import App
+from mailflow.check import check_message, report
+from mailflow.config import ConfigError, load_config
+from mailflow.testing import make_message, running_server, send
+from tests.bayes_support import corpus_files, train_model
+
+SPAM_TEXT = (
+    "Dear friend, CLICK HERE to claim your FREE prize! Lowest mortgage rates, "
+    "guaranteed income, act now, limited time offer, no credit check. "
+    "To be removed from our mailing list reply with REMOVE. "
+    '<a href="http://cheap-meds.example.biz/">order now</a>'
+)
+HAM_TEXT = (
+    "Hi Bob,\r\nthe patch for the build script is in CVS now; could you run the test "
+    "suite on your Debian box and tell me whether the kernel module still loads?\r\n"
+    "Thanks, Alice\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def slice_model_path(tmp_path_factory):
+    """A model trained on the test slice (not the shipped one) in a temp file."""
+    path = tmp_path_factory.mktemp("bayes") / "model.npz"
+    train_model(corpus_files("ham") + corpus_files("spam")).save(path)
+    return path
+
+
+def bayes_config(make_config, path, **settings):
+    items = ", ".join(f"{k}: {v}" for k, v in {"model": path, **settings}.items())
+    return make_config(f"plugins: [{{name: bayes, settings: {{{items}}}}}]\n")
+
+
+async def _check(config, raw):
+    app = App(config)
+    await app.startup()
+    try:
+        return report(await check_message(app, raw))
+    finally:
+        await app.shutdown()
+
+
+async def test_check_report_has_probability_score_tokens_and_headers(make_config, slice_model_path):
+    config = bayes_config(make_config, slice_model_path)
+    spam = await _check(config, make_message(subject="FREE money!!!", body=SPAM_TEXT))
+    ham = await _check(config, make_message(subject="build script patch", body=HAM_TEXT))
+    info = spam["plugins"]["bayes"]
+    assert info["probability"] > 0.9 > ham["plugins"]["bayes"]["probability"]
+    assert spam["score"] > 5 and ham["score"] <= 0
+    assert spam["score"] == info["score"]
+    assert info["tokens"] and all({"token", "weight"} <= set(t) for t in info["tokens"])
+    assert max(t["weight"] for t in info["tokens"]) > 0  # the spammy words pushed it up
+    headers = dict(spam["headers_added"])
+    assert headers["X-Spam-Status"].startswith("Yes, score=")
+    assert float(headers["X-Spam-Score"]) == pytest.approx(spam["score"], abs=0.01)
+    assert dict(ham["headers_added"])["X-Spam-Status"].startswith("No, ")
+    assert spam["action"] == ham["action"] == "accept"  # no thresholds configured
+
+
+async def test_header_names_are_configurable(make_config, slice_model_path):
+    config = bayes_config(
+        make_config, slice_model_path, score_header="X-Bayes-Score", status_header="X-Bayes"
+    )
+    result = await _check(config, make_message(body=SPAM_TEXT))
+    names = [name for name, _ in result["headers_added"]]
+    assert "X-Bayes-Score" in names and "X-Bayes" in names and "X-Spam-Score" not in names
+
+
+async def test_plugin_thresholds_junk_quarantine_reject(make_config, slice_model_path):
+    spam = make_message(subject="FREE money!!!", body=SPAM_TEXT)
+    junk = await _check(bayes_config(make_config, slice_model_path, junk=0.9), spam)
+    assert junk["action"] == "accept"
+    assert junk["route"]["bob@example.com"] == {"kind": "maildir", "folder": ".Junk"}
+    quarantined = await _check(bayes_config(make_config, slice_model_path, quarantine=0.9), spam)
+    assert quarantined["action"] == "quarantine" and quarantined["decided_by"] == "bayes"
+    rejected = await _check(bayes_config(make_config, slice_model_path, reject=0.9), spam)
+    assert rejected["action"] == "reject"
+    assert rejected["smtp_reply"]["code"] == 550
+    ham = await _check(
+        bayes_config(make_config, slice_model_path, junk=0.9, reject=0.99),
+        make_message(body=HAM_TEXT),
+    )
+    assert ham["action"] == "accept" and ham["route"]["bob@example.com"]["kind"] == "maildir"
+    assert "folder" not in ham["route"]["bob@example.com"]
+
+
+async def test_central_actions_use_the_score(make_config, slice_model_path):
+    config = make_config(f"""
+    actions: {{junk: 8}}
+    plugins: [{{name: bayes, settings: {{model: {slice_model_path}}}}}]
+    """)
+    result = await _check(config, make_message(subject="FREE money!!!", body=SPAM_TEXT))
+    assert result["route"]["bob@example.com"]["folder"] == ".Junk"
+
+
+def test_bad_settings_are_config_errors(make_config, slice_model_path):
+    with pytest.raises(ConfigError, match=r"plugins\[0\]\.settings\.treshold"):
+        App(bayes_config(make_config, slice_model_path, treshold=0.5))
+    with pytest.raises(ConfigError, match=r"junk .* must not be above reject"):
+        App(bayes_config(make_config, slice_model_path, junk=0.9, reject=0.5))
+
+
+async def test_corrupt_model_at_startup_is_a_clear_error(make_config, tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"garbage")
+    app = App(bayes_config(make_config, bad))
+    with pytest.raises(Exception, match=r"bayes: cannot load model: .*bad.npz: .*corrupt"):
+        await app.startup()
+
+
+def _touch_later(path):
+    """Make sure a rewritten file's mtime differs even on coarse-grained file systems."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+class _App:
+    def __init__(self, config):
+        self.config = config
+
+
+def test_hot_reload_keeps_the_last_good_model(tmp_path, make_config, slice_model_path):
+    path = tmp_path / "live.npz"
+    path.write_bytes(slice_model_path.read_bytes())
+    plugin = BayesPlugin(Settings(model=path, reload_interval=0.001))
+    plugin.mailflow_startup(_App(make_config()))
+    raw = make_message(body=SPAM_TEXT)
+    before = plugin.classify(raw)["probability"]
+
+    path.write_bytes(b"half-written garbage")
+    _touch_later(path)
+    time.sleep(0.002)
+    assert plugin.classify(raw)["probability"] == before  # still scoring, old model
+    assert "corrupt" in plugin.holder.last_error
+    assert plugin.holder.reloads == 0
+
+    # A model that learned the opposite: the reload must take effect.
+    flipped = Model.load(slice_model_path)
+    flipped.feature_counts = flipped.feature_counts[::-1].copy()
+    flipped.class_counts = flipped.class_counts[::-1].copy()
+    flipped.save(path)
+    _touch_later(path)
+    time.sleep(0.002)
+    after = plugin.classify(raw)["probability"]
+    assert plugin.holder.reloads == 1 and plugin.holder.last_error == ""
+    assert after < 0.5 < before
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"garbage without headers \xff\xfe",
+        b"Subject: \xe9t\xe9\r\nContent-Type: text/plain; charset=koi8-r\r\n\r\n\xf0\xd2\xc9",
+        make_message(body="x" * (3 * 1024 * 1024)),
+    ],
+)
+async def test_odd_messages_are_scored_without_error(raw, slice_model_path, make_config):
+    plugin = BayesPlugin(Settings(model=slice_model_path))
+    plugin.mailflow_startup(_App(make_config()))
+
+    class Msg:
+        envelope = type("E", (), {"rcpt_tos": ["bob@example.com"]})()
+
+    Msg.raw = raw
+    result = await plugin.mailflow_data(Msg())
+    assert 0.0 <= result.details["probability"] <= 1.0
+    assert -2 <= result.score <= 10
+
+
+async def test_spam_over_smtp_is_tagged_and_filed_into_junk(make_config, slice_model_path):
+    config = make_config(f"""
+    plugins: [{{name: bayes, settings: {{model: {slice_model_path}, junk: 0.9}}}}]
+    """)
+    async with running_server(config) as srv:
+        await send(srv.port, "a@example.org", ["bob@example.com"], make_message(body=SPAM_TEXT))
+        await send(srv.port, "a@example.org", ["bob@example.com"], make_message(body=HAM_TEXT))
+        [junk] = await srv.wait_delivered("bob@example.com", folder=".Junk")
+        [inbox] = await srv.wait_delivered("bob@example.com")
+    assert b"X-Spam-Status: Yes" in junk
+    assert b"X-Spam-Status: No" in inbox
+
+
+async def test_embedded_default_config_scores_with_the_shipped_model_and_accepts():
+    config = load_config(None)
+    entry = next(p for p in config.plugins if p.name == "bayes")
+    assert entry.enabled
+    result = await _check(config, make_message(subject="FREE money!!!", body=SPAM_TEXT))
+    assert result["action"] == "accept"  # the default never rejects
+    assert result["plugins"]["bayes"]["probability"] > 0.5
+    assert shipped_model_path().exists()
