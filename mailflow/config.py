@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -24,6 +24,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 DEFAULT_CONFIG_NAME = "<embedded default>"
@@ -63,6 +64,21 @@ Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_section_means_defaults(cls, data: Any) -> Any:
+        # "server:" with every key below it commented out is YAML null: all defaults.
+        # Likewise an emptied list or mapping ("targets:") is an empty one.
+        if data is None:
+            return {}
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if name in data and data[name] is None:
+                    origin = get_origin(field.annotation)
+                    if origin in (list, dict):
+                        data = {**data, name: origin()}
+        return data
 
 
 class TLSConfig(Strict):
@@ -297,11 +313,18 @@ def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ..
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = (
-                yaml.safe_load(yaml.serialize(key_node))
-                if not isinstance(key_node, yaml.ScalarNode)
-                else _scalar(key_node)
-            )
+            key = _scalar(key_node)
+            if not isinstance(key, str | int | float | bool | None):
+                raise ConfigError(
+                    [
+                        ConfigIssue(
+                            "",
+                            _dotted(path),
+                            key_node.start_mark.line + 1,
+                            "keys must be plain names, not lists or mappings",
+                        )
+                    ]
+                )
             if key in out:
                 # YAML itself would silently keep the last one; that hides mistakes.
                 first = lines.get((*path, key))
@@ -325,7 +348,9 @@ def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ..
 
 
 def _scalar(node: yaml.Node) -> Any:
-    return yaml.SafeLoader(yaml.serialize(node)).get_single_data()
+    # Tags were resolved while composing, so the safe constructor can build the value
+    # directly (re-serializing an empty value such as ``tls:`` would not parse back).
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -413,8 +438,11 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
-def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
-    """Parse and validate YAML text; raise :class:`ConfigError` naming file/key/line."""
+def load_yaml(text: str, filename: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """Parse YAML text into Python data plus the line of every key path.
+
+    Raises :class:`ConfigError` for syntax errors and duplicate keys.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -431,18 +459,26 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
         raise ConfigError([ConfigIssue(filename, "", None, f"YAML error: {exc}")]) from None
     lines: dict[tuple[Any, ...], int] = {}
     if node is None:
-        data: Any = {}
-    else:
-        try:
-            data = _to_python(node, (), lines)
-        except ConfigError as exc:
-            raise ConfigError(
-                [ConfigIssue(filename, i.path, i.line, i.message) for i in exc.issues]
-            ) from None
+        return {}, lines
+    try:
+        return _to_python(node, (), lines), lines
+    except ConfigError as exc:
+        raise ConfigError(
+            [ConfigIssue(filename, i.path, i.line, i.message) for i in exc.issues]
+        ) from None
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate_model(
+    model: type[ModelT], data: Any, filename: str, lines: dict[tuple[Any, ...], int]
+) -> ModelT:
+    """Validate loaded YAML data against ``model``; errors name file, key path and line."""
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue(filename, "", 1, "the top level must be a mapping of keys")])
     try:
-        config = Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         issues = []
         for err in exc.errors():
@@ -452,9 +488,15 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
                 if loc[:n] in lines:
                     line = lines[loc[:n]]
                     break
-            known = _known_keys(Config, loc) if err.get("type") == "extra_forbidden" else None
+            known = _known_keys(model, loc) if err.get("type") == "extra_forbidden" else None
             issues.append(ConfigIssue(filename, _dotted(loc), line, _explain(dict(err), known)))
         raise ConfigError(issues) from None
+
+
+def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
+    """Parse and validate YAML text; raise :class:`ConfigError` naming file/key/line."""
+    data, lines = load_yaml(text, filename)
+    config = validate_model(Config, data, filename, lines)
     _check_references(config, filename, lines)
     config._source = filename
     config._lines = lines

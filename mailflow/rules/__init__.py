@@ -1,0 +1,6 @@
+"""Admin-written YAML rules: schema (models) and engine (pure matching, no I/O)."""
+
+from mailflow.rules.engine import Hit, evaluate, to_result
+from mailflow.rules.schema import RuleSet, load_rules, parse_rules
+
+__all__ = ["Hit", "RuleSet", "evaluate", "load_rules", "parse_rules", "to_result"]

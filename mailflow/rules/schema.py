@@ -1,0 +1,184 @@
+"""The rule-file format: YAML -> strict models, errors with file, key path and line.
+
+A rule file is a mapping with one key, ``rules``, a list of rules::
+
+    rules:
+      - name: invoices-to-accounting
+        when: {subject: {contains: invoice}}
+        then: {route: {kind: maildir, mailbox: accounting}, add_headers: {X-Dept: accounting}}
+
+See docs/rules.md for every condition and action.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mailflow.config import ConfigError, ConfigIssue, Size, load_yaml, validate_model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TextMatch(_Strict):
+    """Exactly one operator; comparisons ignore case unless ``case_sensitive``."""
+
+    equals: str | None = None
+    contains: str | None = None
+    matches: str | None = None  # a Python regular expression (re.search)
+    one_of: list[str] | None = None
+    exists: bool | None = None
+    case_sensitive: bool = False
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> TextMatch:
+        given = [
+            k
+            for k in ("equals", "contains", "matches", "one_of", "exists")
+            if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError("give exactly one of: equals, contains, matches, one_of, exists")
+        if self.matches is not None:
+            try:
+                re.compile(self.matches)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {self.matches!r}: {exc}") from None
+        return self
+
+    def compiled(self) -> re.Pattern[str] | None:
+        if self.matches is None:
+            return None
+        return re.compile(self.matches, 0 if self.case_sensitive else re.IGNORECASE)
+
+
+class HeaderMatch(TextMatch):
+    name: str
+
+
+class SizeMatch(_Strict):
+    over: Size | None = None
+    under: Size | None = None
+
+
+class ScoreMatch(_Strict):
+    over: float | None = None
+    under: float | None = None
+
+
+class AttachmentMatch(_Strict):
+    filename: TextMatch | None = None
+    content_type: TextMatch | None = None
+
+
+class Condition(_Strict):
+    """Exactly one key per condition; combine with ``all`` / ``any`` / ``not``."""
+
+    all: list[Condition] | None = None
+    any: list[Condition] | None = None
+    not_: Condition | None = Field(None, alias="not")
+    header: HeaderMatch | None = None
+    subject: TextMatch | None = None
+    from_: TextMatch | None = Field(None, alias="from")  # address(es) in the From header
+    sender: TextMatch | None = None  # envelope sender (MAIL FROM)
+    recipient: TextMatch | None = None  # any envelope recipient
+    client_ip: list[str] | None = None  # CIDR networks
+    authenticated: bool | None = None
+    size: SizeMatch | None = None
+    body: TextMatch | None = None  # decoded text of the message body
+    attachment: AttachmentMatch | None = None
+    score: ScoreMatch | None = None  # total spam score from earlier plugins
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Condition:
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            names = ", ".join(f.alias or k for k, f in type(self).model_fields.items())
+            raise ValueError(f"a condition needs exactly one of: {names}")
+        return self
+
+    @field_validator("client_ip")
+    @classmethod
+    def _networks(cls, value: list[str] | None) -> list[str] | None:
+        for net in value or []:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network (e.g. 192.0.2.0/24)") from None
+        return value
+
+
+class RouteSpec(_Strict):
+    kind: Literal["maildir", "lmtp", "relay", "mx", "discard"] = "maildir"
+    target: str = ""
+    folder: str = ""
+    mailbox: str = ""
+
+
+class Then(_Strict):
+    action: Literal["accept", "reject", "tempfail", "discard", "quarantine"] | None = None
+    message: str = ""  # SMTP reply text for reject/tempfail; reason otherwise
+    code: int | None = Field(None, ge=400, le=599)
+    score: float = 0.0
+    add_headers: dict[str, str] = {}
+    remove_headers: list[str] = []
+    route: RouteSpec | None = None  # for the recipients the rule matched (or all)
+    redirect: list[str] = []  # replace the matched recipients by these (aliases)
+    add_recipients: list[str] = []  # send a copy to these too (forwarding, archives)
+    stop: bool = False  # evaluate no further rules after this one matched
+
+    @model_validator(mode="after")
+    def _code_fits_action(self) -> Then:
+        if self.code is not None:
+            want = {"reject": 5, "tempfail": 4}.get(self.action or "")
+            if want is None or self.code // 100 != want:
+                raise ValueError("code needs action reject (5xx) or tempfail (4xx)")
+        return self
+
+
+class Rule(_Strict):
+    name: str
+    enabled: bool = True
+    when: Condition
+    then: Then
+
+
+class RuleSet(_Strict):
+    rules: list[Rule] = []
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_names(cls, value: list[Rule]) -> list[Rule]:
+        seen: set[str] = set()
+        for rule in value:
+            if rule.name in seen:
+                raise ValueError(f"rule name {rule.name!r} is used twice")
+            seen.add(rule.name)
+        return value
+
+
+def parse_rules(text: str, filename: str) -> RuleSet:
+    data, lines = load_yaml(text, filename)
+    return validate_model(RuleSet, data, filename, lines)
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    """Load one rule file; :class:`ConfigError` names the file, key path and line."""
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(str(p), "", None, f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue(str(p), "", None, "not UTF-8 text")]) from None
+    return parse_rules(text, str(p))
+
+
+def rules_from_data(data: Any, source: str) -> RuleSet:
+    return validate_model(RuleSet, {"rules": data}, source, {})
