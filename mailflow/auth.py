@@ -185,7 +185,12 @@ class AuthMechanisms:
 
         async def push(self, status: str | bytes) -> None: ...
 
-        async def challenge_auth(self, challenge: str | bytes) -> Any: ...
+        async def challenge_auth(
+            self,
+            challenge: str | bytes,
+            encode_to_b64: bool = True,
+            log_client_response: bool = False,
+        ) -> Any: ...
 
     async def _check_password(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         data = LoginPassword(login, password)
@@ -206,6 +211,9 @@ class AuthMechanisms:
                     self.transport.close()
                 return AuthResult(success=False, handled=True)
             return AuthResult(success=False, handled=False, message=R_AUTH_INVALID)
+        if result.auth_data is None:
+            # The protocol names the user from auth_data.login; keep what was checked.
+            return AuthResult(success=True, auth_data=data)
         return result
 
     async def _b64_arg(self, value: str) -> bytes | None:

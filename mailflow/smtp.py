@@ -129,7 +129,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         conn = self.mailflow_conn
         if conn is None or self.session is None:
             return
-        self.session.mailflow_conn = conn  # type: ignore[attr-defined]
+        self.session.mailflow_conn = conn
         conn.helo = ""
         conn.authenticated_user = ""
         self.mailflow_helo_runs = []
@@ -193,7 +193,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         for e.g. ``<a@[bad``; that is a malformed address (553 5.1.3), not a local error.
         """
         try:
-            return super()._getaddr(arg)  # type: ignore[no-any-return]
+            return super()._getaddr(arg)
         except Exception:
             return None, None
 
@@ -216,7 +216,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         ip, port = (peer[0], peer[1]) if isinstance(peer, tuple) else (str(peer or ""), 0)
         conn = handler.new_connection(ip, port)
         self.mailflow_conn = conn
-        self.session.mailflow_conn = conn  # type: ignore[union-attr]
+        self.session.mailflow_conn = conn
         if handler.active > handler.app.config.server.max_connections:
             # RFC 5321 3.1: a server may answer the connection with 421 and close.
             await self.push(str(R_TOO_MANY_CONNS))
@@ -260,7 +260,7 @@ class Handler:
 
     @staticmethod
     def conn(session: Session) -> Connection:
-        return session.mailflow_conn  # type: ignore[attr-defined,no-any-return]
+        return session.mailflow_conn  # type: ignore[attr-defined]
 
     # --- HELO/EHLO ------------------------------------------------------------------------
 
@@ -287,7 +287,9 @@ class Handler:
         session.host_name = hostname
         # RFC 2920: aiosmtpd reads commands one line at a time from its buffer and
         # answers in order, so batched commands are safe to accept (and to advertise).
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        # aiosmtpd prints a bare "250-AUTH" when every mechanism is excluded.
+        kept = [r for r in responses[:-1] if r.strip() != "250-AUTH"]
+        return [*kept, "250-PIPELINING", responses[-1]]
 
     async def _helo(self, server: SMTP, session: Session, hostname: str) -> str | None:
         conn = self.conn(session)
@@ -531,7 +533,7 @@ async def start_servers(
             timeout=cfg.command_timeout,
             auth_require_tls=True,
             authenticator=authenticator,
-            auth_exclude_mechanism=_excluded_mechanisms(app) if authenticator else None,
+            auth_exclude_mechanism=_excluded_mechanisms(app, authenticator),
             loop=loop,
         )
 
@@ -542,8 +544,13 @@ async def start_servers(
     return servers
 
 
-def _excluded_mechanisms(app: App) -> list[str]:
-    allowed = set(app.config.server.auth.mechanisms) if app.config.server.auth else set()
+def _excluded_mechanisms(app: App, authenticator: Any) -> list[str]:
+    """Mechanisms not to offer: all without an authenticator (else aiosmtpd offers
+    ones that always fail), otherwise those missing from ``server.auth.mechanisms``."""
+    if authenticator is None:
+        return ["PLAIN", "LOGIN"]
+    auth = app.config.server.auth
+    allowed = set(auth.mechanisms) if auth else {"PLAIN", "LOGIN"}
     return [m for m in ("PLAIN", "LOGIN") if m not in allowed]
 
 

@@ -17,7 +17,8 @@ from mailflow.smtp import MailflowSMTP
 from mailflow.testing import SMTPDialog, make_message, running_server
 from tests.smtp_support import Recorder, client_context, self_signed_cert
 
-HASH = PasswordHasher().hash("s3cret")
+# Cheap parameters keep the tests quick; verification reads them from the hash.
+HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash("s3cret")
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +302,45 @@ def test_users_cli_uses_the_config_file(tmp_path):
     no_auth.write_text("server: {hostname: x}\n")
     result = CliRunner().invoke(main, ["users", "list", "-c", str(no_auth)])
     assert result.exit_code == 2 and "--file" in result.output
+
+
+async def test_mechanisms_setting_limits_what_is_offered(make_config, tls_files, users_file):
+    cert, key = tls_files
+    config = make_config(f"""
+        server:
+          listen: ["127.0.0.1:0"]
+          tls: {{cert: {cert}, key: {key}}}
+          auth: {{users_file: {users_file}, mechanisms: [PLAIN]}}
+        """)
+    async with running_server(config) as srv:
+        dialog, _ = await SMTPDialog.open(srv.port)
+        await dialog.command("EHLO client.test")
+        await dialog.command("STARTTLS")
+        await dialog.writer.start_tls(client_context(cert))
+        ehlo = await dialog.command("EHLO client.test")
+        assert "AUTH PLAIN" in ehlo and "LOGIN" not in ehlo
+        assert (await dialog.command("AUTH LOGIN")).startswith("504")
+        assert (await dialog.command("AUTH PLAIN " + plain("alice", "s3cret"))).startswith("235")
+        await dialog.close()
+
+
+async def test_custom_authenticator_without_auth_data_still_names_the_user(make_config, tls_files):
+    from aiosmtpd.smtp import AuthResult
+
+    def allow_all(server, session, envelope, mechanism, data):
+        return AuthResult(success=True)
+
+    rec = Recorder()
+    cert, key = tls_files
+    config = make_config(f"""
+        server: {{listen: ["127.0.0.1:0"], tls: {{cert: {cert}, key: {key}}}}}
+        local_domains: [example.com]
+        relay: {{default: up, targets: {{up: {{host: 127.0.0.1, port: 9, tls: none}}}}}}
+        """)
+    async with running_server(config, authenticator=allow_all, extra_plugins={"rec": rec}) as srv:
+        client = await tls_session(srv.port, cert)
+        await client.auth_plain("anyone", "x")
+        errors, _ = await client.sendmail("a@example.com", ["r@elsewhere.test"], make_message())
+        assert errors == {}
+        await client.quit()
+    assert [s.user for s in rec.stages["rcpt"]] == ["anyone"]

@@ -133,3 +133,14 @@ async def test_commands_injected_before_the_handshake_are_discarded(make_config,
         # Had the injected MAIL run, this would be "503 nested MAIL".
         assert (await dialog.command("MAIL FROM:<a@example.org>")).startswith("250")
         await dialog.close()
+
+
+async def test_no_auth_is_offered_without_an_authenticator(make_config, tls_files):
+    async with running_server(make_config(tls_yaml(tls_files))) as srv:
+        dialog, _ = await SMTPDialog.open(srv.port)
+        await dialog.command("EHLO client.test")
+        await dialog.command("STARTTLS")
+        await dialog.writer.start_tls(client_context(tls_files[0]))
+        assert "AUTH" not in await dialog.command("EHLO client.test")
+        assert (await dialog.command("AUTH PLAIN AGFAYg==")).startswith("504")
+        await dialog.close()
