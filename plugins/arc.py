@@ -38,14 +38,14 @@ _ARC_FIELDS = (b"arc-seal", b"arc-message-signature", b"arc-authentication-resul
 _INSTANCE_RE = re.compile(rb"(?:^|;)\s*i\s*=\s*(\d+)")
 
 
-class Settings(BaseModel):
+class ARCSettings(BaseModel):
     """``plugins: [{name: arc, settings: {...}}]``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     fail_score: float = 0.0  # added when a chain is present but fails
     pass_score: float = 0.0  # e.g. negative, to favour mail through trusted forwarders
-    min_key_bits: int = Field(1024, ge=1024)
+    min_key_bits: int = Field(default=1024, ge=1024)
 
 
 def _short(text: str) -> str:
@@ -117,10 +117,10 @@ def verify_chain(arc: Any, keys: KeyTable, min_key_bits: int) -> tuple[str, str,
 class ARCVerify:
     """The ``arc`` plugin: see the module docstring."""
 
-    Settings = Settings
+    Settings = ARCSettings
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, settings: ARCSettings | None = None) -> None:
+        self.settings = settings or ARCSettings()
         self.resolver: Any = None
 
     @hookimpl

@@ -41,13 +41,13 @@ REASON_LIMIT = 160  # characters: reasons end up in headers and logs
 HEADER_B_LENGTH = 8  # RFC 6008 2: a prefix of b= that tells signatures apart
 
 
-class Settings(BaseModel):
+class DKIMSettings(BaseModel):
     """``plugins: [{name: dkim, settings: {...}}]``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_signatures: int = Field(5, ge=1, le=50)  # verified per message; the rest: policy
-    min_key_bits: int = Field(1024, ge=1024)  # RFC 8301 3.2: shorter RSA keys never pass
+    max_signatures: int = Field(default=5, ge=1, le=50)  # verified per message; the rest: policy
+    min_key_bits: int = Field(default=1024, ge=1024)  # RFC 8301 3.2: shorter RSA keys never pass
     fail_score: float = 0.0  # added when the message result is fail or permerror
     fail_action: Literal["continue", "quarantine", "reject"] = "continue"
     temperror_action: Literal["continue", "tempfail"] = "continue"
@@ -165,10 +165,10 @@ def summarise(checks: list[SignatureCheck]) -> str:
 class DKIMVerify:
     """The ``dkim`` plugin: see the module docstring."""
 
-    Settings = Settings
+    Settings = DKIMSettings
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, settings: DKIMSettings | None = None) -> None:
+        self.settings = settings or DKIMSettings()
         self.resolver: Any = None
 
     @hookimpl

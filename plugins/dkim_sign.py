@@ -30,7 +30,7 @@ from mailflow_plugins import dkim_keys
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mailflow.hookspecs import hookimpl
-from mailflow.verdict import AddHeader, Result
+from mailflow.verdict import AddHeader, Mutation, Result
 
 log = logging.getLogger("mailflow.plugins.dkim_sign")
 
@@ -76,7 +76,7 @@ class KeySettings(BaseModel):
         return value.strip().rstrip(".").lower()
 
 
-class Settings(BaseModel):
+class SignSettings(BaseModel):
     """``plugins: [{name: dkim_sign, settings: {...}}]``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -99,7 +99,7 @@ def _domain_of(address: str) -> str:
     return address.rpartition("@")[2].strip().rstrip(".>").lower()
 
 
-def include_list(header_names: list[str], settings: Settings) -> list[str]:
+def include_list(header_names: list[str], settings: SignSettings) -> list[str]:
     """The ``h=`` list: each configured field as often as present, oversigned +1."""
     counts: dict[str, int] = {}
     for name in header_names:
@@ -138,9 +138,9 @@ def sign_message(
 class DKIMSign:
     """The ``dkim_sign`` plugin: see the module docstring."""
 
-    Settings = Settings
+    Settings = SignSettings
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: SignSettings) -> None:
         self.settings = settings
         self._keys: list[tuple[KeySettings, bytes]] = []
 
@@ -182,7 +182,7 @@ class DKIMSign:
         raw = message.raw  # the bytes that will be delivered, earlier mutations included
         names = [str(n) for n in message.headers]  # every field, duplicates included
         include = include_list(names, self.settings)
-        mutations = []
+        mutations: list[Mutation] = []
         signed = []
         for key, private in keys:
             try:
