@@ -3,6 +3,9 @@
 The handler turns each SMTP phase into one pipeline stage; a verdict at an early
 stage is answered at that command. A message is acknowledged with 250 only after
 it has been fsync'd into the spool (or quarantine), never before.
+
+The per-connection protocol (limits, timeouts, STARTTLS bookkeeping) is
+:class:`mailflow.smtp_session.MailflowSMTP`; AUTH is in :mod:`mailflow.auth`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import asyncio
 import email.utils
 import logging
 import re
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -22,13 +24,13 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from mailflow.app import App
-from mailflow.auth import AuthMechanisms
 from mailflow.config import parse_listen
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
 from mailflow.msglog import log_message
 from mailflow.normalize import BareNewlineError, normalize_newlines
 from mailflow.quarantine import Quarantine
+from mailflow.smtp_session import MailflowSMTP
 from mailflow.verdict import Action, Mutation, Result, SMTPReply
 
 log = logging.getLogger("mailflow.smtp")
@@ -37,7 +39,6 @@ log = logging.getLogger("mailflow.smtp")
 R_RELAY_DENIED = SMTPReply(554, "Relay access denied", "5.7.1")
 R_NO_ROUTE = SMTPReply(550, "No route to this domain", "5.1.2")
 R_TOO_MANY_RCPTS = SMTPReply(452, "Too many recipients", "4.5.3")
-R_TOO_MANY_CONNS = SMTPReply(421, "Too many connections, try again later", "4.7.0")
 R_LOOP = SMTPReply(554, "Too many Received headers: mail loop?", "5.4.6")
 R_BARE_NEWLINE = SMTPReply(
     550, "Bare CR or LF in message data is not allowed (RFC 5322 2.3)", "5.6.0"
@@ -46,9 +47,7 @@ R_NUL = SMTPReply(550, "NUL characters are not allowed in message data", "5.6.0"
 R_SPOOL_FAILED = SMTPReply(451, "Local error storing the message, try again later", "4.3.0")
 R_BAD_ADDRESS = SMTPReply(553, "Malformed address", "5.1.3")
 R_SENDER_NEEDED = SMTPReply(503, "Need MAIL command first", "5.5.1")
-_FALLBACK_TEMPFAIL = SMTPReply(421, "Service not available, closing channel", "4.3.2")
 R_LOCAL_ERROR = SMTPReply(451, "Local error in processing, try again later", "4.3.0")
-R_TIMEOUT = SMTPReply(421, "Timeout, closing connection", "4.4.2")
 
 # RFC 5322 2.2 field name (printable ASCII except ":"), with obsolete WSP before ":".
 _HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
@@ -87,150 +86,6 @@ def _reply_for(result: Result, stage: str) -> str:
     if stage == "rcpt" and result.action is Action.DISCARD:
         reply = SMTPReply(550, "Recipient rejected", "5.7.1")
     return str(reply)
-
-
-class MailflowSMTP(AuthMechanisms, SMTP):
-    """aiosmtpd's protocol plus connection limits, timeouts, TLS facts and the connect stage.
-
-    One instance serves one TCP connection (STARTTLS keeps the instance and swaps
-    the transport).
-    """
-
-    def __init__(self, handler: Handler, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.mailflow_handler = handler
-        self.mailflow_conn: Connection | None = None
-        self.mailflow_connect_runs: list[PluginRun] = []
-        self.mailflow_helo_runs: list[PluginRun] = []
-        self._counted = False  # this connection is in handler.active
-        self._in_data = False  # between "354" and the end of the message data
-
-    # --- connection bookkeeping -------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        after_starttls = self.transport is not None
-        super().connection_made(transport)
-        if after_starttls:
-            self._after_starttls()
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Peers lose ~40 ms per reply to Nagle + delayed ACK otherwise.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.mailflow_handler.active += 1
-        self._counted = True
-
-    def _after_starttls(self) -> None:
-        """aiosmtpd made a fresh Session; carry the Connection over, minus what TLS resets.
-
-        RFC 3207 4.2: after the handshake the server forgets what the client said
-        before it (HELO name, and any AUTH), so ``helo`` is cleared here too.
-        """
-        conn = self.mailflow_conn
-        if conn is None or self.session is None:
-            return
-        self.session.mailflow_conn = conn
-        conn.helo = ""
-        conn.authenticated_user = ""
-        self.mailflow_helo_runs = []
-        ssl_object = (self.session.ssl or {}).get("ssl_object")
-        conn.tls = True
-        conn.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
-
-    def connection_lost(self, error: Exception | None) -> None:
-        # May run twice (aiosmtpd calls it itself when the TLS handshake fails), and
-        # before _handle_client ever ran: the flag keeps the count exact either way.
-        if self._counted:
-            self._counted = False
-            self.mailflow_handler.active -= 1
-        super().connection_lost(error)
-
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    # --- timeouts ---------------------------------------------------------------------------
-
-    def _timeout_cb(self) -> None:
-        """Tell the client why before closing (RFC 5321 4.5.3.2: 421 on timeout)."""
-        if self.transport is not None and not self.transport.is_closing():
-            phase = "data" if self._in_data else "command"
-            self.transport.write(f"{R_TIMEOUT} ({phase})\r\n".encode())
-        super()._timeout_cb()
-
-    def data_received(self, data: bytes) -> None:
-        # RFC 5321 4.5.3.2.5: the DATA timeout is per received chunk, not per message,
-        # so a large message on a slow link is not cut off while it is still flowing.
-        if self._in_data:
-            self._reset_timeout(self.mailflow_handler.app.config.server.data_timeout)
-        super().data_received(data)
-
-    async def smtp_DATA(self, arg: str) -> None:
-        server = self.mailflow_handler.app.config.server
-        self._in_data = True
-        self._reset_timeout(server.data_timeout)
-        try:
-            await super().smtp_DATA(arg)
-        finally:
-            self._in_data = False
-            if self.transport is not None:
-                self._reset_timeout(server.command_timeout)
-
-    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
-        if command != "DATA":
-            return await super()._call_handler_hook(command, *args)
-        # The data is in; filtering has its own per-plugin timeouts, so the idle
-        # timer must not cut the client off while we decide (RFC 5321 4.5.3.2.6).
-        self._in_data = False
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
-        return await super()._call_handler_hook(command, *args)
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's address parser, minus its crashes on some malformed input.
-
-        The stdlib header parser it uses raises AttributeError (not HeaderParseError)
-        for e.g. ``<a@[bad``; that is a malformed address (553 5.1.3), not a local error.
-        """
-        try:
-            return super()._getaddr(arg)
-        except Exception:
-            return None, None
-
-    # --- AUTH -------------------------------------------------------------------------------
-
-    async def smtp_AUTH(self, arg: str) -> None:
-        await super().smtp_AUTH(arg)
-        conn = self.mailflow_conn
-        if self.session is not None and self.session.authenticated and conn is not None:
-            login = getattr(self.session.auth_data, "login", b"") or b""
-            if not conn.authenticated_user:
-                conn.authenticated_user = login.decode("utf-8", "replace")
-                log.info("%s authenticated as %s", conn.ip, conn.authenticated_user)
-
-    # --- greeting ---------------------------------------------------------------------------
-
-    async def _handle_client(self) -> None:
-        handler = self.mailflow_handler
-        peer = self.session.peer if self.session else None
-        ip, port = (peer[0], peer[1]) if isinstance(peer, tuple) else (str(peer or ""), 0)
-        conn = handler.new_connection(ip, port)
-        self.mailflow_conn = conn
-        self.session.mailflow_conn = conn
-        if handler.active > handler.app.config.server.max_connections:
-            # RFC 5321 3.1: a server may answer the connection with 421 and close.
-            await self.push(str(R_TOO_MANY_CONNS))
-            self._close()
-            return
-        result, runs = await handler.app.pipeline.run_stage("connect", connection=conn)
-        self.mailflow_connect_runs = runs
-        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
-            reply = result.smtp_reply() or SMTPReply(554, "Connection refused", "5.7.1")
-            code = 554 if reply.code >= 500 else 421
-            await self.push(str(SMTPReply(code, reply.text, reply.status)))
-            self._close()
-            return
-        await super()._handle_client()
 
 
 class Handler:

@@ -1,0 +1,173 @@
+"""One SMTP connection: aiosmtpd's protocol plus what mailflow adds around the commands.
+
+Connection limits (an exact count), the connect stage before the greeting, 421 on
+timeouts with a per-chunk DATA timer, carrying the :class:`~mailflow.message.Connection`
+across STARTTLS with the TLS facts, and crash-proof address parsing. The per-command
+decisions (relay control, limits, the pipeline) live in :class:`mailflow.smtp.Handler`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP
+
+from mailflow.auth import AuthMechanisms
+from mailflow.message import Connection, PluginRun
+from mailflow.verdict import Action, SMTPReply
+
+if TYPE_CHECKING:
+    from mailflow.smtp import Handler
+
+log = logging.getLogger("mailflow.smtp")
+
+# RFC 5321 3.1 / 4.5.3.2: replies given before closing the connection.
+R_TOO_MANY_CONNS = SMTPReply(421, "Too many connections, try again later", "4.7.0")
+R_TIMEOUT = SMTPReply(421, "Timeout, closing connection", "4.4.2")
+
+
+class MailflowSMTP(AuthMechanisms, SMTP):
+    """aiosmtpd's protocol plus connection limits, timeouts, TLS facts and the connect stage.
+
+    One instance serves one TCP connection (STARTTLS keeps the instance and swaps
+    the transport).
+    """
+
+    def __init__(self, handler: Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.mailflow_handler = handler
+        self.mailflow_conn: Connection | None = None
+        self.mailflow_connect_runs: list[PluginRun] = []
+        self.mailflow_helo_runs: list[PluginRun] = []
+        self._counted = False  # this connection is in handler.active
+        self._in_data = False  # between "354" and the end of the message data
+
+    # --- connection bookkeeping -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        after_starttls = self.transport is not None
+        super().connection_made(transport)
+        if after_starttls:
+            self._after_starttls()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Peers lose ~40 ms per reply to Nagle + delayed ACK otherwise.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.mailflow_handler.active += 1
+        self._counted = True
+
+    def _after_starttls(self) -> None:
+        """aiosmtpd made a fresh Session; carry the Connection over, minus what TLS resets.
+
+        RFC 3207 4.2: after the handshake the server forgets what the client said
+        before it (HELO name, and any AUTH), so ``helo`` is cleared here too.
+        """
+        conn = self.mailflow_conn
+        if conn is None or self.session is None:
+            return
+        self.session.mailflow_conn = conn
+        conn.helo = ""
+        conn.authenticated_user = ""
+        self.mailflow_helo_runs = []
+        ssl_object = (self.session.ssl or {}).get("ssl_object")
+        conn.tls = True
+        conn.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
+
+    def connection_lost(self, error: Exception | None) -> None:
+        # May run twice (aiosmtpd calls it itself when the TLS handshake fails), and
+        # before _handle_client ever ran: the flag keeps the count exact either way.
+        if self._counted:
+            self._counted = False
+            self.mailflow_handler.active -= 1
+        super().connection_lost(error)
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- timeouts ---------------------------------------------------------------------------
+
+    def _timeout_cb(self) -> None:
+        """Tell the client why before closing (RFC 5321 4.5.3.2: 421 on timeout)."""
+        if self.transport is not None and not self.transport.is_closing():
+            phase = "data" if self._in_data else "command"
+            self.transport.write(f"{R_TIMEOUT} ({phase})\r\n".encode())
+        super()._timeout_cb()
+
+    def data_received(self, data: bytes) -> None:
+        # RFC 5321 4.5.3.2.5: the DATA timeout is per received chunk, not per message,
+        # so a large message on a slow link is not cut off while it is still flowing.
+        if self._in_data:
+            self._reset_timeout(self.mailflow_handler.app.config.server.data_timeout)
+        super().data_received(data)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        server = self.mailflow_handler.app.config.server
+        self._in_data = True
+        self._reset_timeout(server.data_timeout)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._in_data = False
+            if self.transport is not None:
+                self._reset_timeout(server.command_timeout)
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command != "DATA":
+            return await super()._call_handler_hook(command, *args)
+        # The data is in; filtering has its own per-plugin timeouts, so the idle
+        # timer must not cut the client off while we decide (RFC 5321 4.5.3.2.6).
+        self._in_data = False
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        return await super()._call_handler_hook(command, *args)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser, minus its crashes on some malformed input.
+
+        The stdlib header parser it uses raises AttributeError (not HeaderParseError)
+        for e.g. ``<a@[bad``; that is a malformed address (553 5.1.3), not a local error.
+        """
+        try:
+            return super()._getaddr(arg)
+        except Exception:
+            return None, None
+
+    # --- AUTH -------------------------------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+        conn = self.mailflow_conn
+        if self.session is not None and self.session.authenticated and conn is not None:
+            login = getattr(self.session.auth_data, "login", b"") or b""
+            if not conn.authenticated_user:
+                conn.authenticated_user = login.decode("utf-8", "replace")
+                log.info("%s authenticated as %s", conn.ip, conn.authenticated_user)
+
+    # --- greeting ---------------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        handler = self.mailflow_handler
+        peer = self.session.peer if self.session else None
+        ip, port = (peer[0], peer[1]) if isinstance(peer, tuple) else (str(peer or ""), 0)
+        conn = handler.new_connection(ip, port)
+        self.mailflow_conn = conn
+        self.session.mailflow_conn = conn
+        if handler.active > handler.app.config.server.max_connections:
+            # RFC 5321 3.1: a server may answer the connection with 421 and close.
+            await self.push(str(R_TOO_MANY_CONNS))
+            self._close()
+            return
+        result, runs = await handler.app.pipeline.run_stage("connect", connection=conn)
+        self.mailflow_connect_runs = runs
+        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
+            reply = result.smtp_reply() or SMTPReply(554, "Connection refused", "5.7.1")
+            code = 554 if reply.code >= 500 else 421
+            await self.push(str(SMTPReply(code, reply.text, reply.status)))
+            self._close()
+            return
+        await super()._handle_client()
