@@ -72,7 +72,9 @@ def test_json_object_shape_for_an_accepted_message(tmp_path, example_config):
 
 
 def test_no_scoring_plugin_means_score_0(tmp_path):
-    code, out = run_check("--json", eml(tmp_path))
+    config = tmp_path / "mailflow.yaml"
+    config.write_text("plugins: []\n")
+    code, out = run_check("--json", "-c", str(config), eml(tmp_path))
     assert (code, out["action"], out["score"], out["plugins"]) == (0, "accept", 0, {})
 
 

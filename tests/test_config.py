@@ -315,7 +315,7 @@ def test_embedded_default_is_loopback_any_recipient_maildir_no_relay():
     assert config.relay_networks == []
     assert config.delivery.method == "maildir"
     assert config.delivery.maildir.root == Path("./mail")
-    assert config.plugins == []
+    assert config.actions.reject is None  # the default never refuses mail for its content
 
 
 async def test_embedded_default_files_mail_for_any_recipient_into_its_maildir(tmp_path):
@@ -342,3 +342,24 @@ async def test_embedded_default_files_mail_for_any_recipient_into_its_maildir(tm
         for rcpt in rcpts:
             await srv.wait_delivered(rcpt)
             assert list((tmp_path / "mail" / rcpt / "new").iterdir())
+
+
+def test_an_empty_section_means_its_defaults():
+    # What is left after commenting out every key under a section.
+    config = parse_config("server:\nactions:\nlog:\n  file:\nrelay:\n  targets:\n")
+    assert config.server.listen == ["127.0.0.1:2525"]
+    assert config.actions.reject is None
+    assert config.log.file is None
+    assert config.relay.targets == {}
+
+
+def test_a_section_with_nothing_but_a_missing_required_key():
+    assert errors("relay:\n  targets:\n    smart:\n") == [
+        "mailflow.yaml:3: relay.targets.smart.host: required key is missing"
+    ]
+
+
+def test_keys_must_be_plain_names():
+    assert errors("? [a, b]\n: 1\n") == [
+        "mailflow.yaml:1: keys must be plain names, not lists or mappings"
+    ]
