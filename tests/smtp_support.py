@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from mailflow.hookspecs import hookimpl
 from mailflow.message import Connection, MessageContext
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 
 
 def self_signed_cert(directory: Path, hostname: str = "mx.test") -> tuple[Path, Path]:

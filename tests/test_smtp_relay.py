@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from mailflow.app import App
 from mailflow.smtp import Handler
 from mailflow.testing import SMTPDialog, make_message, running_server, send
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
+from tests.smtp_support import needs_ipv6
 
 UPSTREAM = "targets: {upstream: {host: 127.0.0.1, port: 9, tls: none}}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 
 import aiosmtplib
@@ -144,3 +145,28 @@ async def test_no_auth_is_offered_without_an_authenticator(make_config, tls_file
         assert "AUTH" not in await dialog.command("EHLO client.test")
         assert (await dialog.command("AUTH PLAIN AGFAYg==")).startswith("504")
         await dialog.close()
+
+
+async def test_data_timer_is_rearmed_by_chunks_arriving_over_tls(make_config, tls_files):
+    config = make_config(
+        tls_yaml(tls_files, extra="command_timeout: 0.4\n          data_timeout: 0.4")
+    )
+    async with running_server(config) as srv:
+        dialog, _ = await SMTPDialog.open(srv.port)
+        await dialog.command("EHLO client.test")
+        await dialog.command("STARTTLS")
+        await dialog.writer.start_tls(client_context(tls_files[0]))
+        await dialog.command("EHLO client.test")
+        await dialog.command("MAIL FROM:<a@example.org>")
+        await dialog.command("RCPT TO:<bob@example.com>")
+        assert (await dialog.command("DATA")).startswith("354")
+        await dialog.write_raw(b"Subject: slow over TLS\r\n\r\n")
+        for i in range(8):
+            await asyncio.sleep(0.1)
+            await dialog.write_raw(b"line %d\r\n" % i)
+        assert (await dialog.command(".")).startswith("250")
+        # Then silence: the command timer closes the session with a 421.
+        assert (await dialog.read_reply(timeout=5)).startswith("421 4.4.2")
+        await dialog.close()
+        [msg] = await srv.wait_delivered("bob@example.com")
+        assert b"line 7\r\n" in msg
