@@ -109,6 +109,8 @@ def build_targets(
     plugins: list[dict[str, object]],
     profile: Path | None,
     py_spy: Path | None = None,
+    no_fsync: bool = False,
+    log_level: str = "INFO",
 ) -> list[Target]:
     targets: list[Target] = []
     for name in names:
@@ -128,7 +130,7 @@ def build_targets(
         slug = name.replace("+", "-")
         prof = profile / f"{slug}.prof" if profile else None
         spy = py_spy / f"{slug}.txt" if py_spy else None
-        targets.append(MailflowTarget(workdir, mode, chain, sink, prof, spy))
+        targets.append(MailflowTarget(workdir, mode, chain, sink, prof, spy, no_fsync, log_level))
     return targets
 
 
@@ -214,6 +216,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument("--profile", type=Path, help="run mailflow under cProfile; stats go here")
     p.add_argument("--py-spy", type=Path, help="sample mailflow with py-spy; stacks go here")
+    p.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="analysis only: run mailflow with fsync disabled to see what durability costs",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="mailflow's log.level (INFO logs a line per message and per delivery)",
+    )
     p.add_argument("--workdir", type=Path, help="keep servers' files here (default: temp)")
     return p.parse_args(argv)
 
@@ -228,7 +241,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if out:
             out.mkdir(parents=True, exist_ok=True)
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
-    targets = build_targets(names, workdir, plugins, args.profile, args.py_spy)
+    targets = build_targets(
+        names, workdir, plugins, args.profile, args.py_spy, args.no_fsync, args.log_level
+    )
     factory = MessageFactory(args.size, run=f"b{os.getpid()}")
     rows: list[Row] = []
     extra: dict[str, Any] = {}

@@ -1,0 +1,41 @@
+"""Smoke test for the SMTP benchmark harness, so it cannot silently rot.
+
+Runs ``python -m benchmarks.smtp_load`` for real (subprocess servers on 127.0.0.1)
+with tiny numbers and checks counts only; speed is measured in benchmarks/, never here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS_TIMEOUT = 120  # seconds; the run itself takes a few
+
+
+def run_harness(*args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.smtp_load", *args, "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HARNESS_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_harness_counts_bare_and_maildir() -> None:
+    report = run_harness("-n", "20", "-k", "2", "--targets", "bare,maildir")
+    rows = {row["server"]: row for row in report["rows"]}
+    assert set(rows) == {"bare aiosmtpd", "mailflow maildir"}
+    bare, maildir = rows["bare aiosmtpd"], rows["mailflow maildir"]
+    assert (bare["accepted"], bare["failed"], bare["concurrency"]) == (20, 0, 2)
+    assert (maildir["accepted"], maildir["failed"]) == (20, 0)
+    assert maildir["delivered"] == 20  # files in the Maildirs after the queue drained
+    assert maildir["drain_s"] is not None
+    assert maildir["ratio"] is not None and maildir["ratio"] > 0
+    assert report["size"] > 4000  # a realistic multipart message, not a one-liner
