@@ -312,6 +312,8 @@ def queue_flush(config_path: str | None) -> None:
 
     spool = _spool(config_path)
     for entry in spool.entries():
+        if not spool.message_path(entry.id).exists():
+            continue  # finished by the server meanwhile: do not resurrect its metadata
         for r in entry.pending():
             r.next_attempt = 0
         spool.update(entry)

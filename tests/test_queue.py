@@ -186,3 +186,14 @@ async def test_discard_route_finishes_without_a_transport(make_config):
         entry = await qm.enqueue("s@example.org", {"a@x.test": Route(RouteKind.DISCARD)}, b"x")
         await wait_for(lambda: not qm.spool.ids())
     assert entry.recipients[0].status == "discarded"
+
+
+async def test_metadata_without_its_message_is_dropped_not_retried(make_config):
+    transport = Scripted(default="451 4.3.0 later")
+    async with queue(make_config, transport) as qm:
+        entry = await qm.enqueue("s@example.org", {"a@remote.test": RELAY}, b"x\r\n")
+        await wait_for(lambda: transport.calls)
+        qm.spool.message_path(entry.id).unlink()  # only the .json is left
+        qm.flush()
+        await wait_for(lambda: not qm.spool.ids())
+    assert len(transport.calls) == 1

@@ -212,7 +212,15 @@ class QueueManager:
         due = [r for r in entry.pending() if r.next_attempt <= now]
         if not due:
             return
-        message = await asyncio.to_thread(self.spool.read_message, entry.id)
+        try:
+            message = await asyncio.to_thread(self.spool.read_message, entry.id)
+        except FileNotFoundError:
+            # Metadata without a message (e.g. rewritten by `queue flush` just as the
+            # message was finished): nothing left to deliver; do not retry for ever.
+            log.warning("queue %s: message file is gone; dropping its metadata", entry.id)
+            await asyncio.to_thread(self.spool.remove, entry.id)
+            self._entries.pop(entry.id, None)
+            return
         groups: dict[tuple[str, str, str, str], list[RecipientState]] = defaultdict(list)
         for r in due:
             route = r.route_obj
