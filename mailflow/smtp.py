@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import logging
 import re
 import ssl
@@ -24,7 +25,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from mailflow.app import App
-from mailflow.config import parse_listen
+from mailflow.config import Config, parse_listen
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
 from mailflow.msglog import log_message
@@ -34,6 +35,8 @@ from mailflow.smtp_session import MailflowSMTP
 from mailflow.verdict import Action, Mutation, Result, SMTPReply
 
 log = logging.getLogger("mailflow.smtp")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # RFC 5321 4.2 replies used by the front end.
 R_RELAY_DENIED = SMTPReply(554, "Relay access denied", "5.7.1")
@@ -100,10 +103,7 @@ class Handler:
 
     def new_connection(self, ip: str, port: int) -> Connection:
         conn = Connection(ip=ip, port=port)
-        addr = conn.address
-        if addr is not None and getattr(addr, "ipv4_mapped", None):
-            addr = addr.ipv4_mapped  # type: ignore[union-attr]
-        conn.relay_allowed = addr is not None and any(addr in n for n in self._relay_nets)
+        conn.relay_allowed = in_networks(conn.ip, self._relay_nets)
         if self.app.config.server.reverse_dns:
             conn._resolver = self.app.resolver.ptr
         return conn
@@ -203,20 +203,19 @@ class Handler:
             return str(R_BAD_ADDRESS)
         if len(envelope.rcpt_tos) >= config.server.max_recipients:
             return str(R_TOO_MANY_RCPTS)
-        domain = address.rpartition("@")[2]
-        local = config.is_local_domain(domain) or address.lower() == "postmaster"
-        if not local:
-            # No open relay: non-local recipients only for AUTH users / relay networks.
-            if not conn.trusted:
-                return str(R_RELAY_DENIED)
-            target = config.relay.routes.get(domain.lower(), config.relay.default)
-            if target == "none":
-                return str(R_NO_ROUTE)
-        elif config.delivery.method == "maildir" and config.delivery.maildir.quota is not None:
+        refusal = relay_refusal(config, conn, address)
+        if refusal is not None:
+            return str(refusal)
+        maildir = config.delivery.maildir
+        if (
+            is_local_recipient(config, address)
+            and config.delivery.method == "maildir"
+            and maildir.quota is not None
+        ):
             try:
                 await asyncio.to_thread(self.app.maildir.check_quota, address, 0)
             except Exception:
-                code = config.delivery.maildir.over_quota_code
+                code = maildir.over_quota_code
                 status = "4.2.2" if code == 452 else "5.2.2"
                 return f"{code} {status} Mailbox full"
         tx = _tx(envelope)
@@ -355,6 +354,41 @@ def _count_received(raw: bytes) -> int:
     end = raw.find(b"\r\n\r\n")
     head = raw[: end if end >= 0 else len(raw)]
     return sum(1 for line in head.split(b"\r\n") if line[:9].lower() == b"received:")
+
+
+# --- relay control (pure functions, shared with `mailflow check`) -----------------------------
+
+
+def in_networks(ip: str, networks: list[IPNetwork]) -> bool:
+    """Is ``ip`` in one of ``networks``? IPv4-mapped IPv6 (RFC 4291 2.5.5.2) counts as IPv4."""
+    try:
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+def is_local_recipient(config: Config, address: str) -> bool:
+    """A recipient we accept from anyone: a local domain, or bare postmaster (RFC 5321 4.5.1)."""
+    return address.lower() == "postmaster" or config.is_local_domain(address.rpartition("@")[2])
+
+
+def relay_refusal(config: Config, conn: Connection, address: str) -> SMTPReply | None:
+    """The answer refusing ``address`` at RCPT, or None when relay control allows it.
+
+    No open relay (RFC 5321 7.1): a non-local recipient needs a trusted client
+    (SMTP AUTH or ``relay_networks``) and a route other than "none".
+    """
+    if is_local_recipient(config, address):
+        return None
+    if not conn.trusted:
+        return R_RELAY_DENIED
+    domain = address.rpartition("@")[2].lower()
+    if config.relay.routes.get(domain, config.relay.default) == "none":
+        return R_NO_ROUTE
+    return None
 
 
 # --- servers -------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mailflow.app import App
-from mailflow.smtp import Handler
+from mailflow.message import Connection
+from mailflow.smtp import Handler, relay_refusal
 from mailflow.testing import SMTPDialog, make_message, running_server, send
 from tests.smtp_support import needs_ipv6
 
@@ -110,3 +111,26 @@ async def test_denied_relay_leaves_the_rest_of_the_transaction_working(make_conf
         assert refused[REMOTE][0] == 554
         await srv.wait_delivered(LOCAL)
         assert srv.delivered(REMOTE) == []
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "trusted", "expected"),
+    [
+        ("a@example.com", False, None),
+        ("a@x.example.net", False, None),
+        ("POSTMASTER", False, None),
+        ("postmaster@elsewhere.test", False, 554),  # only bare postmaster is special
+        ("a@elsewhere.test", False, 554),
+        ("a@elsewhere.test", True, 550),  # relay.default none, no route
+        ("a@routed.test", True, None),
+        ("a@ROUTED.test", True, None),
+    ],
+)
+def test_relay_refusal_is_a_pure_decision(make_config, rcpt, trusted, expected):
+    config = make_config(f"""
+        local_domains: [example.com, "*.example.net"]
+        relay: {{default: none, routes: {{routed.test: upstream}}, {UPSTREAM}}}
+        """)
+    conn = Connection(ip="192.0.2.1", relay_allowed=trusted)
+    reply = relay_refusal(config, conn, rcpt)
+    assert (reply.code if reply else None) == expected
