@@ -144,3 +144,19 @@ def test_wrongly_typed_setting_is_a_config_error(make_config):
     assert issue.path == "plugins[0].settings.subject_keywords.lottery"
     assert "number" in issue.message
     assert "'lots'" in issue.message
+
+
+async def test_the_testing_example_in_docs_plugins_md(tmp_path):
+    """The "Testing your plugin" example from docs/plugins.md, verbatim in substance."""
+    from mailflow_example import ExamplePlugin, Settings
+
+    from mailflow.testing import config_for
+
+    config = config_for(tmp_path, "plugins: [{name: example, on_error: continue}]")
+    plugin = ExamplePlugin(Settings(refused_recipients=["gone@example.com"]))
+    async with running_server(config, extra_plugins={"example": plugin}) as srv:
+        refused = await send(
+            srv.port, "a@example.org", ["gone@example.com", "bob@example.com"], make_message()
+        )
+        assert refused["gone@example.com"][0] == 550
+        await srv.wait_delivered("bob@example.com")
