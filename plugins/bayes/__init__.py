@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mailflow_plugins.bayes.features import Hasher, extract_tokens
-from mailflow_plugins.bayes.model import Model, ModelError, score_from_probability
+from mailflow_plugins.bayes.model import Model, ModelError, logistic, score_from_probability
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mailflow.hookspecs import hookimpl
@@ -163,14 +164,14 @@ class BayesPlugin:
         holder.maybe_reload()
         model = holder.model
         tokens = extract_tokens(raw)
-        indices = self.hasher.index(tokens)
-        probability = model.probability(indices)
+        columns = np.asarray(self.hasher.columns(tokens), dtype=np.int64)
+        log_odds = model.log_odds(np.unique(columns))
         details: dict[str, Any] = {
-            "probability": round(probability, 6),
-            "log_odds": round(model.log_odds(indices), 3),
+            "probability": round(logistic(log_odds), 6),
+            "log_odds": round(log_odds, 3),
         }
         if self.settings.top_tokens:
-            details["tokens"] = model.contributions(tokens, self.hasher, self.settings.top_tokens)
+            details["tokens"] = model.contributions(tokens, columns, self.settings.top_tokens)
         return details
 
     @hookimpl

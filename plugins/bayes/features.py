@@ -31,8 +31,11 @@ MAX_TOKEN_LEN = 25
 
 _WORD = re.compile(r"[^\W\d_][^\W_]{1,24}")  # letters first: no bare numbers or dates
 _MONEY = re.compile(r"[$€£]\s?\d")
-_URL = re.compile(r"(?:https?|ftp)://([^/\s\"'<>?#\\]+)", re.IGNORECASE)
-_WWW = re.compile(r"(?<![\w./])(www\.[a-z0-9-]+(?:\.[a-z0-9-]+)+)", re.IGNORECASE)
+# Both patterns start with a literal, so the regex engine can skip ahead quickly; they
+# run on lower-cased text. The scheme before "://" is checked by hand (_SCHEMES).
+_URL = re.compile(r"://([^/\s\"'<>?#\\]+)")
+_WWW = re.compile(r"www\.([a-z0-9-]+(?:\.[a-z0-9-]+)+)")
+_SCHEMES = ("http", "https", "ftp")
 _TAG = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,9})")
 _SCRIPT_STYLE = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
@@ -80,13 +83,15 @@ def _domain_tokens(host: str, prefix: str) -> Iterable[str]:
         yield f"{prefix}{'.'.join(labels[-2:])[:60]}"
 
 
-def _url_tokens(text: str, out: set[str]) -> None:
-    if "://" in text:  # substring tests are much cheaper than a regex scan
-        for m in _URL.finditer(text):
-            out.update(_domain_tokens(m.group(1), "u:"))
-    if "www." in text or "WWW." in text:
-        for m in _WWW.finditer(text):
-            out.update(_domain_tokens(m.group(1), "u:"))
+def _url_tokens(lowered: str, out: set[str]) -> None:
+    """Domains of the URLs in (lower-cased) text, with and without a scheme."""
+    if "://" in lowered:  # substring tests are much cheaper than a regex scan
+        for m in _URL.finditer(lowered):
+            if lowered[max(0, m.start() - 5) : m.start()].endswith(_SCHEMES):
+                out.update(_domain_tokens(m.group(1), "u:"))
+    if "www." in lowered:
+        for m in _WWW.finditer(lowered):
+            out.update(_domain_tokens("www." + m.group(1), "u:"))
 
 
 def strip_list_footer(text: str) -> str:
@@ -105,11 +110,11 @@ def strip_list_footer(text: str) -> str:
 
 def _text_tokens(text: str, out: set[str]) -> None:
     """Body words (no prefix), a money flag and URL domains."""
-    text = strip_list_footer(text[:MAX_TEXT_CHARS])
-    out.update(_WORD.findall(text.lower()))
-    if _MONEY.search(text):
+    lowered = strip_list_footer(text[:MAX_TEXT_CHARS]).lower()
+    out.update(_WORD.findall(lowered))
+    if _MONEY.search(lowered):
         out.add("$money")
-    _url_tokens(text, out)
+    _url_tokens(lowered, out)
 
 
 def _header_tokens(parsed: Parsed, out: set[str]) -> None:
@@ -216,7 +221,7 @@ def extract_tokens(raw: bytes) -> list[str]:
                 has_html = True
                 out.update("tag:" + t.lower() for t in _TAG.findall(text[:MAX_TEXT_CHARS]))
                 # URLs hide in attributes, so take them from the markup, words from the text.
-                _url_tokens(text[:MAX_TEXT_CHARS], out)
+                _url_tokens(text[:MAX_TEXT_CHARS].lower(), out)
                 text = html_to_text(text)
             else:
                 has_plain = True
@@ -248,14 +253,19 @@ class Hasher:
         self._mask = n_features - 1
         self._cache: dict[str, int] = {}
 
-    def index(self, tokens: Iterable[str]) -> np.ndarray:
+    def columns(self, tokens: Iterable[str]) -> list[int]:
+        """The column of each token, in order (duplicates kept)."""
         cache = self._cache
         if len(cache) > _HASH_CACHE_MAX:
             cache.clear()  # cheap bound on memory; hot tokens come back at once
-        out = []
-        for tok in tokens:
-            i = cache.get(tok)
-            if i is None:
-                i = cache[tok] = murmurhash3_32(tok, self.seed, positive=True) & self._mask
-            out.append(i)
-        return np.unique(np.asarray(out, dtype=np.int64))
+        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        out = list(map(cache.get, tokens))  # C-speed lookups; misses come back as None
+        for pos, col in enumerate(out):
+            if col is None:
+                tok = tokens[pos]
+                out[pos] = cache[tok] = murmurhash3_32(tok, self.seed, positive=True) & self._mask
+        return out  # type: ignore[return-value]
+
+    def index(self, tokens: Iterable[str]) -> np.ndarray:
+        """Sorted unique columns: a binary feature vector in sparse form."""
+        return np.unique(np.asarray(self.columns(tokens), dtype=np.int64))

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-from mailflow_plugins.bayes.features import HASH_SEED, N_FEATURES, Hasher
+from mailflow_plugins.bayes.features import HASH_SEED, N_FEATURES
 from sklearn.naive_bayes import MultinomialNB
 
 FORMAT = "mailflow-bayes"
@@ -132,15 +132,20 @@ class Model:
         z = X @ weights.astype(np.float64) + self._bias
         return 1.0 / (1.0 + np.exp(-np.clip(z, -700, 700)))
 
-    def contributions(self, tokens: list[str], hasher: Hasher, top: int) -> list[dict[str, Any]]:
-        """The ``top`` tokens that moved the score most (positive: towards spam)."""
-        weights = self.weights()
-        scored = {}
-        for tok in tokens:
-            w = float(weights[hasher.index([tok])[0]])
-            scored[tok] = w
-        best = sorted(scored.items(), key=lambda kv: abs(kv[1]), reverse=True)[:top]
-        return [{"token": tok, "weight": round(w, 3)} for tok, w in best]
+    def contributions(
+        self, tokens: list[str], columns: np.ndarray, top: int
+    ) -> list[dict[str, Any]]:
+        """The ``top`` tokens that moved the score most (positive: towards spam).
+
+        ``columns[i]`` is the hashed column of ``tokens[i]`` (see ``Hasher.columns``).
+        """
+        if not tokens or top <= 0:
+            return []
+        w = self.weights()[columns]
+        top = min(top, len(tokens))
+        best = np.argpartition(-np.abs(w), top - 1)[:top]
+        best = best[np.argsort(-np.abs(w[best]), kind="stable")]
+        return [{"token": tokens[i], "weight": round(float(w[i]), 3)} for i in best]
 
     # --- files ----------------------------------------------------------------------------
 
