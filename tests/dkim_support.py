@@ -24,12 +24,13 @@ from mailflow_plugins import dkim_keys
 
 SUBPROCESS_TIMEOUT = 30  # seconds: a bound, never a timing assertion
 
-# Runs dkimpy's `dkimverify` CLI entry point with DNS answered by 127.0.0.1:<port>.
+# Runs a dkimpy CLI entry point (`dkimverify`, `arcverify`) with DNS answered by
+# 127.0.0.1:<port>.
 _VERIFY_WRAPPER = textwrap.dedent("""\
-    import sys
+    import importlib, sys
     import dns.resolver, dns.rdatatype
     import dkim.dnsplug
-    from dkim.dkimverify import main
+    main = importlib.import_module(sys.argv.pop(1)).main
     port = int(sys.argv.pop(1))
     res = dns.resolver.Resolver(configure=False)
     res.nameservers = ["127.0.0.1"]
@@ -125,10 +126,17 @@ async def _run(argv: list[str], data: bytes) -> tuple[int, bytes, bytes]:
 
 async def run_dkimverify(message: bytes, dns_port: int, index: int = 0) -> tuple[int, str]:
     """Verify signature ``index`` with dkimpy's ``dkimverify``; (exit code, output)."""
-    code, out, err = await _run(
-        [sys.executable, "-c", _VERIFY_WRAPPER, str(dns_port), "--index", str(index)], message
-    )
+    argv = [sys.executable, "-c", _VERIFY_WRAPPER, "dkim.dkimverify", str(dns_port)]
+    code, out, err = await _run([*argv, "--index", str(index)], message)
     return code, (out + err).decode("utf-8", "replace")
+
+
+async def run_arcverify(message: bytes, dns_port: int) -> str:
+    """dkimpy's ``arcverify`` output, e.g. ``arc verification: cv=b'pass' success``."""
+    argv = [sys.executable, "-c", _VERIFY_WRAPPER, "dkim.arcverify", str(dns_port)]
+    code, out, err = await _run(argv, message)
+    assert code == 0, err.decode("utf-8", "replace")
+    return out.decode("utf-8", "replace").strip()
 
 
 def _dkimsign_command() -> list[str]:

@@ -10,13 +10,14 @@ import re
 
 import dkim
 import pytest
+from mailflow_plugins.dkim_keys import DKIMKeyError
 
 from mailflow.app import App
 from mailflow.check import check_message, report
 from mailflow.hookspecs import hookimpl
 from mailflow.testing import make_message, running_server, send
 from mailflow.testing_dns import dns_server
-from tests.dkim_support import KeyFixture, foreign_key
+from tests.dkim_support import KeyFixture, foreign_key, run_arcverify
 
 
 @pytest.fixture
@@ -165,3 +166,71 @@ async def test_forwarded_mail_through_smtp_dkim_fails_but_arc_passes(make_config
             await send(srv.port, "list@hop1.test", ["bob@example.com"], sealed)
             await srv.wait_delivered("bob@example.com")
     assert recorder.seen == [("fail", "pass")]
+
+
+# --- sealing (plugin arc_seal) --------------------------------------------------------------
+
+
+def seal_config(make_config, dns, key: KeyFixture, before: str = "{name: arc}, {name: authres}, "):
+    settings = f"{{domain: {key.domain}, selector: {key.selector}, key_file: '{key.path}'}}"
+    return make_config(
+        dns.config_yaml() + f"plugins: [{before}{{name: arc_seal, settings: {settings}}}]\n"
+    )
+
+
+async def run_check(config, raw: bytes) -> tuple[bytes, dict]:
+    app = App(config)
+    await app.startup()
+    try:
+        ctx = await check_message(app, raw, recipients=["bob@example.com"])
+    finally:
+        await app.shutdown()
+    return ctx.raw, report(ctx)
+
+
+async def test_seal_first_hop_and_continue_a_chain(make_config, tmp_path, hop1):
+    ours = foreign_key(tmp_path, "mx.test", "seal", "rsa")
+    async with dns_server({**hop1.zone(), **ours.zone()}) as dns:
+        config = seal_config(make_config, dns, ours)
+        first, rep = await run_check(config, make_message())
+        assert rep["plugins"]["arc_seal"]["sealed"] is True
+        assert rep["plugins"]["arc_seal"]["instance"] == 1
+        assert re.search(rb"ARC-Seal: i=1; cv=none;", first)
+        assert await run_arcverify(first, dns.port) == "arc verification: cv=b'pass' success"
+
+        chained = seal(make_message(), hop1, "spf=pass smtp.mailfrom=a@origin.test")
+        second, rep = await run_check(config, chained)
+        assert rep["plugins"]["arc"]["result"] == "pass"
+        assert rep["plugins"]["arc_seal"]["instance"] == 2
+        assert re.search(rb"ARC-Seal: i=2; cv=pass;", second)
+        assert b"ARC-Authentication-Results: i=2; mx.test; arc=pass" in second
+        assert await run_arcverify(second, dns.port) == "arc verification: cv=b'pass' success"
+        # Our own verifier agrees, and a later change is caught by it.
+        assert (await arc_report(make_config, dns, second))["result"] == "pass"
+        changed = second.replace(b"this is a test", b"this is a trap")
+        assert (await arc_report(make_config, dns, changed))["result"] == "fail"
+
+
+async def test_seal_records_a_failed_chain_as_cv_fail(make_config, tmp_path, hop1):
+    ours = foreign_key(tmp_path, "mx.test", "seal", "rsa")
+    broken = seal(make_message(), hop1, "spf=pass").replace(b"Hello,", b"Hullo,")
+    async with dns_server({**hop1.zone(), **ours.zone()}) as dns:
+        sealed, rep = await run_check(seal_config(make_config, dns, ours), broken)
+    assert rep["plugins"]["arc"]["result"] == "fail"
+    assert re.search(rb"ARC-Seal: i=2; cv=fail;", sealed)
+
+
+async def test_without_authres_nothing_is_sealed(make_config, tmp_path):
+    ours = foreign_key(tmp_path, "mx.test", "seal", "rsa")
+    async with dns_server(ours.zone()) as dns:
+        raw, rep = await run_check(seal_config(make_config, dns, ours, before=""), make_message())
+    assert b"ARC-Seal" not in raw
+    assert rep["plugins"]["arc_seal"]["sealed"] is False
+    assert "no Authentication-Results from mx.test" in rep["plugins"]["arc_seal"]["reason"]
+
+
+async def test_seal_key_must_be_rsa(make_config, tmp_path):
+    ed = foreign_key(tmp_path, "mx.test", "seal", "ed25519")
+    async with dns_server({}) as dns:
+        with pytest.raises(DKIMKeyError, match="not an unencrypted PEM RSA private key"):
+            await App(seal_config(make_config, dns, ed)).startup()
