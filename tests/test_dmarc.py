@@ -298,3 +298,54 @@ def test_record_parsing_falls_back_to_defaults(text, expected):
 def test_unusable_records_are_refused(text):
     with pytest.raises(RecordError):
         parse_record(text)
+
+
+# --- the DNS budget spans the whole transaction ---------------------------------------------
+
+
+async def test_dns_budget_is_shared_by_spf_at_mail_from_and_dmarc_at_data(make_config, dns):
+    dns.timeout_names.update({"slow.test", "_dmarc.slow.test"})
+    config = make_config(
+        f"dns: {{nameservers: [127.0.0.1], port: {dns.port}, timeout: 0.3, budget: 0.45}}\n"
+        + "plugins: [{name: spf}, {name: dmarc}, {name: authres}]\n"
+    )
+    async with running_server(config) as srv:
+        await send(srv.port, "a@slow.test", ["bob@example.com"], make_message(sender="a@slow.test"))
+        [delivered] = await srv.wait_delivered("bob@example.com")
+    header = ar_dmarc(delivered)
+    assert "spf=temperror" in header
+    # SPF spent most of the budget at MAIL FROM; the DMARC lookup at DATA hit its end.
+    assert "dmarc=temperror" in header and "budget" in header
+
+
+async def test_check_json_cli_reports_spf_dkim_and_dmarc(make_config, dns, rsa_key, tmp_path):
+    import asyncio
+    import json
+    import sys
+
+    pem, public = rsa_key
+    dns.records["sel._domainkey.reject.test"] = [("TXT", f"v=DKIM1; k=rsa; p={public}")]
+    cfg = tmp_path / "mailflow.yaml"
+    cfg.write_text(
+        dns.config_yaml()
+        + f"queue: {{directory: {tmp_path / 'spool'}}}\n"
+        + "plugins: [{name: spf}, {name: dkim}, {name: dmarc}, {name: authres}]\n"
+    )
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(signed(pem, "reject.test", "a@reject.test"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from mailflow.cli import main; main()",
+        "check", "--json", "-c", str(cfg), "--from", "b@other.test",
+        "--ip", CLIENT, "--helo", "h.test", str(eml),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    plugins = json.loads(out)["plugins"]
+    assert (plugins["spf"]["result"], plugins["spf"]["domain"]) == ("pass", "other.test")
+    [sig] = plugins["dkim"]["signatures"]
+    assert (sig["domain"], sig["selector"], sig["result"]) == ("reject.test", "sel", "pass")
+    dmarc = plugins["dmarc"]
+    assert (dmarc["result"], dmarc["policy"], dmarc["disposition"]) == ("pass", "reject", "none")
+    assert dmarc["aligned"] == {"spf": False, "dkim": True}  # SPF passed for another domain
+    assert "dkim=pass" in plugins["authres"]["header"]
