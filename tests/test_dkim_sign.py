@@ -19,7 +19,7 @@ from mailflow.check import check_message, report
 from mailflow.cli import main as cli
 from mailflow.config import ConfigError
 from mailflow.hookspecs import hookimpl
-from mailflow.testing import make_message, running_server, send
+from mailflow.testing import make_message, running_server, send, smtp_sink
 from mailflow.testing_dns import dns_server
 from mailflow.verdict import AddHeader, ReplaceBody, Result
 from tests.dkim_support import mailflow_key, run_dkimverify
@@ -226,3 +226,35 @@ async def test_smtp_signature_covers_earlier_mutations_and_survives_delivery(tmp
         assert (code, out.strip()) == (0, "signature ok")
         tampered = delivered.replace(b"X-Disclaimer: added", b"X-Disclaimer: removed")
         assert (await run_dkimverify(tampered, dns.port))[0] == 1
+
+
+async def test_relayed_mail_still_verifies_at_the_next_hop(tmp_path, make_config):
+    """Outbound through the queue and relay client to a real SMTP sink, strict body."""
+    key = mailflow_key(tmp_path, "example.org", "s1", "ed25519")
+    body = ".leading dot\r\n..two dots\r\ntrailing space \r\n\r\n\r\n"
+    async with smtp_sink() as sink:
+        config = make_config(
+            f"""
+            local_domains: [example.org]
+            relay_networks: ["127.0.0.0/8"]
+            relay:
+              default: up
+              targets:
+                up: {{host: 127.0.0.1, port: {sink.port}, timeout: 5, tls: none}}
+            plugins:
+              - name: dkim_sign
+                settings: {{keys: [{key.settings_yaml()}], body_canonicalization: simple}}
+            """
+        )
+        async with running_server(config) as srv:
+            await send(
+                srv.port,
+                "alice@example.org",
+                ["carol@remote.test"],
+                make_message(sender="alice@example.org", to="carol@remote.test", body=body),
+            )
+            [relayed] = await sink.wait_messages()
+    assert b"c=relaxed/simple" in relayed.data.replace(b"\r\n\t", b" ")
+    async with dns_server(key.zone()) as dns:
+        code, out = await run_dkimverify(relayed.data, dns.port)
+    assert (code, out.strip()) == (0, "signature ok")
