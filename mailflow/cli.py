@@ -296,7 +296,7 @@ def queue_show(queue_id: str, config_path: str | None, body: bool) -> None:
     spool = _spool(config_path)
     try:
         entry = spool.load(queue_id)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # ValueError: not a queue id (e.g. "../x")
         click.echo(f"mailflow: no queued message {queue_id}", err=True)
         sys.exit(1)
     click.echo(json.dumps(asdict(entry), indent=2))
@@ -329,7 +329,11 @@ def queue_delete(queue_ids: tuple[str, ...], config_path: str | None) -> None:
     spool = _spool(config_path)
     missing = 0
     for queue_id in queue_ids:
-        if not spool.meta_path(queue_id).exists():
+        try:
+            exists = spool.meta_path(queue_id).exists()
+        except ValueError:  # not a queue id (e.g. "../x"): never a path outside the spool
+            exists = False
+        if not exists:
             click.echo(f"mailflow: no queued message {queue_id}", err=True)
             missing += 1
             continue

@@ -116,3 +116,15 @@ def test_delete_unknown_id_fails_but_deletes_the_others(deferred):
     assert code == 1
     assert "no queued message NOPE" in out
     assert spool.ids() == []
+
+
+def test_ids_that_are_paths_never_leave_the_spool(deferred, tmp_path):
+    config, spool, queue_id = deferred
+    victim = spool.queue_dir.parent / "victim.json"
+    victim.write_text("{}")
+    code, out = run("queue", "delete", "../victim", "-c", str(config))
+    assert code == 1 and "no queued message ../victim" in out
+    assert victim.exists()
+    code, out = run("queue", "show", "../victim", "-c", str(config))
+    assert code == 1 and "no queued message" in out
+    assert spool.ids() == [queue_id]

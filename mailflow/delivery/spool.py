@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -34,6 +35,20 @@ BOUNCED = "bounced"
 EXPIRED = "expired"
 DISCARDED = "discarded"
 FINAL_STATES = {DELIVERED, BOUNCED, EXPIRED, DISCARDED}
+
+
+_QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,64}")
+
+
+class BadQueueId(ValueError):
+    """A queue id that is not one we could have made (e.g. '../x' from the CLI)."""
+
+
+def check_queue_id(queue_id: str) -> str:
+    """Return ``queue_id`` if it is a plain id; never let one name a path outside the spool."""
+    if not _QUEUE_ID.fullmatch(queue_id):
+        raise BadQueueId(f"not a queue id: {queue_id!r}")
+    return queue_id
 
 
 def new_queue_id() -> str:
@@ -145,19 +160,41 @@ def _write_files(items: list[tuple[str, bytes]]) -> None:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             opened.append((fd, tmp, path))
             _write_all(fd, data)
-        if len(opened) == 1:
-            os.fsync(opened[0][0])
-        else:
-            # Wait for every fsync before closing any descriptor, then report the first error.
-            futures = [_pool().submit(os.fsync, fd) for fd, _, _ in opened]
-            wait(futures)
-            for future in futures:
-                future.result()
+        _fsync_all([fd for fd, _, _ in opened])
     finally:
         for fd, _, _ in opened:
             os.close(fd)
     for _, tmp, path in opened:
         os.replace(tmp, path)
+
+
+def _fsync_each(fds: list[int]) -> None:
+    for fd in fds:
+        os.fsync(fd)
+
+
+def _fsync_all(fds: list[int]) -> None:
+    """fsync every descriptor, up to ``FSYNC_PARALLEL`` at a time; raise the first error.
+
+    The calling thread takes one share itself, and returns only after every fsync
+    has finished, so no descriptor is closed while another thread still uses it.
+    """
+    if len(fds) <= 1:
+        _fsync_each(fds)
+        return
+    shares = [fds[i::FSYNC_PARALLEL] for i in range(min(FSYNC_PARALLEL, len(fds)))]
+    futures = [_pool().submit(_fsync_each, share) for share in shares[1:]]
+    error: OSError | None = None
+    try:
+        _fsync_each(shares[0])
+    except OSError as exc:
+        error = exc
+    wait(futures)
+    for future in futures:
+        if error is None and future.exception() is not None:
+            error = future.exception()  # type: ignore[assignment]
+    if error is not None:
+        raise error
 
 
 _Waiter = tuple[QueueEntry, bytes, asyncio.Future[None], asyncio.AbstractEventLoop]
@@ -179,10 +216,10 @@ class Spool:
     # --- paths ----------------------------------------------------------------------------
 
     def message_path(self, queue_id: str) -> Path:
-        return self.queue_dir / f"{queue_id}.eml"
+        return self.queue_dir / f"{check_queue_id(queue_id)}.eml"
 
     def meta_path(self, queue_id: str) -> Path:
-        return self.queue_dir / f"{queue_id}.json"
+        return self.queue_dir / f"{check_queue_id(queue_id)}.json"
 
     # --- writing --------------------------------------------------------------------------
 
@@ -233,9 +270,11 @@ class Spool:
 
     def _commit(self, items: list[tuple[QueueEntry, bytes]]) -> None:
         d = self._dir
-        # Messages first, then metadata: a .json never names a missing .eml.
-        _write_files([(os.path.join(d, f"{e.id}.eml"), msg) for e, msg in items])
-        _write_files([(os.path.join(d, f"{e.id}.json"), e.to_json()) for e, _ in items])
+        # One round of fsyncs for the whole batch. Renames go messages first, and
+        # recover() drops a .json without its .eml (and vice versa) after a crash.
+        files = [(os.path.join(d, f"{e.id}.eml"), msg) for e, msg in items]
+        files += [(os.path.join(d, f"{e.id}.json"), e.to_json()) for e, _ in items]
+        _write_files(files)
         _fsync_dir(d)
 
     def update(self, entry: QueueEntry) -> None:
