@@ -52,7 +52,7 @@ _LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "[1
 ARTEFACTS = frozenset({"zzzz", "taint", "s:zzzz", "s:taint", "u:taint.org", "f:taint.org"})
 # Headers whose first word (the product) says something about the sending software.
 _MAILER_HEADERS = ("x-mailer", "user-agent")
-_HASH_CACHE_MAX = 200_000
+_HASH_CACHE_MAX = 50_000  # ~8 MB of cached token -> column entries
 _FOOTER_MAX = 1200
 _FOOTER_MARKERS = ("listinfo", "mailing list", "groups.yahoo.com", "list-request")
 
