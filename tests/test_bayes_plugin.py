@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -154,6 +155,25 @@ def test_hot_reload_keeps_the_last_good_model(tmp_path, make_config, slice_model
     after = plugin.classify(raw)["probability"]
     assert plugin.holder.reloads == 1 and plugin.holder.last_error == ""
     assert after < 0.5 < before
+
+
+async def test_serve_keeps_delivering_when_the_model_file_turns_corrupt(
+    make_config, slice_model_path, tmp_path
+):
+    path = tmp_path / "live.npz"
+    path.write_bytes(slice_model_path.read_bytes())
+    config = make_config(f"""
+    plugins: [{{name: bayes, settings: {{model: {path}, reload_interval: 0.001}}}}]
+    """)
+    async with running_server(config) as srv:
+        path.write_bytes(b"truncated")
+        _touch_later(path)
+        await asyncio.sleep(0.002)
+        await send(srv.port, "a@example.org", ["bob@example.com"], make_message(body=SPAM_TEXT))
+        [msg] = await srv.wait_delivered("bob@example.com")
+        holder = srv.app.pipeline.pm.get_plugin("bayes").holder
+    assert "corrupt" in holder.last_error  # the reload was tried and refused
+    assert b"X-Spam-Status: Yes" in msg  # and scored with the last good model
 
 
 @pytest.mark.parametrize(

@@ -97,13 +97,17 @@ class ModelHolder:
             return None
         return (st.st_mtime_ns, st.st_size)
 
+    def due(self) -> bool:
+        """True when the next ``maybe_reload`` would look at the file (no I/O)."""
+        return bool(self.reload_interval) and (
+            time.monotonic() - self._checked >= self.reload_interval
+        )
+
     def maybe_reload(self) -> None:
         """Reload if the file changed; cheap (one stat at most every reload_interval)."""
-        if not self.reload_interval:
+        if not self.due():
             return
         now = time.monotonic()
-        if now - self._checked < self.reload_interval:
-            return
         with self._lock:
             self._checked = now
             stamp = self._file_stamp()
@@ -176,6 +180,9 @@ class BayesPlugin:
 
     @hookimpl
     async def mailflow_data(self, message: Any) -> Result:
+        if self.holder is not None and self.holder.due():
+            # Loading a model takes ~0.1 s: never on the event loop.
+            await asyncio.to_thread(self.holder.maybe_reload)
         raw = message.raw
         if len(raw) > INLINE_MAX_BYTES:
             details = await asyncio.to_thread(self.classify, raw)
