@@ -61,7 +61,7 @@ def test_json_object_shape_for_an_accepted_message(tmp_path, example_config):
     assert out["action"] == "accept"
     assert out["smtp_reply"] is None
     assert out["score"] == 4
-    # The example plugin's header and the add_header threshold's flag, newest first.
+    # The example plugin's header, then the add_header threshold's flag.
     assert out["headers_added"] == [["X-Example-Keywords", "lottery"], ["X-Spam-Flag", "YES"]]
     assert out["recipients"] == ["bob@example.com"]
     assert out["route"] == {"bob@example.com": {"kind": "maildir"}}
