@@ -45,6 +45,10 @@ async def test_starttls_is_advertised_and_every_stage_sees_tls(make_config, tls_
             errors, _ = await client.sendmail("a@example.org", ["bob@example.com"], make_message())
             assert errors == {}
         [msg] = await srv.wait_delivered("bob@example.com")
+        # A TLS session is counted once and released once.
+        async with asyncio.timeout(5):
+            while srv.server.handler.active:
+                await asyncio.sleep(0.01)
     for stage in ("mail", "rcpt", "data"):
         [seen] = rec.stages[stage]
         assert seen.tls is True, stage
