@@ -63,9 +63,29 @@ def instantiate(factory: Any, settings: dict[str, Any], config: Config, index: i
         try:
             validated: Any = model.model_validate(settings)
         except ValidationError as exc:
-            raise issues_from_validation(config, ("plugins", index, "settings"), exc) from None
-        return factory(validated)
-    return factory(settings) if settings else factory()
+            raise issues_from_validation(
+                config, ("plugins", index, "settings"), exc, model
+            ) from None
+        return _build(factory, (validated,), config, index)
+    return _build(factory, (settings,) if settings else (), config, index)
+
+
+def _build(factory: Any, args: tuple[Any, ...], config: Config, index: int) -> Any:
+    """Call a plugin's constructor; a failure there is reported against its config entry."""
+    try:
+        return factory(*args)
+    except Exception as exc:
+        log.debug("plugin %s failed to initialise", config.plugins[index].name, exc_info=True)
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    config._source,
+                    f"plugins[{index}]",
+                    config._lines.get(("plugins", index)),
+                    f"plugin {config.plugins[index].name!r} failed to initialise: {exc}",
+                )
+            ]
+        ) from exc
 
 
 @dataclass(slots=True)
@@ -118,7 +138,20 @@ class Pipeline:
                                 )
                             ]
                         )
-                    factory = ep.load()
+                    try:
+                        factory = ep.load()
+                    except Exception as exc:  # a broken install must not be a traceback
+                        raise ConfigError(
+                            [
+                                ConfigIssue(
+                                    config._source,
+                                    f"plugins[{index}].name",
+                                    config._lines.get(("plugins", index, "name")),
+                                    f"plugin {entry.name!r} ({ep.value}) cannot be loaded: "
+                                    f"{type(exc).__name__}: {exc}",
+                                )
+                            ]
+                        ) from exc
                 obj = instantiate(factory, entry.settings, config, index)
             self.pm.register(obj, name=entry.name)
             self.entries[entry.name] = entry

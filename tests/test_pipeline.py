@@ -506,3 +506,25 @@ def test_plugin_results_are_kept_on_the_message_context(make_config, tmp_path: P
     assert run.plugin == "gate"
     assert ctx.result_of("gate") is run.result
     assert ctx.score == 1.0
+
+
+def test_a_plugin_that_cannot_start_is_a_config_error_naming_its_entry(make_config):
+    from pydantic import BaseModel, ConfigDict
+
+    from mailflow.config import ConfigError
+
+    class NeedsFile:
+        class Settings(BaseModel):
+            model_config = ConfigDict(extra="forbid")
+            path: str = "/nonexistent/mailflow-test-file"
+
+        def __init__(self, settings: NeedsFile.Settings) -> None:
+            with open(settings.path):  # raises FileNotFoundError
+                pass
+
+    config = make_config("plugins:\n  - {name: quiet}\n  - {name: needs_file}\n")
+    with pytest.raises(ConfigError) as info:
+        App(config, available_plugins={"quiet": Scripted, "needs_file": NeedsFile})
+    [issue] = info.value.issues
+    assert issue.path == "plugins[1]"
+    assert issue.message.startswith("plugin 'needs_file' failed to initialise: [Errno 2]")
