@@ -70,7 +70,8 @@ def mailflow_connect(connection: Connection) -> Result | None:
 def mailflow_helo(connection: Connection, name: str) -> Result | None:
     """The client sent HELO or EHLO ``name`` (also stored as ``connection.helo``).
 
-    A reject/tempfail is answered to the HELO/EHLO command itself. No mutations apply.
+    A reject/tempfail is answered to the HELO/EHLO command itself (the client may send
+    another); ``Result.accept()`` skips the remaining helo hooks. No mutations apply.
     """
 
 
@@ -79,8 +80,10 @@ def mailflow_mail_from(connection: Connection, sender: str, options: list[str]) 
     """The client sent ``MAIL FROM:<sender>`` (``""`` is the null sender ``<>``).
 
     ``options`` are the ESMTP parameters (e.g. ``SIZE=1234``, ``BODY=8BITMIME``).
-    A reject/tempfail is answered to MAIL FROM. A ``ChangeSender`` mutation rewrites
-    the envelope sender for the rest of the transaction.
+    A reject/tempfail is answered to MAIL FROM; ``Result.accept()`` skips the remaining
+    mail hooks; discard and quarantine are ignored here. Envelope mutations
+    (``ChangeSender``, ``AddRecipient``, ``SetRoute``) are kept and applied to the
+    envelope when the message arrives.
     """
 
 
@@ -91,8 +94,10 @@ def mailflow_rcpt_to(
     """The client sent ``RCPT TO:<recipient>``; relay control has already passed it.
 
     A reject/tempfail refuses only this recipient (the transaction goes on with the
-    others). ``AddRecipient`` / ``RemoveRecipient`` / ``SetRoute`` mutations are kept
-    and applied to the envelope when the message arrives.
+    others); a discard also refuses it (550), since one recipient cannot be dropped
+    silently; ``Result.accept()`` skips the remaining rcpt hooks. ``AddRecipient`` /
+    ``RemoveRecipient`` / ``ChangeSender`` / ``SetRoute`` mutations are kept and applied
+    to the envelope when the message arrives.
     """
 
 
@@ -108,8 +113,10 @@ def mailflow_data(message: MessageContext) -> Result | None:
     ``AddHeader``, ``ChangeHeader``, ``RemoveHeader``, ``ReplaceBody``,
     ``AddRecipient``, ``RemoveRecipient``, ``ChangeSender``, ``SetRoute``. Mutations
     are applied before the next plugin runs, so later plugins (e.g. DKIM signing)
-    see the changed message. After the chain, the total score is mapped to an action
-    by the ``actions`` thresholds in the config.
+    see the changed message. Any verdict may be returned: reject/tempfail are answered
+    after the final ".", discard and quarantine answer 250 and deliver nothing to the
+    mailboxes, accept skips the remaining data hooks. When no plugin decided, the total
+    score is mapped to an action by the ``actions`` thresholds in the config.
     """
 
 
