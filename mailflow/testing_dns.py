@@ -24,7 +24,7 @@ import logging
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import dns.exception
 import dns.flags
@@ -164,7 +164,7 @@ class DNSTestServer:
             if cname is None or question.rdtype == dns.rdatatype.CNAME:
                 return response  # NODATA: the name exists, the type does not
             response.answer.append(cname)
-            owner = cname[0].target  # type: ignore[attr-defined]
+            owner = cname[0].target
         return response
 
 
@@ -174,7 +174,7 @@ class _UDP(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         try:

@@ -32,7 +32,7 @@ _VALID = {
 }
 
 
-class Settings(BaseModel):
+class AuthResSettings(BaseModel):
     """``plugins: [{name: authres, settings: {...}}]``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -105,10 +105,10 @@ def _prop(ptype: str, name: str, value: Any) -> ar.AuthenticationResultProperty:
 class AuthResPlugin:
     """Builds the single Authentication-Results header at end of data."""
 
-    Settings = Settings
+    Settings = AuthResSettings
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, settings: AuthResSettings | None = None) -> None:
+        self.settings = settings or AuthResSettings()
         self.authserv_id = "localhost"
 
     @hookimpl

@@ -31,7 +31,7 @@ PolicyAction = Literal["reject", "quarantine", "tag"]
 _SEVERITY = {"none": 0, "quarantine": 1, "reject": 2}
 
 
-class Settings(BaseModel):
+class DMARCSettings(BaseModel):
     """``plugins: [{name: dmarc, settings: {...}}]``; every key is optional."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,10 +84,10 @@ class Evaluation:
 class DMARCPlugin:
     """Evaluates DMARC at end of data; rejects, quarantines or tags per policy."""
 
-    Settings = Settings
+    Settings = DMARCSettings
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, settings: DMARCSettings | None = None) -> None:
+        self.settings = settings or DMARCSettings()
         self.resolver: Any = None
         self.random = random.Random()  # pct sampling; tests may seed it
 

@@ -41,7 +41,7 @@ MAX_PENDING = 10_000  # MAIL FROM results waiting for RCPT (reject_at: rcpt)
 BRIDGE_SLACK = 1.0  # seconds the thread waits beyond the resolver's own timeout
 
 
-class Settings(BaseModel):
+class SPFSettings(BaseModel):
     """``plugins: [{name: spf, settings: {...}}]``; every key is optional."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -164,10 +164,10 @@ def _helo_is_checkable(helo: str) -> bool:
 class SPFPlugin:
     """Checks SPF at MAIL FROM; rejects or tags per ``actions``."""
 
-    Settings = Settings
+    Settings = SPFSettings
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, settings: SPFSettings | None = None) -> None:
+        self.settings = settings or SPFSettings()
         self.resolver: Any = None
         self.receiver = "localhost"
         # connection id -> (sender, result): the MAIL FROM verdict answered at RCPT
