@@ -248,6 +248,8 @@ class MailflowTarget(Target):
             },
             "quarantine": {"directory": str(self.dir / "quarantine")},
             "log": {"level": self.log_level, "format": "text"},
+            # No lookups leave the machine: a closed local port fails them at once.
+            "dns": {"nameservers": ["127.0.0.1"], "port": free_port(), "timeout": 0.2},
             "plugins": self.plugins,
         }
         if self.mode == "maildir":
