@@ -209,6 +209,25 @@ class MetricsConfig(Strict):
         return value
 
 
+class MilterConfig(Strict):
+    """The milter front end (docs/milter.md): mailflow as a filter behind Postfix/Sendmail."""
+
+    # "127.0.0.1:8891", "[::1]:8891" or "unix:/run/mailflow/milter.sock"; None = off.
+    listen: str | None = None
+    # What to answer when mailflow itself fails on a message (a bug, not a plugin
+    # error: those follow each plugin's on_error). Mirrors Postfix's milter_default_action.
+    default_action: Literal["tempfail", "accept"] = "tempfail"
+    timeout: Duration = 300.0  # idle seconds per milter connection before closing it
+    max_connections: int = Field(100, ge=1)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_milter_listen(value)
+        return value
+
+
 class PluginEntry(Strict):
     name: str
     enabled: bool = True
@@ -229,6 +248,7 @@ class Config(Strict):
     dns: DNSConfig = DNSConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    milter: MilterConfig = MilterConfig()
     authserv_id: str | None = None  # default: server.hostname
     plugins: list[PluginEntry] = []
 
@@ -281,6 +301,17 @@ def parse_listen(item: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"listen address {item!r}: port out of range")
     return host, port
+
+
+def parse_milter_listen(item: str) -> tuple[str, int] | str:
+    """'unix:/path' -> '/path'; 'inet:HOST:PORT' or 'HOST:PORT' -> (host, port)."""
+    text = item.strip()
+    if text.startswith(("unix:", "local:")):
+        path = text.partition(":")[2]
+        if not path.startswith("/"):
+            raise ValueError(f"milter listen {item!r}: expected an absolute socket path")
+        return path
+    return parse_listen(text.removeprefix("inet:").removeprefix("inet6:"))
 
 
 # --- loading with good errors --------------------------------------------------------------

@@ -206,3 +206,16 @@ def test_header_diff_sends_folded_values_with_bare_lf_and_ignores_refolding():
 def test_recipient_diff_is_case_insensitive():
     edits = _decode(recipient_edits(["a@x.test", "B@x.test"], ["b@x.test", "c@x.test"]))
     assert edits == [("-", b"<a@x.test>"), ("+", b"<c@x.test>")]
+
+
+def test_middle_insert_counts_headers_the_mta_hid_but_top_stays_top():
+    original = parse_fields(b"From: a\r\nTo: b\r\n")
+    final = parse_fields(b"X-Top: t\r\nFrom: a\r\nX-Mid: m\r\nTo: b\r\n")
+    assert _decode(header_edits(original, final, True)) == [
+        ("i", 0, "X-Top", b" t"),
+        ("i", 2, "X-Mid", b" m"),
+    ]
+    assert _decode(header_edits(original, final, True, insert_offset=1)) == [
+        ("i", 0, "X-Top", b" t"),
+        ("i", 3, "X-Mid", b" m"),
+    ]

@@ -73,8 +73,16 @@ def _occurrence(fields: list[Field], index: int) -> int:
     return sum(1 for f in fields[: index + 1] if f.name.lower() == name)
 
 
-def header_edits(original: list[Field], final: list[Field], leading_space: bool) -> list[bytes]:
-    """SMFIR_CHGHEADER / INSHEADER / ADDHEADER packets turning ``original`` into ``final``."""
+def header_edits(
+    original: list[Field], final: list[Field], leading_space: bool, insert_offset: int = 0
+) -> list[bytes]:
+    """SMFIR_CHGHEADER / INSHEADER / ADDHEADER packets turning ``original`` into ``final``.
+
+    ``insert_offset`` is the number of headers the MTA has above the ones it showed us
+    and counts in SMFIR_INSHEADER indexes: Postfix (3.7, observed) does not send its own
+    Received header to milters, skips it when counting for SMFIR_CHGHEADER, but counts
+    it for SMFIR_INSHEADER, where index 0 still means the very top.
+    """
     matcher = difflib.SequenceMatcher(
         None, [f.key for f in original], [f.key for f in final], autojunk=False
     )
@@ -113,7 +121,7 @@ def header_edits(original: list[Field], final: list[Field], leading_space: bool)
         if all(k in inserted for k in range(j, len(final))):
             out.append(p.reply_addheader(field.name, value))  # tail: append, no index
         else:
-            out.append(p.reply_insheader(j, field.name, value))
+            out.append(p.reply_insheader(j + insert_offset if j else 0, field.name, value))
     return out
 
 
@@ -140,10 +148,12 @@ class Snapshot:
     recipients: list[str]
 
 
-def all_edits(before: Snapshot, after: Snapshot, actions: int, leading_space: bool) -> list[bytes]:
+def all_edits(
+    before: Snapshot, after: Snapshot, actions: int, leading_space: bool, insert_offset: int = 0
+) -> list[bytes]:
     """Every modification packet, skipping (with a warning) those the MTA did not allow."""
     out: list[bytes] = []
-    headers = header_edits(before.fields, after.fields, leading_space)
+    headers = header_edits(before.fields, after.fields, leading_space, insert_offset)
     if headers:
         if actions & (p.SMFIF_ADDHDRS | p.SMFIF_CHGHDRS) == (p.SMFIF_ADDHDRS | p.SMFIF_CHGHDRS):
             out.extend(headers)

@@ -1,0 +1,397 @@
+"""One milter conversation mapped onto mailflow's pipeline.
+
+The MTA's events become the same pipeline stages the SMTP front end runs: CONNECT ->
+``connect``, HELO -> ``helo``, MAIL -> ``mail``, RCPT -> ``rcpt``, end of message ->
+``data`` over a :class:`~mailflow.message.MessageContext` rebuilt from the headers and
+body the MTA sent. Plugins cannot tell the front ends apart.
+
+Decisions come back as milter replies at the stage they were made (a reject at RCPT is
+an SMFIR_REPLYCODE to that RCPT); at end of message the differences between what the
+MTA has and what the pipeline produced become modification actions (see ``diff.py``).
+
+What the MTA does itself and mailflow therefore skips here: relay control, size and
+loop limits, Received headers, routing and delivery (``SetRoute`` and the
+``mailflow_route`` hook have no effect), queueing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from mailflow.app import App
+from mailflow.delivery.spool import new_queue_id
+from mailflow.message import Connection, Envelope, MessageContext, PluginRun
+from mailflow.milter import protocol as p
+from mailflow.milter.diff import Field, Snapshot, all_edits, field_from_milter, parse_fields
+from mailflow.msglog import log_message
+from mailflow.verdict import Action, Mutation, Result, SMTPReply
+
+log = logging.getLogger("mailflow.milter")
+
+# While plugins work on a message, tell the MTA we are alive (SMFIR_PROGRESS) so its
+# milter_content_timeout (Postfix default 300 s) does not run out under slow plugins.
+PROGRESS_INTERVAL = 30.0
+
+# The replies the SMTP front end gives (mailflow.smtp) for the same verdicts.
+R_CONN_REFUSED = SMTPReply(554, "Connection refused", "5.7.1")
+R_REJECTED = SMTPReply(550, "Rejected", "5.7.1")
+R_RCPT_REJECTED = SMTPReply(550, "Recipient rejected", "5.7.1")
+R_TRY_LATER = SMTPReply(451, "Try again later", "4.7.1")
+R_TOO_BIG = SMTPReply(552, "Message size exceeds fixed maximum message size", "5.3.4")
+
+# Macro stages that belong to one transaction: forgotten on SMFIC_ABORT (libmilter too).
+_TX_STAGES = (p.SMFIC_MAIL, p.SMFIC_RCPT, p.SMFIC_DATA, p.SMFIC_HEADER, p.SMFIC_EOH)
+_TX_STAGES += (p.SMFIC_BODY, p.SMFIC_BODYEOB)
+
+
+@dataclass(slots=True)
+class Transaction:
+    """What one MAIL ... end-of-message sequence has told us so far."""
+
+    sender: str = ""
+    options: list[str] = field(default_factory=list)
+    recipients: list[str] = field(default_factory=list)
+    runs: list[PluginRun] = field(default_factory=list)
+    mutations: list[Mutation] = field(default_factory=list)
+    headers: list[Field] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    size: int = 0
+    too_big: bool = False
+
+
+class MilterSession:
+    """State of one milter connection; :meth:`handle` takes one decoded command.
+
+    ``send`` writes encoded packets to the MTA. :class:`~mailflow.milter.protocol.ProtocolError`
+    propagates to the server, which logs it and closes this connection only.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        send: Callable[[list[bytes]], Awaitable[None]],
+        *,
+        default_action: str = "tempfail",
+        progress_interval: float = PROGRESS_INTERVAL,
+    ) -> None:
+        self.app = app
+        self.send = send
+        self.default_action = default_action
+        self.progress_interval = progress_interval
+        self.negotiated = False
+        self.actions = 0
+        self.protocol = 0
+        self.macros: dict[bytes, dict[str, str]] = {}
+        self.conn: Connection | None = None
+        self.early_runs: list[PluginRun] = []  # connect and helo, for every message
+        self.helo_runs: list[PluginRun] = []
+        self.tx = Transaction()
+        self.closed = False
+        self._relay_nets = app.config.relay_network_objects
+        self._routes_noted = False
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def macro(self, name: str) -> str:
+        """Latest value of a macro, whether the MTA spelt it ``{i}`` or ``i``."""
+        bare = name.strip("{}")
+        for values in reversed(list(self.macros.values())):
+            for key in (name, bare, "{" + bare + "}"):
+                if key in values:
+                    return values[key]
+        return ""
+
+    def all_macros(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for values in self.macros.values():
+            merged.update(values)
+        return merged
+
+    @property
+    def leading_space(self) -> bool:
+        return bool(self.protocol & p.SMFIP_HDR_LEADSPC)
+
+    async def _reply(self, command: bytes, packets: list[bytes]) -> None:
+        """Send ``packets`` unless we agreed the MTA does not wait for this reply."""
+        flag = p.NO_REPLY_FLAG.get(command, 0)
+        if flag and self.protocol & flag:
+            return
+        await self.send(packets)
+
+    def _failure_reply(self) -> bytes:
+        """Our own failure (not a plugin's): configured like Postfix's milter_default_action."""
+        code = p.SMFIR_ACCEPT if self.default_action == "accept" else p.SMFIR_TEMPFAIL
+        return p.reply_simple(code)
+
+    @staticmethod
+    def _verdict(result: Result | None, stage: str) -> bytes | None:
+        """The reply for an early-stage verdict, as the SMTP front end would answer it."""
+        if result is None:
+            return None
+        action = result.action
+        refusing = {Action.REJECT, Action.TEMPFAIL}
+        if stage in ("connect", "rcpt"):
+            refusing.add(Action.DISCARD)
+        if action not in refusing:
+            # ACCEPT at an early stage only ends that stage's chain (hookspecs); an
+            # SMFIR_ACCEPT would skip the rest of the message's filtering instead.
+            return None
+        reply = result.smtp_reply() or (R_RCPT_REJECTED if stage == "rcpt" else R_REJECTED)
+        if stage == "rcpt" and action is Action.DISCARD:
+            reply = R_RCPT_REJECTED
+        if stage == "connect":
+            reply = R_CONN_REFUSED if action is Action.DISCARD else reply
+            # The SMTP front end answers 554 or 421 and hangs up; Postfix does the same
+            # with a 421 from a milter (MILTER_README, "421 reply code").
+            reply = SMTPReply(554 if reply.code >= 500 else 421, reply.text, reply.status)
+        return _reply_code(reply)
+
+    # --- dispatch -----------------------------------------------------------------------------
+
+    async def handle(self, cmd: p.Command) -> None:
+        code = cmd.code
+        if code == p.SMFIC_OPTNEG:
+            await self._optneg(cmd.data)
+            return
+        if not self.negotiated:
+            raise p.ProtocolError(f"{cmd.name} before SMFIC_OPTNEG")
+        if code == p.SMFIC_MACRO:
+            macros = p.decode_macros(cmd.data)
+            self.macros[macros.stage] = macros.values
+        elif code == p.SMFIC_CONNECT:
+            await self._guard(code, self._connect(p.decode_connect(cmd.data)))
+        elif code == p.SMFIC_HELO:
+            names = p.split_strings(cmd.data)
+            await self._guard(code, self._helo(names[0] if names else ""))
+        elif code == p.SMFIC_MAIL:
+            await self._guard(code, self._mail(*p.decode_args(cmd.data, "MAIL")))
+        elif code == p.SMFIC_RCPT:
+            await self._guard(code, self._rcpt(*p.decode_args(cmd.data, "RCPT")))
+        elif code == p.SMFIC_HEADER:
+            name, value = p.decode_header(cmd.data)
+            self._add_body_size(len(name) + len(value) + 4)
+            self.tx.headers.append(field_from_milter(name, value, self.leading_space))
+            await self._reply(code, [p.reply_simple(p.SMFIR_CONTINUE)])
+        elif code == p.SMFIC_BODY:
+            self._add_body(cmd.data)
+            await self._reply(code, [p.reply_simple(p.SMFIR_CONTINUE)])
+        elif code == p.SMFIC_BODYEOB:
+            self._add_body(cmd.data)  # libmilter allows a last chunk here
+            await self._guard(code, self._end_of_message())
+        elif code in (p.SMFIC_DATA, p.SMFIC_EOH, p.SMFIC_UNKNOWN):
+            # Nothing to decide: the MTA answers unknown SMTP commands itself.
+            await self._reply(code, [p.reply_simple(p.SMFIR_CONTINUE)])
+        elif code == p.SMFIC_ABORT:
+            self._reset_transaction()  # no reply (mfdef.h: SMFIC_ABORT expects none)
+        elif code == p.SMFIC_QUIT_NC:
+            self._reset_connection()  # the next SMFIC_CONNECT starts afresh
+            self.macros.clear()
+        elif code == p.SMFIC_QUIT:
+            self.closed = True
+        else:
+            raise p.ProtocolError(f"unknown milter command {code!r}")
+
+    async def _guard(self, command: bytes, work: Awaitable[list[bytes]]) -> None:
+        """Run a stage; a crash in mailflow itself gets the configured default reply."""
+        try:
+            packets = await work
+        except p.ProtocolError:
+            raise
+        except Exception:
+            log.exception(
+                "milter: internal error at %s; answering %s",
+                p.COMMAND_NAMES[command],
+                self.default_action,
+            )
+            packets = [self._failure_reply()]
+        await self._reply(command, packets)
+
+    # --- stages -------------------------------------------------------------------------------
+
+    async def _optneg(self, data: bytes) -> None:
+        offer = p.decode_optneg(data)
+        if offer.version < 2:
+            raise p.ProtocolError(f"milter protocol version {offer.version} is not supported")
+        self.actions = offer.actions & p.WANTED_ACTIONS
+        self.protocol = offer.protocol & p.WANTED_PROTOCOL
+        self.negotiated = True
+        version = min(offer.version, p.MILTER_VERSION)
+        log.debug(
+            "milter: negotiated version %d actions %#x protocol %#x",
+            version,
+            self.actions,
+            self.protocol,
+        )
+        await self.send([p.encode_optneg(version, self.actions, self.protocol)])
+
+    async def _connect(self, info: p.ConnectInfo) -> list[bytes]:
+        self._reset_connection()
+        ip = info.address if info.family in (p.FAMILY_INET, p.FAMILY_INET6) else ""
+        conn = Connection(ip=ip, port=info.port)
+        # Postfix sends "unknown" or "[addr]" when the client has no verified PTR name.
+        known = info.hostname and info.hostname != "unknown" and not info.hostname.startswith("[")
+        conn.reverse_name = info.hostname if known else ""
+        addr = conn.address
+        if addr is not None and getattr(addr, "ipv4_mapped", None):
+            addr = addr.ipv4_mapped  # type: ignore[union-attr]
+        conn.relay_allowed = addr is not None and any(addr in n for n in self._relay_nets)
+        self.conn = conn
+        result, runs = await self.app.pipeline.run_stage("connect", connection=conn)
+        self.early_runs = runs
+        return [self._verdict(result, "connect") or p.reply_simple(p.SMFIR_CONTINUE)]
+
+    def _require_conn(self) -> Connection:
+        if self.conn is None:
+            raise p.ProtocolError("SMTP event before SMFIC_CONNECT")
+        return self.conn
+
+    async def _helo(self, name: str) -> list[bytes]:
+        conn = self._require_conn()
+        conn.helo = name
+        self._tls_facts(conn)
+        result, runs = await self.app.pipeline.run_stage("helo", connection=conn, name=name)
+        self.helo_runs = runs  # a second HELO replaces the first (RFC 5321 4.1.4)
+        return [self._verdict(result, "helo") or p.reply_simple(p.SMFIR_CONTINUE)]
+
+    def _tls_facts(self, conn: Connection) -> None:
+        version = self.macro("{tls_version}")
+        conn.tls = bool(version)
+        conn.tls_version = version
+
+    async def _mail(self, sender: str, options: list[str]) -> list[bytes]:
+        conn = self._require_conn()
+        self._reset_transaction(keep=p.SMFIC_MAIL)  # a new MAIL starts a new transaction
+        self._tls_facts(conn)
+        conn.authenticated_user = self.macro("{auth_authen}")
+        result, runs = await self.app.pipeline.run_stage(
+            "mail", connection=conn, sender=sender, options=options
+        )
+        self.tx.runs.extend(runs)
+        reply = self._verdict(result, "mail")
+        if reply is not None:
+            return [reply]
+        self.tx.sender = sender
+        self.tx.options = list(options)
+        self.tx.mutations.extend(m for r in runs if r.result for m in r.result.mutations)
+        return [p.reply_simple(p.SMFIR_CONTINUE)]
+
+    async def _rcpt(self, recipient: str, options: list[str]) -> list[bytes]:
+        conn = self._require_conn()
+        result, runs = await self.app.pipeline.run_stage(
+            "rcpt", connection=conn, sender=self.tx.sender, recipient=recipient, options=options
+        )
+        self.tx.runs.extend(runs)
+        reply = self._verdict(result, "rcpt")
+        if reply is not None:
+            return [reply]
+        self.tx.recipients.append(recipient)
+        self.tx.mutations.extend(m for r in runs if r.result for m in r.result.mutations)
+        return [p.reply_simple(p.SMFIR_CONTINUE)]
+
+    def _add_body_size(self, n: int) -> None:
+        self.tx.size += n
+        if self.tx.size > self.app.config.server.max_message_size:
+            self.tx.too_big = True  # keep reading, answer at end of message
+
+    def _add_body(self, chunk: bytes) -> None:
+        self._add_body_size(len(chunk))
+        if not self.tx.too_big:
+            self.tx.body += chunk
+
+    async def _end_of_message(self) -> list[bytes]:
+        started = time.perf_counter()
+        conn = self._require_conn()
+        tx = self.tx
+        if tx.too_big:
+            return [_reply_code(R_TOO_BIG)]
+        head = b"".join(f.to_bytes() for f in tx.headers)
+        raw = head + b"\r\n" + bytes(tx.body)
+        ctx = MessageContext(
+            raw,
+            Envelope(tx.sender, list(tx.recipients), list(tx.options)),
+            conn,
+            queue_id=self.macro("{i}") or new_queue_id(),
+        )
+        ctx.extra["front_end"] = "milter"
+        ctx.extra["milter_macros"] = self.all_macros()
+        ctx.runs.extend([*self.early_runs, *self.helo_runs, *tx.runs])
+        ctx.score = sum(r.result.score for r in ctx.runs if r.result is not None)
+        ctx.apply(tx.mutations)
+        before = Snapshot(list(tx.headers), bytes(tx.body), tx.sender, list(tx.recipients))
+        await self._run_with_progress(ctx)
+        packets, summary = self._decide(ctx, before)
+        log_message(ctx, summary, (time.perf_counter() - started) * 1000)
+        self.app.metrics.observe_message(ctx, time.perf_counter() - started)
+        return packets
+
+    async def _run_with_progress(self, ctx: MessageContext) -> None:
+        async def keepalive() -> None:
+            while True:
+                await asyncio.sleep(self.progress_interval)
+                await self.send([p.reply_simple(p.SMFIR_PROGRESS)])
+
+        task = asyncio.create_task(keepalive())
+        try:
+            await self.app.pipeline.run_data(ctx)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _decide(self, ctx: MessageContext, before: Snapshot) -> tuple[list[bytes], str]:
+        """The end-of-message replies for the pipeline's decision, and a log summary."""
+        action = ctx.action
+        if action in (Action.REJECT, Action.TEMPFAIL):
+            fallback = R_REJECTED if action is Action.REJECT else R_TRY_LATER
+            reply = ctx.reply if ctx.reply is not None and 400 <= ctx.reply.code < 600 else None
+            reply = reply or fallback
+            ctx.extra["delivery"] = "refused"
+            return [_reply_code(reply)], str(reply)
+        if action is Action.DISCARD or not ctx.envelope.rcpt_tos:
+            # No recipients left is a discard too: deleting every recipient would leave
+            # the MTA a message it can only bounce or drop.
+            ctx.extra["delivery"] = "discarded"
+            return [p.reply_simple(p.SMFIR_DISCARD)], "milter discard"
+        if ctx.routes and not self._routes_noted:
+            self._routes_noted = True
+            log.debug("milter: routes are ignored in milter mode; the MTA delivers")
+        head, body = ctx.split()
+        after = Snapshot(parse_fields(head), body, ctx.envelope.mail_from, ctx.envelope.rcpt_tos)
+        # Postfix names itself in the "v" macro and hides its own Received header.
+        offset = 1 if self.macro("v").startswith("Postfix") else 0
+        packets = all_edits(before, after, self.actions, self.leading_space, offset)
+        summary = f"milter continue ({len(packets)} edits)"
+        if action is Action.QUARANTINE:
+            if self.actions & p.SMFIF_QUARANTINE:
+                packets.append(p.reply_quarantine(ctx.reason or "quarantined by mailflow"))
+                summary = f"milter quarantine ({len(packets) - 1} edits)"
+            else:
+                log.warning("milter: MTA did not allow quarantine; message %s passed", ctx.queue_id)
+        ctx.extra["delivery"] = "milter"
+        packets.append(p.reply_simple(p.SMFIR_CONTINUE))
+        return packets, summary
+
+    # --- resets -------------------------------------------------------------------------------
+
+    def _reset_transaction(self, keep: bytes = b"") -> None:
+        """Forget the transaction; ``keep`` names the macro stage just received for it."""
+        self.tx = Transaction()
+        for stage in _TX_STAGES:
+            if stage != keep:
+                self.macros.pop(stage, None)
+
+    def _reset_connection(self) -> None:
+        self._reset_transaction()
+        self.macros = {k: v for k, v in self.macros.items() if k == p.SMFIC_CONNECT}
+        self.conn = None
+        self.early_runs = []
+        self.helo_runs = []
+
+
+def _reply_code(reply: SMTPReply) -> bytes:
+    return p.reply_code(reply.code, reply.status, reply.text)
