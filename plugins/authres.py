@@ -132,7 +132,17 @@ class AuthResPlugin:
             props["smtp_helo"] = details.get("domain") or helo or None
         else:
             props["smtp_mailfrom"] = details.get("sender")
-        return [_CLASSES["spf"](result=result, reason=self._why(details, result), **props)]
+        out = [_CLASSES["spf"](result=result, reason=self._why(details, result), **props)]
+        helo_result = details.get("helo_result")
+        if "smtp_mailfrom" in props and helo_result and helo_result != "none":
+            # The HELO identity was checked too (RFC 7208 2.3): report it on its own.
+            out.append(
+                _CLASSES["spf"](
+                    result=_vocab("spf", helo_result),
+                    smtp_helo=details.get("helo_domain") or helo or None,
+                )
+            )
+        return out
 
     def dkim(self, details: dict[str, Any]) -> list[Any]:
         if not details:

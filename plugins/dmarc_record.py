@@ -129,6 +129,16 @@ def select_record(texts: list[str]) -> Record | None:
         return None
 
 
+def _a_label(domain: str) -> str:
+    """U-labels (RFC 6532 From addresses) as A-labels, the form DNS and DKIM d= use."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain  # not convertible: valid_domain() refuses it
+
+
 def author_domains(from_fields: list[str]) -> tuple[list[str], str]:
     """The RFC5322.From domains, or ([], problem) when DMARC cannot apply.
 
@@ -143,7 +153,7 @@ def author_domains(from_fields: list[str]) -> tuple[list[str], str]:
     addresses = email.utils.getaddresses(from_fields)
     domains: list[str] = []
     for _name, addr in addresses:
-        domain = addr.rpartition("@")[2].lower().rstrip(".")
+        domain = _a_label(addr.rpartition("@")[2].lower().rstrip("."))
         if not addr or "@" not in addr or not valid_domain(domain):
             return [], f"From address {addr or from_fields[0][:60]!r} has no usable domain"
         if domain not in domains:

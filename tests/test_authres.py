@@ -193,3 +193,20 @@ async def test_a_flood_of_forged_headers_is_removed_and_others_kept(make_config,
     assert len(values) == 1001
     assert [parsed(v).authserv_id for v in values].count("mx.test") == 1
     assert values[1:3] == ["o0.example; spf=pass", "o2.example; spf=pass"]
+
+
+async def test_a_checked_helo_identity_gets_its_own_spf_result(make_config, dns):
+    dns.records["mx.soft.test"] = [("TXT", "v=spf1 ip4:192.0.2.10 -all")]
+    config = make_config(dns.config_yaml() + "plugins: [{name: spf}, {name: authres}]\n")
+    app = App(config)
+    await app.startup()
+    ctx = await check_message(
+        app, make_message(), sender="a@soft.test", ip="192.0.2.10", helo="mx.soft.test"
+    )
+    await app.shutdown()
+    [value] = ar_values(ctx.raw)
+    results = [(r.method, r.result, r.smtp_mailfrom, r.smtp_helo) for r in parsed(value).results]
+    assert results == [
+        ("spf", "softfail", "a@soft.test", None),
+        ("spf", "pass", None, "mx.soft.test"),
+    ]

@@ -10,7 +10,13 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from mailflow_plugins.dmarc_record import Record, RecordError, organizational_domain, parse_record
+from mailflow_plugins.dmarc_record import (
+    Record,
+    RecordError,
+    author_domains,
+    organizational_domain,
+    parse_record,
+)
 
 from mailflow.app import App
 from mailflow.check import check_message, report
@@ -166,6 +172,10 @@ async def test_missing_or_duplicate_from_is_a_permerror_not_a_pass(make_config, 
     assert dmarc["result"] == "permerror"
     assert problem in dmarc["reason"]
     assert ctx.action is Action.REJECT
+
+
+def test_internationalized_from_domain_is_evaluated_as_a_label():
+    assert author_domains(["J\u00f6rg <j@b\u00fccher.example>"]) == (["xn--bcher-kva.example"], "")
 
 
 async def test_several_author_domains_take_the_strictest_outcome(make_config, dns):
