@@ -9,11 +9,13 @@ result, in the RFC 8601 2.7.1 vocabulary:
 * ``permerror``: it cannot ever verify: broken tags, unknown algorithm, From not
   signed, no key record (6.1.2), malformed or revoked key;
 * ``temperror``: the key lookup failed for now (timeout, SERVFAIL);
-* ``policy``: not verified because the message carries more signatures than the
-  configured limit (bounded work per message).
+
+Only the first ``max_signatures`` signatures are looked at (bounded work and a
+bounded Authentication-Results header, whatever a message carries); the others
+are counted in ``not_verified``.
 
 The message result is ``pass`` if any signature passes, else the most telling of
-``temperror``, ``fail``, ``permerror``, ``policy``; ``none`` without signatures.
+``temperror``, ``fail``, ``permerror``; ``none`` without signatures.
 DMARC (RFC 7489) decides what a failure means, so by default this plugin only
 reports; ``fail_score`` / ``fail_action`` let an admin act on a failure anyway.
 The Authentication-Results header is built by the ``authres`` plugin from
@@ -36,7 +38,7 @@ from mailflow.hookspecs import hookimpl
 from mailflow.verdict import Action, Result, Symbol
 
 # Order in which per-signature results summarise the message (first found wins).
-_PRECEDENCE = ("pass", "temperror", "fail", "permerror", "neutral", "policy")
+_PRECEDENCE = ("pass", "temperror", "fail", "permerror")
 REASON_LIMIT = 160  # characters: reasons end up in headers and logs
 HEADER_B_LENGTH = 8  # RFC 6008 2: a prefix of b= that tells signatures apart
 
@@ -46,7 +48,7 @@ class DKIMSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_signatures: int = Field(default=5, ge=1, le=50)  # verified per message; the rest: policy
+    max_signatures: int = Field(default=5, ge=1, le=50)  # verified per message, topmost first
     min_key_bits: int = Field(default=1024, ge=1024)  # RFC 8301 3.2: shorter RSA keys never pass
     fail_score: float = 0.0  # added when the message result is fail or permerror
     fail_action: Literal["continue", "quarantine", "reject"] = "continue"
@@ -87,28 +89,26 @@ def _short(text: str) -> str:
     return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
 
 
-def parse_signatures(raw: bytes, limit: int) -> tuple[Any, list[SignatureCheck]]:
-    """Parse the message once with dkimpy and pre-check each signature's tags.
+def parse_signatures(raw: bytes, limit: int) -> tuple[Any, list[SignatureCheck], int]:
+    """Parse the message once with dkimpy and pre-check the first ``limit`` signatures.
 
-    Returns the dkimpy verifier object (None if the header is unparsable) and one
-    entry per signature; entries that already have a result need no key.
+    Returns the dkimpy verifier object (None if the header is unparsable), one
+    entry per examined signature (entries that already have a result need no
+    key) and the number of signatures left unexamined.
     """
     try:
         verifier = dkim.DKIM(raw)
     except Exception as exc:  # dkimpy's parser raises assorted errors on garbage
-        return None, [SignatureCheck(0, {}, result="permerror", reason=_short(str(exc)))]
+        return None, [SignatureCheck(0, {}, result="permerror", reason=_short(str(exc)))], 0
     fields = [v for k, v in verifier.headers if k.lower() == b"dkim-signature"]
     checks = []
-    for index, value in enumerate(fields):
+    for index, value in enumerate(fields[:limit]):
         check = SignatureCheck(index, {})
         checks.append(check)
         try:
             check.tags = parse_tag_value(value)
         except InvalidTagValueList as exc:
             check.result, check.reason = "permerror", f"malformed tag list: {_short(str(exc))}"
-            continue
-        if index >= limit:
-            check.result, check.reason = "policy", f"not verified: more than {limit} signatures"
             continue
         try:
             dkim.validate_signature_fields(check.tags)
@@ -122,7 +122,7 @@ def parse_signatures(raw: bytes, limit: int) -> tuple[Any, list[SignatureCheck]]
         check.name = key_name(check.tags[b"s"], check.tags[b"d"])
         if check.name is None:
             check.result, check.reason = "permerror", "invalid d= or s= domain name"
-    return verifier, checks
+    return verifier, checks, max(0, len(fields) - limit)
 
 
 def verify_signatures(
@@ -176,8 +176,8 @@ class DKIMVerify:
         self.resolver = app.resolver
 
     async def evaluate(self, raw: bytes) -> dict[str, Any]:
-        """The ``details`` for one message (public: the ARC and DMARC tests use it)."""
-        verifier, checks = await asyncio.to_thread(
+        """The ``details`` for one message: see the module docstring."""
+        verifier, checks, skipped = await asyncio.to_thread(
             parse_signatures, raw, self.settings.max_signatures
         )
         if verifier is not None:
@@ -193,6 +193,8 @@ class DKIMVerify:
             "result": result,
             "signatures": [c.as_dict() for c in checks],
         }
+        if skipped:
+            details["not_verified"] = skipped
         if verifier is None and checks:
             details["reason"] = f"message header unparsable: {checks[0].reason}"
         return details
