@@ -312,6 +312,17 @@ async def test_authentication_results_header_for_valid_tampered_and_absent(make_
             for raw in (valid, tampered, absent):
                 await send(srv.port, f"alice@{DOMAIN}", ["bob@example.com"], raw)
             delivered = await srv.wait_delivered("bob@example.com", 3)
+        # The same through `check --json`'s report: one added header, same results.
+        for raw, expected in ((valid, "dkim=pass"), (tampered, "dkim=fail"), (absent, "dkim=none")):
+            app = App(config)
+            await app.startup()
+            try:
+                rep = report(await check_message(app, raw))
+            finally:
+                await app.shutdown()
+            [value] = [v for n, v in rep["headers_added"] if n == "Authentication-Results"]
+            assert expected in value
+            assert rep["action"] == "accept"
     by_subject = {}
     for raw in delivered:
         msg = email.message_from_bytes(raw)
