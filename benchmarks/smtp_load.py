@@ -1,6 +1,6 @@
 """SMTP throughput benchmark: mailflow vs. a bare aiosmtpd server, in the same run.
 
-    python -m benchmarks.smtp_load                      # defaults: N=1000, K=1,10,50
+    python -m benchmarks.smtp_load                      # defaults: N=500, K=1,10,50
     python -m benchmarks.smtp_load -n 2000 -k 10 --json
     python -m benchmarks.smtp_load --plugins bayes,attachments --targets bare,maildir+plugins
 
@@ -119,6 +119,7 @@ def build_targets(
     py_spy: Path | None = None,
     no_fsync: bool = False,
     log_level: str = "INFO",
+    relay_pool: int = 8,
 ) -> list[Target]:
     targets: list[Target] = []
     for name in names:
@@ -138,7 +139,9 @@ def build_targets(
         slug = name.replace("+", "-")
         prof = profile / f"{slug}.prof" if profile else None
         spy = py_spy / f"{slug}.txt" if py_spy else None
-        targets.append(MailflowTarget(workdir, mode, chain, sink, prof, spy, no_fsync, log_level))
+        targets.append(
+            MailflowTarget(workdir, mode, chain, sink, prof, spy, no_fsync, log_level, relay_pool)
+        )
     return targets
 
 
@@ -215,7 +218,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("-n", "--messages", type=int, default=1000, help="messages per run")
+    p.add_argument("-n", "--messages", type=int, default=500, help="messages per run")
     p.add_argument("-k", "--concurrency", default="1,10,50", help="comma-separated K values")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
     p.add_argument("--targets", default=DEFAULT_TARGETS, help=f"from: {', '.join(TARGET_NAMES)}")
@@ -240,6 +243,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="mailflow's log.level (INFO logs a line per message and per delivery)",
     )
+    p.add_argument(
+        "--relay-pool",
+        type=int,
+        default=8,
+        help="relay.pool_size for the relay targets (default 8 = queue.workers)",
+    )
     p.add_argument("--workdir", type=Path, help="keep servers' files here (default: temp)")
     return p.parse_args(argv)
 
@@ -255,7 +264,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out.mkdir(parents=True, exist_ok=True)
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     targets = build_targets(
-        names, workdir, plugins, args.profile, args.py_spy, args.no_fsync, args.log_level
+        names,
+        workdir,
+        plugins,
+        args.profile,
+        args.py_spy,
+        args.no_fsync,
+        args.log_level,
+        args.relay_pool,
     )
     factory = MessageFactory(args.size, run=f"b{os.getpid()}")
     rows: list[Row] = []

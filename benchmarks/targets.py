@@ -211,6 +211,7 @@ class MailflowTarget(Target):
         py_spy: Path | None = None,
         no_fsync: bool = False,
         log_level: str = "INFO",
+        relay_pool: int = 8,
     ) -> None:
         if mode not in ("maildir", "relay"):
             raise ValueError(f"unknown mailflow mode {mode!r}")
@@ -223,6 +224,7 @@ class MailflowTarget(Target):
         self.py_spy = py_spy
         self.no_fsync = no_fsync
         self.log_level = log_level
+        self.relay_pool = relay_pool  # idle upstream sessions kept; = queue.workers (8)
         self.spy: Process | None = None
         suffix = ("+plugins" if self.plugins else "") + (" NO FSYNC" if no_fsync else "")
         self.name = f"mailflow {mode}{suffix}"
@@ -260,6 +262,7 @@ class MailflowTarget(Target):
             cfg["relay_networks"] = ["127.0.0.0/8"]
             cfg["relay"] = {
                 "default": "sink",
+                "pool_size": self.relay_pool,
                 "targets": {"sink": {"host": "127.0.0.1", "port": self.sink.port, "tls": "none"}},
             }
         return cfg
