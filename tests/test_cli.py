@@ -85,16 +85,26 @@ def test_starter_examples_are_valid_when_uncommented():
     assert config.server.tls is not None and config.server.auth is not None
     assert config.delivery.lmtp is not None and config.delivery.maildir.quota == 1024**3
     assert config.relay.routes == {"example.net": "smarthost", "example.org": "mx"}
-    assert config.actions.reject == 15
+    assert (config.actions.reject, config.actions.junk) == (15, 8)
     assert config.metrics.listen == "127.0.0.1:9125"
     assert [p.name for p in config.plugins] == [
+        "bayes",
         "spf",
         "dkim",
-        "bayes",
+        "arc",
+        "dmarc",
+        "rules",
         "authres",
         "dkim_sign",
+        "arc_seal",
         "example",
     ]
+
+
+def test_starter_as_written_is_the_embedded_default():
+    from mailflow.config import load_config
+
+    assert parse_config(STARTER).model_dump() == load_config(None).model_dump()
 
 
 def test_starter_mentions_every_config_section():
