@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import spf as pyspf
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mailflow.dns import DNSTempError
 from mailflow.hookspecs import hookimpl
@@ -51,6 +51,9 @@ class SPFSettings(BaseModel):
     # Answer a reject/tempfail at MAIL FROM, or at each RCPT (lets postmaster@ through).
     reject_at: Literal["mail", "rcpt"] = "mail"
     check_helo: bool = True  # RFC 7208 2.3: also evaluate the HELO identity
+    # Worker threads of this plugin's own pool: an SPF check waits on DNS in its thread,
+    # so it must not crowd out other users of asyncio's default executor.
+    max_concurrent: int = Field(32, ge=1, le=1024)
     scores: dict[str, float] = {"fail": 5.0, "softfail": 2.0, "permerror": 1.0}
 
     @field_validator("actions", "scores")
@@ -172,11 +175,30 @@ class SPFPlugin:
         self.receiver = "localhost"
         # connection id -> (sender, result): the MAIL FROM verdict answered at RCPT
         self._pending: OrderedDict[int, tuple[str, Result]] = OrderedDict()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @hookimpl
     def mailflow_startup(self, app: Any) -> None:
         self.resolver = app.resolver
         self.receiver = app.authserv_id
+
+    @hookimpl
+    def mailflow_shutdown(self, app: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _in_thread(self, lookup: LookupFn, ip: str, sender: str, helo: str) -> Outcome:
+        """Run pyspf in this plugin's pool, in a copy of the caller's context (so the
+        message's DNS budget reaches the lookups, as with ``asyncio.to_thread``)."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.settings.max_concurrent, thread_name_prefix="mailflow-spf"
+            )
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, context.run, _run_query, lookup, ip, sender, helo, self.receiver
+        )
 
     async def evaluate(self, ip: str, sender: str, helo: str) -> tuple[Outcome, Outcome | None]:
         """(MAIL FROM outcome, HELO outcome or None) for one transaction."""
@@ -186,16 +208,14 @@ class SPFPlugin:
         helo_outcome = None
         if self.settings.check_helo or not sender:
             if _helo_is_checkable(helo):
-                helo_outcome = await asyncio.to_thread(
-                    _run_query, lookup, ip, "", helo, self.receiver
-                )
+                helo_outcome = await self._in_thread(lookup, ip, "", helo)
             else:
                 helo_outcome = Outcome("none", helo, "helo", "HELO name is not a domain")
         if not sender:
             # RFC 7208 2.4: for the null sender, MAIL FROM is postmaster@<HELO name>.
             assert helo_outcome is not None
             return Outcome(**{**_fields(helo_outcome), "identity": "helo"}), helo_outcome
-        outcome = await asyncio.to_thread(_run_query, lookup, ip, sender, helo, self.receiver)
+        outcome = await self._in_thread(lookup, ip, sender, helo)
         return outcome, helo_outcome
 
     def decide(self, ip: str, sender: str, outcome: Outcome, helo: Outcome | None) -> Result:
