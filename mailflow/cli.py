@@ -101,6 +101,8 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
         source = config_path or "embedded default config"
         for host, port in addresses:
             click.echo(f"mailflow {__version__}: listening on {host}:{port} (SMTP)", err=True)
+        if server.milter is not None:
+            click.echo(f"mailflow: listening on {server.milter.address} (milter)", err=True)
         delivery = config.delivery
         if delivery.method == "maildir":
             where = f"Maildir under {mail_root}/"

@@ -11,6 +11,7 @@ from mailflow.app import App
 from mailflow.delivery.queue import QueueManager
 from mailflow.delivery.transports import build_transports
 from mailflow.message import MessageContext
+from mailflow.milter.server import MilterServer
 from mailflow.pipeline import default_route
 from mailflow.smtp import Handler, bound_addresses, start_servers
 from mailflow.verdict import Route
@@ -28,6 +29,7 @@ class Server:
         self.handler: Handler | None = None
         self.servers: list[asyncio.Server] = []
         self.metrics_server: asyncio.Server | None = None
+        self.milter: MilterServer | None = None  # milter front end, when milter.listen is set
 
     async def start(self) -> list[tuple[str, int]]:
         app = self.app
@@ -47,6 +49,10 @@ class Server:
 
             self.authenticator = UsersFileAuthenticator(app.config.server.auth.users_file)
         self.servers = await start_servers(app, self.handler, self.authenticator)
+        if app.config.milter.listen:
+            # Milter front end (docs/milter.md): same pipeline, the MTA delivers.
+            self.milter = MilterServer(app, app.config.milter)
+            await self.milter.start()
         if app.config.metrics.listen:
             from mailflow.metrics import start_metrics_server
 
@@ -101,6 +107,9 @@ class Server:
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
+        if self.milter is not None:
+            await self.milter.stop()
+            self.milter = None
         for server in self.servers:
             server.close()
         for server in self.servers:
