@@ -130,6 +130,12 @@ class DMARCPlugin:
         if ev.aligned["spf"] or ev.aligned["dkim"]:
             ev.result = "pass"
             return ev
+        pending = _undecided(spf, dkim, from_domain, record)
+        if pending:
+            # An aligned identifier could not be checked for now: a DNS hiccup must not
+            # become a policy failure that rejects legitimate mail (RFC 7489 6.6.2).
+            ev.result, ev.reason = "temperror", f"{pending} gave temperror"
+            return ev
         ev.result = "fail"
         ev.reason = "neither SPF nor DKIM passed aligned with the From domain"
         ev.disposition = self._sample(ev.policy, record.pct, ev)
@@ -211,6 +217,20 @@ class DMARCPlugin:
             "reason": problem,
         }
         return result
+
+
+def _undecided(spf: dict[str, Any], dkim: dict[str, Any], author: str, record: Record) -> str:
+    """Name the aligned identifier whose check ended in temperror, or ""."""
+    if spf.get("result") == "temperror" and aligned(
+        str(spf.get("domain", "")), author, record.aspf
+    ):
+        return "SPF"
+    for sig in dkim.get("signatures") or []:
+        if sig.get("result") == "temperror" and aligned(
+            str(sig.get("domain", "")), author, record.adkim
+        ):
+            return "DKIM"
+    return ""
 
 
 def _details(message: Any, plugin: str) -> dict[str, Any]:

@@ -54,13 +54,15 @@ ZONE = {
     "junk.test": SPF_OK,
     "_dmarc.junk.test": [("TXT", ["v=DMARC1; p=rej", "\x00\xff;;=;"])],
     "slow.test": SPF_OK,
+    "slowspf.test": SPF_OK,
+    "_dmarc.slowspf.test": [("TXT", "v=DMARC1; p=reject")],
 }
 
 
 @pytest.fixture
 async def dns():
     async with dns_server({k: list(v) for k, v in ZONE.items()}) as srv:
-        srv.timeout_names.add("_dmarc.slow.test")
+        srv.timeout_names.update({"_dmarc.slow.test", "slowspf.test"})
         yield srv
 
 
@@ -111,6 +113,9 @@ def ar_dmarc(raw: bytes) -> str:
         ("a@badrua.test", "b@other.test", "fail", "none", "none", Action.CONTINUE),
         ("a@junk.test", "b@other.test", "none", "none", "none", Action.CONTINUE),
         ("a@slow.test", "a@slow.test", "temperror", "none", "none", Action.CONTINUE),
+        # SPF for the aligned domain timed out: not a failure of a p=reject domain
+        ("a@slowspf.test", "a@slowspf.test", "temperror", "reject", "none", Action.CONTINUE),
+        ("a@slowspf.test", "b@other.test", "fail", "reject", "reject", Action.REJECT),
     ],
 )
 async def test_policy_and_alignment_give_result_and_action(
