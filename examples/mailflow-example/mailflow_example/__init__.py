@@ -23,11 +23,11 @@ from mailflow.hookspecs import hookimpl
 from mailflow.message import Connection, MessageContext
 from mailflow.verdict import AddHeader, Result, Route, RouteKind, Symbol
 
-__all__ = ["ExamplePlugin", "Settings", "domain_of", "matching_keywords"]
+__all__ = ["ExamplePlugin", "ExampleSettings", "Settings", "domain_of", "matching_keywords"]
 __version__ = "1.0.0"
 
 
-class Settings(BaseModel):
+class ExampleSettings(BaseModel):
     """What ``plugins[i].settings`` may contain for ``name: example``.
 
     ``extra="forbid"`` makes a misspelt key a config error (file, key path, line)
@@ -40,9 +40,12 @@ class Settings(BaseModel):
     refused_recipients: list[str] = []
     # keyword (case-insensitive, matched in the Subject) -> score it adds
     subject_keywords: dict[str, float] = {}
-    header: str = Field("X-Example-Keywords", min_length=1)
+    header: str = Field(default="X-Example-Keywords", min_length=1)
     # recipient address -> Maildir++ folder, e.g. {"sales@example.com": ".Sales"}
     folders: dict[str, str] = {}
+
+
+Settings = ExampleSettings  # the short name used in the docs
 
 
 def domain_of(address: str) -> str:
@@ -60,10 +63,10 @@ class ExamplePlugin:
     """The object mailflow registers; built once per application with validated settings."""
 
     # mailflow validates plugins[i].settings against this model before calling us.
-    Settings = Settings
+    Settings = ExampleSettings
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, settings: ExampleSettings | None = None) -> None:
+        self.settings = settings or ExampleSettings()
         self._blocked = {d.lower() for d in self.settings.blocked_sender_domains}
         self._refused = {r.lower() for r in self.settings.refused_recipients}
         self._folders = {r.lower(): f for r, f in self.settings.folders.items()}
