@@ -9,13 +9,15 @@ result, in the RFC 8601 2.7.1 vocabulary:
 * ``permerror``: it cannot ever verify: broken tags, unknown algorithm, From not
   signed, no key record (6.1.2), malformed or revoked key;
 * ``temperror``: the key lookup failed for now (timeout, SERVFAIL);
+* ``policy``: well-formed but not acceptable: ``a=rsa-sha1``, which RFC 8301 3.1
+  forbids verifiers to accept (``allow_rsa_sha1`` to override).
 
 Only the first ``max_signatures`` signatures are looked at (bounded work and a
 bounded Authentication-Results header, whatever a message carries); the others
 are counted in ``not_verified``.
 
 The message result is ``pass`` if any signature passes, else the most telling of
-``temperror``, ``fail``, ``permerror``; ``none`` without signatures.
+``temperror``, ``fail``, ``permerror``, ``policy``; ``none`` without signatures.
 DMARC (RFC 7489) decides what a failure means, so by default this plugin only
 reports; ``fail_score`` / ``fail_action`` let an admin act on a failure anyway.
 The Authentication-Results header is built by the ``authres`` plugin from
@@ -38,7 +40,7 @@ from mailflow.hookspecs import hookimpl
 from mailflow.verdict import Action, Result, Symbol
 
 # Order in which per-signature results summarise the message (first found wins).
-_PRECEDENCE = ("pass", "temperror", "fail", "permerror")
+_PRECEDENCE = ("pass", "temperror", "fail", "permerror", "policy")
 REASON_LIMIT = 160  # characters: reasons end up in headers and logs
 HEADER_B_LENGTH = 8  # RFC 6008 2: a prefix of b= that tells signatures apart
 
@@ -50,6 +52,7 @@ class DKIMSettings(BaseModel):
 
     max_signatures: int = Field(default=5, ge=1, le=50)  # verified per message, topmost first
     min_key_bits: int = Field(default=1024, ge=1024)  # RFC 8301 3.2: shorter RSA keys never pass
+    allow_rsa_sha1: bool = False  # RFC 8301 3.1: verifiers must not accept rsa-sha1
     fail_score: float = 0.0  # added when the message result is fail or permerror
     fail_action: Literal["continue", "quarantine", "reject"] = "continue"
     temperror_action: Literal["continue", "tempfail"] = "continue"
@@ -89,7 +92,9 @@ def _short(text: str) -> str:
     return text if len(text) <= REASON_LIMIT else text[: REASON_LIMIT - 3] + "..."
 
 
-def parse_signatures(raw: bytes, limit: int) -> tuple[Any, list[SignatureCheck], int]:
+def parse_signatures(
+    raw: bytes, limit: int, allow_rsa_sha1: bool = False
+) -> tuple[Any, list[SignatureCheck], int]:
     """Parse the message once with dkimpy and pre-check the first ``limit`` signatures.
 
     Returns the dkimpy verifier object (None if the header is unparsable), one
@@ -114,6 +119,9 @@ def parse_signatures(raw: bytes, limit: int) -> tuple[Any, list[SignatureCheck],
             dkim.validate_signature_fields(check.tags)
         except dkim.DKIMException as exc:
             check.result, check.reason = "permerror", _short(str(exc))
+            continue
+        if check.tags[b"a"].lower() == b"rsa-sha1" and not allow_rsa_sha1:
+            check.result, check.reason = "policy", "rsa-sha1 is not acceptable (RFC 8301 3.1)"
             continue
         signed = [h.strip().lower() for h in check.tags[b"h"].split(b":")]
         if b"from" not in signed:  # RFC 6376 6.1.1
@@ -178,7 +186,7 @@ class DKIMVerify:
     async def evaluate(self, raw: bytes) -> dict[str, Any]:
         """The ``details`` for one message: see the module docstring."""
         verifier, checks, skipped = await asyncio.to_thread(
-            parse_signatures, raw, self.settings.max_signatures
+            parse_signatures, raw, self.settings.max_signatures, self.settings.allow_rsa_sha1
         )
         if verifier is not None:
             names = {c.name for c in checks if not c.result and c.name}

@@ -11,6 +11,7 @@ import asyncio
 import email
 import json
 import shutil
+from pathlib import Path
 
 import aiosmtplib
 import dkim
@@ -334,3 +335,45 @@ async def test_authentication_results_header_for_valid_tampered_and_absent(make_
     assert "dkim=fail" in by_subject["tampered"]
     assert "body hash did not verify" in by_subject["tampered"]
     assert "dkim=none" in by_subject["absent"]
+
+
+OPENDKIM_TESTMSG = shutil.which("opendkim-testmsg") or (
+    "/usr/sbin/opendkim-testmsg" if Path("/usr/sbin/opendkim-testmsg").exists() else None
+)
+
+
+@pytest.mark.skipif(OPENDKIM_TESTMSG is None, reason="needs opendkim-tools (Debian package)")
+async def test_signature_from_opendkim_is_checked_and_rsa_sha1_is_refused(make_config, rsa_key):
+    """OpenDKIM's C library as a second, unrelated signer. ``opendkim-testmsg`` can
+    only sign with rsa-sha1, which RFC 8301 3.1 forbids verifiers to accept: by
+    default the result is ``policy``; with ``allow_rsa_sha1`` the cryptography is
+    checked (pass, and fail once the body changes)."""
+    assert OPENDKIM_TESTMSG is not None
+    proc = await asyncio.create_subprocess_exec(
+        OPENDKIM_TESTMSG,
+        "-C",
+        "-d",
+        DOMAIN,
+        "-s",
+        rsa_key.selector,
+        "-k",
+        str(rsa_key.path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate(message())
+    assert proc.returncode == 0, err.decode()
+    signed = out.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert b"a=rsa-sha1" in signed
+    async with dns_server(rsa_key.zone()) as dns:
+        default = await dkim_report(make_config, dns, signed)
+        allowed = await dkim_report(make_config, dns, signed, "{allow_rsa_sha1: true}")
+        changed = await dkim_report(
+            make_config, dns, signed.replace(b"Hello,", b"Hullo,"), "{allow_rsa_sha1: true}"
+        )
+    [sig] = default["plugins"]["dkim"]["signatures"]
+    assert (sig["result"], sig["reason"]) == ("policy", "rsa-sha1 is not acceptable (RFC 8301 3.1)")
+    assert results(allowed) == [("rsa1", "pass")]
+    assert results(changed) == [("rsa1", "fail")]
