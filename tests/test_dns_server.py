@@ -102,3 +102,13 @@ async def test_garbage_datagrams_are_ignored():
             s.sendto(b"\x00garbage", ("127.0.0.1", srv.port))
         await asyncio.sleep(0)
         assert await resolver_for(srv.port).query("example.test", "MX")
+
+
+async def test_ttl_defaults_to_300_and_can_be_set_per_record():
+    import dns.asyncresolver
+
+    async with dns_server({**ZONE, "ttl.test": [("A", "192.0.2.9", 42)]}) as srv:
+        raw = dns.asyncresolver.Resolver(configure=False)
+        raw.nameservers, raw.port = ["127.0.0.1"], srv.port
+        assert (await raw.resolve("mx.example.test", "A")).rrset.ttl == 300
+        assert (await raw.resolve("ttl.test", "A")).rrset.ttl == 42
