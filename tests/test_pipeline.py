@@ -528,3 +528,36 @@ def test_a_plugin_that_cannot_start_is_a_config_error_naming_its_entry(make_conf
     [issue] = info.value.issues
     assert issue.path == "plugins[1]"
     assert issue.message.startswith("plugin 'needs_file' failed to initialise: [Errno 2]")
+
+
+class Gate:
+    """Holds messages whose Subject is "slow" until released: an awaited lookup stand-in."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    @hookimpl
+    async def mailflow_data(self, message):
+        if message.header("Subject") == "slow":
+            self.entered.set()
+            await self.release.wait()
+        return Result(mutations=[AddHeader("X-Gate", "passed")])
+
+
+async def test_an_awaiting_hook_does_not_hold_up_other_connections(make_config):
+    gate = Gate()
+    config = make_config(plugin_list("gate"))
+    async with running_server(config, extra_plugins={"gate": gate}) as srv:
+        slow = asyncio.create_task(
+            send(srv.port, "a@example.org", ["slow@example.com"], make_message(subject="slow"))
+        )
+        await gate.entered.wait()
+        # While the first message waits inside the plugin, a second one goes all the way.
+        assert await send(srv.port, "a@example.org", ["fast@example.com"], make_message()) == {}
+        await srv.wait_delivered("fast@example.com")
+        assert not slow.done()
+        gate.release.set()
+        assert await slow == {}
+        await srv.wait_delivered("slow@example.com")
+        assert only_message(srv, "slow@example.com")["X-Gate"] == "passed"
