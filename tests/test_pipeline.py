@@ -561,3 +561,21 @@ async def test_an_awaiting_hook_does_not_hold_up_other_connections(make_config):
         assert await slow == {}
         await srv.wait_delivered("slow@example.com")
         assert only_message(srv, "slow@example.com")["X-Gate"] == "passed"
+
+
+async def test_a_discard_route_drops_only_that_recipient(make_config):
+    def route(recipient: str) -> Route | None:
+        return Route(RouteKind.DISCARD) if recipient.startswith("noreply@") else None
+
+    class Router:
+        @hookimpl
+        def mailflow_route(self, recipient):
+            return route(recipient)
+
+    config = make_config(plugin_list("router"))
+    async with running_server(config, extra_plugins={"router": Router()}) as srv:
+        rcpts = ["noreply@example.com", "bob@example.com"]
+        assert await send(srv.port, "a@example.org", rcpts, make_message()) == {}
+        await srv.wait_delivered("bob@example.com")
+        await srv.wait_queue_empty()
+        assert not srv.mailbox("noreply@example.com").exists()
