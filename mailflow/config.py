@@ -96,11 +96,11 @@ class ServerConfig(Strict):
     listen: list[str] = ["127.0.0.1:2525"]
     hostname: str = "localhost"
     max_message_size: Size = 25 * 1024 * 1024
-    max_recipients: int = Field(100, ge=1)
-    max_connections: int = Field(200, ge=1)
+    max_recipients: int = Field(default=100, ge=1)
+    max_connections: int = Field(default=200, ge=1)
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
-    max_received_headers: int = Field(50, ge=1)  # loop detection (RFC 5321 6.3)
+    max_received_headers: int = Field(default=50, ge=1)  # loop detection (RFC 5321 6.3)
     bare_newline: Literal["normalize", "reject"] = "normalize"
     reverse_dns: bool = False
     tls: TLSConfig | None = None
@@ -124,13 +124,13 @@ class MaildirConfig(Strict):
 
 class LMTPTarget(Strict):
     host: str = "127.0.0.1"
-    port: int = Field(24, ge=0, le=65535)
+    port: int = Field(default=24, ge=0, le=65535)
     socket: Path | None = None  # unix socket path instead of host:port
 
 
 class RelayTarget(Strict):
     host: str
-    port: int = Field(25, ge=0, le=65535)
+    port: int = Field(default=25, ge=0, le=65535)
     tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
     username: str | None = None
     password: str | None = None
@@ -151,12 +151,12 @@ class RelayConfig(Strict):
     targets: dict[str, RelayTarget] = {}
     routes: dict[str, str] = {}  # recipient domain -> target name or "mx"
     mx_tls: Literal["none", "opportunistic", "required", "verify"] = "opportunistic"
-    mx_port: int = Field(25, ge=0, le=65535)
+    mx_port: int = Field(default=25, ge=0, le=65535)
     mx_ca_file: Path | None = None  # CA bundle for mx_tls: verify (default: the system CAs)
     mx_timeout: Duration = 60.0
     helo_name: str | None = None
     # Idle outbound connections kept per (host, port, TLS policy) for reuse.
-    pool_size: int = Field(4, ge=0)
+    pool_size: int = Field(default=4, ge=0)
     pool_idle: Duration = 5.0  # seconds an idle connection is kept before QUIT
 
     def target_names(self) -> set[str]:
@@ -167,7 +167,7 @@ class QueueConfig(Strict):
     directory: Path = Path("./spool")
     retry_schedule: list[Duration] = [60, 300, 900, 1800, 3600]
     lifetime: Duration = 5 * 86400.0
-    workers: int = Field(8, ge=1)
+    workers: int = Field(default=8, ge=1)
     scan_interval: Duration = 1.0
     bounce_from: str = "MAILER-DAEMON"
 
@@ -193,7 +193,7 @@ class QuarantineConfig(Strict):
 
 class DNSConfig(Strict):
     nameservers: list[str] = []  # empty: the system resolver's
-    port: int = Field(53, ge=1, le=65535)
+    port: int = Field(default=53, ge=1, le=65535)
     timeout: Duration = 2.0
     budget: Duration = 10.0  # overall DNS time per message
 
@@ -218,7 +218,7 @@ class MilterConfig(Strict):
     # error: those follow each plugin's on_error). Mirrors Postfix's milter_default_action.
     default_action: Literal["tempfail", "accept"] = "tempfail"
     timeout: Duration = 300.0  # idle seconds per milter connection before closing it
-    max_connections: int = Field(100, ge=1)
+    max_connections: int = Field(default=100, ge=1)
 
     @field_validator("listen")
     @classmethod
@@ -521,7 +521,7 @@ def validate_model(
                     break
             known = _known_keys(model, loc) if err.get("type") == "extra_forbidden" else None
             issues.append(ConfigIssue(filename, _dotted(loc), line, _explain(dict(err), known)))
-        raise ConfigError(issues) from None
+        raise ConfigError(_by_line(issues)) from None
 
 
 def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
@@ -532,6 +532,11 @@ def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
     config._source = filename
     config._lines = lines
     return config
+
+
+def _by_line(issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    """In file order, as an editor shows them (pydantic reports in model-field order)."""
+    return sorted(issues, key=lambda i: i.line or 0)
 
 
 def issues_from_validation(
@@ -556,7 +561,7 @@ def issues_from_validation(
         if model is not None and err.get("type") == "extra_forbidden":
             known = _known_keys(model, tuple(err["loc"]))
         issues.append(ConfigIssue(config._source, _dotted(loc), line, _explain(dict(err), known)))
-    return ConfigError(issues)
+    return ConfigError(_by_line(issues))
 
 
 def _check_references(config: Config, filename: str, lines: dict[tuple[Any, ...], int]) -> None:

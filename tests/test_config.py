@@ -363,3 +363,15 @@ def test_keys_must_be_plain_names():
     assert errors("? [a, b]\n: 1\n") == [
         "mailflow.yaml:1: keys must be plain names, not lists or mappings"
     ]
+
+
+def test_errors_are_listed_in_file_order():
+    text = (
+        "queue:\n  workers: 0\nserver:\n  hostname: [a]\n  max_recipients: x\nlog: {level: LOUD}\n"
+    )
+    assert [e.split(": ")[1] for e in errors(text)] == [
+        "queue.workers",
+        "server.hostname",
+        "server.max_recipients",
+        "log.level",
+    ]
