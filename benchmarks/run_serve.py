@@ -10,29 +10,25 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import sys
 
+from benchmarks import what_if
 from mailflow.cli import main as mailflow_main
-
-
-def _no_fsync(fd: int) -> None:
-    """Stand-in for os.fsync when measuring what durability costs."""
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="write cProfile stats here on exit")
     parser.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="ANALYSIS ONLY, breaks durability: make os.fsync a no-op to see what it costs",
+        "--what-if",
+        action="append",
+        default=[],
+        help="patch in a proposed change first (see benchmarks/what_if.py); repeatable",
     )
     parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="arguments for serve")
     args = parser.parse_args(argv)
     serve_args = [a for a in args.serve_args if a != "--"]
-    if args.no_fsync:
-        os.fsync = _no_fsync
+    what_if.apply(args.what_if)
     if not args.profile:
         mailflow_main(["serve", *serve_args])
         return

@@ -117,12 +117,14 @@ def build_targets(
     plugins: list[dict[str, object]],
     profile: Path | None,
     py_spy: Path | None = None,
-    no_fsync: bool = False,
+    what_ifs: list[str] | None = None,
     log_level: str = "INFO",
     relay_pool: int = 8,
 ) -> list[Target]:
     targets: list[Target] = []
-    for name in names:
+    for spec in names:
+        # "maildir@direct-maildir@fast-newlines": a target with what-ifs of its own.
+        name, *own_what_ifs = spec.split("@")
         if name not in TARGET_NAMES:
             raise SystemExit(f"unknown target {name!r}; choose from {', '.join(TARGET_NAMES)}")
         mode, _, extra = name.partition("+")
@@ -133,14 +135,24 @@ def build_targets(
         if extra == "plugins" and not chain:
             print(f"skipping {name}: no plugins selected or installed", file=sys.stderr)
             continue
-        sink = Sink(workdir / name.replace("+", "-")) if mode == "relay" else None
+        slug = spec.replace("+", "-").replace("@", "-")
+        sink = Sink(workdir / slug) if mode == "relay" else None
         if sink is not None:
             sink.workdir.mkdir(parents=True, exist_ok=True)
-        slug = name.replace("+", "-")
         prof = profile / f"{slug}.prof" if profile else None
         spy = py_spy / f"{slug}.txt" if py_spy else None
         targets.append(
-            MailflowTarget(workdir, mode, chain, sink, prof, spy, no_fsync, log_level, relay_pool)
+            MailflowTarget(
+                workdir,
+                mode,
+                chain,
+                sink,
+                prof,
+                spy,
+                [*(what_ifs or []), *own_what_ifs],
+                log_level,
+                relay_pool,
+            )
         )
     return targets
 
@@ -186,7 +198,7 @@ def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
         n = group[0].messages
         print(f"\nK={k} connections, N={n} messages", file=out)
         header = (
-            f"{'server':<24} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
+            f"{'server':<34} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
             f"{'failed':>6} {'delivered':>9} {'e2e/s':>7} {'cpu ms/msg':>10}"
         )
         print(header, file=out)
@@ -199,7 +211,7 @@ def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
                 e2e = "timeout"
             cpu = "-" if r.cpu_ms is None else f"{r.cpu_ms:.2f}"
             print(
-                f"{r.server:<24} {r.rate:>8.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {ratio:>6} "
+                f"{r.server:<34} {r.rate:>8.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {ratio:>6} "
                 f"{r.failed:>6} {delivered:>9} {e2e:>7} {cpu:>10}",
                 file=out,
             )
@@ -221,7 +233,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-n", "--messages", type=int, default=500, help="messages per run")
     p.add_argument("-k", "--concurrency", default="1,10,50", help="comma-separated K values")
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
-    p.add_argument("--targets", default=DEFAULT_TARGETS, help=f"from: {', '.join(TARGET_NAMES)}")
+    p.add_argument(
+        "--targets",
+        default=DEFAULT_TARGETS,
+        help=f"from: {', '.join(TARGET_NAMES)}; append @WHAT-IF to patch one target only",
+    )
     p.add_argument(
         "--plugins",
         default="auto",
@@ -233,9 +249,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, help="run mailflow under cProfile; stats go here")
     p.add_argument("--py-spy", type=Path, help="sample mailflow with py-spy; stacks go here")
     p.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="analysis only: run mailflow with fsync disabled to see what durability costs",
+        "--what-if",
+        action="append",
+        default=[],
+        help="run mailflow with a proposed change patched in: direct-maildir, fast-newlines, "
+        "no-fsync (analysis only: no durability); repeatable",
     )
     p.add_argument(
         "--log-level",
@@ -269,7 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plugins,
         args.profile,
         args.py_spy,
-        args.no_fsync,
+        args.what_if,
         args.log_level,
         args.relay_pool,
     )

@@ -209,7 +209,7 @@ class MailflowTarget(Target):
         sink: Sink | None = None,
         profile: Path | None = None,
         py_spy: Path | None = None,
-        no_fsync: bool = False,
+        what_ifs: list[str] | None = None,
         log_level: str = "INFO",
         relay_pool: int = 8,
     ) -> None:
@@ -222,13 +222,14 @@ class MailflowTarget(Target):
         self.sink = sink
         self.profile = profile
         self.py_spy = py_spy
-        self.no_fsync = no_fsync
+        self.what_ifs = what_ifs or []
         self.log_level = log_level
         self.relay_pool = relay_pool  # idle upstream sessions kept; = queue.workers (8)
         self.spy: Process | None = None
-        suffix = ("+plugins" if self.plugins else "") + (" NO FSYNC" if no_fsync else "")
+        suffix = ("+plugins" if self.plugins else "") + "".join(f" [{w}]" for w in self.what_ifs)
         self.name = f"mailflow {mode}{suffix}"
-        self.dir = workdir / f"mailflow-{mode}{'-plugins' if self.plugins else ''}"
+        slug = f"mailflow-{mode}{'-plugins' if self.plugins else ''}"
+        self.dir = workdir / "-".join([slug, *self.what_ifs])
         self.dir.mkdir(parents=True, exist_ok=True)
         self.spool = self.dir / "spool" / "queue"
         self.mail = self.dir / "mail"
@@ -275,8 +276,8 @@ class MailflowTarget(Target):
         argv = [sys.executable, "-m", "benchmarks.run_serve"]
         if self.profile is not None:
             argv += ["--profile", str(self.profile)]
-        if self.no_fsync:
-            argv.append("--no-fsync")
+        for name in self.what_ifs:
+            argv += ["--what-if", name]
         argv += ["--", "-c", str(config_path)]
         self.process = Process(argv, self.dir / "serve.log", cwd=self.dir)
         match = self.process.wait_for(r"listening on [^\s]+:(\d+) \(SMTP\)")

@@ -1,0 +1,81 @@
+"""Measure a proposed core change before making it: patch it into ``serve`` at start-up.
+
+These are prototypes of the changes recommended in docs/performance.md, applied by
+:mod:`benchmarks.run_serve` ``--what-if NAME`` and selected in the harness with
+``python -m benchmarks.smtp_load --what-if NAME``. They exist to put a number on a
+recommendation; none of them is meant to ship from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def direct_maildir() -> None:
+    """Local-only messages go straight into the Maildir before the 250, not via the spool.
+
+    Same durability promise (file and directory fsync'd before the reply), one fsync'd
+    file per copy instead of three, and no queue round trip. Messages with any
+    non-Maildir route still take the spool.
+    """
+    from mailflow import server
+    from mailflow.verdict import RouteKind
+
+    spooled = server.Server.enqueue
+
+    async def enqueue(self: Any, ctx: Any) -> None:
+        routes = await self.app.route(ctx)
+        if not all(r.kind is RouteKind.MAILDIR for r in routes.values()):
+            await spooled(self, ctx)
+            return
+        maildir, raw = self.app.maildir, ctx.raw
+
+        def deliver_all() -> None:
+            for rcpt, route in routes.items():
+                maildir.deliver(rcpt, raw, route.folder, route.mailbox)
+
+        await asyncio.to_thread(deliver_all)
+
+    server.Server.enqueue = enqueue  # type: ignore[method-assign]
+
+
+def fast_newlines() -> None:
+    """normalize_newlines: count CR, LF and CRLF (C speed) before reaching for the regex."""
+    from mailflow import normalize, smtp
+
+    slow = normalize.normalize_newlines
+
+    def normalize_newlines(data: bytes, mode: Any = "normalize") -> bytes:
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+            return data
+        return slow(data, mode)
+
+    smtp.normalize_newlines = normalize_newlines  # type: ignore[assignment]
+
+
+def no_fsync() -> None:
+    """ANALYSIS ONLY, breaks durability: os.fsync does nothing (what does it cost?)."""
+
+    def skip(fd: int) -> None:
+        del fd
+
+    os.fsync = skip
+
+
+WHAT_IFS: dict[str, Callable[[], None]] = {
+    "direct-maildir": direct_maildir,
+    "fast-newlines": fast_newlines,
+    "no-fsync": no_fsync,
+}
+
+
+def apply(names: list[str]) -> None:
+    for name in names:
+        try:
+            WHAT_IFS[name]()
+        except KeyError:
+            raise SystemExit(f"unknown what-if {name!r}; known: {', '.join(WHAT_IFS)}") from None
