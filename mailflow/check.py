@@ -125,15 +125,27 @@ def _refuse(ctx: MessageContext, rcpt: str, action: Action, reply: SMTPReply, re
     ctx.action, ctx.reply, ctx.reason = action, reply, reason
 
 
+def _final_reply(ctx: MessageContext, action: Action) -> dict[str, Any] | None:
+    """What the SMTP front end would answer when the message is not simply accepted."""
+    if action in (Action.REJECT, Action.TEMPFAIL):
+        default = SMTPReply(550, "Rejected", "5.7.1")
+        if action is Action.TEMPFAIL:
+            default = SMTPReply(451, "Try again later", "4.7.1")
+        return (ctx.reply or default).as_dict()
+    if action is Action.DISCARD:  # the client is told 250 either way
+        return SMTPReply(250, f"Ok: {ctx.queue_id} discarded", "2.0.0").as_dict()
+    if action is Action.QUARANTINE:
+        return SMTPReply(250, f"Ok: queued as {ctx.queue_id}", "2.0.0").as_dict()
+    return None
+
+
 def report(ctx: MessageContext) -> dict[str, Any]:
     """The ``check --json`` object."""
     action = Action.ACCEPT if ctx.action is Action.CONTINUE else ctx.action
     out: dict[str, Any] = {
         "queue_id": ctx.queue_id,
         "action": action.value,
-        "smtp_reply": ctx.reply.as_dict()
-        if ctx.reply and action in (Action.REJECT, Action.TEMPFAIL)
-        else None,
+        "smtp_reply": _final_reply(ctx, action),
         "reason": ctx.reason or None,
         "decided_by": ctx.decided_by or None,
         "score": round(ctx.score, 4),

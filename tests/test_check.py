@@ -82,7 +82,7 @@ def test_no_scoring_plugin_means_score_0(tmp_path):
     ("subject", "code", "action", "reply"),
     [
         ("prize", 0, "accept", None),
-        ("lottery prize", 1, "quarantine", None),
+        ("lottery prize", 1, "quarantine", 250),  # what SMTP would answer: 250, kept aside
         ("lottery winner", 2, "reject", 550),
     ],
 )
