@@ -188,6 +188,7 @@ async def test_reject_at_rcpt_gives_the_client_the_plugin_text(postfix, make_con
     [
         (Result.reject("content refused by policy"), 550, b"5.7.1 content refused by policy"),
         (Result.tempfail("scanner busy"), 451, b"4.7.1 scanner busy"),
+        (Result.reject("100% spam", code=554), 554, b"5.7.1 100% spam"),
     ],
 )
 async def test_end_of_data_reject_and_tempfail(postfix, make_config, result, code, text):

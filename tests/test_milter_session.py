@@ -449,3 +449,43 @@ async def test_unix_socket_listener(make_config, tmp_path: Path):
     finally:
         await server.stop()
     assert not path.exists()
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+async def test_ipv6_listener(make_config):
+    app = App(make_config())
+    server = MilterServer(app, MilterConfig(listen="[::1]:0"))
+    address = await server.start()
+    try:
+        assert address.startswith("[::1]:")
+        reader, writer = await asyncio.open_connection("::1", server.port)
+        mta = MTA(reader, writer)
+        assert (await mta.negotiate())[0] == 6
+        await mta.close()
+    finally:
+        await server.stop()
+
+
+async def test_message_without_headers_needs_no_edits(make_config):
+    rec = Recorder()
+    async with milter(make_config, rec) as (_, server):
+        mta = await MTA.open(server.port)
+        await mta.negotiate()
+        await mta.connect_and_mail()
+        await mta.ask(b"R", b"<bob@example.com>\0")
+        # A body with an empty line and a colon: must not be mistaken for headers.
+        replies = await mta.message([], b"line: one\r\n\r\nline two\r\n")
+        await mta.close()
+    assert replies == [(b"c", b"")]
+    assert rec.seen[0].raw == b"\r\nline: one\r\n\r\nline two\r\n"

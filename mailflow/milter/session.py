@@ -45,8 +45,15 @@ R_TRY_LATER = SMTPReply(451, "Try again later", "4.7.1")
 R_TOO_BIG = SMTPReply(552, "Message size exceeds fixed maximum message size", "5.3.4")
 
 # Macro stages that belong to one transaction: forgotten on SMFIC_ABORT (libmilter too).
-_TX_STAGES = (p.SMFIC_MAIL, p.SMFIC_RCPT, p.SMFIC_DATA, p.SMFIC_HEADER, p.SMFIC_EOH)
-_TX_STAGES += (p.SMFIC_BODY, p.SMFIC_BODYEOB)
+_TX_STAGES = (
+    p.SMFIC_MAIL,
+    p.SMFIC_RCPT,
+    p.SMFIC_DATA,
+    p.SMFIC_HEADER,
+    p.SMFIC_EOH,
+    p.SMFIC_BODY,
+    p.SMFIC_BODYEOB,
+)
 
 
 @dataclass(slots=True)
@@ -360,7 +367,7 @@ class MilterSession:
         if ctx.routes and not self._routes_noted:
             self._routes_noted = True
             log.debug("milter: routes are ignored in milter mode; the MTA delivers")
-        head, body = ctx.split()
+        head, body = _split(ctx.raw)
         after = Snapshot(parse_fields(head), body, ctx.envelope.mail_from, ctx.envelope.rcpt_tos)
         # Postfix names itself in the "v" macro and hides its own Received header.
         offset = 1 if self.macro("v").startswith("Postfix") else 0
@@ -391,6 +398,17 @@ class MilterSession:
         self.conn = None
         self.early_runs = []
         self.helo_runs = []
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    """Header block and body. A message without headers starts with the empty line;
+    ``MessageContext.split`` would look for a blank line inside such a body first."""
+    if raw.startswith(b"\r\n"):
+        return b"", raw[2:]
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:  # headers only, no empty line
+        return (raw if raw.endswith(b"\r\n") else raw + b"\r\n"), b""
+    return raw[: end + 2], raw[end + 4 :]
 
 
 def _reply_code(reply: SMTPReply) -> bytes:
