@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import shutil
+import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -44,6 +46,68 @@ _VERIFY_WRAPPER = textwrap.dedent("""\
     dkim.dnsplug._get_txt = get_txt
     main()
     """)
+
+
+# OpenDKIM's verifier asks the system resolver (port 53, /etc/resolv.conf), which
+# cannot be pointed elsewhere. So it runs in a private network + mount namespace
+# (``unshare``): only a loopback interface exists there, a resolv.conf naming
+# 127.0.0.1 is bind-mounted over the real one (private to the namespace), and this
+# script answers the one key record on 127.0.0.1:53 before running the tool.
+_OPENDKIM_NAMESPACE_SCRIPT = textwrap.dedent("""\
+    import os, socket, subprocess, sys, tempfile, threading
+    import dns.message, dns.rcode, dns.rdataclass, dns.rdatatype, dns.rrset
+    import dns.rdtypes.ANY.TXT
+    name, txt, tool = sys.argv[1:4]
+    message = sys.stdin.buffer.read()
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    conf = tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False)
+    conf.write("nameserver 127.0.0.1\\noptions timeout:2 attempts:1\\n")
+    conf.close()
+    subprocess.run(["mount", "--bind", conf.name, "/etc/resolv.conf"], check=True)
+    os.unlink(conf.name)  # the bind mount keeps it alive; nothing is left behind
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 53))
+    strings = [txt[i:i + 255].encode() for i in range(0, len(txt), 255)]
+    def serve():
+        while True:
+            data, addr = sock.recvfrom(4096)
+            query = dns.message.from_wire(data)
+            response = dns.message.make_response(query)
+            q = query.question[0]
+            if str(q.name).rstrip(".").lower() == name and q.rdtype == dns.rdatatype.TXT:
+                rrset = dns.rrset.RRset(q.name, dns.rdataclass.IN, dns.rdatatype.TXT)
+                rdata = dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, strings)
+                rrset.add(rdata, 300)
+                response.answer.append(rrset)
+            else:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            sock.sendto(response.to_wire(), addr)
+    threading.Thread(target=serve, daemon=True).start()
+    proc = subprocess.run([tool], input=message, capture_output=True, timeout=20)
+    sys.stdout.write(f"{proc.returncode}\\n{proc.stdout.decode()}{proc.stderr.decode()}")
+    """)
+
+
+def opendkim_testmsg() -> str | None:
+    """Path of OpenDKIM's ``opendkim-testmsg`` (Debian: opendkim-tools), if installed."""
+    found = shutil.which("opendkim-testmsg")
+    if found is None and Path("/usr/sbin/opendkim-testmsg").exists():
+        found = "/usr/sbin/opendkim-testmsg"
+    return found
+
+
+@functools.cache
+def can_use_namespaces() -> bool:
+    """True when ``unshare --net --mount`` works here (root or user namespaces)."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    try:
+        done = subprocess.run(
+            ["unshare", "--net", "--mount", "true"], capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 @dataclass
@@ -129,6 +193,17 @@ async def run_dkimverify(message: bytes, dns_port: int, index: int = 0) -> tuple
     argv = [sys.executable, "-c", _VERIFY_WRAPPER, "dkim.dkimverify", str(dns_port)]
     code, out, err = await _run([*argv, "--index", str(index)], message)
     return code, (out + err).decode("utf-8", "replace")
+
+
+async def run_opendkim_verify(message: bytes, key: KeyFixture) -> tuple[int, str]:
+    """Verify with OpenDKIM (``opendkim-testmsg``); (its exit code, its output)."""
+    tool = opendkim_testmsg()
+    assert tool is not None
+    argv = ["unshare", "--net", "--mount", sys.executable, "-c", _OPENDKIM_NAMESPACE_SCRIPT]
+    code, out, err = await _run([*argv, key.name, key.txt, tool], message)
+    assert code == 0, err.decode("utf-8", "replace")
+    status, _, output = out.decode("utf-8", "replace").partition("\n")
+    return int(status), output.strip()
 
 
 async def run_arcverify(message: bytes, dns_port: int) -> str:

@@ -22,7 +22,13 @@ from mailflow.hookspecs import hookimpl
 from mailflow.testing import make_message, running_server, send, smtp_sink
 from mailflow.testing_dns import dns_server
 from mailflow.verdict import AddHeader, ReplaceBody, Result
-from tests.dkim_support import mailflow_key, run_dkimverify
+from tests.dkim_support import (
+    can_use_namespaces,
+    mailflow_key,
+    opendkim_testmsg,
+    run_dkimverify,
+    run_opendkim_verify,
+)
 
 
 def sign_config(make_config, keys, extra: str = "", plugins_before: str = ""):
@@ -258,3 +264,24 @@ async def test_relayed_mail_still_verifies_at_the_next_hop(tmp_path, make_config
     async with dns_server(key.zone()) as dns:
         code, out = await run_dkimverify(relayed.data, dns.port)
     assert (code, out.strip()) == (0, "signature ok")
+
+
+@pytest.mark.skipif(
+    opendkim_testmsg() is None or not can_use_namespaces(),
+    reason="needs opendkim-tools and permission to create network namespaces",
+)
+@pytest.mark.parametrize("kind", ["rsa", "ed25519"])
+async def test_opendkim_verifies_our_signatures(tmp_path, make_config, kind):
+    """OpenDKIM's C library as a verifier that shares no code with dkimpy."""
+    key = mailflow_key(tmp_path, "example.test", "od", kind)
+    raw, _ = await signed_by_check(
+        sign_config(make_config, [key]),
+        make_message(sender="alice@example.test"),
+        authenticated_user="alice",
+    )
+    assert await run_opendkim_verify(raw, key) == (0, "")
+    tampered = raw.replace(b"this is a test", b"this is a tesT")
+    assert await run_opendkim_verify(tampered, key) == (
+        70,
+        "opendkim-testmsg: dkim_eom(): Bad signature",
+    )
