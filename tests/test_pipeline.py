@@ -579,3 +579,23 @@ async def test_a_discard_route_drops_only_that_recipient(make_config):
         await srv.wait_delivered("bob@example.com")
         await srv.wait_queue_empty()
         assert not srv.mailbox("noreply@example.com").exists()
+
+
+@pytest.mark.parametrize(
+    ("result", "action", "code"),
+    [
+        (Result.accept(), "accept", None),
+        (Result.reject("no", 554, "5.7.0"), "reject", 554),
+        (Result.tempfail("later"), "tempfail", 451),
+        (Result.discard("dup"), "discard", 250),
+        (Result.quarantine("odd"), "quarantine", 250),
+    ],
+)
+async def test_check_reports_each_data_verdict_as_smtp_would_answer(
+    make_config, result, action, code
+):
+    app = App(make_config(plugin_list("gate")), extra_plugins={"gate": Scripted(data=result)})
+    out = report(await check_message(app, make_message(), recipients=["bob@example.com"]))
+    assert out["action"] == action
+    assert (out["smtp_reply"] or {}).get("code") == code
+    assert out["decided_by"] == "gate"  # accept is a decision too: it ended the chain
