@@ -120,6 +120,10 @@ def parse_signatures(
         except dkim.DKIMException as exc:
             check.result, check.reason = "permerror", _short(str(exc))
             continue
+        except Exception as exc:  # e.g. IndexError for an i= equal to d= in dkimpy 1.1
+            check.result = "permerror"
+            check.reason = f"malformed signature: {exc.__class__.__name__}"
+            continue
         if check.tags[b"a"].lower() == b"rsa-sha1" and not allow_rsa_sha1:
             check.result, check.reason = "policy", "rsa-sha1 is not acceptable (RFC 8301 3.1)"
             continue

@@ -205,8 +205,9 @@ async def test_dns_timeout_and_servfail_are_temperror(make_config, rsa_key, ed_k
         (lambda h: h.replace(b"signer.test", b"sign er..test"), "invalid d= or s="),
         (lambda h: h.replace(b"s=rsa1", b"s=" + b"a" * 300), "invalid d= or s="),
         (lambda h: h.replace(b"v=1;", b"v=1; l=12e3;"), "l= value is not a decimal integer"),
+        (lambda h: h.replace(b"i=@signer.test", b"i=signer.test"), "malformed signature"),
     ],
-    ids=["no-b", "bad-a", "garbage", "from-unsigned", "bad-d", "long-s", "bad-l"],
+    ids=["no-b", "bad-a", "garbage", "from-unsigned", "bad-d", "long-s", "bad-l", "i-is-d"],
 )
 async def test_broken_signature_tags_are_permerror(make_config, rsa_key, edit, reason):
     signed = sign(message(), rsa_key)
