@@ -128,6 +128,7 @@ def test_simple_replies_are_one_byte_packets(code):
 def test_replycode_text_is_one_line_and_status_matches_the_code():
     assert p.reply_code(550, "5.7.1", "no thanks") == frame(b"y", b"550 5.7.1 no thanks\0")
     assert p.reply_code(451, "5.7.1", "later\r\n250 fake") == frame(b"y", b"451 later 250 fake\0")
+    assert p.reply_code(554, "5.7.1", "100% spam") == frame(b"y", b"554 5.7.1 100%% spam\0")
     with pytest.raises(ValueError):
         p.reply_code(250, "", "ok")
 

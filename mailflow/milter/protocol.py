@@ -341,11 +341,13 @@ def reply_code(smtp_code: int, status: str, text: str) -> bytes:
     """SMFIR_REPLYCODE: "550 5.7.1 text". The MTA only accepts 4xx and 5xx codes.
 
     CR, LF and NUL are removed from the text so a plugin's reason cannot break the
-    MTA's reply into several (or into a packet it refuses).
+    MTA's reply into several (or into a packet it refuses). "%" is doubled: the MTA
+    expands %-sequences in milter reply text (libmilter's smfi_setreply; Postfix 3.7
+    was seen to turn "100% spam" into "100 spam").
     """
     if not 400 <= smtp_code <= 599:
         raise ValueError(f"milter reply code must be 4xx or 5xx, got {smtp_code}")
-    clean = " ".join(text.replace("\0", " ").split())
+    clean = " ".join(text.replace("\0", " ").split()).replace("%", "%%")
     if status and status[:1] != str(smtp_code)[0]:
         status = ""  # RFC 3463: the class must match the reply code's first digit
     line = f"{smtp_code} {status + ' ' if status else ''}{clean}".rstrip()
