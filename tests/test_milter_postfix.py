@@ -61,6 +61,7 @@ def postfix() -> Iterator[tuple[PostfixInstance, int]]:
         free_port(),
         extra_main_cf=textwrap.dedent(f"""\
             smtpd_milters = inet:127.0.0.1:{milter_port}
+            non_smtpd_milters = $smtpd_milters
             milter_default_action = tempfail
             milter_protocol = 6
             milter_connect_timeout = 5s
@@ -328,3 +329,24 @@ async def test_same_plugin_same_decision_via_smtp_and_via_milter(postfix, make_c
     assert smtp_reply == milter_reply == (550, "5.7.0 lottery mail is not accepted")
     assert email.message_from_bytes(smtp_raw)["X-Policy"] == "passed"
     assert by_subject(instance, "hello milter")[0]["X-Policy"] == "passed"
+
+
+async def test_local_submission_is_filtered_via_non_smtpd_milters(postfix, make_config):
+    """Postfix's sendmail command -> pickup -> cleanup calls the milter too."""
+    instance, port = postfix
+    plugin = Scripted()
+    plugin.result = Result(mutations=[AddHeader("X-Local-Filter", "ran")])
+    async with milter_for(port, make_config, plugins={"scripted": plugin}):
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["sendmail", "-C", str(instance.config_dir), "-f", "alice@example.org", BOB],
+            input=make_message(subject="local submission", to=BOB),
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        await wait_for(lambda: by_subject(instance, "local submission"), "local delivery")
+    [msg] = by_subject(instance, "local submission")
+    assert msg["X-Local-Filter"] == "ran"
+    assert "(Postfix, from userid" in msg["Received"]  # really came through pickup
