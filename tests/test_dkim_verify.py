@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import email
 import json
+import random
 import shutil
 from pathlib import Path
 
 import aiosmtplib
 import dkim
 import pytest
+from mailflow_plugins.arc import ARCVerify
+from mailflow_plugins.dkim import DKIMVerify
 
 from mailflow.app import App
 from mailflow.check import check_message, report
+from mailflow.dns import DNSTempError
 from mailflow.hookspecs import hookimpl
 from mailflow.testing import make_message, running_server, send
 from mailflow.testing_dns import dns_server
@@ -378,3 +382,56 @@ async def test_signature_from_opendkim_is_checked_and_rsa_sha1_is_refused(make_c
     assert (sig["result"], sig["reason"]) == ("policy", "rsa-sha1 is not acceptable (RFC 8301 3.1)")
     assert results(allowed) == [("rsa1", "pass")]
     assert results(changed) == [("rsa1", "fail")]
+
+
+class ChaoticResolver:
+    """A resolver seam for the fuzz test: temp errors, no records or odd key records."""
+
+    RECORDS = [
+        "v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA",
+        "k=ed25519; p=AAAA",
+        "p=",
+        "garbage;;==",
+        "v=DKIM2; p=AAAA",
+        "v=DKIM1; p=" + "A" * 400,
+    ]
+
+    def __init__(self, rnd: random.Random) -> None:
+        self.rnd = rnd
+
+    async def query(self, name: str, rdtype: str) -> list[str]:
+        roll = self.rnd.random()
+        if roll < 0.2:
+            raise DNSTempError(name)
+        return [] if roll < 0.4 else [self.rnd.choice(self.RECORDS)]
+
+
+async def test_random_broken_dkim_and_arc_fields_always_give_a_result():
+    """Seeded fuzzing of tag lists: every message gets a valid result, nothing raises."""
+    pieces = [
+        *("v=1", "a=rsa-sha256", "a=ed25519-sha256", "a=rsa-sha1", "a=x", "d=example.com"),
+        *("d=", "d=ex ample", "s=sel", "s=", "h=from", "h=from:to", "h=", "bh=AAAA", "bh=!!"),
+        *("b=AAAA", "b=", "c=relaxed/relaxed", "c=foo/bar", "l=5", "l=999999", "t=1"),
+        *("t=99999999999", "x=1", "x=abc", "i=@example.com", "i=example.com", "i=", "q=x"),
+        *("=", ";", "\x00", "é", "i=1", "i=51", "cv=none", "cv=pass", "cv=x"),
+    ]
+    names = ["DKIM-Signature", "ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"]
+    rnd = random.Random(8617)
+    dkim_plugin, arc_plugin = DKIMVerify(), ARCVerify()
+    dkim_plugin.resolver = arc_plugin.resolver = ChaoticResolver(rnd)
+    seen: set[str] = set()
+    for _ in range(300):
+        fields = b""
+        for _ in range(rnd.randint(1, 4)):
+            value = "; ".join(rnd.sample(pieces, rnd.randint(0, 10)))
+            if rnd.random() < 0.3:
+                value = value.replace("; ", ";\r\n\t")  # folded
+            fields += f"{rnd.choice(names)}: {value}\r\n".encode()
+        raw = fields + message()
+        dkim_result = (await dkim_plugin.evaluate(raw))["result"]
+        arc_result = (await arc_plugin.evaluate(raw))["result"]
+        assert dkim_result in {"fail", "none", "temperror", "permerror", "policy"}
+        assert arc_result in {"fail", "none"}
+        seen |= {f"dkim={dkim_result}", f"arc={arc_result}"}
+    # The generator reaches the interesting outcomes, not only one of them.
+    assert {"dkim=permerror", "dkim=none", "arc=fail", "arc=none"} <= seen
