@@ -64,6 +64,7 @@ class Row:
     e2e_rate: float | None = None  # delivered per second, from load start to empty queue
     drain_s: float | None = None  # seconds after the load until the queue was empty
     cpu_ms: float | None = None  # server CPU per accepted message (all threads, to drained)
+    cpu_ratio: float | None = None  # bare cpu_ms / cpu_ms: the ratio if both were CPU-bound
     errors: list[str] = field(default_factory=list)
 
 
@@ -109,6 +110,42 @@ def measure(
     if cpu_before is not None and cpu_after is not None and row.accepted:
         row.cpu_ms = round((cpu_after - cpu_before) * 1000 / row.accepted, 2)
     return row
+
+
+def combine(runs: list[Row]) -> Row:
+    """The median run of a target (by rate); counts are summed over all runs."""
+    if len(runs) == 1:
+        return runs[0]
+    ordered = sorted(runs, key=lambda r: r.rate)
+    median = ordered[len(ordered) // 2]
+    cpus = sorted(r.cpu_ms for r in runs if r.cpu_ms is not None)
+    return Row(
+        server=median.server,
+        concurrency=median.concurrency,
+        messages=sum(r.messages for r in runs),
+        accepted=sum(r.accepted for r in runs),
+        failed=sum(r.failed for r in runs),
+        rate=median.rate,
+        p50_ms=median.p50_ms,
+        p99_ms=median.p99_ms,
+        delivered=None if median.delivered is None else sum(r.delivered or 0 for r in runs),
+        e2e_rate=median.e2e_rate,
+        drain_s=median.drain_s,
+        cpu_ms=cpus[len(cpus) // 2] if cpus else None,
+        errors=[e for r in runs for e in r.errors][:5],
+    )
+
+
+def set_ratios(rows: list[Row], bare: list[Target]) -> None:
+    """Throughput ratio and CPU ratio (bare CPU per message / this CPU per message)."""
+    base = next((r for r in rows if bare and r.server == bare[0].name), None)
+    if base is None:
+        return
+    for r in rows:
+        if base.rate:
+            r.ratio = round(r.rate / base.rate, 3)
+        if base.cpu_ms and r.cpu_ms:
+            r.cpu_ratio = round(base.cpu_ms / r.cpu_ms, 3)
 
 
 def build_targets(
@@ -196,10 +233,10 @@ def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
     for k in sorted({r.concurrency for r in rows}):
         group = [r for r in rows if r.concurrency == k]
         n = group[0].messages
-        print(f"\nK={k} connections, N={n} messages", file=out)
+        print(f"\nK={k} connections, {n} messages per server", file=out)
         header = (
             f"{'server':<34} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
-            f"{'failed':>6} {'delivered':>9} {'e2e/s':>7} {'cpu ms/msg':>10}"
+            f"{'failed':>6} {'delivered':>9} {'e2e/s':>7} {'cpu ms/msg':>10} {'cpu ratio':>9}"
         )
         print(header, file=out)
         print("-" * len(header), file=out)
@@ -210,9 +247,10 @@ def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
             if r.delivered is not None and r.drain_s is None:
                 e2e = "timeout"
             cpu = "-" if r.cpu_ms is None else f"{r.cpu_ms:.2f}"
+            cpu_ratio = "-" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}"
             print(
                 f"{r.server:<34} {r.rate:>8.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {ratio:>6} "
-                f"{r.failed:>6} {delivered:>9} {e2e:>7} {cpu:>10}",
+                f"{r.failed:>6} {delivered:>9} {e2e:>7} {cpu:>10} {cpu_ratio:>9}",
                 file=out,
             )
             for err in r.errors[:2]:
@@ -232,6 +270,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("-n", "--messages", type=int, default=500, help="messages per run")
     p.add_argument("-k", "--concurrency", default="1,10,50", help="comma-separated K values")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="rounds per K; the median round is reported"
+    )
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
     p.add_argument(
         "--targets",
@@ -293,20 +334,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     factory = MessageFactory(args.size, run=f"b{os.getpid()}")
     rows: list[Row] = []
+    all_runs: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     started = time.perf_counter()
     try:
         for t in targets:
             t.start()
         for k in ks:
-            bare_rate: float | None = None
-            for t in targets:
-                row = measure(t, args.messages, k, factory, args.drain_timeout)
-                if isinstance(t, BareTarget):
-                    bare_rate = row.rate
-                if bare_rate:
-                    row.ratio = round(row.rate / bare_rate, 3)
-                rows.append(row)
+            # Rounds interleave the targets, so a burst of load from other processes
+            # on the machine hits all of them rather than one.
+            runs: dict[str, list[Row]] = {t.name: [] for t in targets}
+            for _ in range(args.repeat):
+                for t in targets:
+                    runs[t.name].append(measure(t, args.messages, k, factory, args.drain_timeout))
+            combined = [combine(r) for r in runs.values()]
+            set_ratios(combined, [t for t in targets if isinstance(t, BareTarget)])
+            rows += combined
+            all_runs += [asdict(r) for rs in runs.values() for r in rs]
     finally:
         for t in targets:
             t.stop()
@@ -322,7 +366,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "size": factory.size,
         "plugins": [p["name"] for p in plugins],
         "elapsed_s": round(time.perf_counter() - started, 1),
+        "repeat": args.repeat,
         "rows": [asdict(r) for r in rows],
+        "runs": all_runs if args.repeat > 1 else [],
         **extra,
     }
 
