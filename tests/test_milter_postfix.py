@@ -350,3 +350,42 @@ async def test_local_submission_is_filtered_via_non_smtpd_milters(postfix, make_
     [msg] = by_subject(instance, "local submission")
     assert msg["X-Local-Filter"] == "ran"
     assert "(Postfix, from userid" in msg["Received"]  # really came through pickup
+
+
+class ConnectGate:
+    def __init__(self, result: Result) -> None:
+        self.result = result
+
+    @hookimpl
+    def mailflow_connect(self, connection):
+        return self.result
+
+
+def _greeting_or_mail_reply(port: int) -> tuple[int, bytes]:
+    """What a client gets first that is not a 2xx: the greeting or the MAIL reply."""
+    try:
+        client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    except smtplib.SMTPConnectError as exc:
+        return exc.smtp_code, exc.smtp_error
+    try:
+        client.ehlo("client.test")
+        return client.mail("alice@example.org")
+    finally:
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            client.quit()
+        client.close()
+
+
+async def test_connect_stage_verdicts_through_postfix(postfix, make_config):
+    """Postfix refuses the session itself, with its own text (seen with 3.7: a 554
+    greeting "not accepting connections"), so only the reply class is asserted."""
+    instance, port = postfix
+    gate = ConnectGate(Result.reject("your network is blocked"))
+    async with milter_for(port, make_config, plugins={"gate": gate}):
+        code, _ = await asyncio.to_thread(_greeting_or_mail_reply, instance.port)
+        assert code == 554
+        gate.result = Result.tempfail("too busy right now")
+        code, _ = await asyncio.to_thread(_greeting_or_mail_reply, instance.port)
+        assert code // 100 == 4
+        gate.result = None
+        assert await asyncio.to_thread(_greeting_or_mail_reply, instance.port) == (250, b"2.1.0 Ok")

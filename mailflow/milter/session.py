@@ -153,8 +153,8 @@ class MilterSession:
             reply = R_RCPT_REJECTED
         if stage == "connect":
             reply = R_CONN_REFUSED if action is Action.DISCARD else reply
-            # The SMTP front end answers 554 or 421 and hangs up; Postfix does the same
-            # with a 421 from a milter (MILTER_README, "421 reply code").
+            # The SMTP front end answers 554 or 421 and hangs up. Postfix refuses the
+            # session on these too, with its own text (tests/test_milter_postfix.py).
             reply = SMTPReply(554 if reply.code >= 500 else 421, reply.text, reply.status)
         return _reply_code(reply)
 
