@@ -16,6 +16,7 @@ import authres as ar
 from pydantic import BaseModel, ConfigDict
 
 from mailflow.hookspecs import hookimpl
+from mailflow.message import split_header_fields
 from mailflow.verdict import AddHeader, ChangeHeader, Mutation, RemoveHeader, Result
 
 HEADER = "Authentication-Results"
@@ -85,6 +86,22 @@ def _skip_cfws(text: str) -> str:
         else:
             return ""  # unterminated comment: nothing usable follows
     return text
+
+
+def _fields_named(head: bytes, name: str) -> list[str]:
+    """Values of every ``name`` field, counted exactly as ChangeHeader counts them.
+
+    The email parser stops at the first line that is not a header field, so a
+    forgery placed after such a line would be missed; the core's field splitter
+    sees every line up to the blank line, like the mutation that deletes it.
+    """
+    wanted = name.lower().encode()
+    values = []
+    for field in split_header_fields(head):
+        fname, sep, value = field.partition(b":")
+        if sep and fname.strip().lower() == wanted:
+            values.append(value.decode("utf-8", "replace"))
+    return values
 
 
 def _vocab(method: str, result: Any) -> str:
@@ -240,7 +257,7 @@ class AuthResPlugin:
         mutations: list[Mutation] = []
         removed = 0
         if self.settings.remove_ours:
-            mutations, removed = self._removals(message.headers.get_all(HEADER) or [])
+            mutations, removed = self._removals(_fields_named(message.split()[0], HEADER))
         value = self.build(message)
         mutations.append(AddHeader(HEADER, value, index=0))
         return Result(mutations=mutations, details={"header": value, "removed": removed})

@@ -210,3 +210,14 @@ async def test_a_checked_helo_identity_gets_its_own_spf_result(make_config, dns)
         ("spf", "softfail", "a@soft.test", None),
         ("spf", "pass", None, "mx.soft.test"),
     ]
+
+
+async def test_forgery_after_a_malformed_header_line_is_still_removed(make_config):
+    raw = make_message().replace(
+        b"Subject:",
+        b"this line is not a header field\r\n"
+        b"Authentication-Results: mx.test; dmarc=pass header.from=example.org\r\nSubject:",
+    )
+    ctx = await run_check(make_config("plugins: [{name: authres}]\n"), raw)
+    assert report(ctx)["plugins"]["authres"]["removed"] == 1
+    assert b"dmarc=pass" not in ctx.raw
