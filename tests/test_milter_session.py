@@ -489,3 +489,33 @@ async def test_message_without_headers_needs_no_edits(make_config):
         await mta.close()
     assert replies == [(b"c", b"")]
     assert rec.seen[0].raw == b"\r\nline: one\r\n\r\nline two\r\n"
+
+
+async def test_mta_without_no_reply_flags_gets_a_reply_to_every_event(make_config):
+    """An MTA offering no SMFIP_NR_* flags waits for a reply to each header, chunk, etc."""
+    rec = Recorder()
+    async with milter(make_config, rec) as (_, server):
+        mta = await MTA.open(server.port)
+        assert (await mta.negotiate(protocol=0))[2] == 0
+        await mta.connect_and_mail()
+        await mta.ask(b"R", b"<bob@example.com>\0")
+        assert await mta.ask(b"U", b"XFOO bar\0") == [(b"c", b"")]
+        assert await mta.ask(b"T") == [(b"c", b"")]
+        assert await mta.ask(b"L", b"Subject\0hi\0") == [(b"c", b"")]
+        assert await mta.ask(b"N") == [(b"c", b"")]
+        assert await mta.ask(b"B", b"chunk one\r\n") == [(b"c", b"")]
+        assert await mta.ask(b"B", b"chunk two\r\n") == [(b"c", b"")]
+        assert await mta.ask(b"E", b"last\r\n") == [(b"c", b"")]
+        await mta.close()
+    assert rec.seen[0].raw == b"Subject: hi\r\n\r\nchunk one\r\nchunk two\r\nlast\r\n"
+
+
+async def test_unknown_smtp_command_gets_no_reply_when_agreed(make_config):
+    async with milter(make_config, Recorder()) as (_, server):
+        mta = await MTA.open(server.port)
+        await mta.negotiate()
+        await mta.connect_and_mail()
+        await mta.send(b"U", b"XFOO bar\0")  # NR_UNKN agreed: nothing comes back...
+        # ... so the next reply read is the RCPT's.
+        assert await mta.ask(b"R", b"<bob@example.com>\0") == [(b"c", b"")]
+        await mta.close()
