@@ -17,6 +17,7 @@ from mailflow_plugins.dmarc_record import (
     Record,
     aligned,
     author_domains,
+    from_fields,
     organizational_domain,
     select_record,
 )
@@ -156,7 +157,7 @@ class DMARCPlugin:
         if message.connection.trusted:
             return Result(details={"result": "none", "policy": "none", "disposition": "none",
                                    "skipped": "trusted client"})  # fmt: skip
-        domains, problem = author_domains(message.headers.get_all("From") or [])
+        domains, problem = author_domains(from_fields(message.split()[0]))
         if problem:
             return self._invalid_from(problem)
         spf = _details(message, "spf")

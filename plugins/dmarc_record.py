@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import tldextract
 
+from mailflow.message import split_header_fields
+
 POLICIES = ("none", "quarantine", "reject")
 MAX_FROM_DOMAINS = 10  # distinct author domains evaluated per message; more is abuse
 _DOMAIN_RE = re.compile(
@@ -127,6 +129,21 @@ def select_record(texts: list[str]) -> Record | None:
         return parse_record(candidates[0].strip())
     except RecordError:
         return None
+
+
+def from_fields(head: bytes) -> list[str]:
+    """Every From field of the header block ``head``, unfolded.
+
+    Counted with the core's field splitter, not the email parser: the parser stops
+    at the first malformed line, which would hide a second From field placed after it.
+    """
+    values = []
+    for item in split_header_fields(head):
+        name, sep, value = item.partition(b":")
+        if sep and name.strip().lower() == b"from":
+            text = value.decode("utf-8", "replace")
+            values.append(" ".join(text.replace("\r\n", " ").split()))
+    return values
 
 
 def _a_label(domain: str) -> str:

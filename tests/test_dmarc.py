@@ -80,6 +80,7 @@ async def run_check(config, author: str, sender: str, raw: bytes | None = None, 
     await app.startup()
     try:
         raw = raw or make_message(sender=author, to="bob@example.com")
+        kw.setdefault("recipients", ["bob@example.com"])
         return await check_message(app, raw, sender=sender, ip=CLIENT, helo="h.test", **kw)
     finally:
         await app.shutdown()
@@ -169,6 +170,8 @@ def raw_with_from(*from_values: str) -> bytes:
         (raw_with_from("undisclosed"), "no usable domain"),
         (raw_with_from("a@"), "no usable domain"),
         (raw_with_from(", ".join(f"u@d{i}.test" for i in range(50))), "limit"),
+        # a second From hidden behind a line that is not a header field
+        (raw_with_from("a@none.test", "x").replace(b"From: x", b"junk\r\nFrom: x"), "2 From"),
     ],
 )
 async def test_missing_or_duplicate_from_is_a_permerror_not_a_pass(make_config, dns, raw, problem):
