@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import dataclasses
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import spf as pyspf
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -53,7 +53,7 @@ class SPFSettings(BaseModel):
     check_helo: bool = True  # RFC 7208 2.3: also evaluate the HELO identity
     # Worker threads of this plugin's own pool: an SPF check waits on DNS in its thread,
     # so it must not crowd out other users of asyncio's default executor.
-    max_concurrent: int = Field(32, ge=1, le=1024)
+    max_concurrent: Annotated[int, Field(ge=1, le=1024)] = 32
     scores: dict[str, float] = {"fail": 5.0, "softfail": 2.0, "permerror": 1.0}
 
     @field_validator("actions", "scores")
@@ -65,7 +65,7 @@ class SPFSettings(BaseModel):
         return value
 
 
-@dataclass(slots=True)
+@dataclasses.dataclass(slots=True)
 class Outcome:
     """The result of one SPF evaluation, before policy turns it into an action."""
 
@@ -74,7 +74,7 @@ class Outcome:
     identity: str  # "mailfrom" or "helo" (RFC 7208 2.3, 2.4)
     explanation: str = ""
     mechanism: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # --- the DNS bridge ------------------------------------------------------------------------
@@ -211,10 +211,9 @@ class SPFPlugin:
                 helo_outcome = await self._in_thread(lookup, ip, "", helo)
             else:
                 helo_outcome = Outcome("none", helo, "helo", "HELO name is not a domain")
-        if not sender:
+        if not sender and helo_outcome is not None:
             # RFC 7208 2.4: for the null sender, MAIL FROM is postmaster@<HELO name>.
-            assert helo_outcome is not None
-            return Outcome(**{**_fields(helo_outcome), "identity": "helo"}), helo_outcome
+            return dataclasses.replace(helo_outcome, identity="helo"), helo_outcome
         outcome = await self._in_thread(lookup, ip, sender, helo)
         return outcome, helo_outcome
 
@@ -303,13 +302,3 @@ class SPFPlugin:
         if deferred and recipient.partition("@")[0].lower() != "postmaster":
             return Result(verdict.action, verdict.reply, reason=verdict.reason, details=details)
         return Result(details=details)
-
-
-def _fields(outcome: Outcome) -> dict[str, Any]:
-    return {
-        "result": outcome.result,
-        "domain": outcome.domain,
-        "identity": outcome.identity,
-        "explanation": outcome.explanation,
-        "mechanism": outcome.mechanism,
-    }
