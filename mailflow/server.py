@@ -8,7 +8,9 @@ import logging
 import signal
 
 from mailflow.app import App
+from mailflow.delivery.dsn import build_dsn
 from mailflow.delivery.queue import QueueManager
+from mailflow.delivery.spool import QueueEntry, RecipientState
 from mailflow.delivery.transports import build_transports
 from mailflow.message import MessageContext
 from mailflow.milter.server import MilterServer
@@ -92,13 +94,13 @@ class Server:
             detail=detail,
         )
 
-    def _build_bounce(self, entry: object, failed: object, message: bytes) -> bytes:
-        from mailflow.delivery.dsn import build_dsn
-
+    def _build_bounce(
+        self, entry: QueueEntry, failed: list[RecipientState], message: bytes
+    ) -> bytes:
         return build_dsn(
             entry,
             failed,
-            message,  # type: ignore[arg-type]
+            message,
             reporting_mta=self.app.config.server.hostname,
             bounce_from=self.app.config.queue.bounce_from,
         )

@@ -216,6 +216,11 @@ class SinkBehaviour:
     lmtp_data_replies: dict[str, str] = field(default_factory=dict)
 
 
+def _login_of(auth_data: object) -> str | None:
+    login = getattr(auth_data, "login", None)
+    return login.decode() if isinstance(login, bytes) else None
+
+
 class SinkHandler:
     def __init__(self, behaviour: SinkBehaviour) -> None:
         self.behaviour = behaviour
@@ -256,8 +261,7 @@ class SinkHandler:
                 stored,
                 envelope.original_content or b"",
                 tls=session.ssl is not None,
-                auth_user=getattr(session.auth_data, "login", None)
-                and session.auth_data.login.decode(),
+                auth_user=_login_of(session.auth_data),
             )
         )
         if lmtp_lines is not None:
