@@ -160,6 +160,9 @@ def test_ip_decides_relay_like_smtp_does(tmp_path):
     code, out = run_check("--json", "-c", str(config), "--ip", "10.1.2.3", message)
     assert code == 0
     assert out["route"] == {"someone@elsewhere.test": {"kind": "mx"}}
+    # An authenticated client may relay from anywhere.
+    code, out = run_check("--json", "-c", str(config), "--ip", "192.0.2.1", "--user", "al", message)
+    assert (code, out["action"]) == (0, "accept")
 
 
 def test_text_output(tmp_path, example_config):
