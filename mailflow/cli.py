@@ -168,7 +168,11 @@ def check(
             await app.shutdown()
         return report(ctx)
 
-    result = asyncio.run(run())
+    try:
+        result = asyncio.run(run())
+    except ConfigError as exc:  # a plugin that cannot start with this config
+        click.echo(f"mailflow: invalid config:\n{exc}", err=True)
+        sys.exit(2)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:

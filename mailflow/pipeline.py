@@ -288,8 +288,12 @@ class Pipeline:
         for impl in self._impls[hook_name]:
             try:
                 await self._call(impl, kwargs)
-            except Exception:
+            except Exception as exc:
                 if hook_name == "mailflow_startup":
+                    # Keep the plugin's own exception (callers may expect its type) but
+                    # make sure whoever reads it learns which plugin could not start.
+                    log.error("plugin %s failed to start: %s", impl.plugin, exc)
+                    exc.add_note(f"while starting plugin {impl.plugin!r}")
                     raise
                 log.exception("plugin %s failed in %s", impl.plugin, hook_name)
 

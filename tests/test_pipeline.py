@@ -599,3 +599,52 @@ async def test_check_reports_each_data_verdict_as_smtp_would_answer(
     assert out["action"] == action
     assert (out["smtp_reply"] or {}).get("code") == code
     assert out["decided_by"] == "gate"  # accept is a decision too: it ended the chain
+
+
+class Lifecycle:
+    """Records the informational hooks."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, ...]] = []
+        self.delivered = asyncio.Event()
+
+    @hookimpl
+    async def mailflow_startup(self, app):
+        self.events.append(("startup", app.config.server.hostname))
+
+    @hookimpl
+    def mailflow_delivered(self, queue_id, recipient, route, outcome, detail):
+        self.events.append(("delivered", recipient, route.kind.value, outcome))
+        self.delivered.set()
+
+    @hookimpl
+    def mailflow_shutdown(self, app):
+        self.events.append(("shutdown",))
+
+
+async def test_startup_delivered_and_shutdown_hooks(make_config):
+    plugin = Lifecycle()
+    async with running_server(
+        make_config(plugin_list("life")), extra_plugins={"life": plugin}
+    ) as srv:
+        assert plugin.events == [("startup", "mx.test")]
+        await send(srv.port, "a@example.org", ["bob@example.com"], make_message())
+        await plugin.delivered.wait()
+    assert plugin.events == [
+        ("startup", "mx.test"),
+        ("delivered", "bob@example.com", "maildir", "delivered"),
+        ("shutdown",),
+    ]
+
+
+def test_a_failing_startup_hook_aborts_start_up_with_the_plugin_named(make_config):
+    class Broken:
+        @hookimpl
+        def mailflow_startup(self, app):
+            raise RuntimeError("model file missing")
+
+    config = make_config(plugin_list("quiet", "broken"))
+    app = App(config, extra_plugins={"quiet": Scripted(), "broken": Broken()})
+    with pytest.raises(RuntimeError, match="model file missing") as info:
+        asyncio.run(app.startup())
+    assert info.value.__notes__ == ["while starting plugin 'broken'"]
