@@ -45,31 +45,36 @@ def shipped_model_path() -> Path:
 Probability = float  # 0..1
 
 
-class Settings(BaseModel):
+class BayesSettings(BaseModel):
     """``plugins: [{name: bayes, settings: {...}}]`` in mailflow.yaml."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: Path | None = None  # None: the model shipped with mailflow
-    reload_interval: float = Field(5.0, ge=0)  # seconds between mtime checks; 0: never reload
+    reload_interval: float = Field(
+        default=5.0, ge=0
+    )  # seconds between mtime checks; 0: never reload
     score_header: str = "X-Spam-Score"
     status_header: str = "X-Spam-Status"
     # Probability at which X-Spam-Status says "Yes" (the tag). The plugin's own actions
     # below are off by default: the central `actions` thresholds decide from the score.
-    spam_threshold: Probability = Field(0.5, ge=0, le=1)
-    junk: Probability | None = Field(None, ge=0, le=1)
-    quarantine: Probability | None = Field(None, ge=0, le=1)
-    reject: Probability | None = Field(None, ge=0, le=1)
-    top_tokens: int = Field(10, ge=0, le=100)
+    spam_threshold: Probability = Field(default=0.5, ge=0, le=1)
+    junk: Probability | None = Field(default=None, ge=0, le=1)
+    quarantine: Probability | None = Field(default=None, ge=0, le=1)
+    reject: Probability | None = Field(default=None, ge=0, le=1)
+    top_tokens: int = Field(default=10, ge=0, le=100)
 
     @model_validator(mode="after")
-    def _ordered(self) -> Settings:
+    def _ordered(self) -> BayesSettings:
         levels = [("junk", self.junk), ("quarantine", self.quarantine), ("reject", self.reject)]
         given = [(name, value) for name, value in levels if value is not None]
         for (lo_name, lo), (hi_name, hi) in itertools.pairwise(given):
             if lo > hi:
                 raise ValueError(f"{lo_name} ({lo}) must not be above {hi_name} ({hi})")
         return self
+
+
+Settings = BayesSettings  # the name the plugin docs and tests use
 
 
 class ModelHolder:
@@ -130,10 +135,10 @@ class ModelHolder:
 class BayesPlugin:
     """The ``bayes`` plugin object (one per application)."""
 
-    Settings = Settings
+    Settings = BayesSettings
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, settings: BayesSettings | None = None) -> None:
+        self.settings = settings or BayesSettings()
         self.hasher = Hasher()
         self.holder: ModelHolder | None = None
         self.local_maildir: Any = None  # callable: recipient -> True when filed locally
@@ -228,4 +233,4 @@ class BayesPlugin:
         register(cli)
 
 
-__all__ = ["BayesPlugin", "Model", "ModelError", "Settings", "shipped_model_path"]
+__all__ = ["BayesPlugin", "BayesSettings", "Model", "ModelError", "Settings", "shipped_model_path"]

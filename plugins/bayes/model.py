@@ -218,6 +218,8 @@ class Model:
             )
         fc, cc = arrays["feature_counts"], arrays["class_counts"]
         n = header.get("n_features")
+        if not isinstance(n, int) or n <= 0:
+            raise ModelError(f"{path}: model header has no valid n_features")
         shapes_ok = fc.shape == (2, n) and cc.shape == (2,)
         if not shapes_ok or fc.dtype != np.float32 or cc.dtype != np.float64:
             raise ModelError(f"{path}: model arrays have the wrong shape or type")
