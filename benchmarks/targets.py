@@ -49,6 +49,7 @@ class Process:
 
     def __init__(self, argv: list[str], log_path: Path, cwd: Path | None = None) -> None:
         self.log_path = log_path
+        self.argv = argv
         self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -72,7 +73,7 @@ class Process:
             time.sleep(POLL)
         self.stop()
         tail = self.output()[-2000:]
-        raise TargetError(f"{self.proc.args[:3]}... did not print {pattern!r}:\n{tail}")
+        raise TargetError(f"{self.argv[:3]}... did not print {pattern!r}:\n{tail}")
 
     def stop(self) -> int | None:
         """SIGTERM, wait, SIGKILL as a last resort; returns the exit status."""
@@ -189,13 +190,13 @@ def _wait_listening(port: int, process: Process, timeout: float = START_TIMEOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.proc.poll() is not None:
-            raise TargetError(f"{process.proc.args[0]} exited: {process.output()[-500:]}")
+            raise TargetError(f"{process.argv[0]} exited: {process.output()[-500:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
         except OSError:
             time.sleep(POLL)
-    raise TargetError(f"{process.proc.args[0]} did not listen on {port}")
+    raise TargetError(f"{process.argv[0]} did not listen on {port}")
 
 
 class MailflowTarget(Target):

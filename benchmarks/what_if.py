@@ -54,13 +54,13 @@ def fast_newlines() -> None:
             return data
         return slow(data, mode)
 
-    smtp.normalize_newlines = normalize_newlines  # type: ignore[assignment]
+    smtp.normalize_newlines = normalize_newlines
 
 
 def no_fsync() -> None:
     """ANALYSIS ONLY, breaks durability: os.fsync does nothing (what does it cost?)."""
 
-    def skip(fd: int) -> None:
+    def skip(fd: Any) -> None:
         del fd
 
     os.fsync = skip
