@@ -160,3 +160,34 @@ async def test_the_testing_example_in_docs_plugins_md(tmp_path):
         )
         assert refused["gone@example.com"][0] == 550
         await srv.wait_delivered("bob@example.com")
+
+
+def test_the_installed_mailflow_command_finds_it(tmp_path):
+    """The console script, in its own process: discovery exactly as a user gets it."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("mailflow")
+    assert exe, "the `mailflow` console script is not on PATH: `pip install -e .` first"
+    config = write(tmp_path, "mailflow.yaml", SETTINGS)
+    eml = write(tmp_path, "m.eml", make_message(subject="a prize"))
+    proc = subprocess.run(
+        [exe, "check", "--json", "-c", str(config), str(eml)],
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout)
+    assert out["plugins"]["example"]["keywords"] == ["prize"]
+
+
+def test_matching_is_case_insensitive_and_keeps_settings_order():
+    from mailflow_example import domain_of, matching_keywords
+
+    keywords = {"prize": 1.0, "Lottery": 2.0, "cash": 3.0}
+    assert matching_keywords("LOTTERY PRIZE inside", keywords) == [("prize", 1.0), ("Lottery", 2.0)]
+    assert matching_keywords("hello", keywords) == []
+    assert domain_of("Boss@Spam.Test") == "spam.test"
+    assert domain_of("") == ""
+    assert domain_of("postmaster") == ""
