@@ -10,7 +10,7 @@ from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
 from mailflow.smtp import R_NO_ROUTE, R_RELAY_DENIED
-from mailflow.verdict import Action, SMTPReply
+from mailflow.verdict import Action, Mutation, SMTPReply
 
 
 def _addresses(raw_values: list[str]) -> list[str]:
@@ -45,6 +45,9 @@ async def check_message(
         recipients = _addresses(ctx.headers.get_all("To", []) + ctx.headers.get_all("Cc", []))
     ctx.envelope.mail_from = sender
     pipeline = app.pipeline
+    # As in the SMTP front end, MAIL and RCPT mutations are kept and applied together
+    # once the recipients are known (so e.g. RemoveRecipient can name a later one).
+    pending: list[Mutation] = []
 
     stages: list[tuple[str, dict[str, Any]]] = [
         ("connect", {"connection": conn}),
@@ -55,8 +58,8 @@ async def check_message(
         result, runs = await pipeline.run_stage(stage, **kwargs)
         for run in runs:
             ctx.record(run)
-            if run.result is not None and run.result.mutations:
-                ctx.apply(run.result.mutations)
+            if stage == "mail" and run.result is not None:
+                pending.extend(run.result.mutations)
         refused: tuple[Action, ...] = (Action.REJECT, Action.TEMPFAIL)
         if stage == "connect":
             refused += (Action.DISCARD,)  # the SMTP front end drops such a connection too
@@ -85,8 +88,8 @@ async def check_message(
             continue
         ctx.envelope.rcpt_tos.append(rcpt)
         for run in runs:
-            if run.result is not None and run.result.mutations:
-                ctx.apply(run.result.mutations)
+            if run.result is not None:
+                pending.extend(run.result.mutations)
     if not ctx.envelope.rcpt_tos:
         if ctx.action is Action.CONTINUE:
             ctx.action = Action.REJECT
@@ -98,6 +101,7 @@ async def check_message(
     ctx.action = Action.CONTINUE
     ctx.reply = None
     ctx.reason = ""
+    ctx.apply(pending)
     await pipeline.run_data(ctx)
     return ctx
 

@@ -648,3 +648,35 @@ def test_a_failing_startup_hook_aborts_start_up_with_the_plugin_named(make_confi
     with pytest.raises(RuntimeError, match="model file missing") as info:
         asyncio.run(app.startup())
     assert info.value.__notes__ == ["while starting plugin 'broken'"]
+
+
+def envelope_editor() -> Scripted:
+    """At bob's RCPT: drop dave (a later recipient), add an archive copy; change the sender."""
+    return Scripted(
+        mail=Result(mutations=[ChangeSender("bounces@example.org")]),
+        rcpt=lambda recipient: (
+            Result(
+                mutations=[RemoveRecipient("dave@example.com"), AddRecipient("archive@example.com")]
+            )
+            if recipient == "bob@example.com"
+            else None
+        ),
+    )
+
+
+async def test_check_and_smtp_apply_early_mutations_the_same_way(make_config):
+    seen: dict[str, Any] = {}
+
+    def observe(message: MessageContext) -> None:
+        seen["smtp"] = (message.envelope.mail_from, list(message.envelope.rcpt_tos))
+
+    config = make_config(plugin_list("editor", "observer"))
+    rcpts = ["bob@example.com", "dave@example.com"]
+    plugins = {"editor": envelope_editor(), "observer": Scripted(data=observe)}
+    async with running_server(config, extra_plugins=plugins) as srv:
+        await send(srv.port, "a@example.org", rcpts, make_message())
+        await srv.wait_delivered("archive@example.com")
+    app = App(config, extra_plugins={"editor": envelope_editor(), "observer": Scripted()})
+    out = report(await check_message(app, make_message(), recipients=rcpts))
+    assert seen["smtp"] == ("bounces@example.org", ["bob@example.com", "archive@example.com"])
+    assert (out["sender"], out["recipients"]) == seen["smtp"]
