@@ -211,6 +211,18 @@ async def test_spam_over_smtp_is_tagged_and_filed_into_junk(make_config, slice_m
     assert b"X-Spam-Status: No" in inbox
 
 
+async def test_headers_forged_by_the_sender_are_replaced(make_config, slice_model_path):
+    config = bayes_config(make_config, slice_model_path)
+    forged = make_message(
+        body=SPAM_TEXT, extra_headers={"X-Spam-Status": "No, forged", "X-Spam-Score": "-50"}
+    )
+    async with running_server(config) as srv:
+        await send(srv.port, "a@example.org", ["bob@example.com"], forged)
+        [msg] = await srv.wait_delivered("bob@example.com")
+    assert b"forged" not in msg and b"-50" not in msg
+    assert msg.count(b"X-Spam-Status: Yes") == 1
+
+
 async def test_embedded_default_config_scores_with_the_shipped_model_and_accepts():
     config = load_config(None)
     entry = next(p for p in config.plugins if p.name == "bayes")

@@ -26,7 +26,7 @@ from mailflow_plugins.bayes.model import Model, ModelError, logistic, score_from
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mailflow.hookspecs import hookimpl
-from mailflow.verdict import AddHeader, Result, Route, RouteKind, SetRoute
+from mailflow.verdict import AddHeader, RemoveHeader, Result, Route, RouteKind, SetRoute
 
 log = logging.getLogger("mailflow.bayes")
 
@@ -206,6 +206,9 @@ class BayesPlugin:
             score=score,
             details=details,
             mutations=[
+                # A sender's own "X-Spam-Status: No" must not survive next to ours.
+                RemoveHeader(s.score_header),
+                RemoveHeader(s.status_header),
                 AddHeader(s.score_header, f"{score:.2f}"),
                 AddHeader(s.status_header, status),
             ],
