@@ -206,8 +206,13 @@ class MessageContext:
             self.score += run.result.score
 
     def result_of(self, plugin: str) -> Result | None:
+        """The latest Result ``plugin`` returned at any stage so far (None if it never did).
+
+        A stage where the plugin had no opinion (returned None) does not hide what it
+        said earlier, e.g. SPF's MAIL FROM details stay visible after a silent RCPT hook.
+        """
         for run in reversed(self.runs):
-            if run.plugin == plugin:
+            if run.plugin == plugin and run.result is not None:
                 return run.result
         return None
 

@@ -680,3 +680,15 @@ async def test_check_and_smtp_apply_early_mutations_the_same_way(make_config):
     out = report(await check_message(app, make_message(), recipients=rcpts))
     assert seen["smtp"] == ("bounces@example.org", ["bob@example.com", "archive@example.com"])
     assert (out["sender"], out["recipients"]) == seen["smtp"]
+
+
+def test_result_of_skips_stages_where_the_plugin_had_no_opinion():
+    from mailflow.message import Connection, Envelope, MessageContext, PluginRun
+    from mailflow.verdict import Result
+
+    ctx = MessageContext(b"Subject: x\r\n\r\n", Envelope(), Connection(ip="127.0.0.1"))
+    said = Result(details={"result": "pass"})
+    ctx.record(PluginRun("spf", "mail", said, 0.1))
+    ctx.record(PluginRun("spf", "rcpt", None, 0.1))
+    assert ctx.result_of("spf") is said
+    assert ctx.result_of("other") is None
