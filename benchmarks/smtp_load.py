@@ -293,8 +293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--what-if",
         action="append",
         default=[],
-        help="run mailflow with a proposed change patched in: direct-maildir, fast-newlines, "
-        "no-fsync (analysis only: no durability); repeatable",
+        help="run mailflow with a proposed change patched in: direct-maildir, lean-queue, "
+        "fast-newlines, no-fsync (analysis only: no durability); repeatable",
     )
     p.add_argument(
         "--log-level",
