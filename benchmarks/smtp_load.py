@@ -27,7 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sample import DEFAULT_SIZE, MessageFactory
+from benchmarks import postfix_source
+from benchmarks.postfix_source import run_smtp_source
+from benchmarks.sample import DEFAULT_SIZE, MessageFactory, message_template
 from benchmarks.smtp_client import run_load
 from benchmarks.targets import REPO, BareTarget, MailflowTarget, Sink, Target
 
@@ -57,8 +59,8 @@ class Row:
     accepted: int
     failed: int
     rate: float  # accepted messages per second
-    p50_ms: float
-    p99_ms: float
+    p50_ms: float | None  # None: the client measured no latencies (smtp-source)
+    p99_ms: float | None
     ratio: float | None = None  # rate / bare rate at the same K
     delivered: int | None = None
     e2e_rate: float | None = None  # delivered per second, from load start to empty queue
@@ -79,14 +81,28 @@ def wait_drained(target: Target, timeout: float) -> float | None:
 
 
 def measure(
-    target: Target, count: int, concurrency: int, factory: MessageFactory, drain_timeout: float
+    target: Target,
+    count: int,
+    concurrency: int,
+    factory: MessageFactory,
+    drain_timeout: float,
+    message_file: Path | None = None,
 ) -> Row:
+    """One load run against ``target``; with ``message_file``, postfix's smtp-source sends."""
     before = target.delivered()
     cpu_before = target.cpu()
     started = time.perf_counter()
-    result = asyncio.run(
-        run_load("127.0.0.1", target.port, count, concurrency, factory.payload, target.addressing)
-    )
+    if message_file is not None:
+        sender, recipients = target.addressing(0)
+        result = run_smtp_source(
+            "127.0.0.1", target.port, count, concurrency, message_file, sender, recipients[0]
+        )
+    else:
+        result = asyncio.run(
+            run_load(
+                "127.0.0.1", target.port, count, concurrency, factory.payload, target.addressing
+            )
+        )
     row = Row(
         server=target.name,
         concurrency=concurrency,
@@ -94,8 +110,8 @@ def measure(
         accepted=result.sent,
         failed=result.failed,
         rate=round(result.rate, 1),
-        p50_ms=round(result.percentile(0.50) * 1000, 2),
-        p99_ms=round(result.percentile(0.99) * 1000, 2),
+        p50_ms=round(result.percentile(0.50) * 1000, 2) if result.latencies else None,
+        p99_ms=round(result.percentile(0.99) * 1000, 2) if result.latencies else None,
         errors=result.errors,
     )
     if before is not None:
@@ -248,8 +264,10 @@ def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
                 e2e = "timeout"
             cpu = "-" if r.cpu_ms is None else f"{r.cpu_ms:.2f}"
             cpu_ratio = "-" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}"
+            p50 = "-" if r.p50_ms is None else f"{r.p50_ms:.2f}"
+            p99 = "-" if r.p99_ms is None else f"{r.p99_ms:.2f}"
             print(
-                f"{r.server:<34} {r.rate:>8.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {ratio:>6} "
+                f"{r.server:<34} {r.rate:>8.0f} {p50:>8} {p99:>8} {ratio:>6} "
                 f"{r.failed:>6} {delivered:>9} {e2e:>7} {cpu:>10} {cpu_ratio:>9}",
                 file=out,
             )
@@ -272,6 +290,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-k", "--concurrency", default="1,10,50", help="comma-separated K values")
     p.add_argument(
         "--repeat", type=int, default=1, help="rounds per K; the median round is reported"
+    )
+    p.add_argument(
+        "--client",
+        choices=["python", "smtp-source"],
+        default="python",
+        help="load generator: this package's client (latencies) or postfix's smtp-source "
+        "(C, lighter on a small machine; rates only)",
     )
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
     p.add_argument(
@@ -333,6 +358,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.relay_pool,
     )
     factory = MessageFactory(args.size, run=f"b{os.getpid()}")
+    message_file = None
+    if args.client == "smtp-source":
+        if not postfix_source.usable():
+            raise SystemExit(f"--client smtp-source: {postfix_source.SMTP_SOURCE} not found")
+        template = message_template(args.size)
+        message_file = postfix_source.write_message(template, workdir / "message.txt")
     rows: list[Row] = []
     all_runs: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
@@ -346,7 +377,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runs: dict[str, list[Row]] = {t.name: [] for t in targets}
             for _ in range(args.repeat):
                 for t in targets:
-                    runs[t.name].append(measure(t, args.messages, k, factory, args.drain_timeout))
+                    runs[t.name].append(
+                        measure(t, args.messages, k, factory, args.drain_timeout, message_file)
+                    )
             combined = [combine(r) for r in runs.values()]
             set_ratios(combined, [t for t in targets if isinstance(t, BareTarget)])
             rows += combined
@@ -363,6 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "command": " ".join(["python -m benchmarks.smtp_load", *(args.argv or [])]),
         "messages": args.messages,
+        "client": args.client,
         "size": factory.size,
         "plugins": [p["name"] for p in plugins],
         "elapsed_s": round(time.perf_counter() - started, 1),
