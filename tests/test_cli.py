@@ -10,6 +10,7 @@ import logging
 import re
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -237,3 +238,21 @@ async def test_text_log_line_has_every_field(make_config, caplog):
         r"delivery=queued reply='250 [^']*' plugins: scorer=continue/[\d.]+ms$",
         text,
     ), text
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        "docs/index.md",
+        "docs/plugins.md",
+        "docs/config.md",
+        "docs/cli.md",
+        "examples/mailflow-example/README.md",
+    ],
+)
+def test_relative_links_in_the_docs_resolve(page):
+    root = Path(__file__).parent.parent
+    path = root / page
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
+        if not re.match(r"[a-z]+:", target):  # skip http:, mailto:
+            assert (path.parent / target).exists(), f"{page}: broken link {target}"

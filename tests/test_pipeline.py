@@ -692,3 +692,22 @@ def test_result_of_skips_stages_where_the_plugin_had_no_opinion():
     ctx.record(PluginRun("spf", "rcpt", None, 0.1))
     assert ctx.result_of("spf") is said
     assert ctx.result_of("other") is None
+
+
+def test_every_hook_has_a_docstring_and_a_section_in_docs_plugins_md():
+    from mailflow import hookspecs
+
+    doc = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
+    for name in hookspecs.hook_names():
+        spec = getattr(hookspecs, name)
+        assert spec.__doc__ and len(spec.__doc__.split()) >= 15, name
+        assert f"\n### {name}\n" in doc, f"docs/plugins.md has no section for {name}"
+
+
+def test_split_of_a_message_without_headers_keeps_the_whole_body():
+    from mailflow.message import Connection, Envelope, MessageContext
+
+    ctx = MessageContext(b"\r\nfirst\r\n\r\nsecond\r\n", Envelope(), Connection(ip="127.0.0.1"))
+    assert ctx.split() == (b"", b"first\r\n\r\nsecond\r\n")
+    ctx = MessageContext(b"A: 1\r\n\r\nbody\r\n", Envelope(), Connection(ip="127.0.0.1"))
+    assert ctx.split() == (b"A: 1\r\n", b"body\r\n")
