@@ -157,10 +157,10 @@ class MessageContext:
     def split(self) -> tuple[bytes, bytes]:
         """(header block including its final CRLF, body)."""
         raw = self._raw
+        if raw.startswith(CRLF):  # no header section at all: everything is body
+            return b"", raw[2:]
         end = raw.find(b"\r\n\r\n")
         if end < 0:
-            if raw.startswith(b"\r\n"):
-                return b"", raw[2:]
             return raw if raw.endswith(CRLF) or not raw else raw + CRLF, b""
         return raw[: end + 2], raw[end + 4 :]
 
