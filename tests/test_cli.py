@@ -256,3 +256,16 @@ def test_relative_links_in_the_docs_resolve(page):
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
         if not re.match(r"[a-z]+:", target):  # skip http:, mailto:
             assert (path.parent / target).exists(), f"{page}: broken link {target}"
+
+
+def test_every_builtin_plugin_has_a_page_an_index_entry_and_a_starter_example():
+    root = Path(__file__).parent.parent
+    index = (root / "docs" / "index.md").read_text()
+    builtin = [
+        n for n, ep in available_plugins().items() if ep.value.startswith("mailflow_plugins.")
+    ]
+    assert builtin, "no builtin plugins found: is mailflow installed (pip install -e .)?"
+    for name in builtin:
+        assert (root / "docs" / "plugins" / f"{name}.md").exists(), name
+        assert f"[plugins/{name}.md](plugins/{name}.md)" in index, name
+        assert re.search(rf"- name: {name}\b", STARTER), name
