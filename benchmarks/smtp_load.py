@@ -2,7 +2,7 @@
 
     python -m benchmarks.smtp_load                      # defaults: N=500, K=1,10,50
     python -m benchmarks.smtp_load -n 2000 -k 10 --json
-    python -m benchmarks.smtp_load --plugins bayes,attachments --targets bare,maildir+plugins
+    python -m benchmarks.smtp_load --plugins bayes,rules --targets bare,maildir+plugins
 
 For each concurrency K it pushes N messages (about ``--size`` bytes, multipart)
 over K reused connections to every target and prints messages/s, p50/p99 latency
@@ -17,18 +17,17 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import pstats
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from benchmarks import postfix_source
 from benchmarks.postfix_source import run_smtp_source
+from benchmarks.report import Row, combine, machine, print_profile, print_tables, set_ratios
 from benchmarks.sample import DEFAULT_SIZE, MessageFactory, message_template
 from benchmarks.smtp_client import run_load
 from benchmarks.targets import REPO, BareTarget, MailflowTarget, Sink, Target
@@ -47,27 +46,6 @@ OFFLINE_CHAIN: tuple[dict[str, object], ...] = (
     {"name": "rules", "settings": {"files": [str(REPO / "rules" / "content-policy.yaml")]}},
     {"name": "authres"},
 )
-
-
-@dataclass
-class Row:
-    """One (target, K) measurement."""
-
-    server: str
-    concurrency: int
-    messages: int
-    accepted: int
-    failed: int
-    rate: float  # accepted messages per second
-    p50_ms: float | None  # None: the client measured no latencies (smtp-source)
-    p99_ms: float | None
-    ratio: float | None = None  # rate / bare rate at the same K
-    delivered: int | None = None
-    e2e_rate: float | None = None  # delivered per second, from load start to empty queue
-    drain_s: float | None = None  # seconds after the load until the queue was empty
-    cpu_ms: float | None = None  # server CPU per accepted message (all threads, to drained)
-    cpu_ratio: float | None = None  # bare cpu_ms / cpu_ms: the ratio if both were CPU-bound
-    errors: list[str] = field(default_factory=list)
 
 
 def wait_drained(target: Target, timeout: float) -> float | None:
@@ -126,42 +104,6 @@ def measure(
     if cpu_before is not None and cpu_after is not None and row.accepted:
         row.cpu_ms = round((cpu_after - cpu_before) * 1000 / row.accepted, 2)
     return row
-
-
-def combine(runs: list[Row]) -> Row:
-    """The median run of a target (by rate); counts are summed over all runs."""
-    if len(runs) == 1:
-        return runs[0]
-    ordered = sorted(runs, key=lambda r: r.rate)
-    median = ordered[len(ordered) // 2]
-    cpus = sorted(r.cpu_ms for r in runs if r.cpu_ms is not None)
-    return Row(
-        server=median.server,
-        concurrency=median.concurrency,
-        messages=sum(r.messages for r in runs),
-        accepted=sum(r.accepted for r in runs),
-        failed=sum(r.failed for r in runs),
-        rate=median.rate,
-        p50_ms=median.p50_ms,
-        p99_ms=median.p99_ms,
-        delivered=None if median.delivered is None else sum(r.delivered or 0 for r in runs),
-        e2e_rate=median.e2e_rate,
-        drain_s=median.drain_s,
-        cpu_ms=cpus[len(cpus) // 2] if cpus else None,
-        errors=[e for r in runs for e in r.errors][:5],
-    )
-
-
-def set_ratios(rows: list[Row], bare: list[Target]) -> None:
-    """Throughput ratio and CPU ratio (bare CPU per message / this CPU per message)."""
-    base = next((r for r in rows if bare and r.server == bare[0].name), None)
-    if base is None:
-        return
-    for r in rows:
-        if base.rate:
-            r.ratio = round(r.rate / base.rate, 3)
-        if base.cpu_ms and r.cpu_ms:
-            r.cpu_ratio = round(base.cpu_ms / r.cpu_ms, 3)
 
 
 def build_targets(
@@ -225,61 +167,6 @@ def select_plugins(spec: str) -> list[dict[str, object]]:
 
     installed = available_plugins()
     return [dict(p) for p in OFFLINE_CHAIN if p["name"] in installed]
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": model or platform.processor(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
-    for k in sorted({r.concurrency for r in rows}):
-        group = [r for r in rows if r.concurrency == k]
-        n = group[0].messages
-        print(f"\nK={k} connections, {n} messages per server", file=out)
-        header = (
-            f"{'server':<34} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
-            f"{'failed':>6} {'delivered':>9} {'e2e/s':>7} {'cpu ms/msg':>10} {'cpu ratio':>9}"
-        )
-        print(header, file=out)
-        print("-" * len(header), file=out)
-        for r in group:
-            ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
-            delivered = "-" if r.delivered is None else str(r.delivered)
-            e2e = "-" if r.e2e_rate is None else f"{r.e2e_rate:.0f}"
-            if r.delivered is not None and r.drain_s is None:
-                e2e = "timeout"
-            cpu = "-" if r.cpu_ms is None else f"{r.cpu_ms:.2f}"
-            cpu_ratio = "-" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}"
-            p50 = "-" if r.p50_ms is None else f"{r.p50_ms:.2f}"
-            p99 = "-" if r.p99_ms is None else f"{r.p99_ms:.2f}"
-            print(
-                f"{r.server:<34} {r.rate:>8.0f} {p50:>8} {p99:>8} {ratio:>6} "
-                f"{r.failed:>6} {delivered:>9} {e2e:>7} {cpu:>10} {cpu_ratio:>9}",
-                file=out,
-            )
-            for err in r.errors[:2]:
-                print(f"    error: {err}", file=out)
-
-
-def print_profile(path: Path, top: int = 25) -> None:
-    print(f"\n=== cProfile of {path.name} (top {top} by cumulative, then by own time) ===")
-    stats = pstats.Stats(str(path))
-    stats.sort_stats("cumulative").print_stats(top)
-    stats.sort_stats("tottime").print_stats(top)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
