@@ -118,8 +118,10 @@ def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
                 print(f"    error: {err}", file=out)
 
 
-def print_profile(path: Path, top: int = 25) -> None:
-    print(f"\n=== cProfile of {path.name} (top {top} by cumulative, then by own time) ===")
-    stats = pstats.Stats(str(path))
+def print_profile(path: Path, top: int = 25, out: Any = sys.stdout) -> None:
+    print(
+        f"\n=== cProfile of {path.name} (top {top} by cumulative, then by own time) ===", file=out
+    )
+    stats = pstats.Stats(str(path), stream=out)
     stats.sort_stats("cumulative").print_stats(top)
     stats.sort_stats("tottime").print_stats(top)

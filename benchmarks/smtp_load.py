@@ -313,12 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"elapsed: {report['elapsed_s']} s")
     if args.profile:
         for path in sorted(args.profile.glob("*.prof")):
-            print_profile(path)
+            print_profile(path, out=sys.stderr if args.json else sys.stdout)
     if args.py_spy:
         from benchmarks.stacks import summarise
 
         for path in sorted(args.py_spy.glob("*.txt")):
-            print(summarise(path))
+            print(summarise(path), file=sys.stderr if args.json else sys.stdout)
 
 
 if __name__ == "__main__":
