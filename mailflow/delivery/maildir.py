@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from mailflow.config import MaildirConfig
@@ -92,6 +93,42 @@ class MaildirDelivery:
         maildir(5): write to ``tmp/``, fsync, rename into ``new/``, fsync ``new/``;
         only then is the copy reported delivered.
         """
+        [result] = self.deliver_many([(recipient, folder, mailbox)], data)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def deliver_many(
+        self, copies: Sequence[tuple[str, str, str]], data: bytes
+    ) -> list[Path | Exception]:
+        """Deliver one message to several mailboxes in one call (blocking; one thread hop).
+
+        ``copies`` are ``(recipient, folder, mailbox)``. Each file is written to
+        ``tmp/``, fsync'd and renamed into ``new/``; then every ``new/`` directory
+        involved is fsync'd once, and only then does this return. The result for a
+        copy is its path, or the exception that stopped it (quota, bad folder name,
+        I/O error); one failed copy does not stop the others.
+        """
+        results: list[Path | Exception] = []
+        new_dirs: dict[str, list[int]] = {}  # new/ directory -> indexes of its copies
+        for recipient, folder, mailbox in copies:
+            try:
+                path = self._write_copy(recipient, data, folder, mailbox)
+            except (QuotaExceeded, MailboxError, OSError) as exc:
+                results.append(exc)
+                continue
+            new_dirs.setdefault(os.path.dirname(path), []).append(len(results))
+            results.append(Path(path))
+        for new_dir, indexes in new_dirs.items():
+            try:
+                _fsync_dir(new_dir)
+            except OSError as exc:  # the renames may not survive a crash: not delivered
+                for i in indexes:
+                    results[i] = exc
+        return results
+
+    def _write_copy(self, recipient: str, data: bytes, folder: str, mailbox: str) -> str:
+        """Write one copy to ``tmp/``, fsync it, rename it into ``new/``; return its path."""
         self.check_quota(recipient, len(data), mailbox)
         target = self.folder_path(recipient, folder, mailbox)
         if folder:
@@ -121,20 +158,14 @@ class MaildirDelivery:
                 os.unlink(tmp)
             raise
         os.close(fd)
-        new_dir = os.path.join(base, "new")
-        final = os.path.join(new_dir, unique)
+        final = os.path.join(base, "new", unique)
         try:
             os.rename(tmp, final)
         except FileNotFoundError:  # new/ vanished under us: recreate it, try once more
             self._ready.discard(base)
             self._ensure(target)
             os.rename(tmp, final)
-        dir_fd = os.open(new_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return Path(final)
+        return final
 
     def _ensure(self, path: Path) -> str:
         """``path`` as a string, creating tmp/new/cur the first time this process sees it.
@@ -146,6 +177,14 @@ class MaildirDelivery:
             ensure_maildir(path)
             self._ready.add(key)
         return key
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def ensure_maildir(path: Path) -> None:

@@ -1,0 +1,41 @@
+"""MaildirDelivery.deliver_many: several copies of one message in one call."""
+
+from __future__ import annotations
+
+import mailbox
+from pathlib import Path
+
+from mailflow.config import MaildirConfig
+from mailflow.delivery.maildir import MailboxError, MaildirDelivery, QuotaExceeded
+
+MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def test_every_copy_lands_in_new(tmp_path: Path) -> None:
+    md = MaildirDelivery(MaildirConfig(root=tmp_path))
+    copies = [("a@example.com", "", ""), ("b@example.com", ".Junk", ""), ("a@example.com", "", "")]
+    results = md.deliver_many(copies, MESSAGE)
+    assert all(isinstance(r, Path) and r.exists() for r in results)
+    assert len(mailbox.Maildir(tmp_path / "a@example.com", create=False)) == 2
+    junk = mailbox.Maildir(tmp_path / "b@example.com" / ".Junk", create=False)
+    assert [m.get("Subject") for m in junk] == ["hi"]
+
+
+def test_one_bad_copy_does_not_stop_the_others(tmp_path: Path) -> None:
+    md = MaildirDelivery(MaildirConfig(root=tmp_path, quota=10))
+    results = md.deliver_many([("a@example.com", "", ""), ("b@example.com", "..x", "")], b"x")
+    assert isinstance(results[0], Path)
+    assert isinstance(results[1], MailboxError)
+    over = md.deliver_many([("a@example.com", "", "")], MESSAGE)
+    assert isinstance(over[0], QuotaExceeded)
+
+
+def test_maildir_removed_while_running_is_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    md = MaildirDelivery(MaildirConfig(root=tmp_path))
+    md.deliver("a@example.com", MESSAGE)
+    shutil.rmtree(tmp_path / "a@example.com")
+    assert md.deliver("a@example.com", MESSAGE).exists()
+    shutil.rmtree(tmp_path / "a@example.com" / "new")
+    assert md.deliver("a@example.com", MESSAGE).exists()
