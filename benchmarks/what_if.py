@@ -17,9 +17,10 @@ from typing import Any
 def direct_maildir() -> None:
     """Local-only messages go straight into the Maildir before the 250, not via the spool.
 
-    Same durability promise (file and directory fsync'd before the reply), one fsync'd
-    file per copy instead of three, and no queue round trip. Messages with any
-    non-Maildir route still take the spool.
+    Same durability promise (files and directories fsync'd before the reply), one
+    fsync'd file per copy instead of three, and no queue round trip. Copies that
+    fail (quota, I/O) are spooled for the queue to retry or bounce; messages with
+    any non-Maildir route take the spool as before.
     """
     from mailflow import server
     from mailflow.verdict import RouteKind
@@ -31,13 +32,22 @@ def direct_maildir() -> None:
         if not all(r.kind is RouteKind.MAILDIR for r in routes.values()):
             await spooled(self, ctx)
             return
-        maildir, raw = self.app.maildir, ctx.raw
-
-        def deliver_all() -> None:
-            for rcpt, route in routes.items():
-                maildir.deliver(rcpt, raw, route.folder, route.mailbox)
-
-        await asyncio.to_thread(deliver_all)
+        copies = [(rcpt, r.folder, r.mailbox) for rcpt, r in routes.items()]
+        results = await asyncio.to_thread(self.app.maildir.deliver_many, copies, ctx.raw)
+        failed = {
+            rcpt: route
+            for (rcpt, route), result in zip(routes.items(), results, strict=True)
+            if isinstance(result, Exception)
+        }
+        if failed:
+            await self.queue.enqueue(
+                ctx.envelope.mail_from,
+                failed,
+                ctx.raw,
+                client_ip=ctx.connection.ip,
+                helo=ctx.connection.helo,
+                queue_id=ctx.queue_id,
+            )
 
     server.Server.enqueue = enqueue  # type: ignore[method-assign]
 
