@@ -53,7 +53,35 @@ def build_app(config: Config) -> Any:
         sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class PluginCommandsGroup(click.Group):
+    """The top-level group; plugin commands are loaded only when they may be needed.
+
+    Importing every installed plugin (scikit-learn, dkimpy, ...) costs seconds, so
+    builtin commands such as ``queue list`` never do it. An unknown command name or
+    a full command listing (``--help``) loads the plugins and asks them to register
+    theirs (``mailflow_register_commands``).
+    """
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if not self._plugins_loaded:
+            type(self)._plugins_loaded = True
+            _register_plugin_commands(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._load_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=PluginCommandsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mailflow")
 def main() -> None:
     """mailflow: a pluggable mail filtering pipeline (SMTP in, plugins, Maildir/LMTP/relay out)."""
@@ -96,6 +124,14 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
             sys.exit(1)
         except ConfigError as exc:  # e.g. a malformed server.auth.users_file
             click.echo(f"mailflow: invalid config:\n{exc}", err=True)
+            await server.stop()
+            sys.exit(2)
+        except Exception as exc:
+            notes = " ".join(getattr(exc, "__notes__", []))
+            click.echo(
+                f"mailflow: cannot start: {exc.__class__.__name__}: {exc} {notes}".rstrip(),
+                err=True,
+            )
             await server.stop()
             sys.exit(2)
         source = config_path or "embedded default config"
@@ -376,7 +412,7 @@ def plugins_list(config_path: str | None) -> None:
             click.echo(f"  {hook}: {' -> '.join(names)}")
 
 
-def _register_plugin_commands() -> None:
+def _register_plugin_commands(cli: click.Group) -> None:
     """Let installed plugins add commands (``mailflow_register_commands``)."""
     from mailflow.pipeline import available_plugins
 
@@ -388,10 +424,9 @@ def _register_plugin_commands() -> None:
             continue
         hook = getattr(obj, "mailflow_register_commands", None)
         if callable(hook):
-            hook(cli=main)
+            hook(cli=cli)
 
 
 from mailflow.auth import users_group  # noqa: E402  (mailflow users add/remove/list)
 
 main.add_command(users_group)
-_register_plugin_commands()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 
+from mailflow import msglog
 from mailflow.app import App
 from mailflow.delivery.dsn import build_dsn
 from mailflow.delivery.queue import QueueManager
@@ -35,6 +36,7 @@ class Server:
 
     async def start(self) -> list[tuple[str, int]]:
         app = self.app
+        msglog.configure(app.config.log.format == "json")
         await app.startup()
         self.queue = QueueManager(
             app.config,

@@ -269,3 +269,21 @@ def test_every_builtin_plugin_has_a_page_an_index_entry_and_a_starter_example():
         assert (root / "docs" / "plugins" / f"{name}.md").exists(), name
         assert f"[plugins/{name}.md](plugins/{name}.md)" in index, name
         assert re.search(rf"- name: {name}\b", STARTER), name
+
+
+def test_builtin_commands_do_not_import_plugins():
+    """`mailflow queue list` and friends must not pay for scikit-learn & co."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from mailflow.cli import main\n"
+        "result = CliRunner().invoke(main, ['version'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('sklearn', 'mailflow_plugins'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
