@@ -1,6 +1,6 @@
 """SMTP throughput benchmark: mailflow vs. a bare aiosmtpd server, in the same run.
 
-    python -m benchmarks.smtp_load                      # defaults: N=500, K=1,10,50
+    python -m benchmarks.smtp_load                      # defaults: N=300, K=1,10,50
     python -m benchmarks.smtp_load -n 2000 -k 10 --json
     python -m benchmarks.smtp_load --plugins bayes,rules --targets bare,maildir+plugins
 
@@ -173,7 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("-n", "--messages", type=int, default=500, help="messages per run")
+    p.add_argument("-n", "--messages", type=int, default=300, help="messages per run")
     p.add_argument("-k", "--concurrency", default="1,10,50", help="comma-separated K values")
     p.add_argument(
         "--repeat", type=int, default=1, help="rounds per K; the median round is reported"
