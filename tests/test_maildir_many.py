@@ -39,3 +39,14 @@ def test_maildir_removed_while_running_is_made_again(tmp_path: Path) -> None:
     assert md.deliver("a@example.com", MESSAGE).exists()
     shutil.rmtree(tmp_path / "a@example.com" / "new")
     assert md.deliver("a@example.com", MESSAGE).exists()
+
+
+def test_names_sort_in_delivery_order_within_a_second(tmp_path: Path, monkeypatch) -> None:
+    import mailflow.delivery.maildir as maildir_module
+
+    times = iter([1_700_000_000.098765, 1_700_000_000.123456])
+    monkeypatch.setattr(maildir_module.time, "time", lambda: next(times, 1_700_000_001.0))
+    md = MaildirDelivery(MaildirConfig(root=tmp_path))
+    first = md.deliver("a@example.com", b"1\r\n")
+    second = md.deliver("a@example.com", b"2\r\n")
+    assert sorted([second.name, first.name]) == [first.name, second.name]

@@ -135,8 +135,9 @@ class MaildirDelivery:
             self._ensure(self.mailbox_path(recipient, mailbox))
         base = self._ensure(target)
         now = time.time()
+        # Microseconds zero-padded, so names made in the same second sort in time order.
         unique = (
-            f"{int(now)}.M{int((now % 1) * 1_000_000)}P{os.getpid()}"
+            f"{int(now)}.M{int((now % 1) * 1_000_000):06d}P{os.getpid()}"
             f"Q{next(_counter)}.{_HOST},S={len(data)}"
         )
         tmp = os.path.join(base, "tmp", unique)
