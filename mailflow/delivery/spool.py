@@ -194,15 +194,16 @@ def _fsync_all(fds: list[int]) -> None:
         return
     shares = [fds[i::FSYNC_PARALLEL] for i in range(min(FSYNC_PARALLEL, len(fds)))]
     futures = [_pool().submit(_fsync_each, share) for share in shares[1:]]
-    error: OSError | None = None
+    error: BaseException | None = None
     try:
         _fsync_each(shares[0])
     except OSError as exc:
         error = exc
-    wait(futures)
+    finally:
+        wait(futures)
     for future in futures:
-        if error is None and future.exception() is not None:
-            error = future.exception()  # type: ignore[assignment]
+        if error is None:
+            error = future.exception()
     if error is not None:
         raise error
 
