@@ -68,3 +68,29 @@ def test_write_files_fsyncs_and_renames(tmp_path: Path, count: int) -> None:
     items = [(str(tmp_path / f"f{i}"), b"%d" % i) for i in range(count)]
     _write_files(items)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"f{i}" for i in range(count))
+
+
+def test_failed_fsync_renames_nothing_and_raises(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import threading
+
+    from mailflow.delivery import spool as spool_module
+
+    real_fsync = os.fsync
+    calls = 0
+    lock = threading.Lock()
+
+    def flaky_fsync(fd: int) -> None:
+        nonlocal calls
+        with lock:
+            calls += 1
+            fail = calls == 3
+        if fail:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", flaky_fsync)
+    items = [(str(tmp_path / f"f{i}"), b"x") for i in range(6)]
+    with pytest.raises(OSError):
+        spool_module._write_files(items)
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
