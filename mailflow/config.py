@@ -10,6 +10,7 @@ import difflib
 import importlib.resources
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -259,23 +260,14 @@ class Config(Strict):
     @field_validator("relay_networks")
     @classmethod
     def _check_networks(cls, value: list[str]) -> list[str]:
-        for net in value:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError as exc:
-                raise ValueError(
-                    f"{net!r} is not a network (expected CIDR such as 10.0.0.0/8)"
-                ) from exc
-        return value
+        return check_networks(value)
 
     @field_validator("plugins")
     @classmethod
     def _unique_plugins(cls, value: list[PluginEntry]) -> list[PluginEntry]:
-        seen: set[str] = set()
-        for p in value:
-            if p.name in seen:
-                raise ValueError(f"plugin {p.name!r} is listed twice")
-            seen.add(p.name)
+        twice = first_repeated(p.name for p in value)
+        if twice is not None:
+            raise ValueError(f"plugin {twice!r} is listed twice")
         return value
 
     def is_local_domain(self, domain: str) -> bool:
@@ -289,6 +281,28 @@ class Config(Strict):
     @property
     def relay_network_objects(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.relay_networks]
+
+
+def check_networks(values: list[str]) -> list[str]:
+    """Validator body: every item must be an IP network in CIDR form."""
+    for net in values:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{net!r} is not a network (expected CIDR such as 10.0.0.0/8)"
+            ) from None
+    return values
+
+
+def first_repeated(names: Iterable[str]) -> str | None:
+    """The first name that occurs a second time, or None."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 def parse_listen(item: str) -> tuple[str, int]:

@@ -12,14 +12,21 @@ See docs/rules.md for every condition and action.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mailflow.config import ConfigError, ConfigIssue, Size, load_yaml, validate_model
+from mailflow.config import (
+    ConfigError,
+    ConfigIssue,
+    Size,
+    check_networks,
+    first_repeated,
+    load_yaml,
+    validate_model,
+)
 
 
 class _Strict(BaseModel):
@@ -106,12 +113,7 @@ class Condition(_Strict):
     @field_validator("client_ip")
     @classmethod
     def _networks(cls, value: list[str] | None) -> list[str] | None:
-        for net in value or []:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ValueError(f"{net!r} is not a network (e.g. 192.0.2.0/24)") from None
-        return value
+        return None if value is None else check_networks(value)
 
 
 class RouteSpec(_Strict):
@@ -155,11 +157,9 @@ class RuleSet(_Strict):
     @field_validator("rules")
     @classmethod
     def _unique_names(cls, value: list[Rule]) -> list[Rule]:
-        seen: set[str] = set()
-        for rule in value:
-            if rule.name in seen:
-                raise ValueError(f"rule name {rule.name!r} is used twice")
-            seen.add(rule.name)
+        twice = first_repeated(rule.name for rule in value)
+        if twice is not None:
+            raise ValueError(f"rule name {twice!r} is used twice")
         return value
 
 
