@@ -9,7 +9,7 @@ from mailflow.app import App
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
-from mailflow.smtp import R_NO_ROUTE, R_RELAY_DENIED
+from mailflow.smtp import in_networks, relay_refusal
 from mailflow.verdict import Action, Mutation, SMTPReply
 
 
@@ -34,9 +34,7 @@ async def check_message(
     """
     raw = normalize_newlines(raw)
     conn = Connection(ip=ip, helo=helo, authenticated_user=authenticated_user)
-    nets = app.config.relay_network_objects
-    addr = conn.address
-    conn.relay_allowed = addr is not None and any(addr in n for n in nets)
+    conn.relay_allowed = in_networks(ip, app.config.relay_network_objects)
     ctx = MessageContext(raw, Envelope(), conn, queue_id=new_queue_id())
     if sender is None:
         found = _addresses(ctx.headers.get_all("From", []))
@@ -71,7 +69,7 @@ async def check_message(
             ctx.decided_by = runs[-1].plugin
             return ctx
     for rcpt in recipients:
-        denied = relay_refusal(app, conn, rcpt)
+        denied = relay_refusal(app.config, conn, rcpt)
         if denied is not None:
             _refuse(ctx, rcpt, Action.REJECT, denied, denied.text)
             continue
@@ -104,23 +102,6 @@ async def check_message(
     ctx.apply(pending)
     await pipeline.run_data(ctx)
     return ctx
-
-
-def relay_refusal(app: App, conn: Connection, rcpt: str) -> SMTPReply | None:
-    """The SMTP front end's relay control for one recipient (None: allowed).
-
-    Non-local recipients are only for trusted clients (``relay_networks`` or AUTH),
-    and only when a relay route exists for their domain.
-    """
-    config = app.config
-    domain = rcpt.rpartition("@")[2]
-    if config.is_local_domain(domain) or rcpt.lower() == "postmaster":
-        return None
-    if not conn.trusted:
-        return R_RELAY_DENIED
-    if config.relay.routes.get(domain.lower(), config.relay.default) == "none":
-        return R_NO_ROUTE
-    return None
 
 
 def _refuse(ctx: MessageContext, rcpt: str, action: Action, reply: SMTPReply, reason: str) -> None:

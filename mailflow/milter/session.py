@@ -29,6 +29,7 @@ from mailflow.message import Connection, Envelope, MessageContext, PluginRun
 from mailflow.milter import protocol as p
 from mailflow.milter.diff import Field, Snapshot, all_edits, field_from_milter, parse_fields
 from mailflow.msglog import log_message
+from mailflow.smtp import in_networks
 from mailflow.verdict import Action, Mutation, Result, SMTPReply
 
 log = logging.getLogger("mailflow.milter")
@@ -243,10 +244,7 @@ class MilterSession:
         # Postfix sends "unknown" or "[addr]" when the client has no verified PTR name.
         known = info.hostname and info.hostname != "unknown" and not info.hostname.startswith("[")
         conn.reverse_name = info.hostname if known else ""
-        addr = conn.address
-        if addr is not None and getattr(addr, "ipv4_mapped", None):
-            addr = addr.ipv4_mapped  # type: ignore[union-attr]
-        conn.relay_allowed = addr is not None and any(addr in n for n in self._relay_nets)
+        conn.relay_allowed = in_networks(ip, self._relay_nets)
         self.conn = conn
         result, runs = await self.app.pipeline.run_stage("connect", connection=conn)
         self.early_runs = runs
