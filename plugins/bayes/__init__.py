@@ -174,7 +174,7 @@ class BayesPlugin:
         model = holder.model
         tokens = extract_tokens(raw)
         columns = np.asarray(self.hasher.columns(tokens), dtype=np.int64)
-        log_odds = model.log_odds(np.unique(columns))
+        log_odds = model.log_odds_of_columns(columns)
         details: dict[str, Any] = {
             "probability": round(logistic(log_odds), 6),
             "log_odds": round(log_odds, 3),

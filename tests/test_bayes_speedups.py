@@ -1,0 +1,86 @@
+"""The fast paths of feature extraction and scoring give what the plain code gives."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from mailflow_plugins.bayes import features
+from mailflow_plugins.bayes.features import Hasher, _words
+from mailflow_plugins.bayes.mime import parse_headers
+from mailflow_plugins.bayes.model import Model
+from sklearn.utils import murmurhash3_32
+
+from tests.bayes_support import corpus_files
+
+
+def _reference_headers(block: bytes) -> dict[str, list[str]]:
+    """The original header parser: unfold with a regex that allows an optional CR."""
+    headers: dict[str, list[str]] = {}
+    if b"\n " in block or b"\n\t" in block:
+        block = re.sub(rb"\r?\n[ \t]+", b" ", block)
+    for line in block.decode("utf-8", "surrogateescape").splitlines():
+        name, sep, value = line.partition(":")
+        if not sep or not name or " " in name.strip():
+            continue
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return headers
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain ascii words, x1 ab c3po 1999abc a_b_c " + "z" * 60 + "9" + "y" * 30,
+        "unicode: café ÉTÉ straße ǅungla ½half ²sq x٣y ab_cd " + "é" * 40,
+        "",
+        "a b c 12 __ --",
+    ],
+)
+def test_word_fast_path_matches_the_unicode_pattern(text):
+    lowered = text.lower()
+    assert _words(lowered) == features._WORD.findall(lowered)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        b"Subject: a\r\n b\r\n\tc\r\nFrom: x@y\r\n",
+        b"a: b\r\r\n\tc\r\nd: e\r\n \r\n\t\tf\n\r\n g",
+        b"a:b\n\r c\nx: y\r\n\r",
+        b"From someone  Mon Jan 1\nX-A\t: tab\n : empty\nA B: no\n\x85Foo: bar",
+        b"a: \r\n\r\n b\na:b\r\n\r\n\tc: d\n\n",
+        b"",
+        b":",
+    ],
+)
+def test_header_unfolding_matches_the_original_parser(block):
+    assert parse_headers(block) == _reference_headers(block)
+
+
+def test_header_parser_matches_on_the_corpus_slice():
+    for label in ("ham", "spam"):
+        for path in corpus_files(label):
+            raw = path.read_bytes()
+            head = raw.split(b"\n\n", 1)[0]
+            assert parse_headers(head) == _reference_headers(head), path
+
+
+def test_hasher_columns_with_and_without_cache_misses():
+    hasher = Hasher(n_features=2**10)
+    tokens = ["a", "b", "s:c", "a", "ünï"]
+    expected = [murmurhash3_32(t, 0, positive=True) & (2**10 - 1) for t in tokens]
+    assert hasher.columns(tokens) == expected  # all misses
+    assert hasher.columns(tokens) == expected  # all cached
+    zz = murmurhash3_32("zz", 0, positive=True) & (2**10 - 1)
+    assert hasher.columns(iter(["zz", *tokens])) == [zz, *expected]  # one miss, an iterator
+
+
+def test_log_odds_of_columns_equals_log_odds_of_unique_columns():
+    rng = np.random.default_rng(0)
+    model = Model.empty(n_features=64)
+    rows = [rng.choice(64, size=10, replace=False) for _ in range(20)]
+    model.learn(rows, [i % 2 for i in range(20)])
+    for _ in range(50):
+        columns = rng.integers(0, 64, size=int(rng.integers(0, 30)))  # repeats likely
+        assert model.log_odds_of_columns(columns) == model.log_odds(np.unique(columns))
