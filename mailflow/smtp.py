@@ -309,7 +309,7 @@ class Handler:
             log.exception("queue %s: could not store message", ctx.queue_id)
             ctx.extra["delivery"] = "store failed"
             return str(R_SPOOL_FAILED)
-        ctx.extra["delivery"] = "queued"
+        ctx.extra.setdefault("delivery", "queued")
         return f"250 2.0.0 Ok: queued as {ctx.queue_id}"
 
     def received_header(

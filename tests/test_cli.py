@@ -225,7 +225,7 @@ async def test_json_log_line_has_every_field(make_config, caplog, json_log_lines
     assert line["score"] == 1.5
     assert line["plugins"]["scorer"]["score"] == 1.5
     assert line["plugins"]["scorer"]["time_ms"] >= 0
-    assert line["delivery"] == "queued"
+    assert line["delivery"] == "delivered"  # local copies are delivered before the 250
     assert line["reply"].startswith("250 ")
 
 
@@ -235,7 +235,7 @@ async def test_text_log_line_has_every_field(make_config, caplog):
     assert re.match(
         r"[0-9A-F]+ client=127\.0\.0\.1 from=<alice@example\.org> "
         r"rcpts=<bob@example\.com>,<carol@example\.com> size=\d+ action=accept score=1\.50 "
-        r"delivery=queued reply='250 [^']*' plugins: scorer=continue/[\d.]+ms$",
+        r"delivery=delivered reply='250 [^']*' plugins: scorer=continue/[\d.]+ms$",
         text,
     ), text
 
@@ -284,6 +284,7 @@ def test_builtin_commands_do_not_import_plugins():
         "assert result.exit_code == 0, result.output\n"
         "print(sorted(m for m in sys.modules if m.startswith(('sklearn', 'mailflow_plugins'))))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
     assert out.stdout.strip() == "[]"

@@ -153,6 +153,13 @@ async def test_spool_failure_answers_451_never_250(make_config):
         aside = queue_dir.with_name("queue.aside")
         queue_dir.rename(aside)
         queue_dir.write_bytes(b"not a directory")
+        # Local copies are delivered before the 250 and spooled only if that fails:
+        # break the Maildir root as well, so the copy has to take the (broken) spool.
+        mail_root = srv.app.maildir.root
+        mail_aside = mail_root.with_name(mail_root.name + ".aside")
+        if mail_root.exists():
+            mail_root.rename(mail_aside)
+        mail_root.write_bytes(b"not a directory")
         try:
             with pytest.raises(aiosmtplib.SMTPDataError) as info:
                 await send(srv.port, "a@example.org", [RCPT], make_message())
@@ -161,6 +168,9 @@ async def test_spool_failure_answers_451_never_250(make_config):
         finally:
             queue_dir.unlink()
             aside.rename(queue_dir)
+            mail_root.unlink()
+            if mail_aside.exists():
+                mail_aside.rename(mail_root)
         assert srv.delivered(RCPT) == []
         # Once the spool works again, so does mail.
         assert await send(srv.port, "a@example.org", [RCPT], make_message()) == {}
