@@ -20,12 +20,12 @@ by default this plugin only reports. The ``authres`` plugin writes the
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
+from mailflow_plugins.dkim import header_block, run_dkimpy
 from mailflow_plugins.dkim_dns import KeyTable, fetch_keys, key_name
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -128,15 +128,17 @@ class ARCVerify:
         self.resolver = app.resolver
 
     async def evaluate(self, raw: bytes) -> dict[str, Any]:
-        arc, highest, names, early = await asyncio.to_thread(collect, raw)
+        head = header_block(raw)
+        if not any(name in head for name in _ARC_FIELDS):
+            # No ARC set at all (most mail): no parse, no thread hop.
+            return {"result": "none", "chain_length": 0, "reason": "", "sets": []}
+        arc, highest, names, early = await run_dkimpy(collect, raw)
         if early:
             return {"result": "fail", "chain_length": highest, "reason": early, "sets": []}
         if highest == 0:
             return {"result": "none", "chain_length": 0, "reason": "", "sets": []}
         keys = await fetch_keys(self.resolver, names) if names else KeyTable()
-        result, reason, sets = await asyncio.to_thread(
-            verify_chain, arc, keys, self.settings.min_key_bits
-        )
+        result, reason, sets = await run_dkimpy(verify_chain, arc, keys, self.settings.min_key_bits)
         if result == "none":  # sets exist but dkimpy found none usable
             result, reason = "fail", reason or "no usable ARC set"
         return {"result": result, "chain_length": highest, "reason": reason, "sets": sets}
