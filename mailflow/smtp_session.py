@@ -13,7 +13,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP
 
 from mailflow.auth import AuthMechanisms
 from mailflow.message import Connection, PluginRun
@@ -27,6 +27,13 @@ log = logging.getLogger("mailflow.smtp")
 # RFC 5321 3.1 / 4.5.3.2: replies given before closing the connection.
 R_TOO_MANY_CONNS = SMTPReply(421, "Too many connections, try again later", "4.7.0")
 R_TIMEOUT = SMTPReply(421, "Timeout, closing connection", "4.4.2")
+
+_DATA_END = b".\r\n"  # the end-of-data line, once a CRLF before it is checked
+
+
+def _longest_line(data: bytes) -> int:
+    """Length of the longest CRLF-terminated line in ``data``, its CRLF included."""
+    return max(map(len, data.split(b"\r\n")), default=0) + 2
 
 
 class MailflowSMTP(AuthMechanisms, SMTP):
@@ -110,11 +117,117 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         self._in_data = True
         self._reset_timeout(server.data_timeout)
         try:
-            await super().smtp_DATA(arg)
+            if self._decode_data:  # mailflow never asks for str content; keep aiosmtpd's path
+                await super().smtp_DATA(arg)
+            else:
+                await self._smtp_data_bulk(arg)
         finally:
             self._in_data = False
             if self.transport is not None:
                 self._reset_timeout(server.command_timeout)
+
+    # --- DATA, read in blocks ---------------------------------------------------------------
+
+    async def _smtp_data_bulk(self, arg: str) -> None:
+        """aiosmtpd's ``smtp_DATA`` with the message read in blocks, not line by line.
+
+        Same replies and checks as aiosmtpd 1.4 (503 without RCPT, 501 with an
+        argument, 552 past ``data_size_limit`` and 500 for a line longer than
+        ``line_length_limit``, both answered only after the whole message is read),
+        at a fraction of the cost: a 5 KB message used to take ~100 ``readuntil``
+        calls and list appends.
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            data, error = await self._read_data()
+        except asyncio.CancelledError:
+            log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        if data is None:
+            if error:
+                await self.push(error)
+            self._set_post_data_state()
+            return
+        self.envelope.content = data
+        self.envelope.original_content = data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> tuple[bytes | None, str]:
+        """Read the message up to the end-of-data line; un-dot-stuff it.
+
+        Returns ``(data, "")``, or ``(None, reply)`` when it was too large or had
+        too long a line (the rest of it is read and thrown away first, as RFC 5321
+        4.2.5 implies), or ``(None, "")`` when the connection closed.
+
+        RFC 5321 4.5.2: the data ends only at ``<CRLF>.<CRLF>`` (the CRLF ending the
+        DATA command counts, so ``.<CRLF>`` right after it is an empty message); a
+        "." after a bare CR or LF ends nothing (SMTP smuggling), and bare line ends
+        are dealt with later by :mod:`mailflow.normalize`. The reader is searched
+        for ``.<CRLF>`` and each match checked for a CRLF before it, so the data
+        is consumed in blocks and nothing after the end (pipelined commands) is.
+        """
+        reader = self._reader
+        size_limit = self.data_size_limit
+        parts: list[bytes] = []
+        size = 0  # bytes before the end line, as aiosmtpd counts them
+        tail = b"\r\n"  # the two bytes before the unread data
+        too_much = too_long = False
+        while True:
+            try:
+                chunk = await reader.readuntil(_DATA_END)
+            except asyncio.LimitOverrunError as exc:
+                # No ".<CRLF>" within the reader's limit: take what is safe to take.
+                chunk = await reader.read(exc.consumed)
+                end = False
+            except asyncio.IncompleteReadError:
+                return None, ""  # connection closed mid-message
+            else:
+                before = chunk[-5:-3] if len(chunk) >= 5 else (tail + chunk[:-3])[-2:]
+                end = before == b"\r\n"
+            if not chunk:
+                return None, ""
+            piece = chunk[:-3] if end else chunk
+            size += len(piece)
+            if not (too_much or too_long):
+                if size_limit and size > size_limit:
+                    # Decide between 552 and 500 as aiosmtpd would (first problem wins),
+                    # then keep reading but stop storing (RFC 5321 4.5.3.1.7).
+                    too_long = _longest_line(b"".join(parts)) > self.line_length_limit
+                    too_much = not too_long
+                    parts.clear()
+                else:
+                    parts.append(piece)
+            if end:
+                break
+            tail = (tail + chunk)[-2:]
+        if too_long:
+            return None, "500 Line too long (see RFC5321 4.5.3.1.6)"
+        if too_much:
+            return None, "552 Error: Too much mail data"
+        data = b"".join(parts)
+        # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
+        if len(data) >= self.line_length_limit and _longest_line(data) > self.line_length_limit:
+            return None, "500 Line too long (see RFC5321 4.5.3.1.6)"
+        # RFC 5321 4.5.2: drop the first "." of every line that starts with one.
+        if data.startswith(b"."):
+            data = data[1:]
+        if b"\r\n." in data:
+            data = data.replace(b"\r\n.", b"\r\n")
+        return data, ""
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         if command != "DATA":

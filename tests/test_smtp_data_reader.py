@@ -1,0 +1,94 @@
+"""The block-wise DATA reader (MailflowSMTP._read_data): end of data, dot-stuffing, limits.
+
+RFC 5321 4.5.2 (transparency) and 4.5.3.1.6 (line length); the end of data is only
+ever <CRLF>.<CRLF>, wherever the blocks the client wrote happen to split it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mailflow.testing import running_server
+from tests.test_smtp_badinput import RCPT, body_after_trace, session, still_works
+
+
+async def send_data(port: int, writes: list[bytes]) -> tuple[str, list[str]]:
+    """One transaction whose DATA is written as ``writes`` (with pauses); the replies."""
+    dialog = await session(port)
+    try:
+        assert (await dialog.command("MAIL FROM:<a@example.org>")).startswith("250")
+        assert (await dialog.command(f"RCPT TO:<{RCPT}>")).startswith("250")
+        assert (await dialog.command("DATA")).startswith("354")
+        for chunk in writes:
+            await dialog.write_raw(chunk)
+            await asyncio.sleep(0.01)
+        reply = await dialog.read_reply()
+        more = []
+        if writes[-1].endswith(b"QUIT\r\n"):
+            more.append(await dialog.read_reply())
+        return reply, more
+    finally:
+        await dialog.close()
+
+
+MESSAGE = b"Subject: t\r\n\r\n" + b"".join(b"line %d.\r\n" % i for i in range(300))
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 4, 5, 1000, 1001, 1002, len(MESSAGE) - 1])
+async def test_end_of_data_split_anywhere(make_config, split):
+    data = MESSAGE + b".\r\n"
+    async with running_server(make_config()) as srv:
+        reply, _ = await send_data(srv.port, [data[:split], data[split:]])
+        assert reply.startswith("250"), reply
+        [msg] = await srv.wait_delivered(RCPT)
+        assert body_after_trace(msg) == MESSAGE
+
+
+async def test_terminator_split_between_its_crlf_and_dot(make_config):
+    async with running_server(make_config()) as srv:
+        reply, _ = await send_data(srv.port, [b"Subject: t\r\n\r\nbody\r\n", b".", b"\r", b"\n"])
+        assert reply.startswith("250"), reply
+        [msg] = await srv.wait_delivered(RCPT)
+        assert body_after_trace(msg) == b"Subject: t\r\n\r\nbody\r\n"
+
+
+async def test_dot_stuffing_is_undone_once_per_line(make_config):
+    sent = b"..first\r\nSubject: t\r\n\r\n..\r\n...\r\n.x\r\nend.\r\n.. \r\n"
+    async with running_server(make_config()) as srv:
+        reply, _ = await send_data(srv.port, [sent + b".\r\n"])
+        assert reply.startswith("250"), reply
+        [msg] = await srv.wait_delivered(RCPT)
+        # No header section (first line is not a field): a blank line is added in front.
+        expected = b"\r\n.first\r\nSubject: t\r\n\r\n.\r\n..\r\nx\r\nend.\r\n. \r\n"
+        assert body_after_trace(msg) == expected
+
+
+async def test_lines_ending_in_a_dot_do_not_end_the_data(make_config):
+    sent = b"Subject: t\r\n\r\nend.\r\nx.\r\n.\r\n"
+    async with running_server(make_config()) as srv:
+        reply, more = await send_data(srv.port, [sent + b"QUIT\r\n"])
+        assert reply.startswith("250"), reply
+        assert more[0].startswith("221")  # the pipelined QUIT was left for the command loop
+        [msg] = await srv.wait_delivered(RCPT)
+        assert body_after_trace(msg) == b"Subject: t\r\n\r\nend.\r\nx.\r\n"
+
+
+async def test_too_much_data_is_read_to_the_end_then_refused(make_config):
+    config = make_config("server: {max_message_size: 3000}")
+    body = b"Subject: t\r\n\r\n" + b"x" * 70 + b"\r\n"
+    async with running_server(config) as srv:
+        reply, more = await send_data(srv.port, [body * 100 + b".\r\nQUIT\r\n"])
+        assert reply.startswith("552"), reply
+        assert more[0].startswith("221")
+        assert srv.delivered(RCPT) == []
+        await still_works(srv)
+
+
+async def test_long_line_is_refused_after_the_data(make_config):
+    async with running_server(make_config()) as srv:
+        reply, _ = await send_data(srv.port, [b"Subject: t\r\n\r\n" + b"y" * 5000 + b"\r\n.\r\n"])
+        assert reply.startswith("500"), reply
+        assert srv.delivered(RCPT) == []
+        await still_works(srv)
