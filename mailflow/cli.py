@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from pathlib import Path
@@ -18,9 +21,21 @@ from mailflow.config import Config, ConfigError, default_config_text, load_confi
 CONFIG_HELP = "Path to mailflow.yaml (default: the embedded default config)."
 
 
+_log_listener: logging.handlers.QueueListener | None = None
+
+
+def _stop_log_listener() -> None:
+    """Write out what is still queued (at exit)."""
+    global _log_listener
+    if _log_listener is not None:
+        _log_listener.stop()
+        _log_listener = None
+
+
 def setup_logging(config: Config, verbose: bool = False) -> None:
     from mailflow import msglog
 
+    global _log_listener
     level = logging.DEBUG if verbose else getattr(logging, config.log.level)
     handler: logging.Handler
     if config.log.file:
@@ -28,8 +43,17 @@ def setup_logging(config: Config, verbose: bool = False) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # The event loop only puts records on a queue; a listener thread does the writing,
+    # so a slow terminal, pipe or disk never stalls SMTP sessions.
+    if _log_listener is not None:
+        _log_listener.stop()
+    else:
+        atexit.register(_stop_log_listener)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _log_listener = logging.handlers.QueueListener(records, handler)
+    _log_listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatty logger
     msglog.configure(config.log.format == "json")
