@@ -157,7 +157,7 @@ class RelayConfig(Strict):
     mx_timeout: Duration = 60.0
     helo_name: str | None = None
     # Idle outbound connections kept per (host, port, TLS policy) for reuse.
-    pool_size: int = Field(default=4, ge=0)
+    pool_size: int = Field(default=8, ge=0)  # = queue.workers: one per concurrent delivery
     pool_idle: Duration = 5.0  # seconds an idle connection is kept before QUIT
 
     def target_names(self) -> set[str]:
