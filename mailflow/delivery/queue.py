@@ -150,9 +150,15 @@ class QueueManager:
 
     async def _run(self) -> None:
         scan = self.config.queue.scan_interval or 1.0
+        next_trigger_check = 0.0
         while not self._stopping:
-            self._check_flush_trigger()
             now = time.time()
+            # Look for `mailflow queue flush`'s trigger file once per scan interval,
+            # not on every wake-up (an enqueue wakes the loop once per message).
+            if now >= next_trigger_check:
+                self._check_flush_trigger()
+                next_trigger_check = now + scan
+                now = time.time()
             while self._heap and self._heap[0][0] <= now:
                 _, queue_id = heapq.heappop(self._heap)
                 entry = self._entries.get(queue_id)

@@ -27,19 +27,21 @@ def maildir_transport(app: App) -> Transport:
         entry: QueueEntry, message: bytes, rcpts: list[RecipientState], route: Route
     ) -> dict[str, Outcome]:
         out: dict[str, Outcome] = {}
-        for r in rcpts:
-            try:
-                path = await asyncio.to_thread(
-                    maildir.deliver, r.address, message, route.folder, route.mailbox
-                )
-                out[r.address] = Outcome(250, f"delivered to {path.parent.parent}")
-            except QuotaExceeded as exc:
+        # Every copy in one thread hop; each new/ directory is fsync'd once.
+        copies = [(r.address, route.folder, route.mailbox) for r in rcpts]
+        results = await asyncio.to_thread(maildir.deliver_many, copies, message)
+        for r, result in zip(rcpts, results, strict=True):
+            if isinstance(result, QuotaExceeded):
                 status = "4.2.2" if quota_code == 452 else "5.2.2"
-                out[r.address] = Outcome(quota_code, f"{status} {exc}")
-            except MailboxError as exc:
-                out[r.address] = Outcome(550, f"5.1.1 {exc}")
-            except OSError as exc:
-                out[r.address] = Outcome(451, f"4.3.0 local delivery failed: {exc.strerror}")
+                out[r.address] = Outcome(quota_code, f"{status} {result}")
+            elif isinstance(result, MailboxError):
+                out[r.address] = Outcome(550, f"5.1.1 {result}")
+            elif isinstance(result, OSError):
+                out[r.address] = Outcome(451, f"4.3.0 local delivery failed: {result.strerror}")
+            elif isinstance(result, Exception):
+                out[r.address] = Outcome(451, f"4.3.0 local delivery failed: {result}")
+            else:
+                out[r.address] = Outcome(250, f"delivered to {result.parent.parent}")
         return out
 
     return deliver
