@@ -33,6 +33,7 @@ def _reference_headers(block: bytes) -> dict[str, list[str]]:
     [
         "plain ascii words, x1 ab c3po 1999abc a_b_c " + "z" * 60 + "9" + "y" * 30,
         "unicode: café ÉTÉ straße ǅungla ½half ²sq x٣y ab_cd " + "é" * 40,
+        "latin-1 only: café ÉTÉ straße ½half ²sq µm ªb º1 ab_cd ÿÿ\xd7\xf7 " + "ß" * 30,
         "",
         "a b c 12 __ --",
     ],

@@ -36,6 +36,17 @@ _WORD = re.compile(r"[^\W\d_][^\W_]{1,24}")  # letters first: no bare numbers or
 # [a-z0-9]: literal ranges make the regex engine about twice as fast as Unicode
 # categories, and most mail is ASCII.
 _WORD_ASCII_LOWER = re.compile(r"[a-z][a-z0-9]{1,24}")
+
+
+def _latin1_class(category: str) -> str:
+    """The Latin-1 characters matched by a Unicode character class, as an explicit class."""
+    chars = (chr(c) for c in range(256) if re.fullmatch(category, chr(c)))
+    return "[" + "".join(map(re.escape, chars)) + "]"
+
+
+# Also for Latin-1 text (most of the rest): explicit classes derived from _WORD itself,
+# which the regex engine checks with a bitmap instead of Unicode category lookups.
+_WORD_LATIN1 = re.compile(_latin1_class(r"[^\W\d_]") + _latin1_class(r"[^\W_]") + "{1,24}")
 _MONEY = re.compile(r"[$€£]\s?\d")
 # Both patterns start with a literal, so the regex engine can skip ahead quickly; they
 # run on lower-cased text. The scheme before "://" is checked by hand (_SCHEMES).
@@ -126,14 +137,19 @@ def _words(lowered: str) -> list[str]:
     """``_WORD.findall`` of lower-cased text (the same matches, faster for ASCII)."""
     if lowered.isascii():  # O(1): CPython strings know whether they are ASCII
         return _WORD_ASCII_LOWER.findall(lowered)
-    return _WORD.findall(lowered)
+    try:
+        lowered.encode("latin-1")
+    except UnicodeEncodeError:
+        return _WORD.findall(lowered)
+    return _WORD_LATIN1.findall(lowered)
 
 
 def _text_tokens(text: str, out: set[str]) -> None:
     """Body words (no prefix), a money flag and URL domains."""
     lowered = strip_list_footer(text[:MAX_TEXT_CHARS]).lower()
     out.update(_words(lowered))
-    if _MONEY.search(lowered):
+    # Substring tests first: a scan with a leading character class is much slower.
+    if ("$" in lowered or "€" in lowered or "£" in lowered) and _MONEY.search(lowered):
         out.add("$money")
     _url_tokens(lowered, out)
 
