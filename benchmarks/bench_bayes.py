@@ -6,13 +6,18 @@
   false-positive rate and spam recall on the other 20% (``random_state=0``);
 * training speed: feature extraction + learning on that 80%, messages/s;
 * scoring speed: the plugin's own ``classify`` (features, hashing, score, top
-  tokens) on the corpus messages of 4-6 KB, one thread pinned to one core;
+  tokens) on the corpus messages of 4-6 KB, one thread pinned to one core,
+  measured in CPU time (``time.process_time``) so that time spent waiting for a
+  core another process holds is not counted: several passes, the median pass is
+  the figure checked against the target, the best and worst are shown beside it,
+  and so is the first pass (every message new to the token cache);
 * model file size (the shipped model) and the resident memory of ``mailflow
   serve`` with and without the bayes plugin enabled.
 
 Targets (from the issue): accuracy >= 99%, FPR <= 0.5%, recall >= 97%, scoring
->= 2,000 msg/s, training >= 1,000 msg/s, model file <= 20 MB. Results are
-recorded in docs/performance.md.
+>= 2,000 msg/s (median pass), training >= 1,000 msg/s, model file <= 20 MB.
+Results are recorded in docs/performance.md, with the machine description this
+script prints (CPU model, cores, load average before and after).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -42,8 +48,9 @@ from mailflow.config import load_config
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus"
 TYPICAL = (4 * 1024, 6 * 1024)  # "typical 5 KB messages"
-SCORING_SECONDS = 5.0  # keep scoring for at least this long ...
-SCORING_ROUNDS = 5  # ... and at least this many passes over the message set
+SCORING_SECONDS = 8.0  # keep scoring for at least this long ...
+SCORING_ROUNDS = 9  # ... and at least this many passes over the message set
+WARMUP_MESSAGES = 200  # messages (outside the timed set) that warm the caches first
 SERVE_TIMEOUT = 60.0
 TARGETS = {
     "accuracy": (">=", 0.99),
@@ -85,16 +92,21 @@ def accuracy_and_training(raws: list[bytes], labels: np.ndarray) -> dict[str, An
 
 def scoring(raws: list[bytes]) -> dict[str, Any]:
     typical = [r for r in raws if TYPICAL[0] <= len(r) <= TYPICAL[1]]
+    others = [r for r in raws if not TYPICAL[0] <= len(r) <= TYPICAL[1]]
     plugin = BayesPlugin(Settings(reload_interval=0))
 
     class _App:  # the one attribute mailflow_startup reads
         config = load_config(None)
 
     plugin.mailflow_startup(_App())
-    for raw in typical[:200]:  # warm the hash cache as a running server's would be
+    # Warm the caches as a running server's would be, with other messages, so the
+    # first timed pass sees every typical message for the first time.
+    for raw in others[:WARMUP_MESSAGES]:
         plugin.classify(raw)
-    # Several rounds over the set; like timeit, the best round is the estimate least
-    # disturbed by other processes on the (shared) core, and the median is shown too.
+    # Several passes over the set in CPU time: the median is the figure; the best
+    # pass (as timeit reports) and the worst show how much other processes on the
+    # shared machine disturbed it (they compete for caches and memory bandwidth,
+    # which CPU time cannot exclude).
     rates: list[float] = []
     wall_rates: list[float] = []
     start = time.perf_counter()
@@ -104,18 +116,49 @@ def scoring(raws: list[bytes]) -> dict[str, Any]:
             plugin.classify(raw)
         rates.append(len(typical) / (time.process_time() - c0))
         wall_rates.append(len(typical) / (time.perf_counter() - t0))
-    best = max(rates)
+    median = float(np.median(rates))
     return {
         "typical_messages": len(typical),
         "typical_mean_bytes": round(sum(map(len, typical)) / len(typical)),
         # CPU time is what "on one core" means; wall time also counts other
         # processes sharing the core, so it is reported beside it.
-        "scoring_msgs_per_s": round(best),
-        "scoring_msgs_per_s_median": round(float(np.median(rates))),
+        "scoring_msgs_per_s": round(median),
+        "scoring_msgs_per_s_best": round(max(rates)),
+        "scoring_msgs_per_s_worst": round(min(rates)),
+        "scoring_msgs_per_s_first_pass": round(rates[0]),
         "scoring_msgs_per_s_wall_median": round(float(np.median(wall_rates))),
-        "scoring_us_per_msg": round(1e6 / best, 1),
+        "scoring_us_per_msg_median": round(1e6 / median, 1),
         "scoring_rounds": len(rates),
     }
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on, for the docs."""
+    import sklearn
+
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scikit_learn": sklearn.__version__,
+        "command": " ".join(["python -m benchmarks.bench_bayes", *sys.argv[1:]]),
+    }
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def rss_of_serve(enable_bayes: bool) -> int:
@@ -165,6 +208,8 @@ def rss_of_serve(enable_bayes: bool) -> int:
 def check(results: dict[str, Any]) -> dict[str, bool]:
     out = {}
     for key, (op, target) in TARGETS.items():
+        if key not in results:
+            continue  # not measured in this run (--scoring-only)
         value = results[key]
         out[key] = value >= target if op == ">=" else value <= target
     return out
@@ -175,17 +220,24 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-serve", action="store_true", help="skip the serve memory test")
+    parser.add_argument(
+        "--scoring-only", action="store_true", help="only the scoring speed (no accuracy, serve)"
+    )
     args = parser.parse_args()
+    results: dict[str, Any] = machine()
+    results["load_average_before"] = load_average()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as the target says
     raws, labels = load_corpus(args.corpus)
-    results: dict[str, Any] = {"corpus": str(args.corpus), "messages": len(raws)}
-    results.update(accuracy_and_training(raws, labels))
+    results.update({"corpus": str(args.corpus), "messages": len(raws)})
+    if not args.scoring_only:
+        results.update(accuracy_and_training(raws, labels))
     results.update(scoring(raws))
     results["model_file_mb"] = round(shipped_model_path().stat().st_size / 1e6, 3)
-    if not args.no_serve:
+    if not args.no_serve and not args.scoring_only:
         results["serve_rss_mb_without_bayes"] = round(rss_of_serve(False) / 1024, 1)
         results["serve_rss_mb_with_bayes"] = round(rss_of_serve(True) / 1024, 1)
+    results["load_average_after"] = load_average()
     results["targets_met"] = check(results)
     if args.json:
         print(json.dumps(results, indent=2))
