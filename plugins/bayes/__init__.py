@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from mailflow_plugins.bayes.features import Hasher, extract_tokens
 from mailflow_plugins.bayes.model import Model, ModelError, logistic, score_from_probability
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -173,7 +172,7 @@ class BayesPlugin:
         holder.maybe_reload()
         model = holder.model
         tokens = extract_tokens(raw)
-        columns = np.asarray(self.hasher.columns(tokens), dtype=np.int64)
+        columns = self.hasher.column_array(tokens)
         log_odds = model.log_odds_of_columns(columns)
         details: dict[str, Any] = {
             "probability": round(logistic(log_odds), 6),

@@ -312,6 +312,16 @@ class Hasher:
             cache[tok] = murmurhash3_32(tok, seed, positive=True) & mask
         return list(map(lookup, tokens))
 
+    def column_array(self, tokens: list[str]) -> np.ndarray:
+        """``columns`` as an int64 array (filled straight from the cache when it can be)."""
+        cache = self._cache
+        if len(cache) <= _HASH_CACHE_MAX:
+            try:
+                return np.fromiter(map(cache.__getitem__, tokens), np.int64, len(tokens))
+            except KeyError:
+                pass
+        return np.array(self.columns(tokens), dtype=np.int64)
+
     def index(self, tokens: Iterable[str]) -> np.ndarray:
         """Sorted unique columns: a binary feature vector in sparse form."""
         return np.unique(np.asarray(self.columns(tokens), dtype=np.int64))
