@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mailflow_plugins.bayes import features
 from mailflow_plugins.bayes.features import Hasher, _words
-from mailflow_plugins.bayes.mime import parse_headers
+from mailflow_plugins.bayes.mime import parse_headers, split_entity
 from mailflow_plugins.bayes.model import Model
 from sklearn.utils import murmurhash3_32
 
@@ -85,3 +85,27 @@ def test_log_odds_of_columns_equals_log_odds_of_unique_columns():
     for _ in range(50):
         columns = rng.integers(0, 64, size=int(rng.integers(0, 30)))  # repeats likely
         assert model.log_odds_of_columns(columns) == model.log_odds(np.unique(columns))
+
+
+def _reference_split(raw: bytes) -> tuple[bytes, bytes]:
+    best, skip = -1, 0
+    for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
+        pos = raw.find(sep, 0, best if best >= 0 else len(raw))
+        if pos >= 0 and (best < 0 or pos < best):
+            best, skip = pos, len(sep)
+    return (raw, b"") if best < 0 else (raw[:best], raw[best + skip :])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"A: b\n\nbody\n\nmore", b"A: b\r\n\r\nbody", b"A: b\nno body", b"", b"\n\n", b"A: b\r\n\nx"],
+)
+def test_split_entity_matches_the_original(raw):
+    assert split_entity(raw) == _reference_split(raw)
+
+
+def test_column_array_matches_columns():
+    hasher = Hasher()
+    tokens = ["x", "y", "s:z"]
+    assert hasher.column_array(tokens).tolist() == Hasher().columns(tokens)  # misses
+    assert hasher.column_array(tokens).tolist() == Hasher().columns(tokens)  # cached
