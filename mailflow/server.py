@@ -76,10 +76,11 @@ class Server:
     async def enqueue(self, ctx: MessageContext) -> None:
         """Make the message durable before the 250: delivered, or spooled, or both.
 
-        When every route is a Maildir, all copies are delivered here, in one thread
-        hop (``deliver_many`` returns only after each file and each ``new/``
+        When every route is a Maildir, all copies are delivered here
+        (``deliver_many_async`` returns only after each file and each ``new/``
         directory is fsync'd: the same promise as the spool, one fsync'd file per
-        copy instead of three and no queue round trip). Copies that fail (quota, bad
+        copy instead of three and no queue round trip; concurrent messages share
+        one fsync round). Copies that fail (quota, bad
         folder, I/O) are spooled, so the queue applies its usual retry, 452/552 and
         bounce logic to them. Messages with any other route take the spool.
         """
@@ -105,7 +106,7 @@ class Server:
     ) -> dict[str, Route]:
         """Deliver every copy to its Maildir; return the routes of the copies that failed."""
         copies = [(rcpt, r.folder, r.mailbox) for rcpt, r in routes.items()]
-        results = await asyncio.to_thread(self.app.maildir.deliver_many, copies, ctx.raw)
+        results = await self.app.maildir.deliver_many_async(copies, ctx.raw)
         failed: dict[str, Route] = {}
         for (rcpt, route), result in zip(routes.items(), results, strict=True):
             if not isinstance(result, Path):

@@ -50,3 +50,33 @@ def test_names_sort_in_delivery_order_within_a_second(tmp_path: Path, monkeypatc
     first = md.deliver("a@example.com", b"1\r\n")
     second = md.deliver("a@example.com", b"2\r\n")
     assert sorted([second.name, first.name]) == [first.name, second.name]
+
+
+def test_a_batch_of_messages_shares_one_fsync_round(tmp_path: Path) -> None:
+    md = MaildirDelivery(MaildirConfig(root=tmp_path, quota=len(MESSAGE) * 2))
+    one = [("a@example.com", "", "")]
+    results = md.deliver_batch([(one, MESSAGE), (one, MESSAGE), (one, MESSAGE)])
+    # The quota counts the copies staged earlier in the same batch.
+    assert [type(r[0]) for r in results] == [type(tmp_path), type(tmp_path), QuotaExceeded]
+    assert len(mailbox.Maildir(tmp_path / "a@example.com", create=False)) == 2
+    assert list((tmp_path / "a@example.com" / "tmp").iterdir()) == []
+
+
+def test_async_callers_get_their_own_results(tmp_path: Path) -> None:
+    import asyncio
+
+    md = MaildirDelivery(MaildirConfig(root=tmp_path))
+
+    async def main() -> list[list[Path | Exception]]:
+        calls = [
+            md.deliver_many_async([(f"u{i}@example.com", "", "")], MESSAGE + b"%d\r\n" % i)
+            for i in range(20)
+        ]
+        return await asyncio.gather(*calls, md.deliver_many_async([("x@y", "..bad", "")], b"x"))
+
+    *good, bad = asyncio.run(main())
+    for i, [path] in enumerate(good):
+        assert isinstance(path, Path)
+        assert path.read_bytes().endswith(b"%d\r\n" % i)
+        assert path.parent.name == "new"
+    assert isinstance(bad[0], MailboxError)

@@ -6,16 +6,20 @@ fsync'd, so a delivered message survives a crash (maildir(5) delivery protocol).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mailflow.config import MaildirConfig
+from mailflow.delivery.spool import COMMIT_IDLE, _fsync_all
 
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
@@ -47,6 +51,11 @@ class MaildirDelivery:
         self.config = config
         self.root = Path(config.root)
         self._ready: set[str] = set()  # Maildirs known to have tmp/, new/ and cur/
+        # Group commit (deliver_many_async): callers queue here for the commit thread.
+        self._lock = threading.Lock()
+        self._more = threading.Condition(self._lock)
+        self._batch: list[tuple[Any, bytes, asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
+        self._committing = False
 
     def mailbox_path(self, recipient: str, mailbox: str = "") -> Path:
         local, _, domain = recipient.rpartition("@")
@@ -109,27 +118,114 @@ class MaildirDelivery:
         copy is its path, or the exception that stopped it (quota, bad folder name,
         I/O error); one failed copy does not stop the others.
         """
-        results: list[Path | Exception] = []
-        new_dirs: dict[str, list[int]] = {}  # new/ directory -> indexes of its copies
-        for recipient, folder, mailbox in copies:
+        return self.deliver_batch([(copies, data)])[0]
+
+    async def deliver_many_async(
+        self, copies: Sequence[tuple[str, str, str]], data: bytes
+    ) -> list[Path | Exception]:
+        """:meth:`deliver_many` from the event loop, with group commit.
+
+        Calls made while the commit thread is busy are delivered together by
+        :meth:`deliver_batch`: their files are fsync'd in one concurrent round and
+        each ``new/`` directory once per batch, and each event loop is woken once
+        per batch. The promise is the same: no result before the file and its
+        ``new/`` directory are fsync'd.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Path | Exception]] = loop.create_future()
+        with self._lock:
+            self._batch.append((copies, data, future, loop))
+            if self._committing:
+                self._more.notify()
+            else:
+                self._committing = True
+                threading.Thread(target=self._drain, name="maildir-commit", daemon=True).start()
+        return await future
+
+    def _drain(self) -> None:
+        """The commit thread: runs while there is work, exits after ``COMMIT_IDLE``."""
+        while True:
+            with self._lock:
+                if not self._batch:
+                    self._more.wait(COMMIT_IDLE)
+                batch, self._batch = self._batch, []
+                if not batch:
+                    self._committing = False
+                    return
+            outcome: list[list[Path | Exception]] | BaseException
             try:
-                path = self._write_copy(recipient, data, folder, mailbox)
-            except (QuotaExceeded, MailboxError, OSError) as exc:
-                results.append(exc)
-                continue
-            new_dirs.setdefault(os.path.dirname(path), []).append(len(results))
-            results.append(Path(path))
-        for new_dir, indexes in new_dirs.items():
+                outcome = self.deliver_batch([(copies, data) for copies, data, _, _ in batch])
+            except BaseException as exc:  # a bug: fail every caller, keep the thread alive
+                outcome = exc
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+            for i, (_, _, future, loop) in enumerate(batch):
+                value = outcome if isinstance(outcome, BaseException) else outcome[i]
+                by_loop.setdefault(loop, []).append((future, value))
+            for loop, pairs in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve_all, pairs)
+
+    def deliver_batch(
+        self, requests: Sequence[tuple[Sequence[tuple[str, str, str]], bytes]]
+    ) -> list[list[Path | Exception]]:
+        """Deliver several messages, each to its copies (blocking): one fsync round.
+
+        Every copy is written to ``tmp/``; all are fsync'd (concurrently, so the
+        file system can fold them into fewer journal commits); only then are they
+        renamed into ``new/``, and each ``new/`` directory is fsync'd once. A crash
+        before the renames leaves only files in ``tmp/``, which maildir readers
+        ignore. Quotas count the copies of the same batch.
+        """
+        results: list[list[Path | Exception]] = [[] for _ in requests]
+        staged: list[tuple[int, int, int, str, str, str]] = []  # req, copy, fd, tmp, final, target
+        pending: dict[str, int] = {}  # mailbox -> bytes staged in this batch (quota)
+        try:
+            for i, (copies, data) in enumerate(requests):
+                for recipient, folder, mailbox in copies:
+                    try:
+                        key = os.fspath(self.mailbox_path(recipient, mailbox))
+                        self.check_quota(recipient, len(data) + pending.get(key, 0), mailbox)
+                        fd, tmp, final = self._write_tmp(recipient, data, folder, mailbox)
+                    except (QuotaExceeded, MailboxError, OSError) as exc:
+                        results[i].append(exc)
+                        continue
+                    pending[key] = pending.get(key, 0) + len(data)
+                    staged.append((i, len(results[i]), fd, tmp, final, folder))
+                    results[i].append(_STAGED)
+            error: OSError | None = None
+            try:
+                _fsync_all([fd for _, _, fd, _, _, _ in staged])
+            except OSError as exc:
+                error = exc
+        finally:
+            for _, _, fd, _, _, _ in staged:
+                os.close(fd)
+        new_dirs: dict[str, list[tuple[int, int]]] = {}
+        for i, j, _, tmp, final, _ in staged:
+            if error is None:
+                try:
+                    self._rename(tmp, final)
+                except OSError as exc:
+                    results[i][j] = exc
+                    continue
+                new_dirs.setdefault(os.path.dirname(final), []).append((i, j))
+                results[i][j] = Path(final)
+            else:  # not on disk for sure: not delivered (the caller spools or retries it)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                results[i][j] = error
+        for new_dir, where in new_dirs.items():
             try:
                 _fsync_dir(new_dir)
             except OSError as exc:  # the renames may not survive a crash: not delivered
-                for i in indexes:
-                    results[i] = exc
+                for i, j in where:
+                    results[i][j] = exc
         return results
 
-    def _write_copy(self, recipient: str, data: bytes, folder: str, mailbox: str) -> str:
-        """Write one copy to ``tmp/``, fsync it, rename it into ``new/``; return its path."""
-        self.check_quota(recipient, len(data), mailbox)
+    def _write_tmp(
+        self, recipient: str, data: bytes, folder: str, mailbox: str
+    ) -> tuple[int, str, str]:
+        """Write one copy to ``tmp/`` (not yet fsync'd); return (fd, tmp path, final path)."""
         target = self.folder_path(recipient, folder, mailbox)
         if folder:
             self._ensure(self.mailbox_path(recipient, mailbox))
@@ -152,21 +248,22 @@ class MaildirDelivery:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        os.close(fd)
-        final = os.path.join(base, "new", unique)
+        return fd, tmp, os.path.join(base, "new", unique)
+
+    def _rename(self, tmp: str, final: str) -> None:
         try:
             os.rename(tmp, final)
         except FileNotFoundError:  # new/ vanished under us: recreate it, try once more
+            base = os.path.dirname(os.path.dirname(final))
             self._ready.discard(base)
-            self._ensure(target)
+            ensure_maildir(Path(base))
+            self._ready.add(base)
             os.rename(tmp, final)
-        return final
 
     def _ensure(self, path: Path) -> str:
         """``path`` as a string, creating tmp/new/cur the first time this process sees it.
@@ -178,6 +275,19 @@ class MaildirDelivery:
             ensure_maildir(path)
             self._ready.add(key)
         return key
+
+
+_STAGED = OSError("staged, not yet renamed")  # placeholder inside deliver_batch only
+
+
+def _resolve_all(pairs: list[tuple[Any, Any]]) -> None:
+    for future, value in pairs:
+        if future.done():  # the caller was cancelled
+            continue
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
 
 
 def _fsync_dir(path: str) -> None:

@@ -6,7 +6,6 @@ into delivered / deferred / bounced states.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from mailflow.app import App
@@ -27,9 +26,9 @@ def maildir_transport(app: App) -> Transport:
         entry: QueueEntry, message: bytes, rcpts: list[RecipientState], route: Route
     ) -> dict[str, Outcome]:
         out: dict[str, Outcome] = {}
-        # Every copy in one thread hop; each new/ directory is fsync'd once.
+        # Every copy at once (group commit with concurrent messages): each new/ fsync'd once.
         copies = [(r.address, route.folder, route.mailbox) for r in rcpts]
-        results = await asyncio.to_thread(maildir.deliver_many, copies, message)
+        results = await maildir.deliver_many_async(copies, message)
         for r, result in zip(rcpts, results, strict=True):
             if isinstance(result, QuotaExceeded):
                 status = "4.2.2" if quota_code == 452 else "5.2.2"
