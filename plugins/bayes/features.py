@@ -218,22 +218,29 @@ def _header_tokens(parsed: Parsed, out: set[str]) -> None:
     out.add("rcv:n" + bucket(len(received), 3))
     for value in received:
         rm = _RCV_FROM.match(value)
-        if rm is None:
-            continue
-        helo, comment = rm.group(1).lower(), (rm.group(2) or "").lower()
-        if helo in _LOCAL_NAMES or ("." not in helo and not helo.startswith("[")):
-            continue  # hops inside the receiving site say nothing about the sender
-        if helo.startswith("[") or _IPV4.match(helo):
-            out.add("rcv:=ip-helo")
-        if "unknown" in comment:
-            out.add("rcv:=unknown")
-        words = comment.split()
-        reverse = words[0] if words and not words[0].startswith("[") else ""
-        if reverse and _DYNAMIC.search(reverse):
-            out.add("rcv:=dynamic")
-        tld = (reverse or helo).rstrip(".").rsplit(".", 1)[-1]
-        if tld.isalpha() and 2 <= len(tld) <= 6:
-            out.add("rcv:tld:" + tld)
+        if rm is not None:
+            out.update(_hop_tokens(rm.group(1), rm.group(2)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hop_tokens(helo: str, comment: str | None) -> tuple[str, ...]:
+    """Tokens of one "Received: from HELO (COMMENT)" hop (cached: relays repeat)."""
+    helo, comment = helo.lower(), (comment or "").lower()
+    if helo in _LOCAL_NAMES or ("." not in helo and not helo.startswith("[")):
+        return ()  # hops inside the receiving site say nothing about the sender
+    out = []
+    if helo.startswith("[") or _IPV4.match(helo):
+        out.append("rcv:=ip-helo")
+    if "unknown" in comment:
+        out.append("rcv:=unknown")
+    words = comment.split()
+    reverse = words[0] if words and not words[0].startswith("[") else ""
+    if reverse and _DYNAMIC.search(reverse):
+        out.append("rcv:=dynamic")
+    tld = (reverse or helo).rstrip(".").rsplit(".", 1)[-1]
+    if tld.isalpha() and 2 <= len(tld) <= 6:
+        out.append("rcv:tld:" + tld)
+    return tuple(out)
 
 
 def extract_tokens(raw: bytes) -> list[str]:

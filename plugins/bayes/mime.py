@@ -203,6 +203,8 @@ def decode_charset(data: bytes, charset: str) -> str:
 def decode_words(value: str) -> str:
     """Decode RFC 2047 encoded words (``=?charset?B?...?=``); plain values pass through."""
     if "=?" not in value:
+        if value.isascii():  # O(1); ASCII decodes to itself
+            return value
         return decode_charset(value.encode("utf-8", "surrogateescape"), "utf-8")
     try:
         pieces = email.header.decode_header(value)
