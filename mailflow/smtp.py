@@ -332,8 +332,21 @@ class Handler:
         )
         if rcpt:
             value += f" for <{_sanitize(rcpt)}>"
-        value += "; " + email.utils.formatdate(localtime=True)
+        value += "; " + _date_now()
         return format_header("Received", value)
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_now() -> str:
+    """RFC 5322 3.3 date-time of now, local time; formatted once per second (formatdate costs ~9 us)."""
+    global _date_cache
+    now = time.time()
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, email.utils.formatdate(second, localtime=True))
+    return _date_cache[1]
 
 
 def _address_ok(address: str) -> bool:
