@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -70,20 +71,29 @@ class Metrics:
             "mailflow_queue_messages", "Messages in the delivery queue", registry=r
         )
         self.connections = Gauge("mailflow_smtp_connections", "Open SMTP connections", registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def observe_message(self, ctx: MessageContext, elapsed_s: float) -> None:
         action = ctx.action.value if ctx.action.value != "continue" else "accept"
-        self.messages.labels(action).inc()
+        self._child(self.messages, action).inc()
         self.message_size.observe(ctx.size)
         self.message_time.observe(elapsed_s)
         self.spam_score.observe(ctx.score)
         for run in ctx.runs:
-            self.plugin_time.labels(run.plugin, run.stage).observe(run.elapsed_ms / 1000)
+            self._child(self.plugin_time, run.plugin, run.stage).observe(run.elapsed_ms / 1000)
             if run.error:
-                self.plugin_errors.labels(run.plugin).inc()
+                self._child(self.plugin_errors, run.plugin).inc()
 
     def observe_delivery(self, outcome: str, route: str) -> None:
-        self.deliveries.labels(outcome, route).inc()
+        self._child(self.deliveries, outcome, route).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered (prometheus_client re-validates each call)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
