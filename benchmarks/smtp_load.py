@@ -94,10 +94,10 @@ def measure(
     )
     if before is not None:
         drain = wait_drained(target, drain_timeout)
+        total = time.perf_counter() - started
         after = target.delivered()
         row.delivered = (after or 0) - before
         if drain is not None:
-            total = time.perf_counter() - started
             row.drain_s = round(drain, 2)
             row.e2e_rate = round(row.delivered / total, 1) if total > 0 else None
     cpu_after = target.cpu()

@@ -26,6 +26,7 @@ import yaml
 START_TIMEOUT = 30.0  # seconds for a server to print its port
 STOP_TIMEOUT = 15.0  # seconds for a server to exit after SIGTERM
 POLL = 0.02  # seconds between file-system polls
+LOG_LAG = 0.2  # seconds for mailflow's log writer (50 ms poll) to catch up before counting
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SINK_BACKLOG = 256
 REPO = Path(__file__).resolve().parent.parent
@@ -321,6 +322,8 @@ class MailflowTarget(Target):
         # The relay sink only reports at session end; count mailflow's own records.
         if self.log_level != "INFO":
             return None  # delivery lines are logged at INFO only
+        # mailflow's log writer thread writes records up to 50 ms late (mailflow/cli.py).
+        time.sleep(LOG_LAG)
         return self.process.output().count("route=relay status=delivered")
 
     def output(self) -> str:
