@@ -109,3 +109,29 @@ def test_column_array_matches_columns():
     tokens = ["x", "y", "s:z"]
     assert hasher.column_array(tokens).tolist() == Hasher().columns(tokens)  # misses
     assert hasher.column_array(tokens).tolist() == Hasher().columns(tokens)  # cached
+
+
+def test_hash_cache_stays_bounded_and_correct_under_threads(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(features, "_HASH_CACHE_MAX", 50)
+    hasher = Hasher(n_features=2**12)
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(300):
+                tokens = [f"t{k}-{i}-{j}" for j in range(20)] + ["shared", "s:common"]
+                expected = [murmurhash3_32(t, 0, positive=True) & (2**12 - 1) for t in tokens]
+                assert hasher.columns(tokens) == expected
+                assert hasher.column_array(tokens).tolist() == expected
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(hasher._cache) <= 50 + 4 * 22

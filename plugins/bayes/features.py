@@ -307,7 +307,10 @@ class Hasher:
         """The column of each token, in order (duplicates kept)."""
         cache = self._cache
         if len(cache) > _HASH_CACHE_MAX:
-            cache.clear()  # cheap bound on memory; hot tokens come back at once
+            # A cheap bound on memory (hot tokens come back at once). A new dict rather
+            # than clear(): a thread still using the old one (large messages are scored
+            # in worker threads) must not lose entries it has just added.
+            cache = self._cache = {}
         tokens = tokens if isinstance(tokens, list) else list(tokens)
         lookup = cache.__getitem__
         try:
