@@ -1,0 +1,85 @@
+"""message.fast_mime_tree builds the same compat32 tree as the stdlib parser, or declines."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import Message
+
+import pytest
+
+from benchmarks.sample import message_template
+from mailflow.message import fast_mime_tree
+
+
+def assert_same(ours: Message, theirs: Message, path: str = "root") -> None:
+    for attr in ("_headers", "_unixfrom", "preamble", "epilogue", "_default_type", "_charset"):
+        assert getattr(ours, attr) == getattr(theirs, attr), f"{path}.{attr}"
+    assert theirs.defects == [] and ours.defects == []
+    a, b = ours.get_payload(), theirs.get_payload()
+    if isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def stdlib(raw: bytes) -> Message:
+    return email.message_from_bytes(raw, policy=email.policy.compat32)
+
+
+NESTED = (
+    b"From: a@example.org\r\nSubject: nested\r\n  folded\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="outer"\r\n\r\n'
+    b"preamble line\r\n\r\n--outer\r\n"
+    b'Content-Type: multipart/alternative; boundary="inner"\r\n\r\n'
+    b"--inner\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nplain\r\n\r\n"
+    b"--inner  \r\nContent-Type: text/html\r\n\r\n<p>html</p>\r\n--inner--\r\n"
+    b"inner epilogue\r\n\r\n--outer\r\nContent-Type: application/octet-stream\r\n"
+    b'Content-Disposition: attachment; filename="a.bin"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n--outer--\r\nepilogue\r\n"
+)
+
+CASES = [
+    b"Subject: plain\r\n\r\nbody\r\n",
+    b"Subject: no final newline\r\n\r\nbody",
+    b"Subject: t\r\nX-Empty:\r\nX-Spaces:   v  \r\n\r\n\r\nbody after blank\r\n",
+    NESTED,
+    NESTED.replace(b"preamble line\r\n\r\n", b""),
+    NESTED.replace(b"--outer--\r\nepilogue\r\n", b"--outer--"),
+]
+
+
+@pytest.mark.parametrize("raw", CASES)
+def test_same_tree_as_the_stdlib(raw):
+    ours = fast_mime_tree(raw)
+    assert ours is not None
+    assert_same(ours, stdlib(raw))
+
+
+def test_benchmark_message():
+    raw = message_template()
+    ours = fast_mime_tree(raw)
+    assert ours is not None
+    assert_same(ours, stdlib(raw))
+
+
+DECLINED = [
+    b"From someone Mon Jan 1 00:00:00 2024\r\nSubject: mbox\r\n\r\nx\r\n",  # envelope line
+    b"Subject: bare\nlf\r\n\r\nx\r\n",  # bare LF
+    b" continuation first\r\nSubject: x\r\n\r\nbody\r\n",
+    b"Subject: x\r\nnot a header line\r\n\r\nbody\r\n",
+    b"\r\nno headers\r\n",
+    b"Subject: only headers\r\n",
+    b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",  # no boundary parameter
+    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n\r\nx\r\n',  # no close
+    b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n--b\r\nA: b\r\n\r\nx\r\n--b--\r\n',
+    b'Content-Type: multipart/digest; boundary="b"\r\n\r\n--b\r\nA: b\r\n\r\nx\r\n--b--\r\n',
+    b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nx\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", DECLINED)
+def test_unusual_messages_go_to_the_stdlib_parser(raw):
+    assert fast_mime_tree(raw) is None
