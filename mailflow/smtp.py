@@ -340,7 +340,7 @@ _date_cache: tuple[int, str] = (0, "")
 
 
 def _date_now() -> str:
-    """RFC 5322 3.3 date-time of now, local time; formatted once per second (formatdate costs ~9 us)."""
+    """RFC 5322 3.3 date-time of now, local time, formatted once per second (~9 us each)."""
     global _date_cache
     now = time.time()
     second = int(now)
