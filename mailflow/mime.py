@@ -81,7 +81,13 @@ def parts(ctx: MessageContext) -> list[Part]:
     for part in ctx.message.walk():
         if part.is_multipart():
             continue
-        filename = part.get_filename() or ""
+        # Parsing header parameters is the costly part; most parts (body text) have no
+        # file name, and one can only be there if a header mentions "name".
+        maybe_named = (
+            "name" in str(part.get("Content-Disposition", "")).lower()
+            or "name" in str(part.get("Content-Type", "")).lower()
+        )
+        filename = (part.get_filename() or "") if maybe_named else ""
         raw = part.get_payload()
         size = len(raw) if isinstance(raw, str | bytes) else 0
         out.append(
