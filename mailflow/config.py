@@ -620,15 +620,19 @@ def default_config_text() -> str:
     return importlib.resources.files("mailflow").joinpath("default.yaml").read_text("utf-8")
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Load ``path``, or the embedded default when ``path`` is None."""
-    if path is None:
-        return parse_config(default_config_text(), DEFAULT_CONFIG_NAME)
+def read_text_file(path: str | Path) -> str:
+    """A config-like file's text; unreadable or non-UTF-8 files are a ConfigError."""
     p = Path(path)
     try:
-        text = p.read_text("utf-8")
+        return p.read_text("utf-8")
     except OSError as exc:
         raise ConfigError([ConfigIssue(str(p), "", None, f"cannot read: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigError([ConfigIssue(str(p), "", None, "not UTF-8 text")]) from None
-    return parse_config(text, str(p))
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load ``path``, or the embedded default when ``path`` is None."""
+    if path is None:
+        return parse_config(default_config_text(), DEFAULT_CONFIG_NAME)
+    return parse_config(read_text_file(path), str(path))

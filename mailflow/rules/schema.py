@@ -19,12 +19,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mailflow.config import (
-    ConfigError,
-    ConfigIssue,
     Size,
     check_networks,
     first_repeated,
     load_yaml,
+    read_text_file,
     validate_model,
 )
 
@@ -170,14 +169,7 @@ def parse_rules(text: str, filename: str) -> RuleSet:
 
 def load_rules(path: str | Path) -> RuleSet:
     """Load one rule file; :class:`ConfigError` names the file, key path and line."""
-    p = Path(path)
-    try:
-        text = p.read_text("utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(str(p), "", None, f"cannot read: {exc.strerror}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigIssue(str(p), "", None, "not UTF-8 text")]) from None
-    return parse_rules(text, str(p))
+    return parse_rules(read_text_file(path), str(path))
 
 
 def rules_from_data(data: Any, source: str) -> RuleSet:
