@@ -41,15 +41,15 @@ async def test_store_reports_failure_to_every_waiter(tmp_path: Path) -> None:
 
 
 async def test_commit_thread_is_reused_then_exits(tmp_path: Path, monkeypatch) -> None:
-    import mailflow.delivery.spool as spool_module
+    import mailflow.delivery.durable as durable
 
-    monkeypatch.setattr(spool_module, "COMMIT_IDLE", 0.05)
+    monkeypatch.setattr(durable, "COMMIT_IDLE", 0.05)
     spool = Spool(tmp_path)
     for i in range(3):
         await spool.store(_entry(i), b"x\r\n")
-    assert spool._committing  # still waiting for more work
+    assert spool._committer._running  # still waiting for more work
     await asyncio.sleep(0.3)
-    assert not spool._committing
+    assert not spool._committer._running
 
 
 def test_update_replaces_metadata(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_update_replaces_metadata(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("count", [1, 2, 9])
 def test_write_files_fsyncs_and_renames(tmp_path: Path, count: int) -> None:
-    from mailflow.delivery.spool import _write_files
+    from mailflow.delivery.durable import write_files as _write_files
 
     items = [(str(tmp_path / f"f{i}"), b"%d" % i) for i in range(count)]
     _write_files(items)
@@ -74,7 +74,7 @@ def test_failed_fsync_renames_nothing_and_raises(tmp_path: Path, monkeypatch) ->
     import os
     import threading
 
-    from mailflow.delivery import spool as spool_module
+    from mailflow.delivery import durable
 
     real_fsync = os.fsync
     calls = 0
@@ -89,8 +89,8 @@ def test_failed_fsync_renames_nothing_and_raises(tmp_path: Path, monkeypatch) ->
             raise OSError(5, "Input/output error")
         real_fsync(fd)
 
-    monkeypatch.setattr(spool_module.os, "fsync", flaky_fsync)
+    monkeypatch.setattr(durable.os, "fsync", flaky_fsync)
     items = [(str(tmp_path / f"f{i}"), b"x") for i in range(6)]
     with pytest.raises(OSError):
-        spool_module._write_files(items)
+        durable.write_files(items)
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]

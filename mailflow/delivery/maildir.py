@@ -6,20 +6,17 @@ fsync'd, so a delivered message survives a crash (maildir(5) delivery protocol).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import os
 import re
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from mailflow.config import MaildirConfig
-from mailflow.delivery.spool import COMMIT_IDLE, _fsync_all
+from mailflow.delivery.durable import GroupCommitter, fsync_all, fsync_dir
 
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
@@ -46,16 +43,19 @@ def safe_mailbox_name(recipient: str) -> str:
     return name[:255]
 
 
+# (copies as (recipient, folder, mailbox), message bytes): one message's local delivery.
+_Request = tuple[Sequence[tuple[str, str, str]], bytes]
+
+
 class MaildirDelivery:
     def __init__(self, config: MaildirConfig) -> None:
         self.config = config
         self.root = Path(config.root)
         self._ready: set[str] = set()  # Maildirs known to have tmp/, new/ and cur/
-        # Group commit (deliver_many_async): callers queue here for the commit thread.
-        self._lock = threading.Lock()
-        self._more = threading.Condition(self._lock)
-        self._batch: list[tuple[Any, bytes, asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
-        self._committing = False
+        # Group commit for deliver_many_async: concurrent messages share one fsync round.
+        self._committer: GroupCommitter[_Request, list[Path | Exception]] = GroupCommitter(
+            self.deliver_batch, "maildir-commit"
+        )
 
     def mailbox_path(self, recipient: str, mailbox: str = "") -> Path:
         local, _, domain = recipient.rpartition("@")
@@ -131,39 +131,7 @@ class MaildirDelivery:
         per batch. The promise is the same: no result before the file and its
         ``new/`` directory are fsync'd.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Path | Exception]] = loop.create_future()
-        with self._lock:
-            self._batch.append((copies, data, future, loop))
-            if self._committing:
-                self._more.notify()
-            else:
-                self._committing = True
-                threading.Thread(target=self._drain, name="maildir-commit", daemon=True).start()
-        return await future
-
-    def _drain(self) -> None:
-        """The commit thread: runs while there is work, exits after ``COMMIT_IDLE``."""
-        while True:
-            with self._lock:
-                if not self._batch:
-                    self._more.wait(COMMIT_IDLE)
-                batch, self._batch = self._batch, []
-                if not batch:
-                    self._committing = False
-                    return
-            outcome: list[list[Path | Exception]] | BaseException
-            try:
-                outcome = self.deliver_batch([(copies, data) for copies, data, _, _ in batch])
-            except BaseException as exc:  # a bug: fail every caller, keep the thread alive
-                outcome = exc
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
-            for i, (_, _, future, loop) in enumerate(batch):
-                value = outcome if isinstance(outcome, BaseException) else outcome[i]
-                by_loop.setdefault(loop, []).append((future, value))
-            for loop, pairs in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_resolve_all, pairs)
+        return await self._committer.submit((copies, data))
 
     def deliver_batch(
         self, requests: Sequence[tuple[Sequence[tuple[str, str, str]], bytes]]
@@ -194,7 +162,7 @@ class MaildirDelivery:
                     results[i].append(_STAGED)
             error: OSError | None = None
             try:
-                _fsync_all([fd for _, _, fd, _, _, _ in staged])
+                fsync_all([fd for _, _, fd, _, _, _ in staged])
             except OSError as exc:
                 error = exc
         finally:
@@ -216,7 +184,7 @@ class MaildirDelivery:
                 results[i][j] = error
         for new_dir, where in new_dirs.items():
             try:
-                _fsync_dir(new_dir)
+                fsync_dir(new_dir)
             except OSError as exc:  # the renames may not survive a crash: not delivered
                 for i, j in where:
                     results[i][j] = exc
@@ -278,24 +246,6 @@ class MaildirDelivery:
 
 
 _STAGED = OSError("staged, not yet renamed")  # placeholder inside deliver_batch only
-
-
-def _resolve_all(pairs: list[tuple[Any, Any]]) -> None:
-    for future, value in pairs:
-        if future.done():  # the caller was cancelled
-            continue
-        if isinstance(value, BaseException):
-            future.set_exception(value)
-        else:
-            future.set_result(value)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def ensure_maildir(path: Path) -> None:
