@@ -9,7 +9,7 @@ from mailflow.app import App
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
-from mailflow.smtp import in_networks, relay_refusal
+from mailflow.policy import in_networks, relay_refusal
 from mailflow.verdict import Action, Mutation, SMTPReply
 
 

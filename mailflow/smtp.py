@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import ipaddress
 import logging
 import re
 import ssl
@@ -25,22 +24,20 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from mailflow.app import App
-from mailflow.config import Config, parse_listen
+from mailflow.config import parse_listen
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
 from mailflow.msglog import log_message
 from mailflow.normalize import BareNewlineError, normalize_newlines
+from mailflow.policy import in_networks, is_local_recipient, relay_refusal
 from mailflow.quarantine import Quarantine
 from mailflow.smtp_session import MailflowSMTP
 from mailflow.verdict import Action, Mutation, Result, SMTPReply
 
 log = logging.getLogger("mailflow.smtp")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # RFC 5321 4.2 replies used by the front end.
-R_RELAY_DENIED = SMTPReply(554, "Relay access denied", "5.7.1")
-R_NO_ROUTE = SMTPReply(550, "No route to this domain", "5.1.2")
 R_TOO_MANY_RCPTS = SMTPReply(452, "Too many recipients", "4.5.3")
 R_LOOP = SMTPReply(554, "Too many Received headers: mail loop?", "5.4.6")
 R_BARE_NEWLINE = SMTPReply(
@@ -370,38 +367,6 @@ def _count_received(raw: bytes) -> int:
 
 
 # --- relay control (pure functions, shared with `mailflow check`) -----------------------------
-
-
-def in_networks(ip: str, networks: list[IPNetwork]) -> bool:
-    """Is ``ip`` in one of ``networks``? IPv4-mapped IPv6 (RFC 4291 2.5.5.2) counts as IPv4."""
-    try:
-        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks)
-
-
-def is_local_recipient(config: Config, address: str) -> bool:
-    """A recipient we accept from anyone: a local domain, or bare postmaster (RFC 5321 4.5.1)."""
-    return address.lower() == "postmaster" or config.is_local_domain(address.rpartition("@")[2])
-
-
-def relay_refusal(config: Config, conn: Connection, address: str) -> SMTPReply | None:
-    """The answer refusing ``address`` at RCPT, or None when relay control allows it.
-
-    No open relay (RFC 5321 7.1): a non-local recipient needs a trusted client
-    (SMTP AUTH or ``relay_networks``) and a route other than "none".
-    """
-    if is_local_recipient(config, address):
-        return None
-    if not conn.trusted:
-        return R_RELAY_DENIED
-    domain = address.rpartition("@")[2].lower()
-    if config.relay.routes.get(domain, config.relay.default) == "none":
-        return R_NO_ROUTE
-    return None
 
 
 # --- servers -------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import pytest
 
 from mailflow.app import App
 from mailflow.message import Connection
-from mailflow.smtp import Handler, relay_refusal
+from mailflow.policy import relay_refusal
+from mailflow.smtp import Handler
 from mailflow.testing import SMTPDialog, make_message, running_server, send
 from tests.smtp_support import needs_ipv6
 

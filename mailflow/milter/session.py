@@ -29,7 +29,7 @@ from mailflow.message import Connection, Envelope, MessageContext, PluginRun
 from mailflow.milter import protocol as p
 from mailflow.milter.diff import Field, Snapshot, all_edits, field_from_milter, parse_fields
 from mailflow.msglog import log_message
-from mailflow.smtp import in_networks
+from mailflow.policy import in_networks
 from mailflow.verdict import Action, Mutation, Result, SMTPReply
 
 log = logging.getLogger("mailflow.milter")

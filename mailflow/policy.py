@@ -1,0 +1,50 @@
+"""Relay control: who may send to which recipients (no open relay).
+
+Pure functions of the config and the client, shared by every front end (SMTP,
+``mailflow check``) so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from mailflow.config import Config
+from mailflow.message import Connection
+from mailflow.verdict import SMTPReply
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+R_RELAY_DENIED = SMTPReply(554, "Relay access denied", "5.7.1")
+R_NO_ROUTE = SMTPReply(550, "No route to this domain", "5.1.2")
+
+
+def in_networks(ip: str, networks: list[IPNetwork]) -> bool:
+    """Is ``ip`` in one of ``networks``? IPv4-mapped IPv6 (RFC 4291 2.5.5.2) counts as IPv4."""
+    try:
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+def is_local_recipient(config: Config, address: str) -> bool:
+    """A recipient we accept from anyone: a local domain, or bare postmaster (RFC 5321 4.5.1)."""
+    return address.lower() == "postmaster" or config.is_local_domain(address.rpartition("@")[2])
+
+
+def relay_refusal(config: Config, conn: Connection, address: str) -> SMTPReply | None:
+    """The answer refusing ``address`` at RCPT, or None when relay control allows it.
+
+    No open relay (RFC 5321 7.1): a non-local recipient needs a trusted client
+    (SMTP AUTH or ``relay_networks``) and a route other than "none".
+    """
+    if is_local_recipient(config, address):
+        return None
+    if not conn.trusted:
+        return R_RELAY_DENIED
+    domain = address.rpartition("@")[2].lower()
+    if config.relay.routes.get(domain, config.relay.default) == "none":
+        return R_NO_ROUTE
+    return None
