@@ -445,6 +445,106 @@ def queue_delete(queue_ids: tuple[str, ...], config_path: str | None) -> None:
     sys.exit(1 if missing else 0)
 
 
+# --- quarantine ----------------------------------------------------------------------------
+
+
+@main.group("quarantine")
+def quarantine_group() -> None:
+    """Review quarantined messages: list, show, release into delivery, delete."""
+
+
+def _quarantine(config_path: str | None) -> tuple[Config, Any]:
+    from mailflow.quarantine import Quarantine
+
+    config = load_or_exit(config_path)
+    return config, Quarantine(Path(config.quarantine.directory))
+
+
+@quarantine_group.command("list")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def quarantine_list(config_path: str | None, as_json: bool) -> None:
+    """List quarantined messages, oldest first."""
+    _, quarantine = _quarantine(config_path)
+    rows = quarantine.list()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("quarantine is empty")
+        return
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.get("received_at") or 0))
+        rcpts = ",".join(f"<{r}>" for r in row.get("recipients") or [])
+        click.echo(
+            f"{row['id']}  {when}  score={row.get('score', 0):.2f}  "
+            f"<{row.get('sender', '')}> -> {rcpts}  {row.get('reason') or ''}"
+        )
+    click.echo(f"{len(rows)} message(s)")
+
+
+@quarantine_group.command("show")
+@click.argument("queue_id")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--body", is_flag=True, help="Also print the message.")
+def quarantine_show(queue_id: str, config_path: str | None, body: bool) -> None:
+    """Show why a message was quarantined (and optionally the message)."""
+    from mailflow.quarantine import NotQuarantined
+
+    _, quarantine = _quarantine(config_path)
+    try:
+        click.echo(json.dumps(quarantine.load(queue_id), indent=2))
+        if body:
+            click.echo(quarantine.read_message(queue_id).decode("utf-8", "replace"))
+    except NotQuarantined:
+        click.echo(f"mailflow: no quarantined message {queue_id}", err=True)
+        sys.exit(1)
+
+
+@quarantine_group.command("release")
+@click.argument("queue_ids", nargs=-1, required=True)
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def quarantine_release(queue_ids: tuple[str, ...], config_path: str | None) -> None:
+    """Deliver quarantined messages to their recipients (the running server sends them)."""
+    from mailflow.delivery.queue import FLUSH_TRIGGER
+    from mailflow.delivery.spool import Spool
+    from mailflow.quarantine import NotQuarantined
+
+    config, quarantine = _quarantine(config_path)
+    spool = Spool(Path(config.queue.directory))
+    missing = 0
+    for queue_id in queue_ids:
+        try:
+            entry = quarantine.release(queue_id, config, spool)
+        except NotQuarantined:
+            click.echo(f"mailflow: no quarantined message {queue_id}", err=True)
+            missing += 1
+            continue
+        click.echo(f"released {queue_id} to {', '.join(r.address for r in entry.recipients)}")
+    (spool.root / FLUSH_TRIGGER).touch()  # a running server picks the entries up now
+    sys.exit(1 if missing else 0)
+
+
+@quarantine_group.command("delete")
+@click.argument("queue_ids", nargs=-1, required=True)
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def quarantine_delete(queue_ids: tuple[str, ...], config_path: str | None) -> None:
+    """Delete quarantined messages for good."""
+    from mailflow.quarantine import NotQuarantined
+
+    _, quarantine = _quarantine(config_path)
+    missing = 0
+    for queue_id in queue_ids:
+        try:
+            quarantine.delete(queue_id)
+        except NotQuarantined:
+            click.echo(f"mailflow: no quarantined message {queue_id}", err=True)
+            missing += 1
+            continue
+        click.echo(f"deleted {queue_id}")
+    sys.exit(1 if missing else 0)
+
+
 # --- plugins -------------------------------------------------------------------------------
 
 
