@@ -55,9 +55,11 @@ class BayesSettings(BaseModel):
     )  # seconds between mtime checks; 0: never reload
     score_header: str = "X-Spam-Score"
     status_header: str = "X-Spam-Status"
-    # Probability at which X-Spam-Status says "Yes" (the tag). The plugin's own actions
-    # below are off by default: the central `actions` thresholds decide from the score.
-    spam_threshold: Probability = Field(default=0.5, ge=0, le=1)
+    # Probability at which X-Spam-Status says "Yes" (the tag). 0.9 is score 8, where the
+    # embedded default's `actions.junk` files mail into .Junk, so the header agrees with
+    # what happened to the message. The plugin's own actions below are off by default:
+    # the central `actions` thresholds decide from the score.
+    spam_threshold: Probability = Field(default=0.9, ge=0, le=1)
     junk: Probability | None = Field(default=None, ge=0, le=1)
     quarantine: Probability | None = Field(default=None, ge=0, le=1)
     reject: Probability | None = Field(default=None, ge=0, le=1)
