@@ -52,8 +52,9 @@ def make_message(
 def config_for(tmp_path: Path, yaml_text: str = "") -> Config:
     """Parse ``yaml_text`` (may be empty) with listen/maildir/spool/quarantine under tmp_path.
 
-    Keys given in ``yaml_text`` win; the top-level sections given there replace the
-    defaults below wholesale, so repeat listen/dirs when overriding ``server`` etc.
+    Keys given in ``yaml_text`` win; sections are merged key by key, so overriding
+    e.g. ``server: {max_message_size: 3000}`` keeps the test listener on port 0 and
+    the temp directories (lists, such as ``plugins``, are replaced whole).
     """
     base = textwrap.dedent(f"""\
         server:
@@ -71,9 +72,18 @@ def config_for(tmp_path: Path, yaml_text: str = "") -> Config:
         """)
     import yaml
 
-    merged: dict[str, Any] = yaml.safe_load(base)
-    merged.update(yaml.safe_load(textwrap.dedent(yaml_text)) or {})
+    merged = _deep_merge(yaml.safe_load(base), yaml.safe_load(textwrap.dedent(yaml_text)) or {})
     return parse_config(yaml.safe_dump(merged), "test.yaml")
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass
