@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import email
 import json
-import os
 import smtplib
 import subprocess
 import textwrap
@@ -38,18 +37,12 @@ from tests.postfix_instance import (
     PostfixInstance,
     create_instance,
     destroy,
-    postfix_available,
+    require_postfix,
 )
 
 pytestmark = [pytest.mark.postfix, pytest.mark.slow]
 
-if not postfix_available():
-    if os.environ.get("CI"):
-        pytest.fail(
-            "CI must run the Postfix tests: install the postfix package (.ci/run does)",
-            pytrace=False,
-        )
-    pytest.skip("needs Debian's postfix package and root", allow_module_level=True)
+require_postfix()
 
 BOB = f"bob@{VIRTUAL_DOMAIN}"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import email
-import os
 import smtplib
 
 import pytest
@@ -21,18 +20,12 @@ from tests.postfix_instance import (
     PostfixInstance,
     create_instance,
     destroy,
-    postfix_available,
+    require_postfix,
 )
 
 pytestmark = [pytest.mark.postfix, pytest.mark.slow]
 
-if not postfix_available():
-    if os.environ.get("CI"):
-        pytest.fail(
-            "CI must run the Postfix tests: install the postfix package (.ci/run does)",
-            pytrace=False,
-        )
-    pytest.skip("needs Debian's postfix package and root", allow_module_level=True)
+require_postfix()
 
 
 async def _wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
