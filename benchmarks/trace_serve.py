@@ -1,0 +1,79 @@
+"""Run one mailflow target under load with a tracer attached to ``serve``.
+
+    python -m benchmarks.trace_serve maildir                      # strace -c summary
+    python -m benchmarks.trace_serve relay --plugins auto --tracer "perf stat -p"
+    python -m benchmarks.trace_serve maildir --tracer "perf record -g -o perf.data -p"
+
+The tracer command gets the server's pid appended; it is stopped with SIGINT
+after the load, so summaries (``strace -c``, ``perf stat``) are printed or
+written where its own options say. Also prints the server's user and system CPU
+time per message, which ``smtp_load`` only reports as a sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.sample import MessageFactory
+from benchmarks.smtp_client import run_load
+from benchmarks.smtp_load import select_plugins
+from benchmarks.targets import LOCAL_DOMAIN, RELAY_DOMAIN, MailflowTarget, Sink
+
+SETTLE = 1.0  # seconds for the tracer to attach before the load starts
+
+
+def user_sys_seconds(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["maildir", "relay"])
+    parser.add_argument("--plugins", default="none")
+    parser.add_argument("-n", type=int, default=1000)
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--tracer", default="strace -f -c -p", help="command; pid appended")
+    parser.add_argument("--what-if", action="append", default=[])
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="mailflow-trace-"))
+    sink = Sink(workdir) if args.mode == "relay" else None
+    plugins = select_plugins(args.plugins) if args.plugins != "none" else None
+    target = MailflowTarget(workdir, args.mode, plugins, sink=sink, what_ifs=args.what_if)
+    target.start()
+    assert target.process is not None
+    pid = target.process.proc.pid
+    tracer = subprocess.Popen([*args.tracer.split(), str(pid)]) if args.tracer else None
+    time.sleep(SETTLE)
+    rcpt = f"user@{LOCAL_DOMAIN if args.mode == 'maildir' else RELAY_DOMAIN}"
+    factory = MessageFactory()
+    before = user_sys_seconds(pid)
+    result = asyncio.run(
+        run_load(
+            "127.0.0.1", target.port, args.n, args.k, factory.payload, lambda i: ("s@x.org", [rcpt])
+        )
+    )
+    while target.queued():
+        time.sleep(0.02)
+    after = user_sys_seconds(pid)
+    if tracer is not None:
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait()
+    target.stop()
+    user, system = (after[i] - before[i] for i in (0, 1))
+    print(
+        f"{args.n} messages, {result.sent} accepted: "
+        f"user {user / args.n * 1000:.3f} ms/msg, sys {system / args.n * 1000:.3f} ms/msg"
+    )
+
+
+if __name__ == "__main__":
+    main()
