@@ -12,7 +12,7 @@ import importlib.metadata
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,37 @@ class _Impl:
     function: Callable[..., Any]
     argnames: tuple[str, ...]
     entry: PluginEntry
+
+
+class _Resumed:
+    """Awaiting this continues a coroutine whose first step has already run.
+
+    ``pending`` is what that step yielded (the future it waits for); it is passed up
+    to the running task, and from then on the task drives the coroutine exactly as
+    ``await coroutine`` would: results are sent in, cancellation is thrown in.
+    """
+
+    __slots__ = ("_coro", "_pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
+        self._coro = coro
+        self._pending = pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, pending = self._coro, self._pending
+        while True:
+            try:
+                sent = yield pending
+            except BaseException as exc:  # e.g. CancelledError from the timeout
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    pending = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
 
 
 class Pipeline:
@@ -186,6 +217,17 @@ class Pipeline:
     async def _call(self, impl: _Impl, kwargs: dict[str, Any]) -> Any:
         args = {name: kwargs[name] for name in impl.argnames}
         value = impl.function(**args)
+        if inspect.iscoroutine(value):
+            # Most async hooks finish without ever waiting (unsigned mail, small
+            # messages): run the first step here and pay for a timeout only when the
+            # coroutine really suspends. Nothing can interrupt a step that does not
+            # suspend, so the timeout loses nothing.
+            try:
+                pending = value.send(None)
+            except StopIteration as done:
+                return done.value
+            async with asyncio.timeout(impl.entry.timeout or None):
+                return await _Resumed(value, pending)
         if inspect.isawaitable(value):
             async with asyncio.timeout(impl.entry.timeout or None):
                 value = await value

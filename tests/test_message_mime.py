@@ -1,15 +1,24 @@
-"""message.fast_mime_tree builds the same compat32 tree as the stdlib parser, or declines."""
+"""message.py fast paths: the MIME tree and header view match the stdlib parser's (or the
+stdlib builds them), and batched header mutations give the same bytes as single ones."""
 
 from __future__ import annotations
 
 import email
+import email.parser
 import email.policy
 from email.message import Message
 
 import pytest
 
 from benchmarks.sample import message_template
-from mailflow.message import fast_mime_tree
+from mailflow.message import (
+    Connection,
+    Envelope,
+    MessageContext,
+    fast_header_message,
+    fast_mime_tree,
+)
+from mailflow.verdict import AddHeader, ChangeHeader, RemoveHeader, ReplaceBody
 
 
 def assert_same(ours: Message, theirs: Message, path: str = "root") -> None:
@@ -83,3 +92,77 @@ DECLINED = [
 @pytest.mark.parametrize("raw", DECLINED)
 def test_unusual_messages_go_to_the_stdlib_parser(raw):
     assert fast_mime_tree(raw) is None
+
+
+def context(raw: bytes) -> MessageContext:
+    envelope = Envelope("a@example.org", ["b@example.com"])
+    return MessageContext(raw, envelope, Connection("127.0.0.1"))
+
+
+# --- ctx.headers: the same header Message as BytesHeaderParser, or the stdlib builds it ----
+
+HEADER_CASES = [
+    b"Subject: plain\r\n\r\nbody\r\n",
+    b"Received: from a\r\n\tby b; date\r\nSubject: folded\r\n  twice\r\n\r\nbody\r\n",
+    b"X-Empty:\r\nX-Spaces:   v  \r\nFrom: a@example.org\r\n\r\n\xff 8-bit body\r\n",
+    NESTED,
+]
+
+
+@pytest.mark.parametrize("raw", HEADER_CASES)
+def test_fast_header_message_matches_the_stdlib_header_parser(raw):
+    ours = fast_header_message(raw)
+    assert ours is not None
+    theirs = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    assert ours.items() == theirs.items()
+    assert ours.get_payload() == theirs.get_payload()
+
+
+@pytest.mark.parametrize("raw", DECLINED[:5])
+def test_unusual_header_blocks_go_to_the_stdlib_parser(raw):
+    assert fast_header_message(raw) is None
+    ctx = context(raw)
+    theirs = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    assert ctx.headers.items() == theirs.items()
+
+
+# --- ctx.apply: header mutations in a row are applied with one rebuild ----------------------
+
+
+def test_header_mutations_in_a_row_give_the_same_bytes_as_one_at_a_time():
+    raw = b"Subject: s\r\nX-Spam: old\r\nX-Spam: older\r\nFrom: a@example.org\r\n\r\nbody\r\n"
+    mutations = [
+        RemoveHeader("x-spam"),
+        AddHeader("X-Spam", "new"),
+        AddHeader("X-Last", "appended", index=-1),
+        ChangeHeader("Subject", "changed"),
+        ChangeHeader("X-Missing", "added at the end", occurrence=2),
+        ReplaceBody(b"new body\r\n"),
+        AddHeader("X-After-Body", "yes"),
+    ]
+    together = context(raw)
+    together.apply(mutations)
+    assert together.raw == (
+        b"X-After-Body: yes\r\nX-Spam: new\r\nSubject: changed\r\nFrom: a@example.org\r\n"
+        b"X-Last: appended\r\nX-Missing: added at the end\r\n\r\nnew body\r\n"
+    )
+    singly = context(raw)
+    for m in mutations:
+        singly.apply([m])
+    assert singly.raw == together.raw
+    assert (
+        together.headers_added
+        == singly.headers_added
+        == [
+            ("X-Spam", "new"),
+            ("X-Last", "appended"),
+            ("X-After-Body", "yes"),
+        ]
+    )
+    assert together.headers["X-Spam"] == "new"  # the cached header view was dropped
+
+
+def test_header_mutation_of_a_message_without_headers_keeps_the_body():
+    ctx = context(b"\r\nonly body\r\n")
+    ctx.apply([AddHeader("X-A", "1"), RemoveHeader("X-B")])
+    assert ctx.raw == b"X-A: 1\r\n\r\nonly body\r\n"

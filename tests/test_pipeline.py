@@ -410,6 +410,11 @@ async def hang(**_: Any) -> None:
     await asyncio.Event().wait()  # never set: only the plugin timeout ends this
 
 
+async def explode_after_waiting(**_: Any) -> None:
+    await asyncio.sleep(0.01)  # suspends first: the error comes from a resumed coroutine
+    raise RuntimeError("plugin bug after a wait")
+
+
 class Failing(Scripted):
     """Like Scripted, but data may be a coroutine function (to hang)."""
 
@@ -420,7 +425,9 @@ class Failing(Scripted):
         return await value if asyncio.iscoroutine(value) else value
 
 
-@pytest.mark.parametrize("failure", [explode, hang], ids=["raises", "times-out"])
+@pytest.mark.parametrize(
+    "failure", [explode, hang, explode_after_waiting], ids=["raises", "times-out", "raises-later"]
+)
 async def test_failing_plugin_tempfails_and_the_server_keeps_serving(make_config, caplog, failure):
     config = make_config(plugin_list("flaky", on_error="tempfail", timeout="0.05s"))
     async with running_server(config, extra_plugins={"flaky": Failing(data=failure)}) as srv:
@@ -433,7 +440,9 @@ async def test_failing_plugin_tempfails_and_the_server_keeps_serving(make_config
     assert any(m.startswith("plugin flaky ") and "(on_error=tempfail)" in m for m in logged)
 
 
-@pytest.mark.parametrize("failure", [explode, hang], ids=["raises", "times-out"])
+@pytest.mark.parametrize(
+    "failure", [explode, hang, explode_after_waiting], ids=["raises", "times-out", "raises-later"]
+)
 async def test_failing_plugin_with_on_error_continue_lets_mail_through(make_config, failure):
     calls: list[tuple[str, str]] = []
     plugins = named(
