@@ -22,6 +22,8 @@ from mailflow.verdict import AddHeader, ChangeHeader, Mutation, RemoveHeader, Re
 HEADER = "Authentication-Results"
 MAX_REASON = 120  # characters of a reason= text kept in the header
 MAX_SINGLE_REMOVALS = 20  # above this many forged fields, remove all and re-add the others
+BUILD_CACHE_MAX = 1024  # header values remembered by their inputs (cleared when full)
+_METHODS = ("spf", "dkim", "arc", "dmarc")  # plugins whose results the header reports
 _FEATURES = ar.all_features()
 _CLASSES = _FEATURES.result_class_by_auth_method
 # RFC 8601 2.7 result vocabularies: anything else a plugin reports becomes "none"/"neutral"
@@ -96,6 +98,8 @@ def _fields_named(head: bytes, name: str) -> list[str]:
     sees every line up to the blank line, like the mutation that deletes it.
     """
     wanted = name.lower().encode()
+    if wanted not in head.lower():  # one C-level scan rules out most messages
+        return []
     values = []
     for field in split_header_fields(head):
         fname, sep, value = field.partition(b":")
@@ -127,6 +131,7 @@ class AuthResPlugin:
     def __init__(self, settings: AuthResSettings | None = None) -> None:
         self.settings = settings or AuthResSettings()
         self.authserv_id = "localhost"
+        self._built: dict[tuple[Any, ...], str] = {}
 
     @hookimpl
     def mailflow_startup(self, app: Any) -> None:
@@ -213,12 +218,28 @@ class AuthResPlugin:
         ]
 
     def build(self, message: Any) -> str:
-        """The header value (without the field name) for ``message``."""
-        conn = message.connection
+        """The header value (without the field name) for ``message``.
 
-        def details(name: str) -> dict[str, Any]:
+        Messages from the same client with the same results get the same value, so
+        values are remembered by their inputs (most mail is unsigned, from a few
+        relays): formatting through the ``authres`` objects costs more than the key.
+        """
+        conn = message.connection
+        found = {}
+        for name in _METHODS:
             res = message.result_of(name)
-            return dict(res.details) if res is not None else {}
+            found[name] = res.details if res is not None else {}
+        key = (self.authserv_id, conn.authenticated_user, conn.helo, conn.ip, repr(found))
+        value = self._built.get(key)
+        if value is None:
+            if len(self._built) >= BUILD_CACHE_MAX:
+                self._built.clear()
+            value = self._built[key] = self._format(conn, found)
+        return value
+
+    def _format(self, conn: Any, found: dict[str, dict[str, Any]]) -> str:
+        def details(name: str) -> dict[str, Any]:
+            return dict(found[name])
 
         results: list[Any] = []
         if conn.authenticated_user:

@@ -221,3 +221,24 @@ async def test_forgery_after_a_malformed_header_line_is_still_removed(make_confi
     ctx = await run_check(make_config("plugins: [{name: authres}]\n"), raw)
     assert report(ctx)["plugins"]["authres"]["removed"] == 1
     assert b"dmarc=pass" not in ctx.raw
+
+
+def test_remembered_values_follow_every_input():
+    """Values are cached by their inputs: a change in any of them gives a fresh value."""
+    from mailflow_plugins.authres import AuthResPlugin
+
+    from mailflow.message import Connection, Envelope, MessageContext, PluginRun
+
+    def value(plugin, ip="192.0.2.1", dkim="none", user=""):
+        conn = Connection(ip, authenticated_user=user)
+        ctx = MessageContext(make_message(), Envelope("a@x.test", ["b@y.test"]), conn)
+        ctx.record(PluginRun("dkim", "data", Result(details={"result": dkim}), 0.1))
+        return plugin.build(ctx)
+
+    plugin = AuthResPlugin()
+    assert value(plugin) == "localhost; dkim=none"
+    assert value(plugin, dkim="fail") == "localhost; dkim=fail"
+    assert value(plugin, user="alice") == "localhost; auth=pass smtp.auth=alice; dkim=none"
+    plugin.authserv_id = "mx.test"
+    assert value(plugin) == "mx.test; dkim=none"
+    assert value(plugin) == value(plugin)
