@@ -32,12 +32,33 @@ def message_record(ctx: MessageContext, reply: str, elapsed_ms: float) -> dict[s
         "reply": reply,
         "reason": ctx.reason or None,
         "delivery": ctx.extra.get("delivery", ""),
-        "plugins": {
-            name: {k: v for k, v in entry.items() if k in ("action", "score", "time_ms", "error")}
-            for name, entry in ctx.plugin_report().items()
-        },
+        "plugins": plugin_summary(ctx),
         "time_ms": round(elapsed_ms, 2),
     }
+
+
+def plugin_summary(ctx: MessageContext) -> dict[str, dict[str, Any]]:
+    """Per plugin: the latest action, score and error, and the total time over stages.
+
+    The same fields as :meth:`MessageContext.plugin_report` gives, without copying
+    every plugin's details (which the log line does not show).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for run in ctx.runs:
+        entry = out.get(run.plugin)
+        ms = round(run.elapsed_ms, 3)
+        if entry is None:
+            entry = out[run.plugin] = {"time_ms": ms}
+        else:
+            entry["time_ms"] = round(entry["time_ms"] + ms, 3)
+        entry.pop("error", None)  # an error belongs to its own stage
+        if run.error:
+            entry["error"] = run.error
+        result = run.result
+        entry["action"] = result.action.value if result is not None else "continue"
+        if result is not None and result.score:
+            entry["score"] = result.score
+    return out
 
 
 def log_message(ctx: MessageContext, reply: str, elapsed_ms: float) -> None:

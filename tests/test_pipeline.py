@@ -21,7 +21,7 @@ import pytest
 from mailflow.app import App
 from mailflow.check import check_message, report
 from mailflow.hookspecs import hookimpl
-from mailflow.message import MessageContext
+from mailflow.message import Connection, Envelope, MessageContext, PluginRun
 from mailflow.testing import SMTPDialog, make_message, running_server, send
 from mailflow.verdict import (
     Action,
@@ -720,3 +720,23 @@ def test_split_of_a_message_without_headers_keeps_the_whole_body():
     assert ctx.split() == (b"", b"first\r\n\r\nsecond\r\n")
     ctx = MessageContext(b"A: 1\r\n\r\nbody\r\n", Envelope(), Connection(ip="127.0.0.1"))
     assert ctx.split() == (b"A: 1\r\n", b"body\r\n")
+
+
+def test_the_log_summary_has_the_plugin_report_fields():
+    """msglog's lean per-plugin summary agrees with plugin_report on what it shows."""
+    from mailflow.msglog import plugin_summary
+
+    envelope = Envelope("a@example.org", ["b@example.com"])
+    ctx = MessageContext(make_message(), envelope, Connection("192.0.2.1"))
+    ctx.record(PluginRun("p", "mail", Result(score=2.0), 1.0))
+    ctx.record(PluginRun("p", "rcpt", None, 0.5, error="timed out"))
+    ctx.record(PluginRun("p", "data", Result.reject("no"), 0.25))
+    ctx.record(PluginRun("q", "data", None, 0.1, error="raised RuntimeError()"))
+    fields = ("action", "score", "time_ms", "error")
+    expected = {
+        name: {k: v for k, v in entry.items() if k in fields}
+        for name, entry in ctx.plugin_report().items()
+    }
+    assert plugin_summary(ctx) == expected
+    assert expected["p"] == {"time_ms": 1.75, "action": "reject", "score": 2.0}
+    assert expected["q"]["error"] == "raised RuntimeError()"
