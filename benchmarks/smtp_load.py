@@ -35,7 +35,7 @@ from benchmarks.targets import REPO, BareTarget, MailflowTarget, Sink, Target
 DRAIN_TIMEOUT = 60.0  # seconds to wait for a mailflow queue to empty after a load
 DRAIN_POLL = 0.02
 TARGET_NAMES = ("bare", "maildir", "relay", "maildir+plugins", "relay+plugins")
-DEFAULT_TARGETS = "bare,maildir,relay,maildir+plugins"
+DEFAULT_TARGETS = "bare,maildir,relay,maildir+plugins,relay+plugins"
 # The "builtin chain": builtin plugins that work offline, with their settings. SPF and
 # DMARC need DNS for every message and are left out; DKIM and ARC only look keys up
 # for signed mail, and the test message is unsigned. DNS points at a closed port.
