@@ -197,3 +197,120 @@ async def test_metadata_without_its_message_is_dropped_not_retried(make_config):
         qm.flush()
         await wait_for(lambda: not qm.spool.ids())
     assert len(transport.calls) == 1
+
+
+# --- the first attempt from memory, batched removal ------------------------------------------
+
+
+async def test_first_attempt_uses_the_bytes_given_and_retries_read_the_spool(
+    make_config, monkeypatch
+):
+    transport = Scripted({"a@remote.test": ["451 4.3.0 later", "250 ok"]})
+    seen: list[bytes] = []
+
+    class Recording(Scripted):
+        async def __call__(self, entry, message, rcpts, route):  # type: ignore[override]
+            seen.append(message)
+            return await transport(entry, message, rcpts, route)
+
+    reads: list[str] = []
+    async with queue(make_config, Recording()) as qm:
+        read = qm.spool.read_message
+        monkeypatch.setattr(qm.spool, "read_message", lambda i: reads.append(i) or read(i))
+        entry = await qm.enqueue("s@example.org", {"a@remote.test": RELAY}, b"Subject: m\r\n\r\n")
+        await wait_for(lambda: not qm.spool.ids())
+    assert seen == [b"Subject: m\r\n\r\n"] * 2
+    assert reads == [entry.id]  # the retry only: the first attempt had the bytes
+    assert qm._first == {} and qm._first_bytes == 0
+
+
+async def test_first_attempts_beyond_the_memory_bound_read_the_spool(make_config, monkeypatch):
+    from mailflow.delivery import queue as queue_module
+
+    monkeypatch.setattr(queue_module, "FIRST_ATTEMPT_MEMORY", 10)
+    transport = Scripted()
+    async with queue(make_config, transport) as qm:
+        reads: list[str] = []
+        read = qm.spool.read_message
+        monkeypatch.setattr(qm.spool, "read_message", lambda i: reads.append(i) or read(i))
+        small = await qm.enqueue("s@example.org", {"a@remote.test": RELAY}, b"tiny\r\n")
+        large = await qm.enqueue("s@example.org", {"a@remote.test": RELAY}, b"x" * 100)
+        await wait_for(lambda: not qm.spool.ids())
+    assert reads == [large.id]
+    assert small.id not in reads
+
+
+async def test_spool_files_stay_until_the_upstream_has_answered(make_config):
+    gate = asyncio.Event()
+
+    class Held(Scripted):
+        async def __call__(self, entry, message, rcpts, route):  # type: ignore[override]
+            await gate.wait()
+            return await super().__call__(entry, message, rcpts, route)
+
+    async with queue(make_config, Held()) as qm:
+        entry = await qm.enqueue("s@example.org", {"a@remote.test": RELAY}, b"x\r\n")
+        await asyncio.sleep(0.1)
+        # Stored and being delivered: both files are there until the 250.
+        assert qm.spool.message_path(entry.id).exists()
+        assert qm.spool.meta_path(entry.id).exists()
+        gate.set()
+        await wait_for(lambda: not qm.spool.ids())
+        assert not qm.spool.message_path(entry.id).exists()
+
+
+async def test_a_message_awaiting_removal_is_not_picked_up_again_by_a_flush(
+    make_config, monkeypatch
+):
+    import threading
+
+    release = threading.Event()
+    transport = Scripted()
+    async with queue(make_config, transport) as qm:
+        remove_all = qm._remove_all
+
+        def slow_remove(ids: list[str]) -> None:
+            release.wait(5)
+            remove_all(ids)
+
+        monkeypatch.setattr(qm, "_remove_all", slow_remove)
+        await qm.enqueue("s@example.org", {"a@remote.test": RELAY}, b"x\r\n")
+        await wait_for(lambda: transport.calls)
+        (qm.spool.root / FLUSH_TRIGGER).touch()  # reloads the spool while files remain
+        await wait_for(lambda: not (qm.spool.root / FLUSH_TRIGGER).exists())
+        await asyncio.sleep(0.2)
+        release.set()
+        await wait_for(lambda: not qm.spool.ids())
+    assert transport.calls == [["a@remote.test"]]  # delivered once, not twice
+
+
+async def test_one_log_line_per_result_not_per_recipient(make_config, caplog):
+    transport = Scripted({"c@remote.test": ["550 5.1.1 no such user"]})
+    routes = {f"{n}@remote.test": RELAY for n in "abc"}
+    with caplog.at_level("INFO", logger="mailflow.queue"):
+        async with queue(make_config, transport) as qm:
+            await qm.enqueue("", routes, b"x\r\n")
+            await wait_for(lambda: not qm.spool.ids())
+    lines = [r.getMessage() for r in caplog.records if "status=" in r.getMessage()]
+    assert len(lines) == 2
+    assert "to=<a@remote.test>,<b@remote.test> route=relay status=delivered" in lines[0]
+    assert "to=<c@remote.test> route=relay status=bounced" in lines[1]
+
+
+async def test_a_stop_during_the_first_attempt_leaves_the_message_spooled(make_config, monkeypatch):
+    from mailflow.delivery import queue as queue_module
+
+    monkeypatch.setattr(queue_module, "STOP_GRACE", 0.1)
+    gate = asyncio.Event()
+
+    class Never(Scripted):
+        async def __call__(self, entry, message, rcpts, route):  # type: ignore[override]
+            await gate.wait()
+            return await super().__call__(entry, message, rcpts, route)
+
+    async with queue(make_config, Never()) as qm:
+        entry = await qm.enqueue("s@example.org", {"a@remote.test": RELAY}, b"x\r\n")
+        await asyncio.sleep(0.05)
+    spool = qm.spool
+    assert spool.ids() == [entry.id]
+    assert spool.load(entry.id).recipients[0].status == "pending"

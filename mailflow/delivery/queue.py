@@ -4,6 +4,12 @@ Every recipient has its own state. 2xx -> delivered; 4xx or a connection failure
 retried along ``queue.retry_schedule`` (the last step repeats) until
 ``queue.lifetime`` has passed, then expired; 5xx -> bounced. Bounced and expired
 recipients get one DSN (RFC 3464) to the sender, unless the sender is null.
+
+The common case costs no thread hand-off on the event loop: a message just stored
+by :meth:`QueueManager.enqueue` keeps its bytes in memory for its first attempt
+(bounded by ``FIRST_ATTEMPT_MEMORY``) and is handed straight to a worker task; the
+spool files of finished messages are removed in batches by one background hop.
+Retries, restarts and ``mailflow queue flush`` read the spool as before.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -43,6 +50,9 @@ BounceBuilder = Callable[[QueueEntry, list[RecipientState], bytes], bytes]
 
 FLUSH_TRIGGER = "flush.request"
 STOP_GRACE = 10.0  # seconds running attempts get to finish at shutdown
+# Bytes of just-stored messages kept for their first attempt (beyond this, a first
+# attempt reads the spool like a retry does): bounds memory when the upstream is slow.
+FIRST_ATTEMPT_MEMORY = 32 * 1024 * 1024
 
 
 class QueueManager:
@@ -59,6 +69,7 @@ class QueueManager:
     ) -> None:
         self.config = config
         self.spool = spool
+        self._queue_dir = os.fspath(spool.queue_dir)
         self.transports = transports
         self.on_delivered = on_delivered
         self.build_bounce = build_bounce
@@ -71,6 +82,14 @@ class QueueManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
+        # Message bytes kept from enqueue() for the first attempt, and their total size.
+        self._first: dict[str, bytes] = {}
+        self._first_bytes = 0
+        # Finished messages whose spool files are still to be removed (one thread hop
+        # per batch); they must not be picked up again from the spool meanwhile.
+        self._reap_ids: list[str] = []
+        self._reaping: set[str] = set()
+        self._reaper: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -94,6 +113,9 @@ class QueueManager:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._reaper is not None:
+            with contextlib.suppress(Exception):
+                await self._reaper
         # Transports holding connections (relay pools) expose ``aclose``.
         for transport in self.transports.values():
             aclose = getattr(transport, "aclose", None)
@@ -114,7 +136,11 @@ class QueueManager:
         is_bounce: bool = False,
         queue_id: str = "",
     ) -> QueueEntry:
-        """Store durably (returns after fsync), then schedule an immediate attempt."""
+        """Store durably (returns after fsync), then start the first attempt at once.
+
+        The attempt uses ``message`` as given rather than reading the spool back; the
+        spool copy is only removed after every recipient has a final answer.
+        """
         now = time.time()
         entry = QueueEntry(
             id=queue_id or new_queue_id(),
@@ -130,13 +156,37 @@ class QueueManager:
             is_bounce=is_bounce,
         )
         await self.spool.store(entry, message)
+        if self._first_bytes + len(message) <= FIRST_ATTEMPT_MEMORY:
+            self._first[entry.id] = message
+            self._first_bytes += len(message)
         self._schedule(entry)
         return entry
 
     def _schedule(self, entry: QueueEntry) -> None:
         self._entries[entry.id] = entry
+        if (
+            self._main is not None
+            and not self._stopping
+            and entry.id not in self._running
+            and entry.next_attempt <= time.time()
+        ):
+            self._start_attempt(entry)  # due now: no trip through the heap and the loop
+            return
         heapq.heappush(self._heap, (entry.next_attempt, entry.id))
         self._wake.set()
+
+    def _start_attempt(self, entry: QueueEntry) -> None:
+        self._running.add(entry.id)
+        task = asyncio.create_task(self._attempt_guarded(entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _take_first(self, queue_id: str) -> bytes | None:
+        """The bytes kept by enqueue() for this message's first attempt, if any."""
+        message = self._first.pop(queue_id, None)
+        if message is not None:
+            self._first_bytes -= len(message)
+        return message
 
     def flush(self) -> None:
         """Retry everything now."""
@@ -166,10 +216,7 @@ class QueueManager:
                     continue
                 if entry.next_attempt > now:  # stale heap item; a newer one exists
                     continue
-                self._running.add(queue_id)
-                task = asyncio.create_task(self._attempt_guarded(entry))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._start_attempt(entry)
             delay = scan
             if self._heap:
                 delay = max(0.0, min(scan, self._heap[0][0] - time.time()))
@@ -185,7 +232,7 @@ class QueueManager:
             # Pick up entries changed or added by other processes (`mailflow queue ...`).
             known = set(self._entries)
             for entry in self.spool.entries():
-                if entry.id not in self._running:
+                if entry.id not in self._running and entry.id not in self._reaping:
                     self._entries[entry.id] = entry
             for gone in known - set(self.spool.ids()):
                 self._entries.pop(gone, None)
@@ -200,6 +247,7 @@ class QueueManager:
             for r in entry.pending():
                 r.next_attempt = time.time() + self._backoff(r.attempts)
         finally:
+            self._take_first(entry.id)  # only ever used for the first attempt
             self._running.discard(entry.id)
             if entry.id in self._entries and not entry.done:
                 heapq.heappush(self._heap, (entry.next_attempt, entry.id))
@@ -211,22 +259,25 @@ class QueueManager:
 
     async def attempt(self, entry: QueueEntry) -> None:
         """One delivery attempt for every due recipient of ``entry``."""
-        if not self.spool.meta_path(entry.id).exists():  # deleted by `mailflow queue delete`
+        if self._deleted(entry.id):  # by `mailflow queue delete`
+            self._take_first(entry.id)
             self._entries.pop(entry.id, None)
             return
         now = time.time()
         due = [r for r in entry.pending() if r.next_attempt <= now]
         if not due:
             return
-        try:
-            message = await asyncio.to_thread(self.spool.read_message, entry.id)
-        except FileNotFoundError:
-            # Metadata without a message (e.g. rewritten by `queue flush` just as the
-            # message was finished): nothing left to deliver; do not retry for ever.
-            log.warning("queue %s: message file is gone; dropping its metadata", entry.id)
-            await asyncio.to_thread(self.spool.remove, entry.id)
-            self._entries.pop(entry.id, None)
-            return
+        message = self._take_first(entry.id)
+        if message is None:
+            try:
+                message = await asyncio.to_thread(self.spool.read_message, entry.id)
+            except FileNotFoundError:
+                # Metadata without a message (e.g. rewritten by `queue flush` just as the
+                # message was finished): nothing left to deliver; do not retry for ever.
+                log.warning("queue %s: message file is gone; dropping its metadata", entry.id)
+                self._entries.pop(entry.id, None)
+                self._reap(entry.id)
+                return
         groups: dict[tuple[str, str, str, str], list[RecipientState]] = defaultdict(list)
         for r in due:
             route = r.route_obj
@@ -234,21 +285,69 @@ class QueueManager:
         for members in groups.values():
             route = members[0].route_obj
             outcomes = await self._deliver_group(entry, message, members, route)
-            for r in members:
-                outcome = outcomes.get(r.address) or Outcome(451, "no result from transport")
-                await self._record(entry, r, route, outcome)
+            await self._record_group(entry, members, route, outcomes)
         failed = [r for r in due if r.status in (BOUNCED, EXPIRED)]
         if failed:
             await self._bounce(entry, failed, message)
         # The bounce (above) is stored before this state change: a crash in between
         # repeats the bounce after restart rather than losing it.
         if entry.done:
-            await asyncio.to_thread(self.spool.remove, entry.id)
+            # Every recipient has its final answer: the files go in the next batch
+            # removal. A crash before that delivers again (at least once, as before).
             self._entries.pop(entry.id, None)
-        elif self.spool.meta_path(entry.id).exists():
+            self._reap(entry.id)
+        elif not self._deleted(entry.id):
             await asyncio.to_thread(self.spool.update, entry)
         else:  # deleted by `mailflow queue delete` during the attempt: stay deleted
             self._entries.pop(entry.id, None)
+
+    # --- removing finished messages ---------------------------------------------------------
+
+    def _reap(self, queue_id: str) -> None:
+        """Remove the spool files of ``queue_id`` soon, batched with other removals."""
+        self._reap_ids.append(queue_id)
+        self._reaping.add(queue_id)
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_batches(), name="mailflow-reaper")
+
+    async def _reap_batches(self) -> None:
+        # Unlinking takes ~100 us of wall time per file on a busy disk: done on the
+        # loop it would stall every session, and a thread hop per message costs the
+        # loop more than the unlinks. One hop per batch of whatever has accumulated.
+        try:
+            while self._reap_ids:
+                batch, self._reap_ids = self._reap_ids, []
+                try:
+                    await asyncio.to_thread(self._remove_all, batch)
+                finally:
+                    self._reaping.difference_update(batch)
+        finally:
+            self._reaper = None
+
+    def _spool_file(self, queue_id: str, suffix: str) -> str:
+        """``Spool.meta_path`` (".json") / ``message_path`` (".eml") as a plain string.
+
+        Per message on the event loop (and in the removal thread, under the GIL),
+        building ``Path`` objects and re-checking the id costs more than the system
+        call itself. The ids are the spool's own names (``new_queue_id`` or a
+        ``*.json`` in the queue directory), never user input.
+        """
+        return os.path.join(self._queue_dir, queue_id + suffix)
+
+    def _deleted(self, queue_id: str) -> bool:
+        """Whether the metadata is gone (`mailflow queue delete`): one stat, on the loop."""
+        return not os.path.exists(self._spool_file(queue_id, ".json"))
+
+    def _remove_all(self, queue_ids: list[str]) -> None:
+        """``Spool.remove`` for many ids: metadata first, then the message."""
+        for queue_id in queue_ids:
+            for suffix in (".json", ".eml"):
+                try:
+                    os.unlink(self._spool_file(queue_id, suffix))
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    log.exception("queue %s: cannot remove %s%s", queue_id, queue_id, suffix)
 
     async def _deliver_group(
         self, entry: QueueEntry, message: bytes, members: list[RecipientState], route: Route
@@ -266,38 +365,56 @@ class QueueManager:
             log.exception("queue %s: transport %s failed", entry.id, route.kind.value)
             return {r.address: Outcome(451, f"transport error: {exc}") for r in members}
 
-    async def _record(
-        self, entry: QueueEntry, r: RecipientState, route: Route, outcome: Outcome
+    async def _record_group(
+        self,
+        entry: QueueEntry,
+        members: list[RecipientState],
+        route: Route,
+        outcomes: dict[str, Outcome],
     ) -> None:
+        """Update each member's state; one log line per distinct result in the group."""
+        lines: dict[tuple[str, str], list[str]] = {}
+        results: list[tuple[RecipientState, str, str]] = []
+        for r in members:
+            outcome = outcomes.get(r.address) or Outcome(451, "no result from transport")
+            what = self._record(entry, r, route, outcome)
+            reply = str(outcome)
+            lines.setdefault((what, reply), []).append(r.address)
+            results.append((r, what, reply))
+        kind = route.kind.value
+        for (what, reply), addresses in lines.items():
+            log.info(
+                "queue %s: to=<%s> route=%s status=%s reply=%r",
+                entry.id,
+                ">,<".join(addresses),
+                kind,
+                what,
+                reply,
+            )
+        if self.on_delivered is not None:
+            for r, what, reply in results:
+                await self.on_delivered(entry.id, r.address, route, what, reply)
+
+    def _record(self, entry: QueueEntry, r: RecipientState, route: Route, outcome: Outcome) -> str:
+        """Apply ``outcome`` to ``r``; returns delivered / bounced / expired / deferred."""
         r.attempts += 1
         r.last_reply = str(outcome)
         r.final_code = outcome.code
         if outcome.ok:
             r.status = DELIVERED if route.kind is not RouteKind.DISCARD else DISCARDED
-            what = "delivered"
-        elif outcome.permanent:
+            return "delivered"
+        if outcome.permanent:
             r.status = BOUNCED
-            what = "bounced"
-        elif time.time() - entry.created >= self.config.queue.lifetime:
+            return "bounced"
+        now = time.time()
+        if now - entry.created >= self.config.queue.lifetime:
             r.status = EXPIRED
-            what = "expired"
-        else:
-            # Never sleep past the lifetime: the last try happens when it ends, so an
-            # expired message is bounced on time rather than one backoff step late.
-            now = time.time()
-            deadline = entry.created + self.config.queue.lifetime
-            r.next_attempt = min(now + self._backoff(r.attempts), max(deadline, now))
-            what = "deferred"
-        log.info(
-            "queue %s: to=<%s> route=%s status=%s reply=%r",
-            entry.id,
-            r.address,
-            route.kind.value,
-            what,
-            str(outcome),
-        )
-        if self.on_delivered is not None:
-            await self.on_delivered(entry.id, r.address, route, what, str(outcome))
+            return "expired"
+        # Never sleep past the lifetime: the last try happens when it ends, so an
+        # expired message is bounced on time rather than one backoff step late.
+        deadline = entry.created + self.config.queue.lifetime
+        r.next_attempt = min(now + self._backoff(r.attempts), max(deadline, now))
+        return "deferred"
 
     async def _bounce(
         self, entry: QueueEntry, failed: list[RecipientState], message: bytes
