@@ -36,7 +36,7 @@ class App:
         self.config = config
         self.resolver = Resolver(config.dns)
         self.pipeline = Pipeline(config, extra=extra_plugins, available=available_plugins)
-        self.maildir = MaildirDelivery(config.delivery.maildir)
+        self.maildir = MaildirDelivery(config.delivery.maildir, config.storage.sync)
         self.metrics = Metrics()
         self._spool: Spool | None = None
         self.started = False
@@ -45,7 +45,7 @@ class App:
     @property
     def spool(self) -> Spool:
         if self._spool is None:
-            self._spool = Spool(Path(self.config.queue.directory))
+            self._spool = Spool(Path(self.config.queue.directory), self.config.storage.sync)
         return self._spool
 
     @property

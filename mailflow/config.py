@@ -30,6 +30,9 @@ from pydantic import (
 
 DEFAULT_CONFIG_NAME = "<embedded default>"
 
+# How the spool and Maildir make writes durable (docs/delivery.md, "Durable writes").
+SyncMethod = Literal["auto", "syncfs", "fsync"]
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -173,6 +176,14 @@ class QueueConfig(Strict):
     bounce_from: str = "MAILER-DAEMON"
 
 
+class StorageConfig(Strict):
+    """How durable writes (spool, Maildir) are synced: see docs/delivery.md."""
+
+    # auto: syncfs(2) once per file system per commit where usable (Linux >= 5.8), else
+    # fsync(2) per file and directory. syncfs also flushes other data on that file system.
+    sync: SyncMethod = "auto"
+
+
 class LogConfig(Strict):
     format: Literal["text", "json"] = "text"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -245,6 +256,7 @@ class Config(Strict):
     relay: RelayConfig = RelayConfig()
     queue: QueueConfig = QueueConfig()
     quarantine: QuarantineConfig = QuarantineConfig()
+    storage: StorageConfig = StorageConfig()
     actions: ActionThresholds = ActionThresholds()
     dns: DNSConfig = DNSConfig()
     log: LogConfig = LogConfig()

@@ -1,7 +1,9 @@
 """Local delivery into Maildir (and Maildir++ subfolders such as ``.Junk``).
 
-Each copy is written to ``tmp/``, fsync'd, renamed into ``new/`` and the directory
-fsync'd, so a delivered message survives a crash (maildir(5) delivery protocol).
+Each copy is written to ``tmp/``, synced, renamed into ``new/`` and ``new/`` synced,
+so a delivered message survives a crash (maildir(5) delivery protocol). How files and
+directories are synced (one ``syncfs`` per file system, or ``fsync`` per file and
+directory) is the :class:`~mailflow.delivery.durable.Syncer`'s business.
 """
 
 from __future__ import annotations
@@ -15,13 +17,32 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mailflow.config import MaildirConfig
-from mailflow.delivery.durable import GroupCommitter, fsync_all, fsync_dir
+from mailflow.config import MaildirConfig, SyncMethod
+from mailflow.delivery.durable import (
+    DirRef,
+    FileRef,
+    GroupCommitter,
+    StagedFile,
+    Syncer,
+    make_syncer,
+    write_all,
+)
 
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 _UNSAFE = re.compile(r"[^a-z0-9._+@=-]")
 _FOLDER = re.compile(r"^\.[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")
+# The pid in file names, kept rather than asked for per copy (a system call, which
+# the commit thread pays for with a GIL hand-off); a forked child takes its own.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
 
 
 class QuotaExceeded(Exception):
@@ -45,14 +66,22 @@ def safe_mailbox_name(recipient: str) -> str:
 
 # (copies as (recipient, folder, mailbox), message bytes): one message's local delivery.
 _Request = tuple[Sequence[tuple[str, str, str]], bytes]
+# A copy written to tmp/: (request index, copy index, its file; path is the name in new/).
+_Staged = tuple[int, int, StagedFile]
+# Results of a batch: per request, per copy, the delivered path or what stopped it.
+_Results = list[list[Path | Exception]]
+# new/ directories of a batch: path -> (st_dev, the (request, copy) renamed into it).
+_NewDirs = dict[str, tuple[int, list[tuple[int, int]]]]
 
 
 class MaildirDelivery:
-    def __init__(self, config: MaildirConfig) -> None:
+    def __init__(self, config: MaildirConfig, sync: SyncMethod | Syncer = "auto") -> None:
         self.config = config
         self.root = Path(config.root)
         self._ready: set[str] = set()  # Maildirs known to have tmp/, new/ and cur/
-        # Group commit for deliver_many_async: concurrent messages share one fsync round.
+        # storage.sync; a Syncer is used as given (tests inject failing ones).
+        self._sync = sync if isinstance(sync, Syncer) else make_syncer(sync)
+        # Group commit for deliver_many_async: concurrent messages share one sync round.
         self._committer: GroupCommitter[_Request, list[Path | Exception]] = GroupCommitter(
             self.deliver_batch, "maildir-commit"
         )
@@ -99,7 +128,7 @@ class MaildirDelivery:
     def deliver(self, recipient: str, data: bytes, folder: str = "", mailbox: str = "") -> Path:
         """Deliver one copy (blocking: call via ``asyncio.to_thread``). Returns the new path.
 
-        maildir(5): write to ``tmp/``, fsync, rename into ``new/``, fsync ``new/``;
+        maildir(5): write to ``tmp/``, sync, rename into ``new/``, sync ``new/``;
         only then is the copy reported delivered.
         """
         [result] = self.deliver_many([(recipient, folder, mailbox)], data)
@@ -113,8 +142,8 @@ class MaildirDelivery:
         """Deliver one message to several mailboxes in one call (blocking; one thread hop).
 
         ``copies`` are ``(recipient, folder, mailbox)``. Each file is written to
-        ``tmp/``, fsync'd and renamed into ``new/``; then every ``new/`` directory
-        involved is fsync'd once, and only then does this return. The result for a
+        ``tmp/``, synced and renamed into ``new/``; then every ``new/`` directory
+        involved is synced, and only then does this return. The result for a
         copy is its path, or the exception that stopped it (quota, bad folder name,
         I/O error); one failed copy does not stop the others.
         """
@@ -126,26 +155,37 @@ class MaildirDelivery:
         """:meth:`deliver_many` from the event loop, with group commit.
 
         Calls made while the commit thread is busy are delivered together by
-        :meth:`deliver_batch`: their files are fsync'd in one concurrent round and
-        each ``new/`` directory once per batch, and each event loop is woken once
-        per batch. The promise is the same: no result before the file and its
-        ``new/`` directory are fsync'd.
+        :meth:`deliver_batch`, in one sync round, and each event loop is woken
+        once per batch. The promise is the same: no result before the file and
+        its ``new/`` directory are synced.
         """
         return await self._committer.submit((copies, data))
 
-    def deliver_batch(
-        self, requests: Sequence[tuple[Sequence[tuple[str, str, str]], bytes]]
-    ) -> list[list[Path | Exception]]:
-        """Deliver several messages, each to its copies (blocking): one fsync round.
+    def deliver_batch(self, requests: Sequence[_Request]) -> _Results:
+        """Deliver several messages, each to its copies (blocking): one sync round.
 
-        Every copy is written to ``tmp/``; all are fsync'd (concurrently, so the
-        file system can fold them into fewer journal commits); only then are they
-        renamed into ``new/``, and each ``new/`` directory is fsync'd once. A crash
-        before the renames leaves only files in ``tmp/``, which maildir readers
-        ignore. Quotas count the copies of the same batch.
+        Every copy is written to ``tmp/``; their data is synced (one ``syncfs`` per
+        file system, or concurrent fsyncs); only the copies that synced are renamed
+        into ``new/``, and then the ``new/`` directories are synced. A crash before
+        the renames leaves only files in ``tmp/``, which maildir readers ignore. A
+        copy whose data sync failed is removed from ``tmp/`` and gets the error; a
+        failed directory sync fails the copies renamed into it. Quotas count the
+        copies of the same batch.
         """
-        results: list[list[Path | Exception]] = [[] for _ in requests]
-        staged: list[tuple[int, int, int, str, str, str]] = []  # req, copy, fd, tmp, final, target
+        mark = self._sync.mark()
+        results, staged = self._stage(requests)
+        try:
+            errors = self._sync.sync_files(_file_refs(staged), mark)
+        finally:
+            _close(staged)
+        new_dirs = self._rename_all(staged, results, errors)
+        _fail_dirs(new_dirs, self._sync.sync_dirs(_dir_refs(new_dirs), mark), results)
+        return results
+
+    def _stage(self, requests: Sequence[_Request]) -> tuple[_Results, list[_Staged]]:
+        """Write every copy to ``tmp/``; a copy that cannot be written gets its error."""
+        results: _Results = [[] for _ in requests]
+        staged: list[_Staged] = []
         pending: dict[str, int] = {}  # mailbox -> bytes staged in this batch (quota)
         try:
             for i, (copies, data) in enumerate(requests):
@@ -153,47 +193,49 @@ class MaildirDelivery:
                     try:
                         key = os.fspath(self.mailbox_path(recipient, mailbox))
                         self.check_quota(recipient, len(data) + pending.get(key, 0), mailbox)
-                        fd, tmp, final = self._write_tmp(recipient, data, folder, mailbox)
+                        written = self._write_tmp(recipient, data, folder, mailbox)
                     except (QuotaExceeded, MailboxError, OSError) as exc:
                         results[i].append(exc)
                         continue
                     pending[key] = pending.get(key, 0) + len(data)
-                    staged.append((i, len(results[i]), fd, tmp, final, folder))
+                    staged.append((i, len(results[i]), written))
                     results[i].append(_STAGED)
-            error: OSError | None = None
-            try:
-                fsync_all([fd for _, _, fd, _, _, _ in staged])
-            except OSError as exc:
-                error = exc
-        finally:
-            for _, _, fd, _, _, _ in staged:
-                os.close(fd)
-        new_dirs: dict[str, list[tuple[int, int]]] = {}
-        for i, j, _, tmp, final, _ in staged:
-            if error is None:
-                try:
-                    self._rename(tmp, final)
-                except OSError as exc:
-                    results[i][j] = exc
-                    continue
-                new_dirs.setdefault(os.path.dirname(final), []).append((i, j))
-                results[i][j] = Path(final)
-            else:  # not on disk for sure: not delivered (the caller spools or retries it)
+        except BaseException:
+            _close(staged)
+            for _, _, f in staged:
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                results[i][j] = error
-        for new_dir, where in new_dirs.items():
-            try:
-                fsync_dir(new_dir)
-            except OSError as exc:  # the renames may not survive a crash: not delivered
-                for i, j in where:
-                    results[i][j] = exc
-        return results
+                    os.unlink(f.tmp)
+            raise
+        return results, staged
 
-    def _write_tmp(
-        self, recipient: str, data: bytes, folder: str, mailbox: str
-    ) -> tuple[int, str, str]:
-        """Write one copy to ``tmp/`` (not yet fsync'd); return (fd, tmp path, final path)."""
+    def _rename_all(
+        self, staged: list[_Staged], results: _Results, errors: dict[int, OSError]
+    ) -> _NewDirs:
+        """Rename the synced copies into ``new/``; remove the others from ``tmp/``.
+
+        ``errors`` are the failed data syncs, by descriptor (already closed: the
+        numbers only identify the copies). Returns each ``new/`` directory with its
+        file system and the copies renamed into it.
+        """
+        new_dirs: _NewDirs = {}
+        for i, j, f in staged:
+            error = errors.get(f.fd)
+            if error is not None:  # not on disk for sure: not delivered (spooled or retried)
+                with contextlib.suppress(OSError):
+                    os.unlink(f.tmp)
+                results[i][j] = error
+                continue
+            try:
+                self._rename(f.tmp, f.path)
+            except OSError as exc:
+                results[i][j] = exc
+                continue
+            new_dirs.setdefault(os.path.dirname(f.path), (f.dev, []))[1].append((i, j))
+            results[i][j] = Path(f.path)
+        return new_dirs
+
+    def _write_tmp(self, recipient: str, data: bytes, folder: str, mailbox: str) -> StagedFile:
+        """Write one copy to ``tmp/`` (open, not yet synced); its ``path`` is in ``new/``."""
         target = self.folder_path(recipient, folder, mailbox)
         if folder:
             self._ensure(self.mailbox_path(recipient, mailbox))
@@ -201,7 +243,7 @@ class MaildirDelivery:
         now = time.time()
         # Microseconds zero-padded, so names made in the same second sort in time order.
         unique = (
-            f"{int(now)}.M{int((now % 1) * 1_000_000):06d}P{os.getpid()}"
+            f"{int(now)}.M{int((now % 1) * 1_000_000):06d}P{_pid}"
             f"Q{next(_counter)}.{_HOST},S={len(data)}"
         )
         tmp = os.path.join(base, "tmp", unique)
@@ -212,16 +254,14 @@ class MaildirDelivery:
             base = self._ensure(target)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            write_all(fd, data)
+            dev = os.fstat(fd).st_dev
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        return fd, tmp, os.path.join(base, "new", unique)
+        return StagedFile(fd, tmp, os.path.join(base, "new", unique), dev)
 
     def _rename(self, tmp: str, final: str) -> None:
         try:
@@ -230,6 +270,7 @@ class MaildirDelivery:
             base = os.path.dirname(os.path.dirname(final))
             self._ready.discard(base)
             ensure_maildir(Path(base))
+            self._sync.watch(os.path.join(base, "tmp"))
             self._ready.add(base)
             os.rename(tmp, final)
 
@@ -241,11 +282,37 @@ class MaildirDelivery:
         key = os.fspath(path)
         if key not in self._ready:
             ensure_maildir(path)
+            self._sync.watch(os.path.join(key, "tmp"))
             self._ready.add(key)
         return key
 
 
 _STAGED = OSError("staged, not yet renamed")  # placeholder inside deliver_batch only
+
+
+def _file_refs(staged: list[_Staged]) -> list[FileRef]:
+    return [(f.fd, f.dev) for _, _, f in staged]
+
+
+def _dir_refs(new_dirs: _NewDirs) -> list[DirRef]:
+    return [(d, dev) for d, (dev, _) in new_dirs.items()]
+
+
+def _close(staged: list[_Staged]) -> None:
+    """Close the copies' descriptors (once; the numbers still name the copies' errors)."""
+    for _, _, f in staged:
+        os.close(f.fd)
+
+
+def _fail_dirs(
+    new_dirs: _NewDirs,
+    failed: dict[str, OSError],
+    results: _Results,
+) -> None:
+    """The copies renamed into a directory whose sync failed are not delivered."""
+    for new_dir, error in failed.items():  # the renames may not survive a crash
+        for i, j in new_dirs[new_dir][1]:
+            results[i][j] = error
 
 
 def ensure_maildir(path: Path) -> None:

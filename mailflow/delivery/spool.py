@@ -1,18 +1,21 @@
-"""The durable on-disk spool: a message is fsync'd here before the client sees 250.
+"""The durable on-disk spool: a message is synced here before the client sees 250.
 
 Layout under ``queue.directory``::
 
     queue/<id>.eml    the message bytes as accepted (after filtering), never rewritten
     queue/<id>.json   envelope and per-recipient delivery state, replaced atomically
 
-A message exists once its ``.json`` is in ``queue/`` (written after the ``.eml``).
-Writes are group-committed: concurrent stores are batched so one directory fsync
-covers all files of the batch, while each file still gets its own fsync before
-anyone is told it is stored.
+A message exists once its ``.json`` is in ``queue/`` (renamed after the ``.eml``).
+Stores are group-committed: concurrent stores are batched, and each batch is synced
+in two phases (the files' data, then the renames into ``queue/``) by the spool's
+:class:`~mailflow.delivery.durable.Syncer` (``storage.sync``) before anyone is told
+it is stored. State updates are rarer and come from several threads: they fsync
+their one file and the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +26,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mailflow.delivery.durable import GroupCommitter, fsync_dir, write_file, write_files
+from mailflow.config import SyncMethod
+from mailflow.delivery.durable import (
+    GroupCommitter,
+    StagedFile,
+    Syncer,
+    close_all,
+    discard,
+    fsync_dir,
+    make_syncer,
+    stage_files,
+    write_file,
+)
 from mailflow.verdict import Route, RouteKind
 
 PENDING = "pending"
@@ -111,6 +125,10 @@ class QueueEntry:
         return cls(**obj)
 
 
+def _file_refs(staged: list[StagedFile]) -> list[tuple[int, int]]:
+    return [(f.fd, f.dev) for f in staged]
+
+
 _ENTRY_FIELDS = tuple(f.name for f in fields(QueueEntry))
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))
 
@@ -118,11 +136,14 @@ _RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))
 class Spool:
     """Durable message store with group commit."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, sync: SyncMethod | Syncer = "auto") -> None:
         self.root = Path(directory)
         self.queue_dir = self.root / "queue"
         self.queue_dir.mkdir(parents=True, exist_ok=True)
         self._dir = os.fspath(self.queue_dir)
+        # storage.sync; a Syncer is used as given (tests inject failing ones).
+        self._sync = sync if isinstance(sync, Syncer) else make_syncer(sync)
+        self._sync.watch(self._dir)
         self._committer: GroupCommitter[tuple[QueueEntry, bytes], None] = GroupCommitter(
             self._commit_batch, "spool-commit"
         )
@@ -142,10 +163,11 @@ class Spool:
         self._commit([(entry, message)])
 
     async def store(self, entry: QueueEntry, message: bytes) -> None:
-        """Store durably; returns only once message and metadata are fsync'd.
+        """Store durably; returns only once message and metadata are synced.
 
         Concurrent callers are group-committed (:class:`GroupCommitter`): one thread
-        fsyncs every file of a batch, then the directory once, and wakes the callers.
+        writes every file of a batch, syncs their data, renames them into place,
+        syncs the directory, and wakes the callers.
         """
         await self._committer.submit((entry, message))
 
@@ -154,16 +176,57 @@ class Spool:
         return [None] * len(items)
 
     def _commit(self, items: list[tuple[QueueEntry, bytes]]) -> None:
+        """Write, sync, rename, sync the directory (blocking); on any error nothing is stored."""
+        mark = self._sync.mark()
+        staged = stage_files(self._files(items))
+        try:
+            errors = self._sync.sync_files(_file_refs(staged), mark)
+        finally:
+            close_all(staged)
+        self._publish(staged, errors)
+        self._check_dir(staged, self._sync.sync_dirs(self._dir_refs(staged), mark))
+
+    def _files(self, items: list[tuple[QueueEntry, bytes]]) -> list[tuple[str, bytes]]:
+        """Every message file, then every metadata file: renamed in that order, so
+        recover() after a crash finds no .json without its .eml (and drops the
+        reverse)."""
         d = self._dir
-        # One round of fsyncs for the whole batch. Renames go messages first, and
-        # recover() drops a .json without its .eml (and vice versa) after a crash.
         files = [(os.path.join(d, f"{e.id}.eml"), msg) for e, msg in items]
         files += [(os.path.join(d, f"{e.id}.json"), e.to_json()) for e, _ in items]
-        write_files(files)
-        fsync_dir(d)
+        return files
+
+    def _dir_refs(self, staged: list[StagedFile]) -> list[tuple[str, int]]:
+        return [(self._dir, staged[0].dev)] if staged else []
+
+    @staticmethod
+    def _publish(staged: list[StagedFile], errors: dict[int, OSError]) -> None:
+        """Rename the synced temp files into place; if any sync failed, none of them."""
+        if errors:
+            discard(staged)
+            raise next(iter(errors.values()))
+        for f in staged:
+            os.replace(f.tmp, f.path)
+
+    @staticmethod
+    def _check_dir(staged: list[StagedFile], failed: dict[str, OSError]) -> None:
+        """If the directory sync failed, remove the renamed files again and raise.
+
+        The callers are told it failed, so a later restart must not deliver them
+        too; .json files go first, so no .json is ever left without its .eml.
+        """
+        if not failed:
+            return
+        for f in reversed(staged):
+            with contextlib.suppress(OSError):
+                os.unlink(f.path)
+        raise next(iter(failed.values()))
 
     def update(self, entry: QueueEntry) -> None:
-        """Persist new delivery state (atomic replace; file and directory fsync'd)."""
+        """Persist new delivery state (atomic replace; file and directory fsync'd).
+
+        One file, from several queue workers at once: an fsync of that file and of
+        the directory costs less than a ``syncfs`` of the whole file system each.
+        """
         write_file(self.meta_path(entry.id), entry.to_json())
         fsync_dir(self._dir)
 
