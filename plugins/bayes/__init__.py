@@ -34,6 +34,7 @@ JUNK_FOLDER = ".Junk"
 # Scoring a typical message takes ~0.3-0.5 ms but a 512 KB one takes tens of ms:
 # below this size the thread hand-off would cost more than it saves.
 INLINE_MAX_BYTES = 8 * 1024
+_HEADER_CACHE_MAX = 4096  # distinct probabilities whose header fields are kept
 
 
 def shipped_model_path() -> Path:
@@ -143,6 +144,11 @@ class BayesPlugin:
         self.hasher = Hasher()
         self.holder: ModelHolder | None = None
         self.local_maildir: Any = None  # callable: recipient -> True when filed locally
+        s = self.settings
+        # Header mutations are immutable values: the removals are built once, the
+        # additions once per distinct probability (see _status_headers).
+        self._remove_headers = (RemoveHeader(s.score_header), RemoveHeader(s.status_header))
+        self._headers_by_p: dict[float, tuple[float, AddHeader, AddHeader]] = {}
 
     @hookimpl
     def mailflow_startup(self, app: Any) -> None:
@@ -167,52 +173,70 @@ class BayesPlugin:
         )
 
     def classify(self, raw: bytes) -> dict[str, Any]:
-        """Spam probability, score and top tokens of one message (thread-safe)."""
+        """Spam probability, log-odds and top tokens of one message (thread-safe)."""
         holder = self.holder
         if holder is None:
             raise RuntimeError("bayes: mailflow_startup has not run")
         holder.maybe_reload()
-        model = holder.model
+        return self._classify(raw, holder.model)
+
+    def _classify(self, raw: bytes, model: Model) -> dict[str, Any]:
+        """``classify`` with the model given (no reload check)."""
         tokens = extract_tokens(raw)
-        columns = self.hasher.column_array(tokens)
-        log_odds = model.log_odds_of_columns(columns)
+        top = self.settings.top_tokens
+        log_odds, contributions = model.score(tokens, self.hasher.column_array(tokens), top)
         details: dict[str, Any] = {
             "probability": round(logistic(log_odds), 6),
             "log_odds": round(log_odds, 3),
         }
-        if self.settings.top_tokens:
-            details["tokens"] = model.contributions(tokens, columns, self.settings.top_tokens)
+        if top:
+            details["tokens"] = contributions
         return details
 
     @hookimpl
     async def mailflow_data(self, message: Any) -> Result:
-        if self.holder is not None and self.holder.due():
+        holder = self.holder
+        if holder is None:
+            raise RuntimeError("bayes: mailflow_startup has not run")
+        if holder.due():
             # Loading a model takes ~0.1 s: never on the event loop.
-            await asyncio.to_thread(self.holder.maybe_reload)
+            await asyncio.to_thread(holder.maybe_reload)
         raw = message.raw
         if len(raw) > INLINE_MAX_BYTES:
-            details = await asyncio.to_thread(self.classify, raw)
+            details = await asyncio.to_thread(self._classify, raw, holder.model)
         else:
-            details = self.classify(raw)
-        return self.result(details, list(message.envelope.rcpt_tos))
+            details = self._classify(raw, holder.model)
+        return self.result(details, message.envelope.rcpt_tos)
+
+    def _status_headers(self, p: Probability) -> tuple[float, AddHeader, AddHeader]:
+        """Score and the two header fields for probability ``p`` (memoised: most mail
+        scores close to 0 or 1, so the same few values come back)."""
+        cached = self._headers_by_p.get(p)
+        if cached is None:
+            s = self.settings
+            score = score_from_probability(p)
+            verdict = "Yes" if p >= s.spam_threshold else "No"
+            status = f"{verdict}, score={score:.2f} probability={p:.4f}"
+            cached = (
+                score,
+                AddHeader(s.score_header, f"{score:.2f}"),
+                AddHeader(s.status_header, status),
+            )
+            if len(self._headers_by_p) >= _HEADER_CACHE_MAX:
+                self._headers_by_p = {}
+            self._headers_by_p[p] = cached
+        return cached
 
     def result(self, details: dict[str, Any], recipients: list[str]) -> Result:
         """Headers, score and (when configured) a verdict for a classified message."""
         s = self.settings
         p = details["probability"]
-        score = score_from_probability(p)
-        is_spam = p >= s.spam_threshold
-        status = f"{'Yes' if is_spam else 'No'}, score={score:.2f} probability={p:.4f}"
+        score, score_header, status_header = self._status_headers(p)
         result = Result(
             score=score,
             details=details,
-            mutations=[
-                # A sender's own "X-Spam-Status: No" must not survive next to ours.
-                RemoveHeader(s.score_header),
-                RemoveHeader(s.status_header),
-                AddHeader(s.score_header, f"{score:.2f}"),
-                AddHeader(s.status_header, status),
-            ],
+            # A sender's own "X-Spam-Status: No" must not survive next to ours.
+            mutations=[*self._remove_headers, score_header, status_header],
         )
         if s.reject is not None and p >= s.reject:
             verdict = Result.reject(f"Message looks like spam (probability {p:.3f})")

@@ -151,16 +151,45 @@ class Model:
 
         ``columns[i]`` is the hashed column of ``tokens[i]`` (see ``Hasher.columns``).
         """
-        if not tokens or top <= 0:
-            return []
-        w = self.weights()[columns]
-        top = min(top, len(tokens))
-        key = -np.abs(w)
-        best = np.argpartition(key, top - 1)[:top]
-        best = best[np.argsort(key[best], kind="stable")]
-        return [
-            {"token": tokens[i], "weight": round(v, 3)}
-            for i, v in zip(best.tolist(), w[best].tolist(), strict=True)
+        return self.score(tokens, columns, top)[1]
+
+    def score(
+        self, tokens: list[str], columns: np.ndarray, top: int
+    ) -> tuple[float, list[dict[str, Any]]]:
+        """``log_odds_of_columns(columns)`` and ``contributions(tokens, columns, top)`` at once.
+
+        The message's weights are gathered once, in column order: the log-odds sum runs
+        over the sorted unique columns exactly as :meth:`log_odds` does over
+        ``np.unique`` (same values, same order, so the same float), and the top tokens
+        are picked from the same array with one partial sort of ``|weight|``. Tokens
+        tied on ``|weight|`` at the cut-off are picked in column order.
+        """
+        weights = self.weights()
+        n = len(columns)
+        order = columns.argsort()
+        cols = columns[order]
+        w = weights[cols]  # float32, column order
+        if n > 1 and np.count_nonzero(cols[1:] == cols[:-1]):
+            # Two tokens of the message share a column (rare): the sum counts it once.
+            keep = np.empty(n, dtype=bool)
+            keep[0] = True
+            np.not_equal(cols[1:], cols[:-1], out=keep[1:])
+            total = np.add.reduce(w[keep], dtype=np.float64)
+        else:
+            total = np.add.reduce(w, dtype=np.float64)
+        log_odds = self._bias + float(total)
+        k = min(top, n)
+        if k <= 0:
+            return log_odds, []
+        key = np.negative(np.abs(w))
+        if k < n:
+            best = np.argpartition(key, k - 1)[:k]
+            best = best[key[best].argsort(kind="stable")]
+        else:
+            best = key.argsort(kind="stable")
+        return log_odds, [
+            {"token": tokens[i], "weight": _round3(v)}
+            for i, v in zip(order[best].tolist(), w[best].tolist(), strict=True)
         ]
 
     # --- files ----------------------------------------------------------------------------
@@ -258,6 +287,24 @@ def matrix(rows: list[np.ndarray], n_features: int) -> sp.csr_matrix:
     indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     data = np.ones(len(indices), dtype=np.float64)
     return sp.csr_matrix((data, indices, indptr), shape=(len(rows), n_features))
+
+
+_ROUNDED: dict[float, float] = {}
+_ROUNDED_MAX = 8192  # distinct weights remembered (a dict of floats: well under 1 MB)
+
+
+def _round3(value: float) -> float:
+    """``round(value, 3)``, memoised: ``round`` with digits formats the float (slow), and
+    a model has a limited set of distinct weights. Zero is not memoised (0.0 and -0.0 are
+    one dict key but round to different floats)."""
+    if not value:
+        return round(value, 3)
+    rounded = _ROUNDED.get(value)
+    if rounded is None:
+        if len(_ROUNDED) >= _ROUNDED_MAX:
+            _ROUNDED.clear()
+        rounded = _ROUNDED[value] = round(value, 3)
+    return rounded
 
 
 def logistic(z: float) -> float:
