@@ -70,9 +70,22 @@ class RelayTransport:
     def __init__(self, app: App) -> None:
         self.app = app
         self.pool = _pool(app)
+        self._destinations: dict[str, Destination] = {}  # target name -> how to reach it
 
     def resolve(self, name: str) -> RelayTarget | None:
         return self.app.config.relay.targets.get(name) or _parse_host_port(name)
+
+    def destination(self, name: str) -> Destination | None:
+        """The :class:`Destination` of a target name (remembered: the config is fixed)."""
+        dest = self._destinations.get(name)
+        if dest is None:
+            target = self.resolve(name)
+            if target is None:
+                return None
+            if len(self._destinations) >= 1024:  # host:port targets set by plugins
+                self._destinations.clear()
+            dest = self._destinations[name] = target_destination(target)
+        return dest
 
     async def __call__(
         self, entry: QueueEntry, message: bytes, rcpts: list[RecipientState], route: Route
@@ -80,12 +93,11 @@ class RelayTransport:
         name = route.target or self.app.config.relay.default
         if name == "none":
             return {r.address: NO_RELAY for r in rcpts}
-        target = self.resolve(name)
-        if target is None:
+        dest = self.destination(name)
+        if dest is None:
             # The config changed under a queued message: keep it until the admin fixes it.
             outcome = Outcome(451, f"4.3.5 unknown relay target {name!r}")
             return {r.address: outcome for r in rcpts}
-        dest = target_destination(target)
         try:
             return await self.pool.send(dest, entry.sender, [r.address for r in rcpts], message)
         except SessionError as exc:

@@ -1,10 +1,11 @@
 """Outbound SMTP sessions: connect, STARTTLS policy, AUTH, one transaction, reuse.
 
 The relay and MX transports (``relay.py``) decide *where* a message goes; this module
-knows *how* to talk to one host. A session that finished a transaction cleanly goes
-back to a small per-destination pool and is reused for the next message after RSET
-(RFC 5321 4.1.1.5), so a burst of relayed mail costs one TCP+TLS+AUTH handshake.
-Idle sessions get QUIT after ``pool_idle`` seconds.
+knows *how* to talk to one host, with the client in ``smtp_client.py``. A session that
+finished a transaction cleanly goes back to a small per-destination pool and is
+reused for the next message (RFC 5321 4.1.1.5: RSET first only if the previous
+transaction did not end cleanly), so a burst of relayed mail costs one TCP+TLS+AUTH
+handshake. Idle sessions get QUIT after ``pool_idle`` seconds.
 
 Every failure to *reach* a host becomes a :class:`SessionError` carrying a 4xx
 :class:`Outcome`: a connection refused, a timeout or a TLS policy violation never
@@ -14,24 +15,20 @@ bounces mail, it is retried (RFC 5321 4.5.4.1).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
-import aiosmtplib
-
 from mailflow.delivery.outcome import Outcome
+from mailflow.delivery.smtp_client import ReplyError, SessionClosed, SMTPSession
 
 log = logging.getLogger("mailflow.relay")
 
 TLSPolicy = Literal["none", "opportunistic", "required", "verify"]
 
 QUIT_TIMEOUT = 2.0  # seconds to wait for the reply to QUIT before just closing
-RSET_TIMEOUT = 5.0  # a pooled session that cannot RSET this fast is discarded
 
 
 class SessionError(Exception):
@@ -84,9 +81,7 @@ def _temp(status: str, text: str) -> SessionError:
     return SessionError(Outcome(451, f"{status} {text}"))
 
 
-def _reply_outcome(exc: aiosmtplib.SMTPResponseException) -> Outcome:
-    text = " ".join(str(exc.message).split())  # multi-line replies -> one line
-    return Outcome(exc.code, text)
+IdleKey = tuple[str, int, str, str, str]
 
 
 class SMTPPool:
@@ -96,136 +91,165 @@ class SMTPPool:
         self.helo_name = helo_name
         self.size = size
         self.idle = idle
-        self._idle: dict[tuple[str, int, str, str, str], list[tuple[aiosmtplib.SMTP, float]]]
-        self._idle = defaultdict(list)
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        # Idle sessions per destination with the loop time they were released at;
+        # the most recently used is taken first.
+        self._idle: dict[IdleKey, list[tuple[SMTPSession, float]]] = defaultdict(list)
+        self._sweeper: asyncio.TimerHandle | None = None  # one timer for all idle sessions
         self._closing: set[asyncio.Task[None]] = set()
+        self._contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self.opened = 0  # sessions opened so far (for tests and metrics)
 
     # --- opening --------------------------------------------------------------------------
 
-    async def open(self, dest: Destination) -> aiosmtplib.SMTP:
+    async def open(self, dest: Destination) -> SMTPSession:
         """Connect, EHLO, apply the TLS policy, AUTH; raise :class:`SessionError`."""
-        client = aiosmtplib.SMTP(
-            hostname=dest.host,
-            port=dest.port,
-            local_hostname=self.helo_name,
-            timeout=dest.timeout,
-            start_tls=False,  # we apply the policy ourselves, below
-            use_tls=False,
-        )
         try:
-            await self._setup(client, dest, allow_tls=True)
+            session = await self._setup(dest)
         except SessionError:
-            client.close()
             raise
-        except aiosmtplib.SMTPResponseException as exc:
-            client.close()
-            # A 5xx greeting or EHLO reply still only means "not now" for this host.
-            raise _temp("4.4.2", f"{dest} said: {_reply_outcome(exc)}") from exc
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            client.close()
+        except ReplyError as exc:
+            # A 4xx/5xx greeting or EHLO reply still only means "not now" for this host.
+            raise _temp("4.4.2", f"{dest} said: {exc.reply}") from exc
+        except (OSError, TimeoutError) as exc:
             raise _temp("4.4.1", f"cannot talk to {dest}: {_describe(exc)}") from exc
         self.opened += 1
-        return client
+        return session
 
-    async def _setup(self, client: aiosmtplib.SMTP, dest: Destination, allow_tls: bool) -> None:
-        await client.connect()
-        await client.ehlo()
-        if dest.tls != "none" and allow_tls:
-            await self._starttls(client, dest)
-        if dest.username:
-            # Never hand out credentials in the clear.
-            if client.get_transport_info("sslcontext") is None:
-                raise _temp("4.7.0", f"not sending AUTH credentials to {dest} without TLS")
-            try:
-                await client.login(dest.username, dest.password or "")
-            except aiosmtplib.SMTPAuthenticationError as exc:
-                # Deferred, not bounced: a wrong password is the admin's to fix.
-                raise _temp("4.7.8", f"AUTH at {dest} failed: {_reply_outcome(exc)}") from exc
+    async def _connect(self, dest: Destination) -> SMTPSession:
+        session, greeting = await SMTPSession.connect(dest.host, dest.port, dest.timeout)
+        try:
+            if greeting.code != 220:
+                raise ReplyError("greeting", greeting)
+            await session.hello(self.helo_name)
+        except BaseException:
+            session.close()
+            raise
+        return session
 
-    async def _starttls(self, client: aiosmtplib.SMTP, dest: Destination) -> None:
-        """RFC 3207: STARTTLS per policy; must be followed by a fresh EHLO (4.2)."""
+    async def _setup(self, dest: Destination) -> SMTPSession:
+        session = await self._connect(dest)
+        try:
+            if dest.tls != "none":
+                session = await self._starttls(session, dest)
+            if dest.username:
+                # Never hand out credentials in the clear.
+                if not session.tls:
+                    raise _temp("4.7.0", f"not sending AUTH credentials to {dest} without TLS")
+                try:
+                    await session.login(dest.username, dest.password or "")
+                except (ReplyError, ValueError) as exc:
+                    # Deferred, not bounced: a wrong password is the admin's to fix.
+                    raise _temp("4.7.8", f"AUTH at {dest} failed: {exc}") from exc
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def _context(self, dest: Destination) -> ssl.SSLContext:
+        """One context per (verify?, CA file): loading the CA store costs milliseconds."""
+        key = (dest.tls == "verify", dest.ca_file)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._contexts[key] = _tls_context(dest)
+        return ctx
+
+    async def _starttls(self, session: SMTPSession, dest: Destination) -> SMTPSession:
+        """RFC 3207: STARTTLS per policy; must be followed by a fresh EHLO (4.2).
+
+        Returns the session to go on with: a new clear-text one when an opportunistic
+        handshake failed.
+        """
         strict = dest.tls in ("required", "verify")
-        if not client.supports_extension("starttls"):
+        if not session.supports("starttls"):
             if strict:
                 raise _temp("4.7.5", f"TLS {dest.tls} but {dest} does not offer STARTTLS")
-            return
+            return session
         try:
-            await client.starttls(
-                tls_context=_tls_context(dest), server_hostname=dest.tls_name or dest.host
-            )
-        except (ssl.SSLError, aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await session.starttls(self._context(dest), dest.tls_name or dest.host)
+        except ReplyError as exc:
+            if strict:
+                raise _temp("4.7.5", f"{dest} refused STARTTLS: {exc.reply}") from exc
+            log.info("relay: %s refused STARTTLS (%s); going on without TLS", dest, exc.reply)
+            return session  # a refused STARTTLS leaves the session as it was
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            session.close()
             if strict:
                 raise _temp("4.7.5", f"TLS with {dest} failed: {_describe(exc)}") from exc
             # Opportunistic: the session is unusable after a failed handshake; start
             # over in clear text rather than not delivering at all (RFC 7435).
             log.info("relay: STARTTLS with %s failed (%s); retrying without TLS", dest, exc)
-            client.close()
-            await client.connect()
-            await client.ehlo()
-            return
-        await client.ehlo()
+            return await self._connect(dest)
+        await session.hello(self.helo_name)
+        return session
 
     # --- the pool -------------------------------------------------------------------------
 
-    async def acquire(self, dest: Destination) -> tuple[aiosmtplib.SMTP, bool]:
-        """An idle session to ``dest`` that still answers RSET, or a new one.
+    async def acquire(self, dest: Destination) -> tuple[SMTPSession, bool]:
+        """An idle session to ``dest`` that is still open, or a new one.
 
-        Returns the session and whether it was reused from the pool.
+        Returns the session and whether it was reused from the pool. Whether the
+        server still answers shows in the transaction itself: a session found
+        closed before the message was sent is replaced by :meth:`send`.
         """
         idle = self._idle.get(dest.key)
-        while idle:
-            client, _ = idle.pop()
-            self._cancel_timer(client)
-            if not client.is_connected:
-                continue
-            try:
-                await client.rset(timeout=RSET_TIMEOUT)
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                client.close()
-                continue
-            return client, True
+        if idle:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                session, since = idle.pop()
+                if session.idle_clean and now - since < self.idle:
+                    return session, True
+                self._quit(session)
         return await self.open(dest), False
 
-    def release(self, dest: Destination, client: aiosmtplib.SMTP, reusable: bool = True) -> None:
+    def release(self, dest: Destination, session: SMTPSession, reusable: bool = True) -> None:
         """Give a session back; it is kept only if it ended a transaction cleanly."""
         idle = self._idle[dest.key]
-        if not reusable or not client.is_connected or len(idle) >= self.size or self.idle <= 0:
-            self._quit(client)
+        if not reusable or not session.idle_clean or len(idle) >= self.size or self.idle <= 0:
+            self._quit(session)
             return
-        idle.append((client, time.monotonic()))
         loop = asyncio.get_running_loop()
-        self._timers[id(client)] = loop.call_later(self.idle, self._expire, dest.key, client)
+        idle.append((session, loop.time()))
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.idle, self._sweep)
 
-    def _expire(self, key: tuple[str, int, str, str, str], client: aiosmtplib.SMTP) -> None:
-        self._timers.pop(id(client), None)
-        idle = self._idle.get(key, [])
-        for i, (c, _) in enumerate(idle):
-            if c is client:
-                del idle[i]
-                self._quit(client)
-                break
+    def _sweep(self) -> None:
+        """QUIT sessions idle for ``pool_idle`` seconds; come back for the next one."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        next_due: float | None = None
+        for key, idle in list(self._idle.items()):
+            keep = []
+            for session, since in idle:
+                if now - since >= self.idle or not session.idle_clean:
+                    self._quit(session)
+                else:
+                    keep.append((session, since))
+                    due = since + self.idle
+                    next_due = due if next_due is None else min(next_due, due)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if next_due is not None:
+            self._sweeper = loop.call_at(next_due, self._sweep)
 
-    def _cancel_timer(self, client: aiosmtplib.SMTP) -> None:
-        timer = self._timers.pop(id(client), None)
-        if timer is not None:
-            timer.cancel()
-
-    def _quit(self, client: aiosmtplib.SMTP) -> None:
-        if not client.is_connected:
-            client.close()
+    def _quit(self, session: SMTPSession) -> None:
+        if not session.is_open:
+            session.close()
             return
-        task = asyncio.get_running_loop().create_task(_polite_quit(client))
+        task = asyncio.get_running_loop().create_task(session.quit(QUIT_TIMEOUT))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         """QUIT every idle session (at shutdown)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
-            for client, _ in idle:
-                self._cancel_timer(client)
-                self._quit(client)
+            for session, _ in idle:
+                self._quit(session)
         self._idle.clear()
         if self._closing:
             await asyncio.wait(self._closing, timeout=QUIT_TIMEOUT * 2)
@@ -237,85 +261,35 @@ class SMTPPool:
     ) -> dict[str, Outcome]:
         """Deliver over a pooled session; raise :class:`SessionError` if none is usable.
 
-        A pooled session may have been closed by the server since its last use; in
-        that case the transaction is retried once on a fresh session.
+        A pooled session may have been closed by the server since its last use; if
+        that shows before the message itself was sent, the transaction is repeated
+        once on a fresh session. After the message was sent it might have arrived:
+        it is retried later (a possible duplicate, RFC 5321 6.1), never at once.
         """
-        client, reused = await self.acquire(dest)
+        session, reused = await self.acquire(dest)
         while True:
             try:
-                outcomes = await transaction(client, sender, rcpts, message)
-            except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-                client.close()
-                if reused:  # the server closed our idle session: one fresh try
-                    client, reused = await self.open(dest), False
+                outcomes = await session.send_message(sender, rcpts, message)
+            except SessionClosed as exc:
+                session.abort()
+                if reused and not exc.data_sent:  # the server closed our idle session
+                    session, reused = await self.open(dest), False
                     continue
+                if exc.data_sent:
+                    raise _temp(
+                        "4.4.2", f"connection to {dest} lost after DATA: {_describe(exc)}"
+                    ) from exc
+                if exc.reply is not None:  # 421: the server is going away (RFC 5321 3.8)
+                    raise SessionError(exc.reply.outcome) from exc
                 raise _temp("4.4.2", f"connection to {dest} lost: {_describe(exc)}") from exc
-            except SessionError:
-                client.close()
-                raise
-            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                client.close()
+            except (OSError, TimeoutError) as exc:
+                session.abort()
                 raise _temp("4.4.2", f"{dest}: {_describe(exc)}") from exc
-            self.release(dest, client)
+            except BaseException:
+                session.abort()
+                raise
+            self.release(dest, session)
             return outcomes
-
-
-async def transaction(
-    client: aiosmtplib.SMTP, sender: str, rcpts: list[str], message: bytes
-) -> dict[str, Outcome]:
-    """MAIL, one RCPT per recipient, DATA: an :class:`Outcome` per recipient.
-
-    RCPT replies are per recipient; the DATA reply applies to every recipient
-    accepted at RCPT (RFC 5321 3.3). A refused MAIL FROM applies to all.
-    """
-    options = []
-    if client.supports_extension("size"):
-        options.append(f"SIZE={len(message)}")  # RFC 1870
-    if client.supports_extension("8bitmime") and not message.isascii():
-        options.append("BODY=8BITMIME")  # RFC 6152
-    try:
-        await client.mail(sender, options=options)
-    except aiosmtplib.SMTPSenderRefused as exc:
-        outcome = _reply_outcome(exc)
-        await _rset_quietly(client)
-        return dict.fromkeys(rcpts, outcome)
-    out: dict[str, Outcome] = {}
-    accepted: list[str] = []
-    for rcpt in rcpts:
-        try:
-            await client.rcpt(rcpt)
-            accepted.append(rcpt)
-        except aiosmtplib.SMTPRecipientRefused as exc:
-            out[rcpt] = _reply_outcome(exc)
-    if not accepted:
-        await _rset_quietly(client)  # RFC 5321 3.3: no DATA without a recipient
-        return out
-    try:
-        reply = await client.data(message)
-    except aiosmtplib.SMTPDataError as exc:
-        outcome = _reply_outcome(exc)
-    except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-        # The message may have arrived: retry it later (a possible duplicate, RFC 5321
-        # 6.1), never at once on a fresh session as if nothing had been sent.
-        raise _temp("4.4.2", f"connection lost after DATA: {_describe(exc)}") from exc
-    else:
-        outcome = Outcome(reply.code, " ".join(reply.message.split()))
-    out.update(dict.fromkeys(accepted, outcome))
-    return out
-
-
-async def _rset_quietly(client: aiosmtplib.SMTP) -> None:
-    with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-        await client.rset(timeout=RSET_TIMEOUT)
-
-
-async def _polite_quit(client: aiosmtplib.SMTP) -> None:
-    try:
-        await client.quit(timeout=QUIT_TIMEOUT)
-    except (aiosmtplib.SMTPException, OSError, TimeoutError):
-        pass
-    finally:
-        client.close()
 
 
 def _describe(exc: BaseException) -> str:
