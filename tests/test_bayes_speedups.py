@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import html
+import random
 import re
 
 import numpy as np
 import pytest
 from mailflow_plugins.bayes import features
 from mailflow_plugins.bayes.features import Hasher, _words
-from mailflow_plugins.bayes.mime import parse_headers, split_entity
+from mailflow_plugins.bayes.mime import parse, parse_headers, split_entity
 from mailflow_plugins.bayes.model import Model
 from sklearn.utils import murmurhash3_32
 
-from tests.bayes_support import corpus_files
+from tests.bayes_support import corpus_files, mime_message
 
 
 def _reference_headers(block: bytes) -> dict[str, list[str]]:
@@ -135,3 +137,75 @@ def test_hash_cache_stays_bounded_and_correct_under_threads(monkeypatch):
         t.join()
     assert not errors
     assert len(hasher._cache) <= 50 + 4 * 22
+
+
+def test_header_parser_and_split_match_the_originals_on_random_blocks():
+    """Random mixes of CR, LF, CRLF, folds and other line breaks (the CRLF fast paths
+    must fall back whenever a bare CR or LF would make them differ)."""
+    rng = random.Random(1)
+    pieces = [b"\r", b"\n", b"\r\n", b" ", b"\t", b"a", b"B", b":", b"\x0b", b"\xc2\x85"]
+    pieces += [b"\x1c", b"x: y", b"\r\n ", b"\n\t", b"\r\r\n"]
+    for _ in range(20_000):
+        block = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        assert parse_headers(block) == _reference_headers(block), block
+        assert split_entity(block) == _reference_split(block), block
+
+
+def _reference_html_to_text(markup: str) -> str:
+    markup = features._COMMENT.sub(" ", features._SCRIPT_STYLE.sub(" ", markup))
+    return html.unescape(features._ANY_TAG.sub(" ", markup))
+
+
+@pytest.mark.parametrize(
+    "markup",
+    [
+        "<p>plain</p>",
+        "<SCRIPT>x()</SCRIPT><Style>p{}</STYLE>seen<!-- hidden -->",
+        "<\u017fcript>long s matches s ignoring case</script>after",
+        "a <s>strike</s> <!-- c --> &amp; <b>b</b>",
+        "no tags at all &lt;",
+        "",
+    ],
+)
+def test_html_to_text_skips_only_passes_that_cannot_match(markup):
+    assert features.html_to_text(markup) == _reference_html_to_text(markup)
+
+
+@pytest.mark.parametrize(
+    "markup",
+    [
+        "<HTML><Body><P>x</p>",
+        "< table ><TD>",
+        "<\u212aBD>kelvin</\u212abd><İmg>",
+        "<é><a1b2c3d4e5f6>",
+    ],
+)
+def test_html_tags_match_the_original_pattern(markup):
+    expected = {t.lower() for t in features._TAG.findall(markup)}
+    assert features._html_tags(markup, markup.lower()) == expected
+
+
+def test_cached_header_tokens_equal_uncached_ones():
+    subjects = ["FREE $$$ money!!!", "=?utf-8?b?w6lsw6k=?= ete", "[ILUG] list tag", "", "x" * 300]
+    senders = ['"Bob 123" <bob123@Mail.Example.COM>', "nobody", "=?utf-8?q?J=C3=BCrgen?= <j@x.de>"]
+    for _ in range(2):  # the second round comes from the caches
+        for value in subjects:
+            cached = features._cached(features._subject_tokens, value)
+            assert cached == features._subject_tokens.__wrapped__(value)
+        for value in senders:
+            cached = features._cached(features._sender_tokens, value)
+            assert cached == features._sender_tokens.__wrapped__(value)
+    assert features._cached(features._mailer_tokens, "Microsoft Outlook 6.0") == ("xm:microsoft",)
+
+
+def test_parts_sharing_a_header_block_parse_alike():
+    parts = [
+        ("text/plain; charset=us-ascii", b"first body", {}),
+        ("application/pdf; name=a.pdf", b"JVBERi0=", {"Content-Disposition": "attachment"}),
+        ("text/plain; charset=us-ascii", b"second body", {}),
+    ]
+    one, two = parse(mime_message(parts)), parse(mime_message(parts[::-1]))
+    for parsed in (one, two):  # the part order is symmetric: the same lists
+        assert [p.ctype for p in parsed.parts] == ["text/plain", "application/pdf", "text/plain"]
+        assert [p.filename for p in parsed.parts] == ["", "a.pdf", ""]
+    assert one.parts[0].text() == "first body" and two.parts[0].text() == "second body"

@@ -18,7 +18,8 @@ import functools
 import html
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import numpy as np
 from mailflow_plugins.bayes.mime import Parsed, decode_words, parse
@@ -54,6 +55,7 @@ _URL = re.compile(r"://([^/\s\"'<>?#\\]+)")
 _WWW = re.compile(r"www\.([a-z0-9-]+(?:\.[a-z0-9-]+)+)")
 _SCHEMES = ("http", "https", "ftp")
 _TAG = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,9})")
+_TAG_LOWER = re.compile(r"<\s*([a-z][a-z0-9]{0,9})")  # _TAG on lower-cased ASCII markup
 _SCRIPT_STYLE = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _ANY_TAG = re.compile(r"<[^>]*>")
@@ -83,8 +85,21 @@ def bucket(n: int, cap: int = 6) -> str:
 
 def html_to_text(markup: str) -> str:
     """Visible text of an HTML part (tags, scripts, styles, comments removed)."""
-    markup = _COMMENT.sub(" ", _SCRIPT_STYLE.sub(" ", markup))
+    # Each pattern can only match where its opening text occurs: substring tests (fast
+    # searches in C) let most markup skip two of the three regex passes. Ignoring case,
+    # the "s" of "<script" and "<style" matches "s", "S" and U+017F (long s) only.
+    if "<s" in markup or "<S" in markup or (not markup.isascii() and "<\u017f" in markup):
+        markup = _SCRIPT_STYLE.sub(" ", markup)
+    if "<!--" in markup:
+        markup = _COMMENT.sub(" ", markup)
     return html.unescape(_ANY_TAG.sub(" ", markup))
+
+
+def _html_tags(markup: str, lowered: str) -> set[str]:
+    """Lower-case names of the elements used in ``markup`` (``lowered`` is its .lower())."""
+    if markup.isascii():  # lower-casing ASCII changes nothing but A-Z: same matches
+        return set(_TAG_LOWER.findall(lowered))
+    return {t.lower() for t in _TAG.findall(markup)}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -161,10 +176,61 @@ def _header_tokens(parsed: Parsed, out: set[str]) -> None:
         values = h.get(name)
         return values[0] if values else ""
 
-    subject = _LIST_TAG.sub(" ", decode_words(first("subject")))
-    for w in _words(subject.lower()):
-        out.add("s:" + w)
-    if "=?" in first("subject"):
+    out.update(_cached(_subject_tokens, first("subject")))
+    sender, sender_domain = _cached(_sender_tokens, first("from"))
+    out.update(sender)
+
+    to = first("to")
+    if not to:
+        out.add("to:=missing")
+    elif "undisclosed" in to.lower():
+        out.add("to:=undisclosed")
+    out.add("to:n" + bucket(to.count("@") + first("cc").count("@")))
+    reply_to = first("reply-to")
+    if reply_to:
+        rm = _ADDRESS.search(reply_to)
+        if rm and (sender_domain is None or rm.group(1).lower() != sender_domain):
+            out.add("rt:=otherdomain")
+    for name in ("message-id", "date", "mime-version"):
+        if name not in h:
+            out.add("h:=no-" + name)
+    for name in _MAILER_HEADERS:
+        mailer = h.get(name)
+        if mailer:
+            out.update(_cached(_mailer_tokens, mailer[0]))
+    if "x-priority" in h or "x-msmail-priority" in h:
+        out.add("h:=priority")
+
+    received = h.get("received", [])
+    out.add("rcv:n" + bucket(len(received), 3))
+    for value in received:
+        rm = _RCV_FROM.match(value)
+        if rm is not None:
+            out.update(_hop_tokens(rm.group(1), rm.group(2)))
+
+
+_T = TypeVar("_T")
+# Tokens of Subject, From and X-Mailer/User-Agent values are cached by value (senders,
+# mailers and subjects of lists and notifications repeat): at most _VALUE_CACHE_MAX
+# values of at most _VALUE_CACHE_CHARS characters per function, about 1 KB per entry.
+_VALUE_CACHE_MAX = 2048
+_VALUE_CACHE_CHARS = 256
+
+
+def _cached(fn: Callable[[str], _T], value: str) -> _T:
+    """``fn(value)``, from ``fn``'s bounded cache when the value is short enough."""
+    if len(value) > _VALUE_CACHE_CHARS:
+        return fn.__wrapped__(value)  # type: ignore[attr-defined]
+    return fn(value)
+
+
+@functools.lru_cache(maxsize=_VALUE_CACHE_MAX)
+def _subject_tokens(raw: str) -> tuple[str, ...]:
+    """Tokens of a raw Subject value: words (``s:``) and shape flags."""
+    out: set[str] = set()
+    subject = _LIST_TAG.sub(" ", decode_words(raw))
+    out.update(map("s:".__add__, _words(subject.lower())))
+    if "=?" in raw:
         out.add("s:=encoded")
     if subject.isascii():  # count in C: delete the letters / capitals and compare lengths
         b = subject.encode("ascii")
@@ -181,45 +247,31 @@ def _header_tokens(parsed: Parsed, out: set[str]) -> None:
         out.add("s:$money")
     if not subject.strip():
         out.add("s:=empty")
+    return tuple(out)
 
-    sender = decode_words(first("from"))
+
+@functools.lru_cache(maxsize=_VALUE_CACHE_MAX)
+def _sender_tokens(raw: str) -> tuple[tuple[str, ...], str | None]:
+    """Tokens of a raw From value, and its address' domain (lower case) if it has one."""
+    sender = decode_words(raw)
     name, _, _ = sender.partition("<")
-    for w in _words(name.lower()):
-        out.add("fn:" + w)
+    out = set(map("fn:".__add__, _words(name.lower())))
     m = _ADDRESS.search(sender)
-    if m:
-        out.update(_domain_tokens(m.group(1), "f:"))
-        local = sender[: m.start(1)].rsplit("<", 1)[-1]
-        if sum(c.isdigit() for c in local) >= 3:
-            out.add("f:=digits")
-    else:
+    if not m:
         out.add("f:=noaddr")
+        return tuple(out), None
+    out.update(_domain_tokens(m.group(1), "f:"))
+    local = sender[: m.start(1)].rsplit("<", 1)[-1]
+    if sum(c.isdigit() for c in local) >= 3:
+        out.add("f:=digits")
+    return tuple(out), m.group(1).lower()
 
-    to = first("to")
-    if not to:
-        out.add("to:=missing")
-    elif "undisclosed" in to.lower():
-        out.add("to:=undisclosed")
-    out.add("to:n" + bucket(to.count("@") + first("cc").count("@")))
-    reply_to = _ADDRESS.search(first("reply-to"))
-    if reply_to and (not m or reply_to.group(1).lower() != m.group(1).lower()):
-        out.add("rt:=otherdomain")
-    for name in ("message-id", "date", "mime-version"):
-        if name not in h:
-            out.add("h:=no-" + name)
-    for name in _MAILER_HEADERS:
-        product = _words(first(name).lower())
-        if product:
-            out.add(f"xm:{product[0]}")
-    if "x-priority" in h or "x-msmail-priority" in h:
-        out.add("h:=priority")
 
-    received = h.get("received", [])
-    out.add("rcv:n" + bucket(len(received), 3))
-    for value in received:
-        rm = _RCV_FROM.match(value)
-        if rm is not None:
-            out.update(_hop_tokens(rm.group(1), rm.group(2)))
+@functools.lru_cache(maxsize=_VALUE_CACHE_MAX)
+def _mailer_tokens(raw: str) -> tuple[str, ...]:
+    """``xm:`` + the first word (the product) of an X-Mailer or User-Agent value."""
+    product = _words(raw.lower())
+    return (f"xm:{product[0]}",) if product else ()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -269,9 +321,11 @@ def extract_tokens(raw: bytes) -> list[str]:
             text = part.text()
             if ctype == "text/html":
                 has_html = True
-                out.update("tag:" + t.lower() for t in _TAG.findall(text[:MAX_TEXT_CHARS]))
+                markup = text[:MAX_TEXT_CHARS]
+                lowered = markup.lower()
+                out.update(map("tag:".__add__, _html_tags(markup, lowered)))
                 # URLs hide in attributes, so take them from the markup, words from the text.
-                _url_tokens(text[:MAX_TEXT_CHARS].lower(), out)
+                _url_tokens(lowered, out)
                 text = html_to_text(text)
             else:
                 has_plain = True

@@ -21,19 +21,32 @@ MAX_DEPTH = 8  # nested multiparts deeper than this are treated as opaque
 MAX_PARTS = 64  # enough for real mail; bounds work on MIME bombs
 MAX_PART_BYTES = 256 * 1024  # encoded bytes of one text part that are decoded
 
-_UNFOLD = re.compile(rb"\n[ \t]+")  # after CRLF -> LF: see parse_headers
+_UNFOLD = re.compile(rb"\n[ \t]+")  # after CRLF -> LF: see _unfold
+_UNFOLD_CRLF = re.compile(rb"\r\n[ \t]+")
+# Bounded caches of pure functions of header text (exact: the same input always gives
+# the same result; the dicts are replaced by empty ones when full). Content-Type values
+# repeat from message to message ("text/plain; charset=us-ascii"), and so do whole
+# header blocks of leaf MIME parts, which mail software writes the same way each time.
+# Multipart values are not kept: their boundary makes each one unique.
+_CACHE_MAX = 1024  # entries per cache
+_HEAD_KEY_MAX = 1024  # longer header blocks are not cached (<= ~2 MB for the block cache)
 _PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
 
 
 @dataclass(slots=True)
 class Part:
-    """One leaf MIME part: its content type, parameters, headers and raw body."""
+    """One leaf MIME part: its content type, parameters, headers and raw body.
+
+    ``params`` and ``headers`` may be shared with other parts and messages (see
+    ``_entity_head``): treat them as read-only.
+    """
 
     ctype: str
     params: dict[str, str]
     headers: dict[str, list[str]]
     body: bytes
     path: str = ""  # e.g. "multipart/mixed>multipart/alternative>text/html"
+    _filename: str | None = field(default=None, repr=False, compare=False)
 
     def header(self, name: str) -> str:
         values = self.headers.get(name)
@@ -41,16 +54,24 @@ class Part:
 
     @property
     def filename(self) -> str:
-        name = self.params.get("name", "")
-        disposition = self.header("content-disposition")
-        if disposition:
-            name = parse_params(disposition).get("filename", name)
-        return decode_words(name)
+        name = self._filename
+        if name is None:
+            name = self._filename = filename_of(self.params, self.headers)
+        return name
 
     def text(self) -> str:
         """The decoded body as text (transfer encoding and charset undone)."""
         data = decode_transfer(self.body[:MAX_PART_BYTES], self.header("content-transfer-encoding"))
         return decode_charset(data, self.params.get("charset", ""))
+
+
+def filename_of(params: dict[str, str], headers: dict[str, list[str]]) -> str:
+    """The decoded file name of a part (Content-Disposition filename, else the type's name)."""
+    name = params.get("name", "")
+    values = headers.get("content-disposition")
+    if values and values[0]:
+        name = parse_params(values[0]).get("filename", name)
+    return decode_words(name)
 
 
 @dataclass(slots=True)
@@ -66,10 +87,7 @@ def parse_headers(block: bytes) -> dict[str, list[str]]:
     """Header block -> {lower-case name: [values]}, unfolded, raw (not RFC 2047 decoded)."""
     headers: dict[str, list[str]] = {}
     if b"\n " in block or b"\n\t" in block:
-        # Unfold: CRLF -> LF first (splitlines treats both as one line break), so the
-        # pattern starts with a literal and the regex engine can skip ahead with a
-        # fast search instead of trying every position (4x faster than "\r?\n[ \t]+").
-        block = _UNFOLD.sub(b" ", block.replace(b"\r\n", b"\n"))
+        block = _unfold(block)
     for line in block.decode("utf-8", "surrogateescape").splitlines():
         name, sep, value = line.partition(":")
         if sep and name:
@@ -82,6 +100,25 @@ def parse_headers(block: bytes) -> dict[str, list[str]]:
                 else:
                     values.append(value.strip())
     return headers
+
+
+def _unfold(block: bytes) -> bytes:
+    """Join continuation lines: CRLF -> LF, then each line break + blanks -> one space.
+
+    ``bytes.replace`` of CRLF costs a search per line, so for CRLF text (what SMTP
+    gives) the folds are replaced in place and the other CRLFs kept: ``splitlines``
+    then gives the same lines. That holds unless a fold follows a bare LF (left
+    over) or a CR comes before a CRLF ("\\r\\r\\n": the replacement would make a new
+    CRLF of it); both are checked, and such blocks take the general path.
+    """
+    if b"\r\n" in block and b"\r\r\n" not in block:
+        unfolded = _UNFOLD_CRLF.sub(b" ", block)
+        if b"\n " not in unfolded and b"\n\t" not in unfolded:
+            return unfolded
+    # Unfold after CRLF -> LF (splitlines treats both as one line break), so the
+    # pattern starts with a literal and the regex engine can skip ahead with a fast
+    # search instead of trying every position (4x faster than "\r?\n[ \t]+").
+    return _UNFOLD.sub(b" ", block.replace(b"\r\n", b"\n"))
 
 
 def parse_params(value: str) -> dict[str, str]:
@@ -105,6 +142,15 @@ def split_entity(raw: bytes) -> tuple[bytes, bytes]:
     if b"\r" not in raw:  # LF-only (a memchr): only one form of the blank line can occur
         pos = raw.find(b"\n\n")
         return (raw, b"") if pos < 0 else (raw[:pos], raw[pos + 2 :])
+    # CRLF text: the first "\n\r\n" preceded by CR is the first "\r\n\r\n" (an earlier
+    # one would contain an earlier "\n\r\n"), and no "\n\r\n" ends before it, so only a
+    # bare "\n\n" before it can come first: two searches instead of three.
+    pos = raw.find(b"\n\r\n")
+    if pos > 0 and raw[pos - 1] == 13:  # 13: CR
+        lf = raw.find(b"\n\n", 0, pos - 1)
+        if lf >= 0:
+            return raw[:lf], raw[lf + 2 :]
+        return raw[: pos - 1], raw[pos + 3 :]
     best, skip = -1, 0
     for sep in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
         pos = raw.find(sep, 0, best if best >= 0 else len(raw))
@@ -120,16 +166,67 @@ def parse(raw: bytes) -> Parsed:
     head, body = split_entity(raw)
     headers = parse_headers(head)
     parsed = Parsed(headers)
-    _walk(headers, body, "", 0, parsed)
+    ctype, params = content_type(headers)
+    _walk(headers, ctype, params, None, body, "", 0, parsed)
     return parsed
 
 
-def _walk(headers: dict[str, list[str]], body: bytes, path: str, depth: int, out: Parsed) -> None:
-    ctype_value = headers.get("content-type", [""])[0]
-    ctype = ctype_value.split(";", 1)[0].strip().lower() or "text/plain"
+_CTYPES: dict[str, tuple[str, dict[str, str]]] = {}
+
+
+def content_type(headers: dict[str, list[str]]) -> tuple[str, dict[str, str]]:
+    """(lower-case type, parameters) of an entity; invalid or missing: text/plain.
+
+    The result may be shared with other callers (cached): do not modify it.
+    """
+    global _CTYPES
+    values = headers.get("content-type")
+    value = values[0] if values else ""
+    cached = _CTYPES.get(value)
+    if cached is not None:
+        return cached
+    ctype = value.split(";", 1)[0].strip().lower() or "text/plain"
     if "/" not in ctype:
         ctype = "text/plain"  # RFC 2045 5.2: invalid types default to text/plain
-    params = parse_params(ctype_value)
+    result = (ctype, parse_params(value))
+    if not ctype.startswith("multipart/"):
+        if len(_CTYPES) >= _CACHE_MAX:
+            _CTYPES = {}
+        _CTYPES[value] = result
+    return result
+
+
+_Head = tuple[dict[str, list[str]], str, dict[str, str], str | None]
+_HEADS: dict[bytes, _Head] = {}
+
+
+def _entity_head(block: bytes) -> _Head:
+    """Headers, type, parameters and (for leaves) file name of a body part's header block."""
+    global _HEADS
+    cached = _HEADS.get(block)
+    if cached is not None:
+        return cached
+    headers = parse_headers(block)
+    ctype, params = content_type(headers)
+    if ctype.startswith("multipart/") or len(block) > _HEAD_KEY_MAX:
+        return headers, ctype, params, None
+    head = (headers, ctype, params, filename_of(params, headers))
+    if len(_HEADS) >= _CACHE_MAX:
+        _HEADS = {}
+    _HEADS[block] = head
+    return head
+
+
+def _walk(
+    headers: dict[str, list[str]],
+    ctype: str,
+    params: dict[str, str],
+    filename: str | None,
+    body: bytes,
+    path: str,
+    depth: int,
+    out: Parsed,
+) -> None:
     here = f"{path}>{ctype}" if path else ctype
     if len(out.parts) >= MAX_PARTS:
         out.truncated = True
@@ -138,15 +235,15 @@ def _walk(headers: dict[str, list[str]], body: bytes, path: str, depth: int, out
     if ctype.startswith("multipart/") and boundary and depth < MAX_DEPTH:
         for chunk in _split_multipart(body, boundary.encode("utf-8", "surrogateescape")):
             sub_head, sub_body = split_entity(chunk)
-            _walk(parse_headers(sub_head), sub_body, here, depth + 1, out)
+            _walk(*_entity_head(sub_head), sub_body, here, depth + 1, out)
         return
     if ctype == "message/rfc822" and depth < MAX_DEPTH:
         sub_head, sub_body = split_entity(body)
-        _walk(parse_headers(sub_head), sub_body, here, depth + 1, out)
+        _walk(*_entity_head(sub_head), sub_body, here, depth + 1, out)
         return
     if depth >= MAX_DEPTH:
         out.truncated = True
-    out.parts.append(Part(ctype, params, headers, body, here))
+    out.parts.append(Part(ctype, params, headers, body, here, filename))
 
 
 def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
