@@ -283,6 +283,17 @@ async def test_connection_lost_after_the_message_is_not_resent_at_once():
     assert raw.connections == 1
 
 
+async def test_a_large_message_arrives_whole():
+    line = b"x" * 998 + b"\r\n"
+    msg = b"Subject: big\r\n\r\n" + line * 4000 + b".leading dot\r\n"  # ~4 MB
+    async with raw_server() as raw:
+        pool = SMTPPool("relay.test")
+        outcomes = await pooled_send(pool, raw.port, ["a@r.test"], msg)
+        await pool.aclose()
+    assert outcomes["a@r.test"].ok
+    assert raw.messages == [msg.replace(b"\r\n.leading", b"\r\n..leading")]
+
+
 async def test_size_and_8bitmime_are_declared_when_offered():
     ehlo = ["raw.test", "PIPELINING", "SIZE 1000000", "8BITMIME"]
     async with raw_server(ehlo=ehlo) as raw:

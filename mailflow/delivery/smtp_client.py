@@ -146,8 +146,6 @@ class _ClientProtocol(asyncio.Protocol):
         self.error: BaseException | None = None
         self.transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-        self._drain: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -169,17 +167,9 @@ class _ClientProtocol(asyncio.Protocol):
     def _close(self, exc: BaseException | None) -> None:
         self.closed = True
         self.error = self.error or exc
-        for fut in (self._waiter, self._drain):
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def wait_data(self) -> None:
         """Until more data arrives or the connection closes."""
@@ -189,15 +179,6 @@ class _ClientProtocol(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
-
-    async def drain(self) -> None:
-        """Until the transport's write buffer is below its high-water mark."""
-        while self._paused and not self.closed:
-            self._drain = asyncio.get_running_loop().create_future()
-            try:
-                await self._drain
-            finally:
-                self._drain = None
 
 
 class SMTPSession:
@@ -255,6 +236,9 @@ class SMTPSession:
     # --- reading and writing ----------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
+        # No flow control needed: every write is followed by waiting for a reply (with
+        # the timeout), and what the socket does not take at once stays in the
+        # transport's buffer - at most one message, which is in memory anyway.
         protocol = self._protocol
         if protocol.closed or protocol.transport is None or protocol.transport.is_closing():
             raise SessionClosed("connection closed")
