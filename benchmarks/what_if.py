@@ -104,32 +104,6 @@ def lean_queue() -> None:
     queue_module.asyncio = _Asyncio()  # type: ignore[assignment]
 
 
-def syncfs_commit() -> None:
-    """PROTOTYPE: one syncfs(2) per batch instead of an fsync per file and directory."""
-    import ctypes
-
-    from mailflow.delivery import durable, maildir
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def sync_fds(fds: Any) -> None:
-        if fds and libc.syncfs(fds[0]) != 0:
-            raise OSError(ctypes.get_errno(), "syncfs")
-
-    def sync_dir(path: Any) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if libc.syncfs(fd) != 0:
-                raise OSError(ctypes.get_errno(), "syncfs")
-        finally:
-            os.close(fd)
-
-    durable.fsync_all = sync_fds
-    maildir.fsync_all = sync_fds
-    durable.fsync_dir = sync_dir
-    maildir.fsync_dir = sync_dir
-
-
 def no_fsync() -> None:
     """ANALYSIS ONLY, breaks durability: os.fsync does nothing (what does it cost?)."""
 
@@ -144,7 +118,6 @@ WHAT_IFS: dict[str, Callable[[], None]] = {
     "fast-newlines": fast_newlines,
     "lean-queue": lean_queue,
     "no-fsync": no_fsync,
-    "syncfs": syncfs_commit,
 }
 
 

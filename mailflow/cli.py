@@ -344,7 +344,7 @@ def _spool(config_path: str | None) -> Any:
     from mailflow.delivery.spool import Spool
 
     config = load_or_exit(config_path)
-    return Spool(Path(config.queue.directory))
+    return Spool(Path(config.queue.directory), config.storage.sync)
 
 
 @queue_group.command("list")
@@ -511,7 +511,7 @@ def quarantine_release(queue_ids: tuple[str, ...], config_path: str | None) -> N
     from mailflow.quarantine import NotQuarantined
 
     config, quarantine = _quarantine(config_path)
-    spool = Spool(Path(config.queue.directory))
+    spool = Spool(Path(config.queue.directory), config.storage.sync)
     missing = 0
     for queue_id in queue_ids:
         try:
