@@ -209,3 +209,28 @@ def test_parts_sharing_a_header_block_parse_alike():
         assert [p.ctype for p in parsed.parts] == ["text/plain", "application/pdf", "text/plain"]
         assert [p.filename for p in parsed.parts] == ["", "a.pdf", ""]
     assert one.parts[0].text() == "first body" and two.parts[0].text() == "second body"
+
+
+def test_body_words_from_runs_equal_the_regex_words(monkeypatch):
+    """_add_words (distinct runs, a set of runs known to be words) finds what the regex
+    finds: cold, warm, and while the bounded set of known words keeps starting over."""
+    rng = random.Random(2)
+    alphabet = "ab9_ é²ª\xa0\x85-0zßK\u0130ǅ\u212a٣ab   "
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 90))) for _ in range(3000)]
+    texts += [
+        "plain ascii words, x1 ab c3po 1999abc a_b_c " + "z" * 60 + "9" + "y" * 30,
+        "latin-1 only: café ÉTÉ straße ½half ²sq µm ªb º1 ab_cd ÿÿ\xd7\xf7 " + "ß" * 30,
+        "unicode: Привет café x٣y " + "é" * 40,
+    ]
+    texts += [path.read_bytes().decode("latin-1") for path in corpus_files("ham")[:40]]
+    for max_known in (100_000, 50):
+        monkeypatch.setattr(features, "_KNOWN_WORDS", set())
+        monkeypatch.setattr(features, "_KNOWN_WORDS_MAX", max_known)
+        for _ in range(2):
+            for text in texts:
+                lowered = text.lower()
+                out: set[str] = set()
+                features._add_words(lowered, out)
+                assert out == set(_words(lowered)), lowered
+        assert all(_words(w) == [w] for w in features._KNOWN_WORDS)
+        assert len(features._KNOWN_WORDS) <= max_known + 200

@@ -48,6 +48,12 @@ def _latin1_class(category: str) -> str:
 # Also for Latin-1 text (most of the rest): explicit classes derived from _WORD itself,
 # which the regex engine checks with a bitmap instead of Unicode category lookups.
 _WORD_LATIN1 = re.compile(_latin1_class(r"[^\W\d_]") + _latin1_class(r"[^\W_]") + "{1,24}")
+# bytes.translate table for Latin-1 text: word characters ([^\W_]) stay, the rest -> space.
+_RUN_TABLE = bytes(c if re.fullmatch(r"[^\W_]", chr(c)) else 0x20 for c in range(256))
+# Distinct body words known to be a whole run by themselves (see _add_words): at most
+# this many (about 3 MB), then the set starts empty again.
+_KNOWN_WORDS: set[str] = set()
+_KNOWN_WORDS_MAX = 32_768
 _MONEY = re.compile(r"[$€£]\s?\d")
 # Both patterns start with a literal, so the regex engine can skip ahead quickly; they
 # run on lower-cased text. The scheme before "://" is checked by hand (_SCHEMES).
@@ -159,10 +165,42 @@ def _words(lowered: str) -> list[str]:
     return _WORD_LATIN1.findall(lowered)
 
 
+def _add_words(lowered: str, out: set[str]) -> None:
+    """Add the words of lower-cased text to ``out``: ``out.update(_words(lowered))``, faster.
+
+    The pattern matches inside maximal runs of word characters only, so the words of a
+    text are the words of its distinct runs, which ``str.split`` finds about four times
+    as fast as the regex finds words (after one ``bytes.translate`` turns every other
+    character into a space). Most runs are a word by themselves ("hello", not "2002",
+    "x" or a run longer than 25 characters): those seen before are kept in a bounded
+    set and taken as they are; the regex runs only over the other distinct runs,
+    joined by spaces, and the runs it returns whole join the set. Text outside Latin-1
+    takes the plain regex.
+    """
+    global _KNOWN_WORDS
+    try:
+        data = lowered.encode("latin-1")
+    except UnicodeEncodeError:
+        out.update(_WORD.findall(lowered))
+        return
+    runs = set(data.translate(_RUN_TABLE).decode("latin-1").split())
+    known = _KNOWN_WORDS
+    rest = runs.difference(known)
+    if rest:
+        runs -= rest
+        pattern = _WORD_ASCII_LOWER if lowered.isascii() else _WORD_LATIN1
+        found = pattern.findall(" ".join(rest))
+        out.update(found)
+        if len(known) >= _KNOWN_WORDS_MAX:
+            known = _KNOWN_WORDS = set()  # a new set: see Hasher.columns
+        known.update(rest.intersection(found))  # runs that are one word as a whole
+    out.update(runs)
+
+
 def _text_tokens(text: str, out: set[str]) -> None:
     """Body words (no prefix), a money flag and URL domains."""
     lowered = strip_list_footer(text[:MAX_TEXT_CHARS]).lower()
-    out.update(_words(lowered))
+    _add_words(lowered, out)
     # Substring tests first: a scan with a leading character class is much slower.
     if ("$" in lowered or "€" in lowered or "£" in lowered) and _MONEY.search(lowered):
         out.add("$money")
