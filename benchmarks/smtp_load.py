@@ -205,7 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--what-if",
         action="append",
         default=[],
-        help="run mailflow with a proposed change patched in: direct-maildir, lean-queue, "
+        help="run mailflow with a proposed change patched in: direct-maildir, "
         "fast-newlines, no-fsync (analysis only: no durability); repeatable",
     )
     p.add_argument(

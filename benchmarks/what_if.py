@@ -67,43 +67,6 @@ def fast_newlines() -> None:
     smtp.normalize_newlines = normalize_newlines
 
 
-def lean_queue() -> None:
-    """The queue's first attempt uses the bytes it was given, and removes the spool
-    files without a thread hop (two unlinks): recommendation 2 for queue.py.
-
-    Done from outside: ``enqueue`` keeps the bytes, and the queue module's view of
-    ``asyncio.to_thread`` answers ``read_message``/``remove`` for those messages
-    directly. Retries and restarts still read from disk.
-    """
-    from mailflow.delivery import queue as queue_module
-
-    kept: dict[str, bytes] = {}
-    enqueue = queue_module.QueueManager.enqueue
-
-    async def keeping_enqueue(
-        self: Any, sender: str, routes: Any, message: bytes, **kw: Any
-    ) -> Any:
-        entry = await enqueue(self, sender, routes, message, **kw)
-        kept[entry.id] = message
-        return entry
-
-    class _Asyncio:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(asyncio, name)
-
-        async def to_thread(self, func: Callable[..., Any], /, *args: Any) -> Any:
-            name = getattr(func, "__name__", "")
-            if name == "read_message" and args and args[0] in kept:
-                return kept[args[0]]
-            if name == "remove" and args:
-                kept.pop(args[0], None)
-                return func(*args)
-            return await asyncio.to_thread(func, *args)
-
-    queue_module.QueueManager.enqueue = keeping_enqueue  # type: ignore[method-assign]
-    queue_module.asyncio = _Asyncio()  # type: ignore[assignment]
-
-
 def no_fsync() -> None:
     """ANALYSIS ONLY, breaks durability: os.fsync does nothing (what does it cost?)."""
 
@@ -116,7 +79,6 @@ def no_fsync() -> None:
 WHAT_IFS: dict[str, Callable[[], None]] = {
     "direct-maildir": direct_maildir,
     "fast-newlines": fast_newlines,
-    "lean-queue": lean_queue,
     "no-fsync": no_fsync,
 }
 
