@@ -84,9 +84,13 @@ _FOOTER_MAX = 1200
 _FOOTER_MARKERS = ("listinfo", "mailing list", "groups.yahoo.com", "list-request")
 
 
+_BUCKET_LABELS = tuple(str(i.bit_length()) for i in range(1025))
+
+
 def bucket(n: int, cap: int = 6) -> str:
     """Small integer -> coarse log2 bucket label, so counts generalise."""
-    return str(min(n, 1 << cap).bit_length())
+    n = min(n, 1 << cap)
+    return _BUCKET_LABELS[n] if 0 <= n <= 1024 else str(n.bit_length())
 
 
 def html_to_text(markup: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import email.header
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -30,6 +31,11 @@ _UNFOLD_CRLF = re.compile(rb"\r\n[ \t]+")
 # Multipart values are not kept: their boundary makes each one unique.
 _CACHE_MAX = 1024  # entries per cache
 _HEAD_KEY_MAX = 1024  # longer header blocks are not cached (<= ~2 MB for the block cache)
+_NOT_BASE64 = bytes(
+    sorted(
+        set(range(256)) - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+    )
+)
 _PARAM = re.compile(r';\s*([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
 
 
@@ -126,11 +132,13 @@ def parse_params(value: str) -> dict[str, str]:
     if ";" not in value:
         return {}
     params: dict[str, str] = {}
-    for m in _PARAM.finditer(value):
-        key = m.group(1).lower().rstrip("*")
-        raw = m.group(2) if m.group(2) is not None else m.group(3)
-        if "''" in raw and m.group(1).endswith("*"):  # RFC 2231: charset'lang'value
-            raw = raw.split("''", 1)[1]
+    for name, quoted, bare in _PARAM.findall(value):
+        raw = quoted or bare  # a group that did not take part is "": name="" gives ""
+        key = name.lower()
+        if key[-1] == "*":
+            key = key.rstrip("*")
+            if "''" in raw:  # RFC 2231: charset'lang'value
+                raw = raw.split("''", 1)[1]
         params.setdefault(key, raw)
     return params
 
@@ -268,7 +276,7 @@ def decode_transfer(data: bytes, encoding: str) -> bytes:
     try:
         if encoding == "base64":
             # Drop everything outside the alphabet and fix the padding, as mail clients do.
-            clean = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+            clean = data.translate(None, _NOT_BASE64)
             clean = clean[: len(clean) - len(clean) % 4]
             return binascii.a2b_base64(clean)
         if encoding == "quoted-printable":
@@ -278,13 +286,20 @@ def decode_transfer(data: bytes, encoding: str) -> bytes:
     return data
 
 
-def decode_charset(data: bytes, charset: str) -> str:
-    """Bytes -> str in ``charset``; unknown or wrong charsets fall back without failing."""
+@functools.lru_cache(maxsize=256)
+def _codec(charset: str) -> str:
+    """The declared charset normalised, or "utf-8" when Python has no such codec."""
     charset = charset.strip().strip('"').lower() or "utf-8"
     try:
         codecs.lookup(charset)
     except LookupError:
-        charset = "utf-8"
+        return "utf-8"
+    return charset
+
+
+def decode_charset(data: bytes, charset: str) -> str:
+    """Bytes -> str in ``charset``; unknown or wrong charsets fall back without failing."""
+    charset = _codec(charset) if len(charset) <= 64 else _codec.__wrapped__(charset)
     try:
         return data.decode(charset)
     except UnicodeDecodeError:

@@ -161,8 +161,10 @@ class Model:
         The message's weights are gathered once, in column order: the log-odds sum runs
         over the sorted unique columns exactly as :meth:`log_odds` does over
         ``np.unique`` (same values, same order, so the same float), and the top tokens
-        are picked from the same array with one partial sort of ``|weight|``. Tokens
-        tied on ``|weight|`` at the cut-off are picked in column order.
+        are the first ``top`` of a stable sort of the same array by ``-|weight|``, so
+        tokens tied on ``|weight|`` come in column order (the same on every machine; a
+        stable sort of a message's few hundred weights costs no more than a partial
+        sort and a sort of the chosen ones).
         """
         weights = self.weights()
         n = len(columns)
@@ -178,15 +180,9 @@ class Model:
         else:
             total = np.add.reduce(w, dtype=np.float64)
         log_odds = self._bias + float(total)
-        k = min(top, n)
-        if k <= 0:
+        if top <= 0 or not n:
             return log_odds, []
-        key = np.negative(np.abs(w))
-        if k < n:
-            best = np.argpartition(key, k - 1)[:k]
-            best = best[key[best].argsort(kind="stable")]
-        else:
-            best = key.argsort(kind="stable")
+        best = np.negative(np.abs(w)).argsort(kind="stable")[:top]
         return log_odds, [
             {"token": tokens[i], "weight": _round3(v)}
             for i, v in zip(order[best].tolist(), w[best].tolist(), strict=True)
