@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import random
 import re
 
@@ -149,26 +148,6 @@ def test_header_parser_and_split_match_the_originals_on_random_blocks():
         block = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
         assert parse_headers(block) == _reference_headers(block), block
         assert split_entity(block) == _reference_split(block), block
-
-
-def _reference_html_to_text(markup: str) -> str:
-    markup = features._COMMENT.sub(" ", features._SCRIPT_STYLE.sub(" ", markup))
-    return html.unescape(features._ANY_TAG.sub(" ", markup))
-
-
-@pytest.mark.parametrize(
-    "markup",
-    [
-        "<p>plain</p>",
-        "<SCRIPT>x()</SCRIPT><Style>p{}</STYLE>seen<!-- hidden -->",
-        "<\u017fcript>long s matches s ignoring case</script>after",
-        "a <s>strike</s> <!-- c --> &amp; <b>b</b>",
-        "no tags at all &lt;",
-        "",
-    ],
-)
-def test_html_to_text_skips_only_passes_that_cannot_match(markup):
-    assert features.html_to_text(markup) == _reference_html_to_text(markup)
 
 
 @pytest.mark.parametrize(

@@ -95,13 +95,7 @@ def bucket(n: int, cap: int = 6) -> str:
 
 def html_to_text(markup: str) -> str:
     """Visible text of an HTML part (tags, scripts, styles, comments removed)."""
-    # Each pattern can only match where its opening text occurs: substring tests (fast
-    # searches in C) let most markup skip two of the three regex passes. Ignoring case,
-    # the "s" of "<script" and "<style" matches "s", "S" and U+017F (long s) only.
-    if "<s" in markup or "<S" in markup or (not markup.isascii() and "<\u017f" in markup):
-        markup = _SCRIPT_STYLE.sub(" ", markup)
-    if "<!--" in markup:
-        markup = _COMMENT.sub(" ", markup)
+    markup = _COMMENT.sub(" ", _SCRIPT_STYLE.sub(" ", markup))
     return html.unescape(_ANY_TAG.sub(" ", markup))
 
 

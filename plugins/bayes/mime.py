@@ -23,7 +23,6 @@ MAX_PARTS = 64  # enough for real mail; bounds work on MIME bombs
 MAX_PART_BYTES = 256 * 1024  # encoded bytes of one text part that are decoded
 
 _UNFOLD = re.compile(rb"\n[ \t]+")  # after CRLF -> LF: see _unfold
-_UNFOLD_CRLF = re.compile(rb"\r\n[ \t]+")
 # Bounded caches of pure functions of header text (exact: the same input always gives
 # the same result; the dicts are replaced by empty ones when full). Content-Type values
 # repeat from message to message ("text/plain; charset=us-ascii"), and so do whole
@@ -109,21 +108,12 @@ def parse_headers(block: bytes) -> dict[str, list[str]]:
 
 
 def _unfold(block: bytes) -> bytes:
-    """Join continuation lines: CRLF -> LF, then each line break + blanks -> one space.
+    """Join continuation lines: each line break followed by blanks becomes one space.
 
-    ``bytes.replace`` of CRLF costs a search per line, so for CRLF text (what SMTP
-    gives) the folds are replaced in place and the other CRLFs kept: ``splitlines``
-    then gives the same lines. That holds unless a fold follows a bare LF (left
-    over) or a CR comes before a CRLF ("\\r\\r\\n": the replacement would make a new
-    CRLF of it); both are checked, and such blocks take the general path.
+    CRLF -> LF first (splitlines treats both as one line break), so the pattern starts
+    with a literal and the regex engine can skip ahead with a fast search instead of
+    trying every position (4x faster than "\\r?\\n[ \\t]+").
     """
-    if b"\r\n" in block and b"\r\r\n" not in block:
-        unfolded = _UNFOLD_CRLF.sub(b" ", block)
-        if b"\n " not in unfolded and b"\n\t" not in unfolded:
-            return unfolded
-    # Unfold after CRLF -> LF (splitlines treats both as one line break), so the
-    # pattern starts with a literal and the regex engine can skip ahead with a fast
-    # search instead of trying every position (4x faster than "\r?\n[ \t]+").
     return _UNFOLD.sub(b" ", block.replace(b"\r\n", b"\n"))
 
 
