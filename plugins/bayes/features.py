@@ -248,8 +248,8 @@ def _header_tokens(parsed: Parsed, out: set[str]) -> None:
 _T = TypeVar("_T")
 # Tokens of Subject, From and X-Mailer/User-Agent values are cached by value (senders,
 # mailers and subjects of lists and notifications repeat): at most _VALUE_CACHE_MAX
-# values of at most _VALUE_CACHE_CHARS characters per function, about 1 KB per entry.
-_VALUE_CACHE_MAX = 2048
+# values of at most _VALUE_CACHE_CHARS characters per function (<= ~1 MB each).
+_VALUE_CACHE_MAX = 1024
 _VALUE_CACHE_CHARS = 256
 
 

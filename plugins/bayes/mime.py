@@ -27,9 +27,10 @@ _UNFOLD = re.compile(rb"\n[ \t]+")  # after CRLF -> LF: see _unfold
 # the same result; the dicts are replaced by empty ones when full). Content-Type values
 # repeat from message to message ("text/plain; charset=us-ascii"), and so do whole
 # header blocks of leaf MIME parts, which mail software writes the same way each time.
-# Multipart values are not kept: their boundary makes each one unique.
-_CACHE_MAX = 1024  # entries per cache
-_HEAD_KEY_MAX = 1024  # longer header blocks are not cached (<= ~2 MB for the block cache)
+# Multipart values are not kept: their boundary makes each one unique. At most 1,024
+# values of <= 256 characters (~0.5 MB) and 512 blocks of <= 1 KB (~1.5 MB).
+_CTYPES_MAX, _CTYPE_KEY_MAX = 1024, 256
+_HEADS_MAX, _HEAD_KEY_MAX = 512, 1024
 _NOT_BASE64 = bytes(
     sorted(
         set(range(256)) - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
@@ -187,8 +188,8 @@ def content_type(headers: dict[str, list[str]]) -> tuple[str, dict[str, str]]:
     if "/" not in ctype:
         ctype = "text/plain"  # RFC 2045 5.2: invalid types default to text/plain
     result = (ctype, parse_params(value))
-    if not ctype.startswith("multipart/"):
-        if len(_CTYPES) >= _CACHE_MAX:
+    if not ctype.startswith("multipart/") and len(value) <= _CTYPE_KEY_MAX:
+        if len(_CTYPES) >= _CTYPES_MAX:
             _CTYPES = {}
         _CTYPES[value] = result
     return result
@@ -209,7 +210,7 @@ def _entity_head(block: bytes) -> _Head:
     if ctype.startswith("multipart/") or len(block) > _HEAD_KEY_MAX:
         return headers, ctype, params, None
     head = (headers, ctype, params, filename_of(params, headers))
-    if len(_HEADS) >= _CACHE_MAX:
+    if len(_HEADS) >= _HEADS_MAX:
         _HEADS = {}
     _HEADS[block] = head
     return head
