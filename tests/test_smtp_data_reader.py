@@ -92,3 +92,29 @@ async def test_long_line_is_refused_after_the_data(make_config):
         assert reply.startswith("500"), reply
         assert srv.delivered(RCPT) == []
         await still_works(srv)
+
+
+def test_the_long_line_shortcut_agrees_with_measuring_every_line():
+    """_has_line_longer_than skips the split for typical mail; same answer as measuring."""
+    import random
+
+    from mailflow.smtp_session import _has_line_longer_than, _longest_line
+
+    rng = random.Random(7)
+    ends = [b"\r\n", b"\r\n", b"\n", b"\r"]  # bare CR/LF do not end a line here
+    for _ in range(3000):
+        pieces = []
+        for _ in range(rng.randrange(0, 40)):
+            length = rng.choice([rng.randrange(0, 80), rng.randrange(0, 1500)])
+            pieces.append(b"x" * length + rng.choice(ends))
+        data = b"".join(pieces)
+        for limit in (1, 2, 3, 5, 100, 999, 1000, 1001):
+            assert _has_line_longer_than(data, limit) == (_longest_line(data) > limit)
+
+
+def test_received_header_text_is_sanitized_character_by_character():
+    from mailflow.smtp import _sanitize
+
+    assert _sanitize("mx.example.org") == "mx.example.org"
+    assert _sanitize("a (b);<c>\té\x00") == "a__b___c____"
+    assert _sanitize("h" * 300) == "h" * 255
