@@ -57,6 +57,23 @@ class _LogWriter(threading.Thread):
         self._stopping.set()
         self.join()
         self.handler.flush()
+        self.handler.close()  # a log file is closed, not left to the garbage collector
+
+
+class _DeferredFormatQueueHandler(logging.handlers.QueueHandler):
+    """Queues records with their message text fixed, leaving the formatting (time
+    stamp, level, logger name) to the writer thread, off the event loop.
+
+    The ``%`` arguments are merged in the calling thread, so an argument changed
+    later cannot change the line; records with a traceback are prepared in full.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if record.exc_info or record.stack_info:
+            return super().prepare(record)
+        record.msg = record.getMessage()
+        record.args = None
+        return record
 
 
 _log_writer: _LogWriter | None = None
@@ -90,7 +107,7 @@ def setup_logging(config: Config, verbose: bool = False) -> None:
     _log_writer = _LogWriter(handler)
     _log_writer.start()
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(_log_writer.records)]
+    root.handlers[:] = [_DeferredFormatQueueHandler(_log_writer.records)]
     root.setLevel(level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatty logger
     msglog.configure(config.log.format == "json")

@@ -288,3 +288,30 @@ def test_builtin_commands_do_not_import_plugins():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_log_lines_keep_the_text_they_had_when_logged(tmp_path):
+    """Formatting happens in the writer thread, but the message text is fixed at once."""
+    from mailflow import cli
+    from mailflow.testing import config_for
+
+    config = config_for(tmp_path, f"log: {{file: {tmp_path / 'mailflow.log'}}}\n")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        cli.setup_logging(config)
+        recipients = ["a@example.com"]
+        logging.getLogger("mailflow.test").info("rcpts=%s", recipients)
+        recipients.append("late@example.com")  # after the call: must not show up
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("mailflow.test").exception("with traceback")
+        cli._stop_log_writer()
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    text = (tmp_path / "mailflow.log").read_text()
+    assert "INFO mailflow.test: rcpts=['a@example.com']\n" in text
+    assert "ERROR mailflow.test: with traceback\nTraceback" in text
+    assert "ValueError: boom" in text
