@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from mailflow.config import ConfigError
 from mailflow.hookspecs import hookimpl
 from mailflow.message import MessageContext
-from mailflow.rules import RuleSet, evaluate, load_rules, to_result
+from mailflow.rules import CompiledRuleSet, compile_ruleset, evaluate, load_rules, to_result
 from mailflow.verdict import Result
 
 
@@ -33,7 +33,9 @@ class RulesPlugin:
 
     def __init__(self, settings: RulesSettings | None = None) -> None:
         self.settings = settings or RulesSettings()
-        self.rulesets: list[RuleSet] = [load_rules(p) for p in self.settings.files]
+        self.rulesets: list[CompiledRuleSet] = [
+            compile_ruleset(load_rules(p)) for p in self.settings.files
+        ]
 
     @hookimpl
     def mailflow_data(self, message: MessageContext) -> Result:

@@ -100,6 +100,7 @@ class Condition(_Strict):
     body: TextMatch | None = None  # decoded text of the message body
     attachment: AttachmentMatch | None = None
     score: ScoreMatch | None = None  # total spam score from earlier plugins
+    mime_truncated: bool | None = None  # the MIME walk stopped at a limit (mailflow.mime)
 
     @model_validator(mode="after")
     def _one_key(self) -> Condition:
