@@ -812,26 +812,28 @@ def _body_parts(
     close, trailing blanks allowed); the line end before it belongs to it. Text
     before the first delimiter (preamble) and after the close (epilogue) is not a
     part; adjacent delimiter lines give no empty part; without a close delimiter the
-    last part runs to the end.
+    last part runs to the end. Only line starts are searched ("\\n--boundary"), so
+    text that merely contains the boundary costs nothing.
     """
     delimiter = b"--" + boundary
+    marker = b"\n" + delimiter
     size = len(delimiter)
     ranges: list[tuple[int, int]] = []
     part_start = -1  # -1: still in the preamble
-    pos = start
-    while True:
-        at = src.find(delimiter, pos, end)
-        if at < 0:
-            break
-        pos = at + 1
-        if at != start and src[at - 1] not in (10, 13):  # not at the start of a line
-            continue
+    if src.startswith(delimiter, start, end):
+        at = start
+    else:
+        at = src.find(marker, start, end)
+        at = at + 1 if at >= 0 else -1
+    while at >= 0:
         after = at + size
         if src.startswith(b"\r\n", after, end):
             next_line, close = after + 2, False
         else:
             tail = _DELIM_TAIL.match(src, after, end)
-            if tail is None:
+            if tail is None:  # "--boundary" followed by more text: not a delimiter
+                at = src.find(marker, at, end)
+                at = at + 1 if at >= 0 else -1
                 continue
             next_line, close = tail.end(), tail.group(1) is not None
         if part_start >= 0 and at > part_start:
@@ -841,7 +843,9 @@ def _body_parts(
             ranges.append((part_start, max(part_start, stop)))
         if close:
             return (ranges if part_start >= 0 else None), -1
-        part_start = pos = next_line
+        part_start = next_line
+        at = src.find(marker, next_line - 1, end)
+        at = at + 1 if at >= 0 else -1
     if part_start < 0:
         return None, -1
     if part_start < end:

@@ -450,16 +450,21 @@ def test_nesting_past_the_limit_is_opaque(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_a_mime_bomb_costs_bounded_time():
-    parts = [b"\r\n"] * 200_000  # 200,000 empty parts (adjacent delimiter lines)
-    raw = multipart(*[b"x" + p for p in parts])
+    head = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    many = head + b"--b\r\n\r\nx\r\n" * 200_000 + b"--b--\r\n"  # 200,000 tiny parts
     started = time.process_time()
-    structure = mime.parse(raw)
+    structure = mime.parse(many)
     assert time.process_time() - started < 2.0
     assert structure.truncated and len(structure.parts) == mime.MAX_PARTS
+    lookalikes = head + b"--b--b" * 1_000_000  # the boundary everywhere, never as a line
+    started = time.process_time()
+    assert [p.content_type for p in mime.parse(lookalikes).parts] == ["multipart/mixed"]
+    assert time.process_time() - started < 1.0
     deep = b"x"
-    for level in range(2000):
+    for level in range(200):
         deep = multipart(deep, boundary=f"d{level}")
-    assert mime.parse(deep).truncated
+    structure = mime.parse(deep)
+    assert structure.truncated and [p.depth for p in structure.parts] == [mime.MAX_DEPTH]
 
 
 # --- per-message cache ------------------------------------------------------------------
