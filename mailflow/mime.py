@@ -502,8 +502,13 @@ class _PartHead:
         "filenames",
     )
 
-    def __init__(self, fields: Fields, content_type: str) -> None:
-        ctype, disposition, cte = _content_values(fields._pairs)
+    def __init__(
+        self,
+        fields: Fields,
+        content_type: str,
+        values: tuple[str | None, str | None, str | None] | None = None,
+    ) -> None:
+        ctype, disposition, cte = values or _content_values(fields._pairs)
         self.fields = fields
         self.content_type = content_type
         self.ctype_value = ctype or ""
@@ -746,7 +751,8 @@ class _Walker:
         """An entity whose header fields are known and whose body is src[start:end]
         (``key``: its header block, to remember what a leaf's headers say)."""
         self.seen += 1
-        ctype_value = fields.first("content-type")
+        values = _content_values(fields._pairs)
+        ctype_value = values[0]
         if ctype_value is None:
             ctype = default_type
             key = None  # what the headers say depends on where the part is
@@ -764,7 +770,7 @@ class _Walker:
             key = None
         elif ctype.startswith("message/"):
             if ctype != "message/delivery-status" and descend and self.seen < MAX_PARTS:
-                encoding = fields.get("content-transfer-encoding").strip().lower()
+                encoding = (values[2] or "").strip().lower()
                 if encoding in ("base64", "quoted-printable"):
                     inner_src = decode_transfer(src[start:end], encoding)
                     self.entity(inner_src, 0, len(inner_src), "text/plain", depth + 1)
@@ -776,7 +782,7 @@ class _Walker:
             not descend or self.seen >= MAX_PARTS
         )
         self.truncated = self.truncated or opaque
-        head = _PartHead(fields, ctype)
+        head = _PartHead(fields, ctype, values)
         if key is not None:
             if len(_PART_HEADS) >= _PART_HEADS_MAX:
                 _PART_HEADS.clear()
