@@ -151,6 +151,15 @@ async def test_content_policy_conditions(make_config, tmp_path: Path):
     internal = make_message(extra_headers={"X-Internal-Classification": "secret"})
     out = await _check(config, internal, authenticated_user="bob")
     assert "strip-internal-headers-from-outside" not in out["plugins"]["rules"]["matched"]
+    # more MIME parts than mailflow reads: refused before any attachment rule is fooled
+    parts = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(1100))
+    bomb = (
+        b"From: a@example.org\r\nSubject: many parts\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + b"--b--\r\n"
+    )
+    out = await _check(config, bomb)
+    assert out["plugins"]["rules"]["matched"][0] == "too-many-mime-parts"
+    assert (out["action"], out["smtp_reply"]["code"]) == ("reject", 554)
 
 
 async def test_score_condition_sees_earlier_plugins_and_stop(make_config, tmp_path: Path):
