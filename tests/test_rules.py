@@ -157,7 +157,7 @@ async def test_content_policy_conditions(make_config, tmp_path: Path):
         b"From: a@example.org\r\nSubject: many parts\r\nMIME-Version: 1.0\r\n"
         b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + b"--b--\r\n"
     )
-    out = await _check(config, bomb)
+    out = await _check(config, bomb, recipients=["bob@example.com"])
     assert out["plugins"]["rules"]["matched"][0] == "too-many-mime-parts"
     assert (out["action"], out["smtp_reply"]["code"]) == ("reject", 554)
 
