@@ -309,6 +309,8 @@ def _change_field(
     ``value=None`` removes; changing an occurrence past the last one appends it.
     """
     lname = name.lower().encode()
+    if value is None and lname not in b"".join(fields).lower():
+        return fields  # nothing to remove (the usual case): one scan in C
     seen = 0
     out: list[bytes] = []
     for f in fields:
