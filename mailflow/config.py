@@ -162,6 +162,9 @@ class RelayConfig(Strict):
     # Idle outbound connections kept per (host, port, TLS policy) for reuse.
     pool_size: int = Field(default=8, ge=0)  # = queue.workers: one per concurrent delivery
     pool_idle: Duration = 5.0  # seconds an idle connection is kept before QUIT
+    # Relay routes: try the first delivery before answering the client, for at most
+    # this long; what the upstream did not accept is spooled. 0: always spool first.
+    inline_timeout: Duration = 5.0
 
     def target_names(self) -> set[str]:
         return set(self.targets) | {"mx", "none"}

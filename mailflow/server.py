@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+from collections import defaultdict
 from pathlib import Path
 
 from mailflow import msglog
@@ -22,6 +24,10 @@ from mailflow.smtp import Handler, bound_addresses, start_servers
 from mailflow.verdict import Route, RouteKind
 
 log = logging.getLogger("mailflow.server")
+queue_log = logging.getLogger("mailflow.queue")  # delivery lines, as the queue logs them
+
+# Route kinds the server may deliver before answering the client (see Server.enqueue).
+INLINE_KINDS = frozenset({RouteKind.MAILDIR, RouteKind.RELAY})
 
 
 class Server:
@@ -35,6 +41,8 @@ class Server:
         self.servers: list[asyncio.Server] = []
         self.metrics_server: asyncio.Server | None = None
         self.milter: MilterServer | None = None  # milter front end, when milter.listen is set
+        # Concurrent inline relay attempts (Server._relay_inline), like the queue's workers.
+        self._inline_slots = asyncio.Semaphore(app.config.queue.workers)
 
     async def start(self) -> list[tuple[str, int]]:
         app = self.app
@@ -74,7 +82,7 @@ class Server:
             self.app.metrics.connections.set(self.handler.active)
 
     async def enqueue(self, ctx: MessageContext) -> None:
-        """Make the message durable before the 250: delivered, or spooled, or both.
+        """Make the message durable or hand it on before the 250: delivered, spooled, or both.
 
         When every route is a Maildir, all copies are delivered here
         (``deliver_many_async`` returns only after each file and each ``new/``
@@ -82,16 +90,38 @@ class Server:
         copy instead of three and no queue round trip; concurrent messages share
         one fsync round). Copies that fail (quota, bad
         folder, I/O) are spooled, so the queue applies its usual retry, 452/552 and
-        bounce logic to them. Messages with any other route take the spool.
+        bounce logic to them.
+
+        When some route is ``relay`` and ``relay.inline_timeout`` is not 0, the first
+        relay attempt is made here, through the queue's transport and connection pool,
+        for at most ``inline_timeout`` seconds (local copies of the same message are
+        delivered as above). Recipients the upstream accepted after DATA are done;
+        every other copy (refused, deferred, unreachable, timed out) is spooled with
+        the outcome of that attempt. Other routes (LMTP, MX, discard) take the spool.
         """
         assert self.queue is not None
         routes = await self.app.route(ctx)
-        if routes and all(r.kind is RouteKind.MAILDIR for r in routes.values()):
-            routes = await self._deliver_local(ctx, routes)
-            if not routes:
+        relay_inline = self.app.config.relay.inline_timeout > 0 and any(
+            r.kind is RouteKind.RELAY for r in routes.values()
+        )
+        tried: dict[str, Outcome] = {}
+        if routes and (relay_inline or all(r.kind is RouteKind.MAILDIR for r in routes.values())):
+            local = {a: r for a, r in routes.items() if r.kind is RouteKind.MAILDIR}
+            relay = {a: r for a, r in routes.items() if r.kind is RouteKind.RELAY}
+            left = {a: r for a, r in routes.items() if r.kind not in INLINE_KINDS}
+            if local:
+                left.update(await self._deliver_local(ctx, local))
+            if relay_inline:
+                failed, tried = await self._relay_inline(ctx, relay)
+                left.update(failed)
+            else:
+                left.update(relay)
+            if not left:
                 ctx.extra["delivery"] = "delivered"
                 return
-            ctx.extra["delivery"] = "delivered+queued"
+            if len(left) < len(routes):
+                ctx.extra["delivery"] = "delivered+queued"
+            routes = {a: r for a, r in routes.items() if a in left}
         await self.queue.enqueue(
             ctx.envelope.mail_from,
             routes,
@@ -99,7 +129,75 @@ class Server:
             client_ip=ctx.connection.ip,
             helo=ctx.connection.helo,
             queue_id=ctx.queue_id,
+            tried=tried,
         )
+
+    async def _relay_inline(
+        self, ctx: MessageContext, routes: dict[str, Route]
+    ) -> tuple[dict[str, Route], dict[str, Outcome]]:
+        """One relay attempt for ``routes`` before the reply, bounded by ``inline_timeout``.
+
+        Returns the routes of the copies the upstream did not accept and the outcome of
+        this attempt for each of them. The attempt waits for one of ``queue.workers``
+        inline slots (so a burst of clients does not open a connection each); the wait
+        counts against the bound. On timeout the attempt is cancelled: the pool aborts
+        the session it was using, so no connection in an unknown state is reused.
+        """
+        assert self.queue is not None
+        transport = self.queue.transports.get(RouteKind.RELAY)
+        if transport is None:
+            return routes, {}
+        bound = self.app.config.relay.inline_timeout
+        entry = QueueEntry(
+            id=ctx.queue_id,
+            sender=ctx.envelope.mail_from,
+            recipients=[RecipientState(a, r.as_dict()) for a, r in routes.items()],
+            created=time.time(),
+            size=len(ctx.raw),
+            client_ip=ctx.connection.ip,
+            helo=ctx.connection.helo,
+        )
+        groups: dict[tuple[str, str, str], list[RecipientState]] = defaultdict(list)
+        for state, route in zip(entry.recipients, routes.values(), strict=True):
+            groups[(route.target, route.folder, route.mailbox)].append(state)
+        outcomes: dict[str, Outcome] = {}
+        missing = Outcome(451, "4.4.2 no result from the inline relay attempt")
+        try:
+            async with asyncio.timeout(bound):
+                async with self._inline_slots:
+                    for members in groups.values():
+                        route = routes[members[0].address]
+                        outcomes.update(await transport(entry, ctx.raw, members, route))
+        except TimeoutError:
+            missing = Outcome(451, f"4.4.2 inline relay attempt timed out after {bound:g}s")
+        except Exception as exc:
+            log.exception("queue %s: inline relay attempt failed", ctx.queue_id)
+            missing = Outcome(451, f"4.3.0 inline relay attempt failed: {exc}")
+        failed: dict[str, Route] = {}
+        tried: dict[str, Outcome] = {}
+        lines: dict[tuple[str, str], list[str]] = {}
+        delivered: list[tuple[str, Route, str]] = []
+        for address, route in routes.items():
+            outcome = outcomes.get(address) or missing
+            reply = str(outcome)
+            if outcome.ok:
+                delivered.append((address, route, reply))
+                lines.setdefault(("delivered", reply), []).append(address)
+            else:
+                failed[address] = route
+                tried[address] = outcome
+                lines.setdefault(("spooled", reply), []).append(address)
+        for (what, reply), addresses in lines.items():
+            queue_log.info(
+                "queue %s: to=<%s> route=relay status=%s reply=%r",
+                ctx.queue_id,
+                ">,<".join(addresses),
+                what,
+                reply,
+            )
+        for address, route, reply in delivered:
+            await self._on_delivered(ctx.queue_id, address, route, "delivered", reply)
+        return failed, tried
 
     async def _deliver_local(
         self, ctx: MessageContext, routes: dict[str, Route]

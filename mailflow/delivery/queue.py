@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from mailflow.config import Config
@@ -135,20 +135,36 @@ class QueueManager:
         helo: str = "",
         is_bounce: bool = False,
         queue_id: str = "",
+        tried: Mapping[str, Outcome] | None = None,
     ) -> QueueEntry:
         """Store durably (returns after fsync), then start the first attempt at once.
 
         The attempt uses ``message`` as given rather than reading the spool back; the
         spool copy is only removed after every recipient has a final answer.
+
+        ``tried`` holds the outcomes of an attempt already made before the message was
+        spooled (the server's inline relay attempt). A recipient with a temporary
+        outcome there is stored as deferred once (``attempts`` 1, its reply, the first
+        ``retry_schedule`` step), so the upstream is not hit again at once. Permanent
+        outcomes are not recorded: such a recipient is attempted now like a fresh one
+        and bounced by the queue's usual logic.
         """
         now = time.time()
+        recipients = []
+        for rcpt, route in routes.items():
+            state = RecipientState(rcpt, route.as_dict(), next_attempt=now)
+            outcome = tried.get(rcpt) if tried else None
+            if outcome is not None and outcome.temporary:
+                state.attempts = 1
+                state.last_reply = str(outcome)
+                state.final_code = outcome.code
+                deadline = now + self.config.queue.lifetime
+                state.next_attempt = min(now + self._backoff(1), deadline)
+            recipients.append(state)
         entry = QueueEntry(
             id=queue_id or new_queue_id(),
             sender=sender,
-            recipients=[
-                RecipientState(rcpt, route.as_dict(), next_attempt=now)
-                for rcpt, route in routes.items()
-            ],
+            recipients=recipients,
             created=now,
             size=len(message),
             client_ip=client_ip,
