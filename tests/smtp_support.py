@@ -1,12 +1,14 @@
-"""Helpers shared by the SMTP front-end tests (TLS certificates, a recording plugin)."""
+"""Helpers shared by the SMTP tests (TLS certificates, a recording plugin, relay configs)."""
 
 from __future__ import annotations
 
 import socket
 import ssl
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +85,30 @@ class Recorder:
     def mailflow_data(self, message: MessageContext) -> None:
         self._seen("data", message.connection)
         self.messages.append(message.raw)
+
+
+def relay_config(
+    make_config: Callable[[str], Any],
+    port: int,
+    *,
+    target: str = "tls: none",
+    extra: str = "",
+    **relay: object,
+) -> Any:
+    """A config relaying everything outside example.org to 127.0.0.1:``port`` (target ``up``).
+
+    ``target`` adds keys to that target; keyword arguments become further ``relay:``
+    keys (``pool_idle=5``, ``inline_timeout=0``); ``extra`` is more top-level YAML.
+    """
+    options = "".join(f"\n          {key}: {value}" for key, value in relay.items())
+    return make_config(
+        f"""
+        local_domains: [example.org]
+        relay_networks: ["127.0.0.0/8"]
+        relay:
+          default: up{options}
+          targets:
+            up: {{host: 127.0.0.1, port: {port}, timeout: 5, {target}}}
+        {extra}
+        """
+    )

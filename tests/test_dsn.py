@@ -12,22 +12,9 @@ from typing import Any
 from mailflow.delivery.dsn import build_dsn, original_header, status_for
 from mailflow.delivery.spool import BOUNCED, EXPIRED, QueueEntry, RecipientState
 from mailflow.testing import Sink, SinkBehaviour, make_message, running_server, send, smtp_sink
+from tests.smtp_support import relay_config
 
 LOCAL_SENDER = "alice@example.org"
-
-
-def relay_config(make_config, port: int, extra: str = ""):
-    return make_config(
-        f"""
-        local_domains: [example.org]
-        relay_networks: ["127.0.0.0/8"]
-        relay:
-          default: up
-          targets:
-            up: {{host: 127.0.0.1, port: {port}, tls: none, timeout: 5}}
-        {extra}
-        """
-    )
 
 
 @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ from mailflow.delivery.relay import RelayTransport
 from mailflow.delivery.spool import QueueEntry, RecipientState, Spool
 from mailflow.testing import SinkBehaviour, free_port, make_message, running_server, smtp_sink
 from mailflow.verdict import Route, RouteKind
+from tests.smtp_support import relay_config as shared_relay_config
 
 SENDER = "alice@example.org"  # local: bounces land in its Maildir
 
@@ -27,18 +28,7 @@ SENDER = "alice@example.org"  # local: bounces land in its Maildir
 def relay_config(
     make_config, port: int, target: str = "tls: none", extra: str = "", pool_idle: float = 5
 ):
-    return make_config(
-        f"""
-        local_domains: [example.org]
-        relay_networks: ["127.0.0.0/8"]
-        relay:
-          default: up
-          pool_idle: {pool_idle}
-          targets:
-            up: {{host: 127.0.0.1, port: {port}, timeout: 5, {target}}}
-        {extra}
-        """
-    )
+    return shared_relay_config(make_config, port, target=target, extra=extra, pool_idle=pool_idle)
 
 
 async def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:

@@ -21,6 +21,7 @@ from mailflow.testing import (
     send,
     smtp_sink,
 )
+from tests.smtp_support import relay_config
 from tests.test_relay import first_entry, wait_for
 
 SENDER = "alice@example.org"  # local: bounces land in its Maildir
@@ -62,18 +63,7 @@ def spool_files(srv: RunningServer) -> list[str]:
 
 def inline_config(make_config, port: int, timeout: str = "5", extra: str = ""):
     """``relay_config`` with ``relay.inline_timeout`` set."""
-    return make_config(
-        f"""
-        local_domains: [example.org]
-        relay_networks: ["127.0.0.0/8"]
-        relay:
-          default: up
-          inline_timeout: {timeout}
-          targets:
-            up: {{host: 127.0.0.1, port: {port}, timeout: 5, tls: none}}
-        {extra}
-        """
-    )
+    return relay_config(make_config, port, extra=extra, inline_timeout=timeout)
 
 
 async def test_accepted_message_is_delivered_before_the_250_and_never_spooled(make_config):

@@ -25,6 +25,7 @@ from mailflow.delivery.smtp_client import (
 )
 from mailflow.delivery.smtp_pool import Destination, SessionError, SMTPPool
 from mailflow.testing import _CountingSMTP, make_message, running_server, send, smtp_sink
+from tests.smtp_support import relay_config
 
 SENDER = "alice@example.org"  # local: bounces land in its Maildir
 
@@ -507,20 +508,6 @@ class PipeliningSMTP(_CountingSMTP):
         if status == "250 HELP":
             await super().push("250-PIPELINING")
         await super().push(status)
-
-
-def relay_config(make_config, port: int, extra: str = ""):
-    return make_config(
-        f"""
-        local_domains: [example.org]
-        relay_networks: ["127.0.0.0/8"]
-        relay:
-          default: up
-          targets:
-            up: {{host: 127.0.0.1, port: {port}, tls: none, timeout: 5}}
-        {extra}
-        """
-    )
 
 
 async def test_relay_with_pipelining_rejected_rcpt_bounces_only_that_recipient(make_config):
