@@ -76,6 +76,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         self.mailflow_connect_runs: list[PluginRun] = []
         self.mailflow_helo_runs: list[PluginRun] = []
         self._counted = False  # this connection is in handler.active
+        self._deadline = 0.0  # loop time after which an idle client is cut off
         self._in_data = False  # between "354" and the end of the message data
 
     # --- connection bookkeeping -------------------------------------------------------------
@@ -123,6 +124,28 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             self.transport.close()
 
     # --- timeouts ---------------------------------------------------------------------------
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Move the idle deadline; re-arm the timer only when it would fire too late.
+
+        aiosmtpd cancels and creates a timer for every command and DATA chunk (six
+        or more per message). Here a timer that fires no later than the new deadline
+        is kept: when it fires early it looks at the deadline and waits the rest.
+        """
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled():
+            if handle.when() <= deadline:
+                return
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._deadline_reached)
+
+    def _deadline_reached(self) -> None:
+        if self.loop.time() < self._deadline:  # moved on since the timer was set
+            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         """Tell the client why before closing (RFC 5321 4.5.3.2: 421 on timeout)."""

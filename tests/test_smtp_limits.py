@@ -109,6 +109,22 @@ async def test_idle_client_is_told_421_and_disconnected(make_config):
         await wait_for(lambda: srv.server.handler.active == 0)
 
 
+async def test_a_talking_client_keeps_its_session_until_it_goes_quiet(make_config):
+    # The idle timer is moved, not re-created, per command: when it fires while the
+    # client is still talking it must wait for the new deadline, then cut off.
+    async with running_server(make_config(server_yaml(command_timeout=0.3))) as srv:
+        dialog = await open_session(srv.port)
+        loop = asyncio.get_running_loop()
+        for _ in range(8):  # 0.8 s of commands, each within the 0.3 s timeout
+            await asyncio.sleep(0.1)
+            assert (await dialog.command("NOOP")).startswith("250")
+        quiet_since = loop.time()
+        reply = await dialog.read_reply(timeout=5)
+        assert reply.startswith("421 4.4.2"), reply
+        assert 0.2 <= loop.time() - quiet_since < 2.0
+        await dialog.close()
+
+
 async def test_stalled_data_times_out_and_nothing_is_stored(make_config):
     config = make_config(server_yaml(command_timeout=30, data_timeout=0.3))
     async with running_server(config) as srv:
