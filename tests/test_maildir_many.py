@@ -80,3 +80,50 @@ def test_async_callers_get_their_own_results(tmp_path: Path) -> None:
         assert path.read_bytes().endswith(b"%d\r\n" % i)
         assert path.parent.name == "new"
     assert isinstance(bad[0], MailboxError)
+
+
+def test_a_removed_folder_and_its_mailbox_are_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    md = MaildirDelivery(MaildirConfig(root=tmp_path))
+    junk = [("a@example.com", ".Junk", "")]
+    assert isinstance(md.deliver_many(junk, MESSAGE)[0], Path)
+    shutil.rmtree(tmp_path / "a@example.com")  # resolved targets are remembered
+    [again] = md.deliver_many(junk, MESSAGE)
+    assert isinstance(again, Path) and again.exists()
+    assert again.parent == tmp_path / "a@example.com" / ".Junk" / "new"
+    for sub in ("tmp", "new", "cur"):  # the mailbox above the folder too
+        assert (tmp_path / "a@example.com" / sub).is_dir()
+
+
+def test_a_bad_folder_fails_every_time_and_the_quota_counts_only_delivered_copies(
+    tmp_path: Path,
+) -> None:
+    md = MaildirDelivery(MaildirConfig(root=tmp_path, quota=len(MESSAGE) * 2))
+    bad = ("a@example.com", "..x", "")
+    good = ("a@example.com", "", "")
+    results = md.deliver_batch([([bad, good], MESSAGE), ([bad, good], MESSAGE)])
+    assert [[type(r) for r in row] for row in results] == [
+        [MailboxError, type(tmp_path)],
+        [MailboxError, type(tmp_path)],
+    ]
+    assert md.usage("a@example.com") == len(MESSAGE) * 2
+    over = md.deliver_many([good], MESSAGE)
+    assert isinstance(over[0], QuotaExceeded)
+
+
+def test_copies_are_named_and_placed_like_before(tmp_path: Path) -> None:
+    md = MaildirDelivery(MaildirConfig(root=tmp_path))
+    copies = [("a@example.com", "", ""), ("a@example.com", "", "shared"), ("b@example.com", "", "")]
+    results = md.deliver_many(copies, MESSAGE)
+    paths = [r for r in results if isinstance(r, Path)]
+    assert [p.parent for p in paths] == [
+        tmp_path / "a@example.com" / "new",
+        tmp_path / "shared" / "new",
+        tmp_path / "b@example.com" / "new",
+    ]
+    assert len({p.name for p in paths}) == 3
+    assert all(p.name.endswith(f",S={len(MESSAGE)}") for p in paths)
+    assert all(p.read_bytes() == MESSAGE for p in paths)
+    for d in ("a@example.com", "shared", "b@example.com"):
+        assert list((tmp_path / d / "tmp").iterdir()) == []

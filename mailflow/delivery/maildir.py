@@ -22,7 +22,6 @@ from mailflow.delivery.durable import (
     DirRef,
     FileRef,
     GroupCommitter,
-    StagedFile,
     Syncer,
     make_syncer,
     write_all,
@@ -66,8 +65,12 @@ def safe_mailbox_name(recipient: str) -> str:
 
 # (copies as (recipient, folder, mailbox), message bytes): one message's local delivery.
 _Request = tuple[Sequence[tuple[str, str, str]], bytes]
-# A copy written to tmp/: (request index, copy index, its file; path is the name in new/).
-_Staged = tuple[int, int, StagedFile]
+# A copy written to tmp/, open, not yet synced: (request index, copy index, descriptor,
+# name in tmp/, name in new/, the new/ directory, st_dev of its file system).
+_Staged = tuple[int, int, int, str, str, str, int]
+# Where a copy goes: (its Maildir, the mailbox Maildir above it for a folder, else "").
+_Target = tuple[str, str]
+_TARGETS_MAX = 4096  # resolved (recipient, folder, mailbox) kept; then start afresh
 # Results of a batch: per request, per copy, the delivered path or what stopped it.
 _Results = list[list[Path | Exception]]
 # new/ directories of a batch: path -> (st_dev, the (request, copy) renamed into it).
@@ -78,7 +81,10 @@ class MaildirDelivery:
     def __init__(self, config: MaildirConfig, sync: SyncMethod | Syncer = "auto") -> None:
         self.config = config
         self.root = Path(config.root)
-        self._ready: set[str] = set()  # Maildirs known to have tmp/, new/ and cur/
+        # Maildirs known to have tmp/, new/ and cur/ -> st_dev of their file system.
+        self._ready: dict[str, int] = {}
+        # (recipient, folder, mailbox) -> its Maildir, checked: saves building paths per copy.
+        self._targets: dict[tuple[str, str, str], _Target] = {}
         # storage.sync; a Syncer is used as given (tests inject failing ones).
         self._sync = sync if isinstance(sync, Syncer) else make_syncer(sync)
         # Group commit for deliver_many_async: concurrent messages share one sync round.
@@ -183,30 +189,71 @@ class MaildirDelivery:
         return results
 
     def _stage(self, requests: Sequence[_Request]) -> tuple[_Results, list[_Staged]]:
-        """Write every copy to ``tmp/``; a copy that cannot be written gets its error."""
+        """Write every copy to ``tmp/``; a copy that cannot be written gets its error.
+
+        The commit thread holds the GIL while it runs Python code, so the per-copy
+        work is kept small: targets are resolved once and remembered, paths are
+        plain strings, and the file system comes from the Maildir's cache rather
+        than an ``fstat`` per file.
+        """
         results: _Results = [[] for _ in requests]
         staged: list[_Staged] = []
         pending: dict[str, int] = {}  # mailbox -> bytes staged in this batch (quota)
+        quota = self.config.quota
+        targets = self._targets
         try:
             for i, (copies, data) in enumerate(requests):
-                for recipient, folder, mailbox in copies:
+                tail = f".{_HOST},S={len(data)}"
+                row = results[i]
+                for copy in copies:
                     try:
-                        key = os.fspath(self.mailbox_path(recipient, mailbox))
-                        self.check_quota(recipient, len(data) + pending.get(key, 0), mailbox)
-                        written = self._write_tmp(recipient, data, folder, mailbox)
+                        target = targets.get(copy) or self._target(copy)
+                        if quota is not None:
+                            recipient, _, mailbox = copy
+                            key = os.fspath(self.mailbox_path(recipient, mailbox))
+                            self.check_quota(recipient, len(data) + pending.get(key, 0), mailbox)
+                        now = time.time()
+                        # Microseconds zero-padded: names of the same second sort in time order.
+                        unique = (
+                            f"{int(now)}.M{int((now % 1) * 1_000_000):06d}P{_pid}"
+                            f"Q{next(_counter)}{tail}"
+                        )
+                        fd, base, dev = self._write_tmp(target, unique, data)
                     except (QuotaExceeded, MailboxError, OSError) as exc:
-                        results[i].append(exc)
+                        row.append(exc)
                         continue
-                    pending[key] = pending.get(key, 0) + len(data)
-                    staged.append((i, len(results[i]), written))
-                    results[i].append(_STAGED)
+                    if quota is not None:
+                        pending[key] = pending.get(key, 0) + len(data)
+                    new_dir = base + "/new"
+                    staged.append(
+                        (
+                            i,
+                            len(row),
+                            fd,
+                            f"{base}/tmp/{unique}",
+                            f"{new_dir}/{unique}",
+                            new_dir,
+                            dev,
+                        )
+                    )
+                    row.append(_STAGED)
         except BaseException:
             _close(staged)
-            for _, _, f in staged:
+            for staged_copy in staged:
                 with contextlib.suppress(OSError):
-                    os.unlink(f.tmp)
+                    os.unlink(staged_copy[3])
             raise
         return results, staged
+
+    def _target(self, copy: tuple[str, str, str]) -> _Target:
+        """Resolve and check where a copy goes (raises MailboxError); remembered."""
+        recipient, folder, mailbox = copy
+        base = os.fspath(self.folder_path(recipient, folder, mailbox))
+        parent = os.fspath(self.mailbox_path(recipient, mailbox)) if folder else ""
+        if len(self._targets) >= _TARGETS_MAX:
+            self._targets.clear()
+        self._targets[copy] = target = (base, parent)
+        return target
 
     def _rename_all(
         self, staged: list[_Staged], results: _Results, errors: dict[int, OSError]
@@ -218,80 +265,80 @@ class MaildirDelivery:
         file system and the copies renamed into it.
         """
         new_dirs: _NewDirs = {}
-        for i, j, f in staged:
-            error = errors.get(f.fd)
+        for i, j, fd, tmp, final, new_dir, dev in staged:
+            error = errors.get(fd) if errors else None
             if error is not None:  # not on disk for sure: not delivered (spooled or retried)
                 with contextlib.suppress(OSError):
-                    os.unlink(f.tmp)
+                    os.unlink(tmp)
                 results[i][j] = error
                 continue
             try:
-                self._rename(f.tmp, f.path)
+                self._rename(tmp, final)
             except OSError as exc:
                 results[i][j] = exc
                 continue
-            new_dirs.setdefault(os.path.dirname(f.path), (f.dev, []))[1].append((i, j))
-            results[i][j] = Path(f.path)
+            entry = new_dirs.get(new_dir)
+            if entry is None:
+                new_dirs[new_dir] = entry = (dev, [])
+            entry[1].append((i, j))
+            results[i][j] = Path(final)
         return new_dirs
 
-    def _write_tmp(self, recipient: str, data: bytes, folder: str, mailbox: str) -> StagedFile:
-        """Write one copy to ``tmp/`` (open, not yet synced); its ``path`` is in ``new/``."""
-        target = self.folder_path(recipient, folder, mailbox)
-        if folder:
-            self._ensure(self.mailbox_path(recipient, mailbox))
-        base = self._ensure(target)
-        now = time.time()
-        # Microseconds zero-padded, so names made in the same second sort in time order.
-        unique = (
-            f"{int(now)}.M{int((now % 1) * 1_000_000):06d}P{_pid}"
-            f"Q{next(_counter)}.{_HOST},S={len(data)}"
-        )
-        tmp = os.path.join(base, "tmp", unique)
+    def _write_tmp(self, target: _Target, unique: str, data: bytes) -> tuple[int, str, int]:
+        """Write one copy to ``tmp/unique`` (open, not yet synced): (fd, Maildir, st_dev)."""
+        base, parent = target
+        dev = self._ready.get(base)
+        if dev is None:
+            if parent:
+                self._ensure(parent)
+            dev = self._ensure(base)
+        tmp = f"{base}/tmp/{unique}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileNotFoundError:  # removed since we last looked: create it again
-            self._ready.discard(base)
-            base = self._ensure(target)
+            self._ready.pop(base, None)
+            if parent:
+                self._ready.pop(parent, None)
+                self._ensure(parent)
+            dev = self._ensure(base)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             write_all(fd, data)
-            dev = os.fstat(fd).st_dev
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        return StagedFile(fd, tmp, os.path.join(base, "new", unique), dev)
+        return fd, base, dev
 
     def _rename(self, tmp: str, final: str) -> None:
         try:
             os.rename(tmp, final)
         except FileNotFoundError:  # new/ vanished under us: recreate it, try once more
             base = os.path.dirname(os.path.dirname(final))
-            self._ready.discard(base)
-            ensure_maildir(Path(base))
-            self._sync.watch(os.path.join(base, "tmp"))
-            self._ready.add(base)
+            self._ready.pop(base, None)
+            self._ensure(Path(base))
             os.rename(tmp, final)
 
-    def _ensure(self, path: Path) -> str:
-        """``path`` as a string, creating tmp/new/cur the first time this process sees it.
+    def _ensure(self, path: str | Path) -> int:
+        """Create tmp/new/cur the first time this process sees ``path``; its st_dev.
 
         Remembering the Maildirs already made saves three mkdir calls per delivery.
         """
         key = os.fspath(path)
-        if key not in self._ready:
-            ensure_maildir(path)
-            self._sync.watch(os.path.join(key, "tmp"))
-            self._ready.add(key)
-        return key
+        dev = self._ready.get(key)
+        if dev is None:
+            ensure_maildir(Path(key))
+            dev = self._sync.watch(os.path.join(key, "tmp"))
+            self._ready[key] = dev
+        return dev
 
 
 _STAGED = OSError("staged, not yet renamed")  # placeholder inside deliver_batch only
 
 
 def _file_refs(staged: list[_Staged]) -> list[FileRef]:
-    return [(f.fd, f.dev) for _, _, f in staged]
+    return [(s[2], s[6]) for s in staged]
 
 
 def _dir_refs(new_dirs: _NewDirs) -> list[DirRef]:
@@ -300,8 +347,8 @@ def _dir_refs(new_dirs: _NewDirs) -> list[DirRef]:
 
 def _close(staged: list[_Staged]) -> None:
     """Close the copies' descriptors (once; the numbers still name the copies' errors)."""
-    for _, _, f in staged:
-        os.close(f.fd)
+    for s in staged:
+        os.close(s[2])
 
 
 def _fail_dirs(
