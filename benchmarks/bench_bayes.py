@@ -44,6 +44,7 @@ from mailflow_plugins.bayes.model import Model, matrix
 from mailflow_plugins.bayes.training import compute_metrics, featurize
 from sklearn.model_selection import train_test_split
 
+from benchmarks.report import cpu_model
 from mailflow.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,16 +142,8 @@ def machine() -> dict[str, Any]:
     """What the figures were measured on, for the docs."""
     import sklearn
 
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model() or "unknown",
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,

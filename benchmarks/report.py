@@ -70,18 +70,21 @@ def set_ratios(rows: list[Row], bare: list[Target]) -> None:
             r.cpu_ratio = round(base.cpu_ms / r.cpu_ms, 3)
 
 
-def machine() -> dict[str, Any]:
-    model = ""
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return ""
+
+
+def machine() -> dict[str, Any]:
     return {
         "nproc": os.cpu_count(),
-        "cpu": model or platform.processor(),
+        "cpu": cpu_model() or platform.processor(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
