@@ -14,7 +14,7 @@ from mailflow import msglog
 from mailflow.app import App
 from mailflow.delivery.dsn import build_dsn
 from mailflow.delivery.outcome import Outcome
-from mailflow.delivery.queue import QueueManager
+from mailflow.delivery.queue import QueueManager, log_results
 from mailflow.delivery.spool import QueueEntry, RecipientState
 from mailflow.delivery.transports import build_transports
 from mailflow.message import MessageContext
@@ -24,7 +24,6 @@ from mailflow.smtp import Handler, bound_addresses, start_servers
 from mailflow.verdict import Route, RouteKind
 
 log = logging.getLogger("mailflow.server")
-queue_log = logging.getLogger("mailflow.queue")  # delivery lines, as the queue logs them
 
 # Route kinds the server may deliver before answering the client (see Server.enqueue).
 INLINE_KINDS = frozenset({RouteKind.MAILDIR, RouteKind.RELAY})
@@ -187,14 +186,7 @@ class Server:
                 failed[address] = route
                 tried[address] = outcome
                 lines.setdefault(("spooled", reply), []).append(address)
-        for (what, reply), addresses in lines.items():
-            queue_log.info(
-                "queue %s: to=<%s> route=relay status=%s reply=%r",
-                ctx.queue_id,
-                ">,<".join(addresses),
-                what,
-                reply,
-            )
+        log_results(ctx.queue_id, RouteKind.RELAY.value, lines)
         for address, route, reply in delivered:
             await self._on_delivered(ctx.queue_id, address, route, "delivered", reply)
         return failed, tried

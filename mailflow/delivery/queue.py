@@ -41,6 +41,20 @@ from mailflow.verdict import Route, RouteKind
 
 log = logging.getLogger("mailflow.queue")
 
+
+def log_results(queue_id: str, kind: str, lines: Mapping[tuple[str, str], list[str]]) -> None:
+    """One delivery log line per distinct (status, reply), naming its recipients."""
+    for (what, reply), addresses in lines.items():
+        log.info(
+            "queue %s: to=<%s> route=%s status=%s reply=%r",
+            queue_id,
+            ">,<".join(addresses),
+            kind,
+            what,
+            reply,
+        )
+
+
 # A transport delivers one message to a group of recipients sharing one route.
 Transport = Callable[
     [QueueEntry, bytes, list[RecipientState], Route], Awaitable[dict[str, Outcome]]
@@ -397,16 +411,7 @@ class QueueManager:
             reply = str(outcome)
             lines.setdefault((what, reply), []).append(r.address)
             results.append((r, what, reply))
-        kind = route.kind.value
-        for (what, reply), addresses in lines.items():
-            log.info(
-                "queue %s: to=<%s> route=%s status=%s reply=%r",
-                entry.id,
-                ">,<".join(addresses),
-                kind,
-                what,
-                reply,
-            )
+        log_results(entry.id, route.kind.value, lines)
         if self.on_delivered is not None:
             for r, what, reply in results:
                 await self.on_delivered(entry.id, r.address, route, what, reply)
