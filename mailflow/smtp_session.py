@@ -37,6 +37,11 @@ _PLAIN_ADDRESS = re.compile(
     rf"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)>"
 )
 _DATA_END = b".\r\n"  # the end-of-data line, once a CRLF before it is checked
+# How much message data the stream reader may hold while DATA is read. Its usual limit
+# is the command line length (~1 KB), which makes a few-KB message overrun it (an
+# exception and a second read) and stop and restart reading from the socket (two
+# epoll_ctl calls) every time. The message size is still checked block by block.
+DATA_READ_LIMIT = 256 * 1024
 
 
 def _longest_line(data: bytes) -> int:
@@ -230,6 +235,18 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         is consumed in blocks and nothing after the end (pipelined commands) is.
         """
         reader = self._reader
+        # StreamReader keeps its limit in ``_limit`` (CPython 3.7+); aiosmtpd uses the
+        # reader's internals too. Without it, the data is read with the usual limit.
+        command_limit = getattr(reader, "_limit", None)
+        if isinstance(command_limit, int) and command_limit < DATA_READ_LIMIT:
+            reader._limit = DATA_READ_LIMIT  # type: ignore[attr-defined]
+            try:
+                return await self._read_data_from(reader)
+            finally:
+                reader._limit = command_limit  # type: ignore[attr-defined]
+        return await self._read_data_from(reader)
+
+    async def _read_data_from(self, reader: asyncio.StreamReader) -> tuple[bytes | None, str]:
         size_limit = self.data_size_limit
         parts: list[bytes] = []
         size = 0  # bytes before the end line, as aiosmtpd counts them

@@ -118,3 +118,53 @@ def test_received_header_text_is_sanitized_character_by_character():
     assert _sanitize("mx.example.org") == "mx.example.org"
     assert _sanitize("a (b);<c>\té\x00") == "a__b___c____"
     assert _sanitize("h" * 300) == "h" * 255
+
+
+class _FlowControlledTransport:
+    """Just enough of a transport for a StreamReader: counts pause/resume requests."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.pauses += 1
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+async def test_message_data_is_read_without_stopping_the_socket_and_limits_come_back():
+    """During DATA the reader may buffer DATA_READ_LIMIT bytes, not one command line.
+
+    With the command-line limit (~1 KB) a few-KB message overran it and stopped and
+    restarted reading from the socket per message; afterwards the command-line limit
+    applies again, and what the client pipelined after the data is left for the
+    command loop.
+    """
+    from mailflow.smtp_session import DATA_READ_LIMIT, MailflowSMTP
+
+    line_limit = 1001
+    reader = asyncio.StreamReader(limit=line_limit)
+    transport = _FlowControlledTransport()
+    reader.set_transport(transport)  # type: ignore[arg-type]
+    protocol = object.__new__(MailflowSMTP)  # only what _read_data uses
+    protocol._reader = reader
+    protocol.data_size_limit = 10 * 1024 * 1024
+    protocol.line_length_limit = line_limit
+    body = b"Subject: t\r\n\r\n" + b"".join(b"line %d of the body\r\n" % i for i in range(400))
+    assert 2 * line_limit < len(body) < DATA_READ_LIMIT
+
+    reading = asyncio.ensure_future(protocol._read_data())
+    await asyncio.sleep(0)  # the reader is waiting for data now
+    for start in range(0, len(body), 4096):  # as the socket delivers it
+        reader.feed_data(body[start : start + 4096])
+        await asyncio.sleep(0)
+    reader.feed_data(b".\r\nMAIL FROM:<next@example.org>\r\n")
+    data, error = await reading
+
+    assert (data, error) == (body, "")
+    assert transport.pauses == 0
+    assert reader._limit == line_limit  # type: ignore[attr-defined]
+    assert await reader.readuntil() == b"MAIL FROM:<next@example.org>\r\n"
