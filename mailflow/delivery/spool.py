@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -63,8 +63,13 @@ def check_queue_id(queue_id: str) -> str:
 
 
 def new_queue_id() -> str:
-    """Sortable, unique: 12 hex digits of microsecond time + 8 random hex digits."""
-    return f"{int(time.time() * 1_000_000):013X}{secrets.token_hex(4).upper()}"
+    """Sortable, unique: 13 hex digits of microsecond time + 8 random hex digits.
+
+    The random part only has to tell apart ids made in the same microsecond, so it
+    comes from ``random`` (reseeded in every forked child) rather than the kernel:
+    one ``getrandom`` system call less per message. Queue ids are not secrets.
+    """
+    return f"{int(time.time() * 1_000_000):013X}{random.getrandbits(32):08X}"
 
 
 @dataclass(slots=True)
