@@ -213,3 +213,68 @@ def test_body_words_from_runs_equal_the_regex_words(monkeypatch):
                 assert out == set(_words(lowered)), lowered
         assert all(_words(w) == [w] for w in features._KNOWN_WORDS)
         assert len(features._KNOWN_WORDS) <= max_known + 200
+
+
+def _reference_url_tokens(lowered: str) -> set[str]:
+    """The original URL scan: substring tests, then each pattern over the whole text."""
+    out: set[str] = set()
+    if "://" in lowered:
+        for m in features._URL.finditer(lowered):
+            if lowered[max(0, m.start() - 5) : m.start()].endswith(features._SCHEMES):
+                out.update(features._domain_tokens(m.group(1), "u:"))
+    if "www." in lowered:
+        for m in features._WWW.finditer(lowered):
+            out.update(features._domain_tokens("www." + m.group(1), "u:"))
+    return out
+
+
+def _reference_html_to_text(markup: str) -> str:
+    markup = features._COMMENT.sub(" ", features._SCRIPT_STYLE.sub(" ", markup))
+    return features.html.unescape(features._ANY_TAG.sub(" ", markup))
+
+
+def test_url_tokens_and_html_text_match_the_original_scans():
+    """The memchr pre-checks (first ":", any "!") change what is scanned, not what is found."""
+    rng = random.Random(3)
+    pieces = [
+        "http://a.example.com/x",
+        "https://b.example.org",
+        "ftp://c.net",
+        "xhttp://d.io",
+        "://e.com",
+        ":",
+        "www.f.co.uk",
+        "www.",
+        "wwww.g.com",
+        "<!-- hidden -->",
+        "<!--",
+        "-->",
+        "<script>var x</script>",
+        "<STYLE>p{}</style >",
+        "<p>",
+        "&amp;",
+        "!",
+        " ",
+        "word",
+        "é",
+        "tél:",
+        "mailto:x@y.z",
+    ]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
+    texts += [path.read_bytes().decode("latin-1") for path in corpus_files("spam")[:40]]
+    for text in texts:
+        lowered = text.lower()
+        out: set[str] = set()
+        features._url_tokens(lowered, out)
+        assert out == _reference_url_tokens(lowered), lowered
+        assert features.html_to_text(text) == _reference_html_to_text(text), text
+
+
+def test_hasher_hashes_misses_inside_one_lookup_pass():
+    hasher = Hasher(n_features=2**10)
+    tokens = ["new", "b", "new", "ünï", "s:c"]
+    expected = [murmurhash3_32(t, 0, positive=True) & (2**10 - 1) for t in tokens]
+    hasher.columns(["b"])
+    assert hasher.column_array(tokens).tolist() == expected  # hits and misses mixed
+    assert hasher.column_array(tokens).tolist() == expected  # all cached
+    assert set(hasher._cache) == set(tokens)

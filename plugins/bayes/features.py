@@ -94,8 +94,14 @@ def bucket(n: int, cap: int = 6) -> str:
 
 
 def html_to_text(markup: str) -> str:
-    """Visible text of an HTML part (tags, scripts, styles, comments removed)."""
-    markup = _COMMENT.sub(" ", _SCRIPT_STYLE.sub(" ", markup))
+    """Visible text of an HTML part (tags, scripts, styles, comments removed).
+
+    Without a "!" there is no comment to remove, and a one-character test is a
+    ``memchr``, far cheaper than the comment regex's scan of the markup.
+    """
+    markup = _SCRIPT_STYLE.sub(" ", markup)
+    if "!" in markup:
+        markup = _COMMENT.sub(" ", markup)
     return html.unescape(_ANY_TAG.sub(" ", markup))
 
 
@@ -128,14 +134,22 @@ def _domain_tokens_uncached(host: str, prefix: str) -> Iterable[str]:
 
 
 def _url_tokens(lowered: str, out: set[str]) -> None:
-    """Domains of the URLs in (lower-cased) text, with and without a scheme."""
-    if "://" in lowered:  # substring tests are much cheaper than a regex scan
-        for m in _URL.finditer(lowered):
+    """Domains of the URLs in (lower-cased) text, with and without a scheme.
+
+    Scans are chosen by cost: a multi-character ``in`` test ("://", "www.") runs
+    CPython's skip-table search at ~0.7 ns per character, slower than the regex's own
+    literal-prefix scan, while a one-character ``find`` is a ``memchr`` (~20x faster).
+    So "://" is looked for only from the first ":" on (prose often has none) and the
+    "www." pattern scans by itself; both find exactly the matches a scan of the whole
+    text finds (the patterns start with their literal and look at nothing before it).
+    """
+    colon = lowered.find(":")
+    if colon >= 0:
+        for m in _URL.finditer(lowered, colon):
             if lowered[max(0, m.start() - 5) : m.start()].endswith(_SCHEMES):
                 out.update(_domain_tokens(m.group(1), "u:"))
-    if "www." in lowered:
-        for m in _WWW.finditer(lowered):
-            out.update(_domain_tokens("www." + m.group(1), "u:"))
+    for m in _WWW.finditer(lowered):
+        out.update(_domain_tokens("www." + m.group(1), "u:"))
 
 
 def strip_list_footer(text: str) -> str:
@@ -378,6 +392,28 @@ def extract_tokens(raw: bytes) -> list[str]:
     return list(out)
 
 
+class _Columns(dict[str, int]):
+    """token -> column, hashing a token the first time it is looked up.
+
+    ``__missing__`` makes a miss part of the lookup itself, so a message with a few
+    new tokens (nine in ten corpus messages have some) still takes one pass of
+    ``map(cache.__getitem__, tokens)`` in C, with Python code only for the new ones,
+    instead of a failed pass, a set difference and a second pass.
+    """
+
+    __slots__ = ("mask", "seed")
+
+    def __init__(self, seed: int, mask: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self.mask = mask
+
+    def __missing__(self, token: str) -> int:
+        column: int = murmurhash3_32(token, self.seed, positive=True) & self.mask
+        self[token] = column
+        return column
+
+
 class Hasher:
     """Token -> column index by MurmurHash3 (the hashing trick), with a bounded cache.
 
@@ -391,36 +427,27 @@ class Hasher:
         self.n_features = n_features
         self.seed = seed
         self._mask = n_features - 1
-        self._cache: dict[str, int] = {}
+        self._cache = _Columns(seed, self._mask)
+
+    def _lookup(self) -> _Columns:
+        """The cache, replaced by an empty one first when it has grown past its bound.
+
+        A cheap bound on memory (hot tokens come back at once). A new dict rather than
+        clear(): a thread still using the old one (large messages are scored in worker
+        threads) keeps a consistent dict; every lookup in it hashes what is missing.
+        """
+        cache = self._cache
+        if len(cache) > _HASH_CACHE_MAX:
+            cache = self._cache = _Columns(self.seed, self._mask)
+        return cache
 
     def columns(self, tokens: Iterable[str]) -> list[int]:
         """The column of each token, in order (duplicates kept)."""
-        cache = self._cache
-        if len(cache) > _HASH_CACHE_MAX:
-            # A cheap bound on memory (hot tokens come back at once). A new dict rather
-            # than clear(): a thread still using the old one (large messages are scored
-            # in worker threads) must not lose entries it has just added.
-            cache = self._cache = {}
-        tokens = tokens if isinstance(tokens, list) else list(tokens)
-        lookup = cache.__getitem__
-        try:
-            return list(map(lookup, tokens))  # all cached: no per-token Python code
-        except KeyError:
-            pass
-        seed, mask = self.seed, self._mask
-        for tok in set(tokens).difference(cache):  # set-minus-dict runs in C
-            cache[tok] = murmurhash3_32(tok, seed, positive=True) & mask
-        return list(map(lookup, tokens))
+        return list(map(self._lookup().__getitem__, tokens))
 
     def column_array(self, tokens: list[str]) -> np.ndarray:
-        """``columns`` as an int64 array (filled straight from the cache when it can be)."""
-        cache = self._cache
-        if len(cache) <= _HASH_CACHE_MAX:
-            try:
-                return np.fromiter(map(cache.__getitem__, tokens), np.int64, len(tokens))
-            except KeyError:
-                pass
-        return np.array(self.columns(tokens), dtype=np.int64)
+        """``columns`` as an int64 array, filled straight from the cache."""
+        return np.fromiter(map(self._lookup().__getitem__, tokens), np.int64, len(tokens))
 
     def index(self, tokens: Iterable[str]) -> np.ndarray:
         """Sorted unique columns: a binary feature vector in sparse form."""
