@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from mailflow_plugins.bayes import features
+from mailflow_plugins.bayes import features, mime
 from mailflow_plugins.bayes.features import Hasher, _words
 from mailflow_plugins.bayes.mime import parse, parse_headers, split_entity
 from mailflow_plugins.bayes.model import Model
@@ -138,16 +138,22 @@ def test_hash_cache_stays_bounded_and_correct_under_threads(monkeypatch):
     assert len(hasher._cache) <= 50 + 4 * 22
 
 
-def test_header_parser_and_split_match_the_originals_on_random_blocks():
+def test_header_parser_and_split_match_the_originals_on_random_blocks(monkeypatch):
     """Random mixes of CR, LF, CRLF, folds and other line breaks (the CRLF fast paths
-    must fall back whenever a bare CR or LF would make them differ)."""
+    must fall back whenever a bare CR or LF would make them differ), with the cache of
+    header names cold, warm and starting over."""
+    monkeypatch.setattr(mime, "_KEYS", {})
+    monkeypatch.setattr(mime, "_KEYS_MAX", 16)
     rng = random.Random(1)
     pieces = [b"\r", b"\n", b"\r\n", b" ", b"\t", b"a", b"B", b":", b"\x0b", b"\xc2\x85"]
-    pieces += [b"\x1c", b"x: y", b"\r\n ", b"\n\t", b"\r\r\n"]
-    for _ in range(20_000):
-        block = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+    pieces += [b"\x1c", b"x: y", b"\r\n ", b"\n\t", b"\r\r\n", b" To :", b"From "]
+    blocks = [
+        b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 14))) for _ in range(10_000)
+    ]
+    for block in blocks + blocks:
         assert parse_headers(block) == _reference_headers(block), block
         assert split_entity(block) == _reference_split(block), block
+    assert len(mime._KEYS) <= 16
 
 
 @pytest.mark.parametrize(
