@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     return {
-        "machine": machine(),
+        "machine": machine(workdir),
         "command": " ".join(["python -m benchmarks.smtp_load", *(args.argv or [])]),
         "messages": args.messages,
         "client": args.client,
@@ -306,6 +306,13 @@ def main(argv: list[str] | None = None) -> None:
             f"machine: {m['nproc']} x {m['cpu']}, Python {m['python']}, load {m['load_avg']}; "
             f"message {report['size']} bytes; plugins: {', '.join(report['plugins']) or '-'}"
         )
+        if m.get("workdir_fs"):
+            print(f"work directory on: {m['workdir_fs']}")
+        if m.get("workdir_fs", "").endswith("(no journal)"):
+            print(
+                "  (ext4 without a journal: file creation is slower for a few minutes after "
+                "many files were deleted; see docs/performance.md)"
+            )
         print_tables([Row(**r) for r in report["rows"]])
         for key, value in report.items():
             if "sink" in key:
