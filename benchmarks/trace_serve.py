@@ -39,12 +39,24 @@ def user_sys_seconds(stat_path: str) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def thread_times(pid: int) -> dict[int, tuple[float, float]]:
-    """User and system CPU seconds of each thread of ``pid`` (threads that ended are gone)."""
+def context_switches(status_path: str) -> int:
+    """Voluntary + involuntary context switches from a /proc ``status`` file."""
+    total = 0
+    for line in Path(status_path).read_text().splitlines():
+        if "ctxt_switches:" in line:
+            total += int(line.split()[-1])
+    return total
+
+
+def thread_times(pid: int) -> dict[int, tuple[float, float, int]]:
+    """User and system CPU seconds and context switches of each thread of ``pid``
+    (threads that ended are gone)."""
     times = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
+        task = f"/proc/{pid}/task/{tid}"
         try:
-            times[int(tid)] = user_sys_seconds(f"/proc/{pid}/task/{tid}/stat")
+            user, system = user_sys_seconds(f"{task}/stat")
+            times[int(tid)] = (user, system, context_switches(f"{task}/status"))
         except OSError:  # the thread ended in between
             continue
     return times
@@ -101,14 +113,15 @@ def trace(args: argparse.Namespace, workdir: Path) -> None:
         f"{args.n} messages, {result.sent} accepted, {result.rate:.0f} msgs/s: "
         f"user {user / args.n * 1000:.3f} ms/msg, sys {system / args.n * 1000:.3f} ms/msg"
     )
-    for tid, (user_after, sys_after) in sorted(threads_after.items()):
-        user0, sys0 = threads_before.get(tid, (0.0, 0.0))
+    for tid, (user_after, sys_after, switches_after) in sorted(threads_after.items()):
+        user0, sys0, switches0 = threads_before.get(tid, (0.0, 0.0, 0))
         user, system = user_after - user0, sys_after - sys0
         if user + system > 0:
             name = "main thread" if tid == pid else f"thread {tid}"
             print(
                 f"  {name:14s} user {user / args.n * 1000:.3f} ms/msg, "
-                f"sys {system / args.n * 1000:.3f} ms/msg"
+                f"sys {system / args.n * 1000:.3f} ms/msg, "
+                f"{(switches_after - switches0) / args.n:.1f} context switches/msg"
             )
 
 
