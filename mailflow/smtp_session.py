@@ -12,7 +12,8 @@ import asyncio
 import logging
 import re
 import socket
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiosmtpd.smtp import MISSING, SMTP
 
@@ -67,6 +68,23 @@ def _has_line_longer_than(data: bytes, limit: int) -> bool:
     return _longest_line(data) > limit
 
 
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+_SYNTAX_ATTRIBUTES = ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__")
+
+
+def _help_of(replaced: Any) -> Callable[[_Command], _Command]:
+    """Give an overriding ``smtp_X`` the HELP text of aiosmtpd's, which HELP looks up
+    on the method itself (aiosmtpd's ``@syntax``); without it HELP omits the command."""
+
+    def decorate(method: _Command) -> _Command:
+        for name in _SYNTAX_ATTRIBUTES:
+            if hasattr(replaced, name):
+                setattr(method, name, getattr(replaced, name))
+        return method
+
+    return decorate
+
+
 class MailflowSMTP(AuthMechanisms, SMTP):
     """aiosmtpd's protocol plus connection limits, timeouts, TLS facts and the connect stage.
 
@@ -83,6 +101,8 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         self._counted = False  # this connection is in handler.active
         self._deadline = 0.0  # loop time after which an idle client is cut off
         self._in_data = False  # between "354" and the end of the message data
+        self._in_group_command = False  # running MAIL, RCPT or RSET (see push)
+        self._held: list[bytes] = []  # replies not written yet (see push)
 
     # --- connection bookkeeping -------------------------------------------------------------
 
@@ -126,7 +146,62 @@ class MailflowSMTP(AuthMechanisms, SMTP):
 
     def _close(self) -> None:
         if self.transport is not None:
+            self._write_held()
             self.transport.close()
+
+    # --- replies ----------------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        """Send a reply; replies to pipelined MAIL/RCPT/RSET go out together.
+
+        RFC 2920 3.2: a server may keep the replies to a group of pipelined commands
+        and send them as one unit. A reply to MAIL, RCPT or RSET is held while the
+        client's next command line is already in the buffer; the next reply that is
+        not held (at the latest the one to DATA, which ends a group) takes them all
+        in one write. A client that waits for each reply is answered at once, and no
+        reply is held while mailflow waits for input, so nothing can stall.
+        """
+        if isinstance(status, str):
+            status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        self._held.append(status + b"\r\n")
+        if self._in_group_command and self._next_line_buffered():
+            return
+        self._write_held()
+        await self._writer.drain()
+
+    def _next_line_buffered(self) -> bool:
+        # StreamReader keeps unread data in ``_buffer`` (aiosmtpd uses it as well).
+        buffer = getattr(self._reader, "_buffer", None)
+        return buffer is not None and b"\n" in buffer
+
+    def _write_held(self) -> None:
+        if self._held:
+            held, self._held = self._held, []
+            self._writer.write(b"".join(held))
+
+    @_help_of(SMTP.smtp_MAIL)
+    async def smtp_MAIL(self, arg: str) -> None:
+        self._in_group_command = True
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._in_group_command = False
+
+    @_help_of(SMTP.smtp_RCPT)
+    async def smtp_RCPT(self, arg: str) -> None:
+        self._in_group_command = True
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._in_group_command = False
+
+    @_help_of(SMTP.smtp_RSET)
+    async def smtp_RSET(self, arg: str) -> None:
+        self._in_group_command = True
+        try:
+            await super().smtp_RSET(arg)
+        finally:
+            self._in_group_command = False
 
     # --- timeouts ---------------------------------------------------------------------------
 
@@ -156,7 +231,8 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         """Tell the client why before closing (RFC 5321 4.5.3.2: 421 on timeout)."""
         if self.transport is not None and not self.transport.is_closing():
             phase = "data" if self._in_data else "command"
-            self.transport.write(f"{R_TIMEOUT} ({phase})\r\n".encode())
+            self._held.append(f"{R_TIMEOUT} ({phase})\r\n".encode())
+            self._write_held()
         super()._timeout_cb()
 
     def data_received(self, data: bytes) -> None:
@@ -166,6 +242,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             self._reset_timeout(self.mailflow_handler.app.config.server.data_timeout)
         super().data_received(data)
 
+    @_help_of(SMTP.smtp_DATA)
     async def smtp_DATA(self, arg: str) -> None:
         server = self.mailflow_handler.app.config.server
         self._in_data = True
@@ -330,6 +407,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
 
     # --- AUTH -------------------------------------------------------------------------------
 
+    @_help_of(SMTP.smtp_AUTH)
     async def smtp_AUTH(self, arg: str) -> None:
         await super().smtp_AUTH(arg)
         conn = self.mailflow_conn
