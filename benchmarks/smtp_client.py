@@ -90,8 +90,18 @@ class Connection:
         self.writer.write(line.encode() + b"\r\n")
         return await self.expect(line.split(":")[0], code_prefix)
 
-    async def send(self, sender: str, recipients: list[str], payload: bytes) -> None:
-        """One transaction; ``payload`` is dot-stuffed and ends with ``.\\r\\n``."""
+    async def send(
+        self, sender: str, recipients: list[str], payload: bytes, pipelining: bool = False
+    ) -> None:
+        """One transaction; ``payload`` is dot-stuffed and ends with ``.\\r\\n``.
+
+        With ``pipelining`` (RFC 2920, as Postfix's SMTP client does it) MAIL, the
+        RCPTs and DATA go out in one write and their replies are read afterwards;
+        otherwise each command waits for its reply (as postfix's smtp-source does).
+        """
+        if pipelining:
+            await self._send_pipelined(sender, recipients, payload)
+            return
         try:
             await self.command(f"MAIL FROM:<{sender}>", b"2")
             for rcpt in recipients:
@@ -104,6 +114,27 @@ class Connection:
             with contextlib.suppress(SMTPReplyError):
                 await self.command("RSET", b"2")
             raise
+
+    async def _send_pipelined(self, sender: str, recipients: list[str], payload: bytes) -> None:
+        commands = [f"MAIL FROM:<{sender}>", *(f"RCPT TO:<{r}>" for r in recipients), "DATA"]
+        self.writer.write("".join(f"{c}\r\n" for c in commands).encode())
+        replies = [await self.read_reply() for _ in commands]
+        refused = [
+            (command, reply)
+            for command, reply in zip(commands[:-1], replies[:-1], strict=True)
+            if not reply.startswith(b"2")
+        ]
+        if replies[-1].startswith(b"3"):
+            # DATA was accepted: the message has to be sent (or ended) either way.
+            self.writer.write(payload)
+            await self.expect("end of DATA", b"2")
+        elif not refused:
+            refused = [("DATA", replies[-1])]
+        if refused:
+            with contextlib.suppress(SMTPReplyError):
+                await self.command("RSET", b"2")
+            command, reply = refused[0]
+            raise SMTPReplyError(command.split(":")[0], reply)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -125,6 +156,7 @@ async def run_load(
     payload: Callable[[int], bytes],
     addressing: Addressing,
     max_errors: int = 5,
+    pipelining: bool = False,
 ) -> LoadResult:
     """Send ``count`` messages over ``concurrency`` reused connections.
 
@@ -141,7 +173,7 @@ async def run_load(
             data = payload(index)
             start = time.perf_counter()
             try:
-                await conn.send(sender, recipients, data)
+                await conn.send(sender, recipients, data, pipelining)
             except SMTPReplyError as exc:
                 result.failed += 1
                 if len(result.errors) < max_errors:

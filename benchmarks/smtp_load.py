@@ -65,6 +65,7 @@ def measure(
     factory: MessageFactory,
     drain_timeout: float,
     message_file: Path | None = None,
+    pipelining: bool = False,
 ) -> Row:
     """One load run against ``target``; with ``message_file``, postfix's smtp-source sends."""
     before = target.delivered()
@@ -78,7 +79,13 @@ def measure(
     else:
         result = asyncio.run(
             run_load(
-                "127.0.0.1", target.port, count, concurrency, factory.payload, target.addressing
+                "127.0.0.1",
+                target.port,
+                count,
+                concurrency,
+                factory.payload,
+                target.addressing,
+                pipelining=pipelining,
             )
         )
     row = Row(
@@ -180,10 +187,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--client",
-        choices=["python", "smtp-source"],
+        choices=["python", "python-pipelining", "smtp-source"],
         default="python",
-        help="load generator: this package's client (latencies) or postfix's smtp-source "
-        "(C, lighter on a small machine; rates only)",
+        help="load generator: this package's client, one command at a time (latencies); "
+        "the same with MAIL/RCPT/DATA pipelined as Postfix's SMTP client sends them; or "
+        "postfix's smtp-source (C, lighter on a small machine; rates only)",
     )
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="message size in bytes")
     p.add_argument(
@@ -265,7 +273,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.repeat):
                 for t in targets:
                     runs[t.name].append(
-                        measure(t, args.messages, k, factory, args.drain_timeout, message_file)
+                        measure(
+                            t,
+                            args.messages,
+                            k,
+                            factory,
+                            args.drain_timeout,
+                            message_file,
+                            pipelining=args.client == "python-pipelining",
+                        )
                     )
             combined = [combine(r) for r in runs.values()]
             set_ratios(combined, [t for t in targets if isinstance(t, BareTarget)])

@@ -39,3 +39,36 @@ def test_harness_counts_bare_and_maildir() -> None:
     assert maildir["drain_s"] is not None
     assert maildir["ratio"] is not None and maildir["ratio"] > 0
     assert report["size"] > 4000  # a realistic multipart message, not a one-liner
+
+
+def test_harness_with_the_pipelining_client() -> None:
+    report = run_harness(
+        "-n", "20", "-k", "2", "--targets", "bare,maildir", "--client", "python-pipelining"
+    )
+    rows = {row["server"]: row for row in report["rows"]}
+    for row in rows.values():
+        assert (row["accepted"], row["failed"]) == (20, 0), row
+    assert rows["mailflow maildir"]["delivered"] == 20
+    assert report["client"] == "python-pipelining"
+
+
+async def test_pipelined_send_reports_a_refused_recipient_and_leaves_the_session_clean(
+    make_config,
+) -> None:
+    import pytest
+
+    from benchmarks.smtp_client import Connection, SMTPReplyError
+    from mailflow.testing import make_message, running_server
+
+    payload = make_message().replace(b"\n", b"\r\n") + b".\r\n"
+    async with running_server(make_config("local_domains: [example.com]\n")) as srv:
+        conn = await Connection.open("127.0.0.1", srv.port)
+        with pytest.raises(SMTPReplyError, match="RCPT TO: 554"):
+            await conn.send("a@example.org", ["x@elsewhere.test"], payload, pipelining=True)
+        # Refused, partly refused and accepted transactions on the same connection.
+        with pytest.raises(SMTPReplyError, match="RCPT TO: 554"):
+            await conn.send("a@example.org", ["x@elsewhere.test", "bob@example.com"], payload, True)
+        await conn.send("a@example.org", ["bob@example.com"], payload, pipelining=True)
+        await conn.close()
+        delivered = await srv.wait_delivered("bob@example.com", count=2)
+        assert len(delivered) == 2  # the partly refused message went to bob as well
