@@ -31,6 +31,8 @@ class Row:
     drain_s: float | None = None  # seconds after the load until the queue was empty
     cpu_ms: float | None = None  # server CPU per accepted message (all threads, to drained)
     cpu_ratio: float | None = None  # bare cpu_ms / cpu_ms: the ratio if both were CPU-bound
+    ratio_low: float | None = None  # paired runs: the lowest and highest per-pair ratio
+    ratio_high: float | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -68,6 +70,23 @@ def set_ratios(rows: list[Row], bare: list[Target]) -> None:
             r.ratio = round(r.rate / base.rate, 3)
         if base.cpu_ms and r.cpu_ms:
             r.cpu_ratio = round(base.cpu_ms / r.cpu_ms, 3)
+
+
+def set_paired_ratios(rows: list[Row], pairs: dict[str, list[tuple[Row, Row]]]) -> None:
+    """Ratios from (bare run, target run) pairs measured back to back: the median pair
+    (and the range over pairs) instead of the ratio of two medians taken at different
+    times. Rows without pairs keep their ratios."""
+    for r in rows:
+        runs = pairs.get(r.server)
+        if not runs:
+            continue
+        ratios = sorted(t.rate / b.rate for b, t in runs if b.rate)
+        if ratios:
+            r.ratio = round(ratios[len(ratios) // 2], 3)
+            r.ratio_low, r.ratio_high = round(ratios[0], 3), round(ratios[-1], 3)
+        cpu = sorted(b.cpu_ms / t.cpu_ms for b, t in runs if b.cpu_ms and t.cpu_ms)
+        if cpu:
+            r.cpu_ratio = round(cpu[len(cpu) // 2], 3)
 
 
 def cpu_model() -> str:
@@ -133,16 +152,23 @@ def machine(workdir: Path | None = None) -> dict[str, Any]:
 def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
     for k in sorted({r.concurrency for r in rows}):
         group = [r for r in rows if r.concurrency == k]
-        n = group[0].messages
-        print(f"\nK={k} connections, {n} messages per server", file=out)
+        counts = sorted({r.messages for r in group})
+        line = f"\nK={k} connections, {counts[0]} messages per server"
+        if len(counts) > 1:  # paired runs: the bare server ran once before each target
+            line += f" ({counts[-1]} for the bare server, one run before each target)"
+        print(line, file=out)
         header = (
             f"{'server':<34} {'msgs/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ratio':>6} "
-            f"{'failed':>6} {'delivered':>9} {'e2e/s':>7} {'cpu ms/msg':>10} {'cpu ratio':>9}"
+            f"{'range':>10} {'failed':>6} {'delivered':>9} {'e2e/s':>7} {'cpu ms/msg':>10} "
+            f"{'cpu ratio':>9}"
         )
         print(header, file=out)
         print("-" * len(header), file=out)
         for r in group:
             ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
+            spread = "-"
+            if r.ratio_low is not None and r.ratio_high is not None:
+                spread = f"{r.ratio_low:.2f}-{r.ratio_high:.2f}"
             delivered = "-" if r.delivered is None else str(r.delivered)
             e2e = "-" if r.e2e_rate is None else f"{r.e2e_rate:.0f}"
             if r.delivered is not None and r.drain_s is None:
@@ -152,7 +178,7 @@ def print_tables(rows: list[Row], out: Any = sys.stdout) -> None:
             p50 = "-" if r.p50_ms is None else f"{r.p50_ms:.2f}"
             p99 = "-" if r.p99_ms is None else f"{r.p99_ms:.2f}"
             print(
-                f"{r.server:<34} {r.rate:>8.0f} {p50:>8} {p99:>8} {ratio:>6} "
+                f"{r.server:<34} {r.rate:>8.0f} {p50:>8} {p99:>8} {ratio:>6} {spread:>10} "
                 f"{r.failed:>6} {delivered:>9} {e2e:>7} {cpu:>10} {cpu_ratio:>9}",
                 file=out,
             )

@@ -27,7 +27,15 @@ from typing import Any
 
 from benchmarks import postfix_source
 from benchmarks.postfix_source import run_smtp_source
-from benchmarks.report import Row, combine, machine, print_profile, print_tables, set_ratios
+from benchmarks.report import (
+    Row,
+    combine,
+    machine,
+    print_profile,
+    print_tables,
+    set_paired_ratios,
+    set_ratios,
+)
 from benchmarks.sample import DEFAULT_SIZE, MessageFactory, message_template
 from benchmarks.smtp_client import run_load
 from benchmarks.targets import REPO, BareTarget, MailflowTarget, Sink, Target
@@ -228,6 +236,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8,
         help="relay.pool_size for the relay targets (default 8 = queue.workers)",
     )
+    p.add_argument(
+        "--pairing",
+        choices=["paired", "interleaved"],
+        default="paired",
+        help="paired: the bare server runs right before every other target and each "
+        "ratio is the median of those pairs (range shown); interleaved: one bare run per "
+        "round, ratios of the median rounds",
+    )
     p.add_argument("--workdir", type=Path, help="keep servers' files here (default: temp)")
     return p.parse_args(argv)
 
@@ -270,23 +286,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # Rounds interleave the targets, so a burst of load from other processes
             # on the machine hits all of them rather than one.
             runs: dict[str, list[Row]] = {t.name: [] for t in targets}
+
+            in_order: list[Row] = []  # every run of this K, as they happened
+
+            def load(
+                t: Target,
+                k: int = k,
+                runs: dict[str, list[Row]] = runs,
+                in_order: list[Row] = in_order,
+            ) -> Row:
+                row = measure(
+                    t,
+                    args.messages,
+                    k,
+                    factory,
+                    args.drain_timeout,
+                    message_file,
+                    pipelining=args.client == "python-pipelining",
+                )
+                runs[t.name].append(row)
+                in_order.append(row)
+                return row
+
+            bare = next((t for t in targets if isinstance(t, BareTarget)), None)
+            pairs: dict[str, list[tuple[Row, Row]]] = {}
             for _ in range(args.repeat):
                 for t in targets:
-                    runs[t.name].append(
-                        measure(
-                            t,
-                            args.messages,
-                            k,
-                            factory,
-                            args.drain_timeout,
-                            message_file,
-                            pipelining=args.client == "python-pipelining",
-                        )
-                    )
+                    if args.pairing == "paired" and bare is not None and t is not bare:
+                        # The bare server right before each target: the ratio compares
+                        # two runs seconds apart, not the machine's speed at two times.
+                        base = load(bare)
+                        pairs.setdefault(t.name, []).append((base, load(t)))
+                    elif t is not bare or args.pairing != "paired" or len(targets) == 1:
+                        load(t)
             combined = [combine(r) for r in runs.values()]
-            set_ratios(combined, [t for t in targets if isinstance(t, BareTarget)])
+            set_ratios(combined, [bare] if bare is not None else [])
+            set_paired_ratios(combined, pairs)
             rows += combined
-            all_runs += [asdict(r) for rs in runs.values() for r in rs]
+            all_runs += [asdict(r) for r in in_order]
     finally:
         for t in targets:
             t.stop()

@@ -72,3 +72,17 @@ async def test_pipelined_send_reports_a_refused_recipient_and_leaves_the_session
         await conn.close()
         delivered = await srv.wait_delivered("bob@example.com", count=2)
         assert len(delivered) == 2  # the partly refused message went to bob as well
+
+
+def test_paired_rounds_run_the_bare_server_before_each_target() -> None:
+    report = run_harness("-n", "10", "-k", "2", "--repeat", "3", "--targets", "bare,maildir")
+    rows = {row["server"]: row for row in report["rows"]}
+    bare, maildir = rows["bare aiosmtpd"], rows["mailflow maildir"]
+    assert bare["accepted"] == maildir["accepted"] == 30  # three pairs of runs
+    assert maildir["ratio_low"] <= maildir["ratio"] <= maildir["ratio_high"]
+    pairs = [(report["runs"][i], report["runs"][i + 1]) for i in range(0, len(report["runs"]), 2)]
+    assert [(b["server"], t["server"]) for b, t in pairs] == [
+        (bare["server"], maildir["server"])
+    ] * 3
+    ratios = sorted(t["rate"] / b["rate"] for b, t in pairs)
+    assert abs(maildir["ratio"] - ratios[1]) < 0.01  # the median pair, not a ratio of medians
