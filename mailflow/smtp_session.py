@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiosmtpd.smtp import MISSING, SMTP
@@ -179,29 +179,25 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             held, self._held = self._held, []
             self._writer.write(b"".join(held))
 
-    @_help_of(SMTP.smtp_MAIL)
-    async def smtp_MAIL(self, arg: str) -> None:
+    async def _as_group_command(self, command: Callable[[str], Awaitable[None]], arg: str) -> None:
+        """Run aiosmtpd's handler for a command whose reply may wait for the group's."""
         self._in_group_command = True
         try:
-            await super().smtp_MAIL(arg)
+            await command(arg)
         finally:
             self._in_group_command = False
+
+    @_help_of(SMTP.smtp_MAIL)
+    async def smtp_MAIL(self, arg: str) -> None:
+        await self._as_group_command(super().smtp_MAIL, arg)
 
     @_help_of(SMTP.smtp_RCPT)
     async def smtp_RCPT(self, arg: str) -> None:
-        self._in_group_command = True
-        try:
-            await super().smtp_RCPT(arg)
-        finally:
-            self._in_group_command = False
+        await self._as_group_command(super().smtp_RCPT, arg)
 
     @_help_of(SMTP.smtp_RSET)
     async def smtp_RSET(self, arg: str) -> None:
-        self._in_group_command = True
-        try:
-            await super().smtp_RSET(arg)
-        finally:
-            self._in_group_command = False
+        await self._as_group_command(super().smtp_RSET, arg)
 
     # --- timeouts ---------------------------------------------------------------------------
 
