@@ -113,7 +113,7 @@ def file_system(path: Path) -> str:
     except OSError:
         return ""
     target = os.path.realpath(path)
-    best: tuple[str, str, str, str] | None = None  # mount point, type, device, major:minor
+    best: tuple[str, str, str] | None = None  # mount point, type, device
     for line in mounts:
         fields = line.split()
         if "-" not in fields:
@@ -122,10 +122,10 @@ def file_system(path: Path) -> str:
         point = fields[4].replace("\\040", " ")
         inside = target == point or target.startswith(point.rstrip("/") + "/")
         if inside and (best is None or len(point) >= len(best[0])):
-            best = (point, fields[sep + 1], fields[sep + 2], fields[2])
+            best = (point, fields[sep + 1], fields[sep + 2])
     if best is None:
         return ""
-    _, fs_type, device, _ = best
+    _, fs_type, device = best
     described = f"{fs_type} {device}"
     if fs_type == "ext4":
         name = os.path.basename(device)

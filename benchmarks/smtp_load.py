@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import postfix_source
+from benchmarks import postfix_source, what_if
 from benchmarks.postfix_source import run_smtp_source
 from benchmarks.report import (
     Row,
@@ -221,8 +221,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--what-if",
         action="append",
         default=[],
-        help="run mailflow with a proposed change patched in: direct-maildir, "
-        "fast-newlines, no-fsync (analysis only: no durability); repeatable",
+        help=f"run mailflow with a change patched in ({', '.join(what_if.WHAT_IFS)}; "
+        "see benchmarks/what_if.py); repeatable",
     )
     p.add_argument(
         "--log-level",
@@ -309,16 +309,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return row
 
             bare = next((t for t in targets if isinstance(t, BareTarget)), None)
+            paired = args.pairing == "paired" and bare is not None and len(targets) > 1
             pairs: dict[str, list[tuple[Row, Row]]] = {}
             for _ in range(args.repeat):
                 for t in targets:
-                    if args.pairing == "paired" and bare is not None and t is not bare:
+                    if not paired:
+                        load(t)
+                    elif t is not bare:
                         # The bare server right before each target: the ratio compares
                         # two runs seconds apart, not the machine's speed at two times.
                         base = load(bare)
                         pairs.setdefault(t.name, []).append((base, load(t)))
-                    elif t is not bare or args.pairing != "paired" or len(targets) == 1:
-                        load(t)
             combined = [combine(r) for r in runs.values()]
             set_ratios(combined, [bare] if bare is not None else [])
             set_paired_ratios(combined, pairs)
