@@ -128,6 +128,133 @@ def test_real_syncfs_reports_errors_as_oserror() -> None:
     assert info.value.errno == 9
 
 
+# --- pipelined group commit (Maildir) -------------------------------------------------
+
+
+class RecordingSyncer(SyncfsSyncer):
+    """A real syncfs syncer that notes, per sync round, the names it made durable: the
+    entries of the ``new/`` directories it was asked to sync, listed once it returned."""
+
+    def __init__(self, syncfs: ScriptedSyncfs | None = None) -> None:
+        super().__init__(syncfs or ScriptedSyncfs())
+        self.durable_names: list[set[str]] = []  # one set per sync round, in order
+
+    def sync(self, files, dirs):  # type: ignore[no-untyped-def]
+        errors = super().sync(files, dirs)
+        failed = errors[1]
+        self.durable_names.append(
+            {name for d, _ in dirs if d not in failed for name in os.listdir(d)}
+        )
+        return errors
+
+
+@needs_syncfs
+async def test_no_copy_is_reported_before_a_later_sync_covered_its_new_entry(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The promise, with batches overlapping: when the commit thread answers a caller,
+    a sync round that ran after the rename into new/ has made that name durable."""
+    syncer = RecordingSyncer()
+    md = MaildirDelivery(MaildirConfig(root=tmp_path), syncer)
+    rounds_at_answer: dict[bytes, int] = {}  # message -> sync rounds done when answered
+    answer = durable._answer
+
+    def recording_answer(waiters, outcome):  # type: ignore[no-untyped-def]
+        for (_, data), _, _ in waiters:
+            rounds_at_answer[data] = len(syncer.durable_names)
+        answer(waiters, outcome)
+
+    monkeypatch.setattr(durable, "_answer", recording_answer)
+
+    async def deliver(i: int) -> tuple[bytes, Path]:
+        data = MESSAGE + b"%d\r\n" % i
+        [path] = await md.deliver_many_async([(f"u{i % 4}@example.com", "", "")], data)
+        assert isinstance(path, Path)
+        return data, path
+
+    tasks = []
+    for i in range(60):  # arriving while earlier batches commit, so batches overlap
+        tasks.append(asyncio.create_task(deliver(i)))
+        await asyncio.sleep(0.0005)
+    for data, path in await asyncio.gather(*tasks):
+        synced_before = syncer.durable_names[: rounds_at_answer[data]]
+        assert any(path.name in names for names in synced_before), path
+        assert path.read_bytes() == data
+
+
+@needs_syncfs
+async def test_under_load_each_round_syncs_once_for_two_batches(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """While more work is waiting, one syncfs makes one batch's names and the next
+    batch's data durable: fewer calls than two per batch."""
+    syncfs = ScriptedSyncfs()
+    batches: list[int] = []
+    step = MaildirDelivery._commit_step
+
+    def counting_step(self, requests, carried):  # type: ignore[no-untyped-def]
+        if requests:
+            batches.append(len(requests))
+        time.sleep(0.002)  # let the next batch gather while this one commits
+        return step(self, requests, carried)
+
+    monkeypatch.setattr(MaildirDelivery, "_commit_step", counting_step)
+    md = MaildirDelivery(MaildirConfig(root=tmp_path), SyncfsSyncer(syncfs))
+
+    async def deliver() -> None:
+        [path] = await md.deliver_many_async([("a@example.com", "", "")], MESSAGE)
+        assert isinstance(path, Path)
+
+    # Messages keep arriving (one per millisecond) whether or not earlier ones are done,
+    # as from many SMTP connections: there is always a next batch to overlap with.
+    tasks = []
+    for _ in range(120):
+        tasks.append(asyncio.create_task(deliver()))
+        await asyncio.sleep(0.001)
+    await asyncio.gather(*tasks)
+    assert sum(batches) == 120
+    assert len(_delivered(tmp_path)) == 120
+    assert syncfs.calls < 2 * len(batches)  # the old two-phase commit: exactly 2 per batch
+
+
+async def test_a_lone_message_is_finished_at_once_not_held_for_the_next() -> None:
+    """GroupCommitter.pipelined: with nothing else waiting, the carried batch is
+    finished by a step of its own; a failing step fails the batch it was finishing
+    and the one it started."""
+    steps: list[tuple[list[str], object]] = []
+
+    def step(requests: list[str], carried: object) -> tuple[object, object]:
+        steps.append((list(requests), carried))
+        if "boom" in requests:
+            raise RuntimeError("step failed")
+        done = [f"{r} stored" for r in carried] if isinstance(carried, list) else None
+        return done, (list(requests) if requests else None)
+
+    committer: durable.GroupCommitter[str, str] = durable.GroupCommitter.pipelined(
+        step, "test-commit", idle=0.05
+    )
+    assert await asyncio.wait_for(committer.submit("one"), 2) == "one stored"
+    assert steps == [(["one"], None), ([], ["one"])]
+    with pytest.raises(RuntimeError, match="step failed"):
+        await asyncio.wait_for(committer.submit("boom"), 2)
+    assert await asyncio.wait_for(committer.submit("two"), 2) == "two stored"
+
+
+@pytest.mark.parametrize(("failing_call", "left_in_new"), [(1, 0), (2, 1)])
+async def test_async_delivery_reports_a_failed_data_or_name_sync(
+    tmp_path: Path, failing_call: int, left_in_new: int
+) -> None:
+    md = MaildirDelivery(
+        MaildirConfig(root=tmp_path), SyncfsSyncer(ScriptedSyncfs(fail={failing_call}))
+    )
+    [result] = await md.deliver_many_async([("a@example.com", "", "")], MESSAGE)
+    assert isinstance(result, OSError) and "injected" in str(result)
+    # A failed name sync leaves the file in new/ (its rename may or may not survive a
+    # crash); it is not reported delivered, so the message is spooled and retried.
+    assert len(_delivered(tmp_path)) == left_in_new
+    assert _visible(tmp_path / "a@example.com" / "tmp") == []
+
+
 # --- a failed sync reports nothing stored ---------------------------------------------
 
 

@@ -154,19 +154,25 @@ class Syncer(ABC):
 
     def sync_files(self, files: Sequence[FileRef], mark: int) -> dict[int, OSError]:
         """Sync these files' data; return the failed descriptors."""
-        errors = self.sync(files, ())[0]
-        late = self.error_since(mark)
-        if late is not None:
-            return {fd: errors.get(fd, late) for fd, _ in files}
-        return errors
+        return self.sync_round(files, mark, (), mark)[0]
 
     def sync_dirs(self, dirs: Sequence[DirRef], mark: int) -> dict[str, OSError]:
         """Sync these directories' entries; return the failed directories."""
-        errors = self.sync((), dirs)[1]
-        late = self.error_since(mark)
+        return self.sync_round((), mark, dirs, mark)[1]
+
+    def sync_round(
+        self, files: Sequence[FileRef], files_mark: int, dirs: Sequence[DirRef], dirs_mark: int
+    ) -> _SyncErrors:
+        """One sync for the data of one commit's files and the entries of another's
+        directories (each with the mark its commit took); return what failed."""
+        file_errors, dir_errors = self.sync(files, dirs)
+        late = self.error_since(files_mark)
         if late is not None:
-            return {d: errors.get(d, late) for d, _ in dirs}
-        return errors
+            file_errors = {fd: file_errors.get(fd, late) for fd, _ in files}
+        late = self.error_since(dirs_mark)
+        if late is not None:
+            dir_errors = {d: dir_errors.get(d, late) for d, _ in dirs}
+        return file_errors, dir_errors
 
 
 class FsyncSyncer(Syncer):
@@ -395,6 +401,7 @@ def write_file(path: str | Path, data: bytes) -> None:
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+Carry = TypeVar("Carry")
 _Waiter = tuple[Any, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
 
 
@@ -421,6 +428,33 @@ class GroupCommitter(Generic[Request, Response]):
         self._more = threading.Condition(self._lock)
         self._batch: list[_Waiter] = []
         self._running = False
+        self._step: Callable[[list[Request], Any], tuple[Any, Any]] | None = None
+
+    @classmethod
+    def pipelined(
+        cls,
+        step: Callable[
+            [list[Request], Carry | None], tuple[Sequence[Response] | None, Carry | None]
+        ],
+        name: str,
+        idle: float | None = None,
+    ) -> GroupCommitter[Request, Response]:
+        """A committer whose commits overlap by one phase (see :meth:`_drain_pipelined`).
+
+        ``step(requests, carried)`` runs in the commit thread. It starts committing
+        ``requests`` (possibly none) and, in the same sync, finishes ``carried``, the
+        batch the previous step started; it returns the responses for ``carried``
+        (None when there was none) and what the next step must finish for
+        ``requests`` (None when there were none). Nobody is answered before the step
+        that finished their batch returned. If ``step`` raises, both batches fail.
+        """
+
+        def unused(requests: list[Request]) -> Sequence[Response]:
+            raise AssertionError("a pipelined committer commits through its step")
+
+        committer = cls(unused, name, idle)
+        committer._step = step
+        return committer
 
     async def submit(self, request: Request) -> Response:
         """Returns (or raises) once ``request`` has been committed with its batch."""
@@ -436,6 +470,9 @@ class GroupCommitter(Generic[Request, Response]):
         return await future
 
     def _drain(self) -> None:
+        if self._step is not None:
+            self._drain_pipelined(self._step)
+            return
         while True:
             with self._lock:
                 if not self._batch:
@@ -449,14 +486,46 @@ class GroupCommitter(Generic[Request, Response]):
                 outcome = self._commit([request for request, _, _ in batch])
             except BaseException as exc:
                 outcome = exc
-            # One wake-up per event loop per batch, not one per caller.
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
-            for i, (_, future, loop) in enumerate(batch):
-                value = outcome if isinstance(outcome, BaseException) else outcome[i]
-                by_loop.setdefault(loop, []).append((future, value))
-            for loop, pairs in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_resolve_all, pairs)
+            _answer(batch, outcome)
+
+    def _drain_pipelined(self, step: Callable[[list[Request], Any], tuple[Any, Any]]) -> None:
+        """Batch N's last phase shares a sync with batch N+1's first one.
+
+        While work keeps coming, each round syncs once: the names of the batch
+        before and the data of this one. When no new work is waiting, the carried
+        batch is finished on its own at once, so a lone message is not held back.
+        """
+        carried: Any = None
+        carried_waiters: list[_Waiter] = []
+        while True:
+            with self._lock:
+                if not self._batch and carried is None:
+                    self._more.wait(COMMIT_IDLE if self._idle is None else self._idle)
+                batch, self._batch = self._batch, []
+                if not batch and carried is None:
+                    self._running = False
+                    return
+            try:
+                done, carried = step([request for request, _, _ in batch], carried)
+            except BaseException as exc:
+                _answer(carried_waiters + batch, exc)
+                carried, carried_waiters = None, []
+                continue
+            if carried_waiters:
+                _answer(carried_waiters, done)
+            carried_waiters = batch if carried is not None else []
+
+
+def _answer(waiters: list[_Waiter], outcome: Sequence[Any] | BaseException) -> None:
+    """Resolve each waiter's future with its response (or everyone's exception),
+    waking each event loop once, not once per caller."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+    for i, (_, future, loop) in enumerate(waiters):
+        value = outcome if isinstance(outcome, BaseException) else outcome[i]
+        by_loop.setdefault(loop, []).append((future, value))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+            loop.call_soon_threadsafe(_resolve_all, pairs)
 
 
 def _resolve_all(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:

@@ -75,6 +75,9 @@ _TARGETS_MAX = 4096  # resolved (recipient, folder, mailbox) kept; then start af
 _Results = list[list[Path | Exception]]
 # new/ directories of a batch: path -> (st_dev, the (request, copy) renamed into it).
 _NewDirs = dict[str, tuple[int, list[tuple[int, int]]]]
+# A batch renamed into new/ whose names are not synced yet: its results, its new/
+# directories, and the sync mark taken before it was written.
+_Carried = tuple[_Results, _NewDirs, int]
 
 
 class MaildirDelivery:
@@ -87,9 +90,10 @@ class MaildirDelivery:
         self._targets: dict[tuple[str, str, str], _Target] = {}
         # storage.sync; a Syncer is used as given (tests inject failing ones).
         self._sync = sync if isinstance(sync, Syncer) else make_syncer(sync)
-        # Group commit for deliver_many_async: concurrent messages share one sync round.
-        self._committer: GroupCommitter[_Request, list[Path | Exception]] = GroupCommitter(
-            self.deliver_batch, "maildir-commit"
+        # Group commit for deliver_many_async: concurrent messages share sync rounds,
+        # and under load one batch's name sync is the next batch's data sync.
+        self._committer: GroupCommitter[_Request, list[Path | Exception]] = (
+            GroupCommitter.pipelined(self._commit_step, "maildir-commit")
         )
 
     def mailbox_path(self, recipient: str, mailbox: str = "") -> Path:
@@ -160,10 +164,12 @@ class MaildirDelivery:
     ) -> list[Path | Exception]:
         """:meth:`deliver_many` from the event loop, with group commit.
 
-        Calls made while the commit thread is busy are delivered together by
-        :meth:`deliver_batch`, in one sync round, and each event loop is woken
-        once per batch. The promise is the same: no result before the file and
-        its ``new/`` directory are synced.
+        Calls made while the commit thread is busy are delivered together, and each
+        event loop is woken once per batch. The batches overlap by one phase
+        (:meth:`_commit_step`): while more work keeps coming, the sync that makes
+        one batch's ``new/`` entries durable also makes the next batch's data
+        durable. The promise is the same: no result before the file and its
+        ``new/`` directory are synced.
         """
         return await self._committer.submit((copies, data))
 
@@ -187,6 +193,34 @@ class MaildirDelivery:
         new_dirs = self._rename_all(staged, results, errors)
         _fail_dirs(new_dirs, self._sync.sync_dirs(_dir_refs(new_dirs), mark), results)
         return results
+
+    def _commit_step(
+        self, requests: list[_Request], carried: _Carried | None
+    ) -> tuple[_Results | None, _Carried | None]:
+        """One round of the pipelined group commit (see ``GroupCommitter.pipelined``).
+
+        Writes ``requests``' copies to ``tmp/``; one sync round then covers their
+        data and the ``new/`` entries of ``carried``, the batch renamed in the
+        previous round, whose results are returned. The copies whose data synced
+        are renamed into ``new/``; their results come with the next round. Same
+        steps and checks as :meth:`deliver_batch`, one phase apart.
+        """
+        mark = self._sync.mark()
+        results, staged = self._stage(requests) if requests else ([], [])
+        dirs, dirs_mark = (_dir_refs(carried[1]), carried[2]) if carried else ([], mark)
+        try:
+            file_errors, dir_errors = self._sync.sync_round(
+                _file_refs(staged), mark, dirs, dirs_mark
+            )
+        finally:
+            _close(staged)
+        done = None
+        if carried is not None:
+            done, carried_dirs, _ = carried
+            _fail_dirs(carried_dirs, dir_errors, done)
+        if not requests:
+            return done, None
+        return done, (results, self._rename_all(staged, results, file_errors), mark)
 
     def _stage(self, requests: Sequence[_Request]) -> tuple[_Results, list[_Staged]]:
         """Write every copy to ``tmp/``; a copy that cannot be written gets its error.
