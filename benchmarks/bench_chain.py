@@ -40,6 +40,7 @@ async def run(n: int, plugins: list[dict[str, object]]) -> dict[str, float]:
         config = Config.model_validate(
             {
                 "local_domains": ["example.com"],
+                "server": {"data_batch_rounds": 0},  # one message at a time: no gate
                 "queue": {"directory": str(Path(tmp) / "spool")},
                 "delivery": {"maildir": {"root": str(Path(tmp) / "mail")}},
                 "dns": {"nameservers": ["127.0.0.1"], "port": 9, "timeout": 0.2},

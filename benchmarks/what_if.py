@@ -131,3 +131,18 @@ def time_chain() -> None:
 
 
 WHAT_IFS["time-chain"] = time_chain
+
+
+def no_batch() -> None:
+    """The data stage without batching (as ``server.data_batch_rounds: 0``), to compare."""
+    from mailflow import batching
+
+    init = batching.RoundGate.__init__
+
+    def unbatched(self: Any, rounds: int, max_batch: int = batching.DEFAULT_MAX_BATCH) -> None:
+        init(self, 0, max_batch)
+
+    batching.RoundGate.__init__ = unbatched  # type: ignore[method-assign]
+
+
+WHAT_IFS["no-batch"] = no_batch

@@ -107,6 +107,10 @@ class ServerConfig(Strict):
     max_received_headers: int = Field(default=50, ge=1)  # loop detection (RFC 5321 6.3)
     bare_newline: Literal["normalize", "reject"] = "normalize"
     reverse_dns: bool = False
+    # Turns of the event loop the data stage waits to gather messages that finished
+    # DATA close together, which then run through the plugins back to back, faster
+    # (docs/performance.md). Also used by the milter. 0: each message at once.
+    data_batch_rounds: int = Field(default=3, ge=0, le=20)
     tls: TLSConfig | None = None
     auth: AuthConfig | None = None
 
