@@ -137,12 +137,44 @@ def no_batch() -> None:
     """The data stage without batching (as ``server.data_batch_rounds: 0``), to compare."""
     from mailflow import batching
 
-    init = batching.RoundGate.__init__
+    init = batching.DataBatch.__init__
 
     def unbatched(self: Any, rounds: int, max_batch: int = batching.DEFAULT_MAX_BATCH) -> None:
         init(self, 0, max_batch)
 
-    batching.RoundGate.__init__ = unbatched  # type: ignore[method-assign]
+    batching.DataBatch.__init__ = unbatched  # type: ignore[method-assign]
 
 
 WHAT_IFS["no-batch"] = no_batch
+
+
+def batch_sizes() -> None:
+    """ANALYSIS: print how many messages each data-stage batch gathered, at exit."""
+    import atexit
+    import sys
+    from collections import Counter
+
+    from mailflow import batching
+
+    sizes: Counter[int] = Counter()
+    release = batching._release
+
+    def counted(waiters: Any) -> None:
+        if sys._getframe(1).f_code.co_name != "_release_regrouped":
+            sizes[len(waiters)] += 1
+        release(waiters)
+
+    batching._release = counted
+
+    def report() -> None:
+        gathered = sum(n * count for n, count in sizes.items())
+        print(
+            f"batch-sizes: {dict(sorted(sizes.items()))} ({gathered} messages waited)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    atexit.register(report)
+
+
+WHAT_IFS["batch-sizes"] = batch_sizes

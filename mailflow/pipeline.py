@@ -20,7 +20,7 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from mailflow import hookspecs
-from mailflow.batching import RoundGate
+from mailflow.batching import DataBatch
 from mailflow.config import Config, ConfigError, ConfigIssue, PluginEntry, issues_from_validation
 from mailflow.dns import current_budget, start_budget
 from mailflow.message import MessageContext, PluginRun
@@ -205,9 +205,8 @@ class Pipeline:
             self._impls[hook_name] = impls
         # Messages that finish DATA close together run the data stage back to back (see
         # mailflow.batching); a message whose plugins wait (DNS) simply leaves the batch.
-        rounds = config.server.data_batch_rounds
-        self._gather = RoundGate(rounds)  # before the stage: gather a batch
-        self._regroup = RoundGate(min(rounds, 1))  # after it: the batch's chains run first
+        # Front ends count the messages they are receiving in it.
+        self.batch = DataBatch(config.server.data_batch_rounds)
 
     # --- introspection --------------------------------------------------------------------
 
@@ -290,13 +289,12 @@ class Pipeline:
     async def run_data(self, ctx: MessageContext) -> MessageContext:
         """Run end-of-message hooks, apply mutations, then map the score to an action.
 
-        Waits first for the other messages that finished DATA close together, and
-        afterwards for their hooks, so that the hooks of a batch run back to back
-        (``server.data_batch_rounds``).
+        Waits first for the messages whose data is still arriving, and afterwards for
+        their hooks, so that the hooks of a batch run back to back (``mailflow.batching``).
         """
         if current_budget() is None:
             start_budget(self.config.dns.budget)  # front ends that skip the mail stage
-        await self._gather.wait()
+        batched = await self.batch.gather()
         for impl in self._impls["mailflow_data"]:
             run = await self._guarded(impl, "data", {"message": ctx})
             ctx.record(run)
@@ -315,7 +313,8 @@ class Pipeline:
             apply_thresholds(ctx, self.config)
         if ctx.action in (Action.CONTINUE, Action.ACCEPT):
             await self.assign_routes(ctx)
-        await self._regroup.wait()
+        if batched:
+            await self.batch.regroup()
         return ctx
 
     async def assign_routes(self, ctx: MessageContext) -> None:

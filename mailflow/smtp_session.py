@@ -275,13 +275,16 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        try:
-            data, error = await self._read_data()
-        except asyncio.CancelledError:
-            log.info("Connection lost during DATA")
-            self._writer.close()
-            raise
+        # Counted as arriving, so that messages already at the data stage wait for it
+        # and go through the plugins together (mailflow.batching).
+        with self.mailflow_handler.app.pipeline.batch.receiving_data():
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            try:
+                data, error = await self._read_data()
+            except asyncio.CancelledError:
+                log.info("Connection lost during DATA")
+                self._writer.close()
+                raise
         if data is None:
             if error:
                 await self.push(error)

@@ -7,11 +7,11 @@ import asyncio
 import pytest
 
 from mailflow.app import App
-from mailflow.batching import RoundGate
+from mailflow.batching import DataBatch
 from mailflow.config import ConfigError
 from mailflow.hookspecs import hookimpl
 from mailflow.message import Connection, Envelope, MessageContext
-from mailflow.testing import make_message
+from mailflow.testing import SMTPDialog, make_message, running_server, send
 
 
 class Turns:
@@ -30,79 +30,97 @@ class Turns:
         self._handle.cancel()
 
 
-async def pass_gate(gate: RoundGate, name: str, turns: Turns, log: list[tuple[str, int]]) -> None:
+async def arrive(batch: DataBatch, name: str, turns: Turns, log: list[tuple[str, int]]) -> bool:
     log.append((f"arrive {name}", turns.count))
-    await gate.wait()
+    batched = await batch.gather()
     log.append((f"pass {name}", turns.count))
+    return batched
 
 
-async def test_tasks_arriving_in_one_turn_pass_together_after_the_rounds_in_arrival_order():
-    gate = RoundGate(rounds=3)
+def passes(log: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    return [(event, turn) for event, turn in log if event.startswith("pass")]
+
+
+async def test_a_message_nobody_is_about_to_join_does_not_wait():
+    batch = DataBatch(rounds=3)
+    coro = batch.gather()
+    with pytest.raises(StopIteration) as done:
+        coro.send(None)  # finished in its first step: never suspended
+    assert done.value.value is False
+
+
+async def test_rounds_zero_never_waits_even_with_messages_arriving():
+    batch = DataBatch(rounds=0)
+    with batch.receiving_data():
+        coro = batch.gather()
+        with pytest.raises(StopIteration):
+            coro.send(None)
+
+
+async def test_messages_wait_for_those_still_arriving_and_pass_together_in_order():
+    batch = DataBatch(rounds=1000)
     turns = Turns()
     log: list[tuple[str, int]] = []
-    tasks = [asyncio.create_task(pass_gate(gate, name, turns, log)) for name in "abc"]
-    await asyncio.gather(*tasks)
+
+    async def receive_then_arrive(name: str, receive_turns: int) -> bool:
+        with batch.receiving_data():
+            for _ in range(receive_turns):
+                await asyncio.sleep(0)
+        return await arrive(batch, name, turns, log)
+
+    results = await asyncio.wait_for(
+        asyncio.gather(receive_then_arrive("a", 1), receive_then_arrive("b", 3)), 5
+    )
     turns.stop()
-    arrived = {event for event, _ in log[:3]}
-    assert arrived == {"arrive a", "arrive b", "arrive c"}
-    passed = log[3:]
-    assert [event for event, _ in passed] == ["pass a", "pass b", "pass c"]
-    assert len({turn for _, turn in passed}) == 1  # all in the same turn
-    assert passed[0][1] - log[0][1] >= 3  # held for the rounds
+    assert results == [True, True]
+    assert [event for event, _ in log] == ["arrive a", "arrive b", "pass a", "pass b"]
+    (_, a_passed), (_, b_passed) = passes(log)
+    assert a_passed == b_passed  # released in the same turn
+    assert a_passed - log[0][1] < 10  # as soon as nobody was arriving, not after 1000 turns
 
 
-async def test_a_task_arriving_after_the_release_waits_for_the_next_batch():
-    gate = RoundGate(rounds=2)
+async def test_a_message_that_never_arrives_holds_the_batch_for_at_most_the_rounds():
+    batch = DataBatch(rounds=4)
     turns = Turns()
     log: list[tuple[str, int]] = []
-    first = asyncio.create_task(pass_gate(gate, "first", turns, log))
-    await first
-    second = asyncio.create_task(pass_gate(gate, "second", turns, log))
-    await second
+    with batch.receiving_data():  # a client that stalls in the middle of its data
+        batched = await asyncio.wait_for(arrive(batch, "a", turns, log), 5)
     turns.stop()
-    events = [event for event, _ in log]
-    assert events == ["arrive first", "pass first", "arrive second", "pass second"]
-    assert log[3][1] - log[2][1] >= 2
+    assert batched is False  # alone in its batch
+    (_, arrived), (_, passed) = log
+    assert 4 <= passed - arrived < 10
 
 
-async def test_the_task_that_fills_the_batch_opens_the_gate_at_once():
-    gate = RoundGate(rounds=1000, max_batch=3)
+async def test_the_message_that_fills_the_batch_opens_it_at_once():
+    batch = DataBatch(rounds=1000, max_batch=3)
     turns = Turns()
     log: list[tuple[str, int]] = []
-    tasks = [asyncio.create_task(pass_gate(gate, name, turns, log)) for name in "abc"]
-    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    with batch.receiving_data():  # someone is always arriving: only max_batch opens it
+        tasks = [asyncio.create_task(arrive(batch, name, turns, log)) for name in "abc"]
+        assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == [True, True, True]
     turns.stop()
-    assert max(turn for _, turn in log) < 10  # not the 1000 rounds
-    # The next arrival starts a new batch, with its own count down.
-    gate.rounds = 1
-    await asyncio.wait_for(gate.wait(), 5)
+    assert max(turn for _, turn in log) < 10
 
 
-async def test_rounds_zero_never_suspends():
-    gate = RoundGate(rounds=0)
-    coro = gate.wait()
-    with pytest.raises(StopIteration):
-        coro.send(None)
-
-
-async def test_cancelling_one_waiter_releases_the_others_normally():
-    gate = RoundGate(rounds=3)
+async def test_cancelling_one_waiting_message_releases_the_others_normally():
+    batch = DataBatch(rounds=3)
     turns = Turns()
     log: list[tuple[str, int]] = []
-    a, b, c = (asyncio.create_task(pass_gate(gate, name, turns, log)) for name in "abc")
-    await asyncio.sleep(0)  # all three are waiting now
-    b.cancel()
-    await asyncio.gather(a, c)
+    with batch.receiving_data():
+        a, b, c = (asyncio.create_task(arrive(batch, name, turns, log)) for name in "abc")
+        await asyncio.sleep(0)  # all three are waiting now
+        b.cancel()
+        await asyncio.gather(a, c)
     turns.stop()
     assert b.cancelled()
-    assert [event for event, _ in log if event.startswith("pass")] == ["pass a", "pass c"]
+    assert [event for event, _ in passes(log)] == ["pass a", "pass c"]
 
 
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError):
-        RoundGate(rounds=-1)
+        DataBatch(rounds=-1)
     with pytest.raises(ValueError):
-        RoundGate(rounds=1, max_batch=0)
+        DataBatch(rounds=1, max_batch=0)
 
 
 def test_config_refuses_negative_batch_rounds(make_config):
@@ -137,7 +155,11 @@ def context(sender: str) -> MessageContext:
 
 
 async def run_all(app: App, names: str, log: list[str]) -> None:
+    """Messages whose data arrives at the same time (as the SMTP front end counts it)."""
+
     async def one(name: str) -> None:
+        with app.pipeline.batch.receiving_data():
+            await asyncio.sleep(0)  # the data arrives in the next turn
         await app.pipeline.run_data(context(name))
         log.append(f"done {name}")
 
@@ -178,3 +200,31 @@ async def test_a_message_whose_hook_waits_leaves_the_batch_without_holding_it_up
     await asyncio.wait_for(run_all(app, "slow fast", log), 5)
     await releaser
     assert log == ["hook fast", "done fast", "hook slow", "done slow"]
+
+
+async def test_the_smtp_front_end_counts_a_message_only_while_its_data_arrives(make_config):
+    async with running_server(make_config()) as srv:
+        batch = srv.app.pipeline.batch
+
+        async def start_data() -> SMTPDialog:
+            dialog, _ = await SMTPDialog.open(srv.port)
+            for command in ("EHLO client.test", "MAIL FROM:<a@example.org>", "RCPT TO:<b@x.test>"):
+                assert (await dialog.command(command)).startswith("250")
+            assert (await dialog.command("DATA")).startswith("354")
+            return dialog
+
+        dialog = await start_data()
+        assert batch.receiving == 1
+        await dialog.write_raw(b"Subject: counted\r\n\r\nhello\r\n.\r\n")
+        assert (await dialog.read_reply()).startswith("250")
+        assert batch.receiving == 0
+        await dialog.close()
+
+        hung_up = await start_data()
+        await hung_up.write_raw(b"Subject: never finished\r\n\r\nhal")
+        await hung_up.close()
+        async with asyncio.timeout(5):
+            while batch.receiving:
+                await asyncio.sleep(0.01)
+        assert await send(srv.port, "a@example.org", ["b@x.test"], make_message()) == {}
+        await srv.wait_delivered("b@x.test")
