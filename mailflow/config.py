@@ -107,9 +107,9 @@ class ServerConfig(Strict):
     max_received_headers: int = Field(default=50, ge=1)  # loop detection (RFC 5321 6.3)
     bare_newline: Literal["normalize", "reject"] = "normalize"
     reverse_dns: bool = False
-    # Turns of the event loop the data stage waits to gather messages that finished
-    # DATA close together, which then run through the plugins back to back, faster
-    # (docs/performance.md). Also used by the milter. 0: each message at once.
+    # Turns of the event loop a message waits at the data stage for messages whose data
+    # the SMTP front end is still receiving; the batch then runs through the plugins
+    # back to back, faster (mailflow.batching). 0: each message at once.
     data_batch_rounds: int = Field(default=3, ge=0, le=20)
     tls: TLSConfig | None = None
     auth: AuthConfig | None = None
