@@ -600,3 +600,53 @@ async def test_relay_with_pipelining_over_tls_with_auth(make_config, tmp_path):
             await srv.wait_queue_empty()
     assert all(m.tls and m.auth_user == "relayuser" for m in sink.messages)
     assert sink.handler.connections == 1
+
+
+# --- reply timeouts -----------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def timed_server() -> AsyncIterator[int]:
+    """Greets at once; answers NOOP at once, SLOW after 0.2 s and NEVER not at all."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        writer.write(b"220 timed.test\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"SLOW"):
+                await asyncio.sleep(0.2)
+            elif line.startswith(b"NEVER"):
+                continue
+            writer.write(b"250 ok\r\n")
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def test_each_reply_gets_the_whole_timeout_from_when_it_is_awaited():
+    async with timed_server() as port:
+        session, _ = await SMTPSession.connect("127.0.0.1", port, 0.3)
+        assert (await session.command("NOOP")).code == 250
+        await asyncio.sleep(0.2)
+        # 0.4 s after the first wait began, but only 0.2 s into this one: no timeout.
+        assert (await session.command("SLOW")).code == 250
+        session.close()
+
+
+async def test_a_shorter_timeout_after_a_longer_one_fires_on_time():
+    async with timed_server() as port:
+        session, _ = await SMTPSession.connect("127.0.0.1", port, 30)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(session.command("NEVER", timeout=0.2), 10)
+        assert asyncio.get_running_loop().time() - started < 5  # not the session's 30 s
+        assert not session.is_open  # out of step: never reused
+        session.close()

@@ -137,6 +137,11 @@ def parse_reply(buffer: bytes | bytearray, start: int) -> tuple[Reply, int] | No
             raise SessionClosed("multi-line reply too long")
 
 
+# A timer may fire up to the loop's clock resolution early; within this of its
+# deadline it counts as reached.
+_CLOCK_SLACK = 0.001
+
+
 class _ClientProtocol(asyncio.Protocol):
     """Collects what the server sends; wakes the one task waiting for it."""
 
@@ -146,6 +151,12 @@ class _ClientProtocol(asyncio.Protocol):
         self.error: BaseException | None = None
         self.transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # One timer per connection, moved rather than re-created for every wait (a
+        # timeout context per reply cost a timer handle and a heap push each time):
+        # it fires at the latest deadline it was armed for and, if a wait with a later
+        # deadline is still going on, arms itself again.
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -167,18 +178,42 @@ class _ClientProtocol(asyncio.Protocol):
     def _close(self, exc: BaseException | None) -> None:
         self.closed = True
         self.error = self.error or exc
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait_data(self) -> None:
-        """Until more data arrives or the connection closes."""
+    async def wait_data(self, deadline: float) -> None:
+        """Until more data arrives or the connection closes; TimeoutError once the
+        loop's clock passes ``deadline``."""
         assert self.transport is not None
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            raise TimeoutError
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._deadline_reached)
+        self._waiter = loop.create_future()
         try:
             await self._waiter
         finally:
             self._waiter = None
+
+    def _deadline_reached(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits now: the next wait arms the timer again
+        loop = waiter.get_loop()
+        if loop.time() + _CLOCK_SLACK >= self._deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(self._deadline, self._deadline_reached)
 
 
 class SMTPSession:
@@ -248,22 +283,24 @@ class SMTPSession:
         """The next ``count`` replies; raises :class:`SessionClosed` if the server stops."""
         replies: list[Reply] = []
         protocol = self._protocol
+        deadline = asyncio.get_running_loop().time() + (
+            self.timeout if timeout is None else timeout
+        )
         try:
-            async with asyncio.timeout(self.timeout if timeout is None else timeout):
-                while len(replies) < count:
-                    parsed = parse_reply(protocol.buffer, self._pos)
-                    if parsed is not None:
-                        reply, self._pos = parsed
-                        replies.append(reply)
-                        continue
-                    if protocol.closed:
-                        error = protocol.error
-                        text = f"connection closed: {error}" if error else "connection closed"
-                        raise SessionClosed(text)
-                    if self._pos:  # keep the buffer small: drop what was parsed
-                        del protocol.buffer[: self._pos]
-                        self._pos = 0
-                    await protocol.wait_data()
+            while len(replies) < count:
+                parsed = parse_reply(protocol.buffer, self._pos)
+                if parsed is not None:
+                    reply, self._pos = parsed
+                    replies.append(reply)
+                    continue
+                if protocol.closed:
+                    error = protocol.error
+                    text = f"connection closed: {error}" if error else "connection closed"
+                    raise SessionClosed(text)
+                if self._pos:  # keep the buffer small: drop what was parsed
+                    del protocol.buffer[: self._pos]
+                    self._pos = 0
+                await protocol.wait_data(deadline)
         except BaseException:
             self.usable = False  # out of step with the server: never reuse
             raise
