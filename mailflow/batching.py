@@ -9,8 +9,8 @@ per message on the benchmark machine; see docs/performance.md).
 So a message that reaches the data stage while other messages' data is still being
 received waits for them, for at most a few turns of the event loop, and then the
 whole batch goes through the plugins one message after the other. A message that
-nobody else is about to join (a lone client, the milter, ``mailflow check``) does
-not wait at all.
+nobody else is about to join (a lone client, ``mailflow check``) does not wait
+at all.
 """
 
 from __future__ import annotations

@@ -108,8 +108,8 @@ class ServerConfig(Strict):
     bare_newline: Literal["normalize", "reject"] = "normalize"
     reverse_dns: bool = False
     # Turns of the event loop a message waits at the data stage for messages whose data
-    # the SMTP front end is still receiving; the batch then runs through the plugins
-    # back to back, faster (mailflow.batching). 0: each message at once.
+    # is still arriving (SMTP or milter); the batch then runs through the plugins back
+    # to back, faster (mailflow.batching). 0: each message at once.
     data_batch_rounds: int = Field(default=3, ge=0, le=20)
     tls: TLSConfig | None = None
     auth: AuthConfig | None = None

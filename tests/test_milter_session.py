@@ -519,3 +519,36 @@ async def test_unknown_smtp_command_gets_no_reply_when_agreed(make_config):
         # ... so the next reply read is the RCPT's.
         assert await mta.ask(b"R", b"<bob@example.com>\0") == [(b"c", b"")]
         await mta.close()
+
+
+async def arriving_becomes(app: App, count: int) -> None:
+    async with asyncio.timeout(5):
+        while app.pipeline.batch.receiving != count:
+            await asyncio.sleep(0.005)
+
+
+async def test_a_message_counts_as_arriving_from_data_to_end_of_message(make_config):
+    """So messages already at the data stage wait for it (mailflow.batching)."""
+    rec = Recorder()
+    async with milter(make_config, rec) as (app, server):
+        mta = await MTA.open(server.port)
+        await mta.negotiate()
+        await mta.connect_and_mail()
+        await mta.ask(b"R", b"<bob@example.com>\0")
+        await mta.send(b"T")
+        await mta.send(b"L", b"Subject\0 counted\0")
+        await arriving_becomes(app, 1)
+        assert (await mta.ask(b"E"))[-1][0] == b"c"
+        assert app.pipeline.batch.receiving == 0
+        assert len(rec.seen) == 1
+
+        # An aborted transaction stops counting, and so does a connection that is gone.
+        await mta.ask(b"M", b"<alice@example.org>\0")
+        await mta.send(b"B", b"half a body\r\n")
+        await arriving_becomes(app, 1)
+        await mta.send(b"A")
+        await arriving_becomes(app, 0)
+        await mta.send(b"T")
+        await arriving_becomes(app, 1)
+        await mta.close()
+        await arriving_becomes(app, 0)

@@ -157,6 +157,8 @@ class MilterServer:
         except Exception:
             self.errors += 1
             log.exception("milter: unexpected error with %s; closing the connection", peer)
+        finally:
+            session.finish()
 
 
 def _remove_stale_socket(path: str) -> None:

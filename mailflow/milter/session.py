@@ -102,6 +102,9 @@ class MilterSession:
         self.closed = False
         self._relay_nets = app.config.relay_network_objects
         self._routes_noted = False
+        # Open while this transaction's headers and body arrive: the message counts as
+        # arriving for the data-stage batch (mailflow.batching) until end of message.
+        self._arriving: contextlib.ExitStack | None = None
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -181,17 +184,22 @@ class MilterSession:
         elif code == p.SMFIC_RCPT:
             await self._guard(code, self._rcpt(*p.decode_args(cmd.data, "RCPT")))
         elif code == p.SMFIC_HEADER:
+            self._note_arriving()
             name, value = p.decode_header(cmd.data)
             self._add_body_size(len(name) + len(value) + 4)
             self.tx.headers.append(field_from_milter(name, value, self.leading_space))
             await self._reply(code, [p.reply_simple(p.SMFIR_CONTINUE)])
         elif code == p.SMFIC_BODY:
+            self._note_arriving()
             self._add_body(cmd.data)
             await self._reply(code, [p.reply_simple(p.SMFIR_CONTINUE)])
         elif code == p.SMFIC_BODYEOB:
             self._add_body(cmd.data)  # libmilter allows a last chunk here
+            self._arrived()
             await self._guard(code, self._end_of_message())
         elif code in (p.SMFIC_DATA, p.SMFIC_EOH, p.SMFIC_UNKNOWN):
+            if code != p.SMFIC_UNKNOWN:
+                self._note_arriving()
             # Nothing to decide: the MTA answers unknown SMTP commands itself.
             await self._reply(code, [p.reply_simple(p.SMFIR_CONTINUE)])
         elif code == p.SMFIC_ABORT:
@@ -383,8 +391,23 @@ class MilterSession:
 
     # --- resets -------------------------------------------------------------------------------
 
+    def _note_arriving(self) -> None:
+        if self._arriving is None:
+            self._arriving = contextlib.ExitStack()
+            self._arriving.enter_context(self.app.pipeline.batch.receiving_data())
+
+    def _arrived(self) -> None:
+        if self._arriving is not None:
+            self._arriving.close()
+            self._arriving = None
+
+    def finish(self) -> None:
+        """The connection is gone: forget the transaction it left open."""
+        self._reset_transaction()
+
     def _reset_transaction(self, keep: bytes = b"") -> None:
         """Forget the transaction; ``keep`` names the macro stage just received for it."""
+        self._arrived()
         self.tx = Transaction()
         for stage in _TX_STAGES:
             if stage != keep:
