@@ -13,7 +13,7 @@ from pathlib import Path
 from mailflow import msglog
 from mailflow.app import App
 from mailflow.delivery.dsn import build_dsn
-from mailflow.delivery.outcome import Outcome
+from mailflow.delivery.outcome import Outcome, RefusedUpstream
 from mailflow.delivery.queue import QueueManager, log_results
 from mailflow.delivery.spool import QueueEntry, RecipientState
 from mailflow.delivery.transports import build_transports
@@ -96,7 +96,10 @@ class Server:
         for at most ``inline_timeout`` seconds (local copies of the same message are
         delivered as above). Recipients the upstream accepted after DATA are done;
         every other copy (refused, deferred, unreachable, timed out) is spooled with
-        the outcome of that attempt. Other routes (LMTP, MX, discard) take the spool.
+        the outcome of that attempt. When the upstream refused every copy of the
+        message for good (5xx), :class:`RefusedUpstream` is raised instead and nothing
+        is stored: the client gets the refusal. Other routes (LMTP, MX, discard) take
+        the spool.
         """
         assert self.queue is not None
         routes = await self.app.route(ctx)
@@ -112,6 +115,10 @@ class Server:
                 left.update(await self._deliver_local(ctx, local))
             if relay_inline:
                 failed, tried = await self._relay_inline(ctx, relay)
+                if len(failed) == len(routes) and all(o.permanent for o in tried.values()):
+                    # Every copy was relayed and refused for good: say so to the client
+                    # (no bounce to send, no backscatter) instead of storing it.
+                    raise RefusedUpstream(tried[next(iter(failed))])
                 left.update(failed)
             else:
                 left.update(relay)
@@ -185,7 +192,8 @@ class Server:
             else:
                 failed[address] = route
                 tried[address] = outcome
-                lines.setdefault(("spooled", reply), []).append(address)
+                what = "refused" if outcome.permanent else "spooled"
+                lines.setdefault((what, reply), []).append(address)
         log_results(ctx.queue_id, RouteKind.RELAY.value, lines)
         for address, route, reply in delivered:
             await self._on_delivered(ctx.queue_id, address, route, "delivered", reply)

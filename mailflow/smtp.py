@@ -26,6 +26,7 @@ from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from mailflow.app import App
 from mailflow.config import parse_listen
+from mailflow.delivery.outcome import RefusedUpstream
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
 from mailflow.msglog import log_message
@@ -303,6 +304,9 @@ class Handler:
                 ctx.extra["delivery"] = "no recipients left"
                 return f"250 2.0.0 Ok: {ctx.queue_id} (no recipients left)"
             await self.enqueue(ctx)
+        except RefusedUpstream as refused:
+            ctx.extra["delivery"] = "refused upstream"
+            return refused.reply()
         except Exception:
             log.exception("queue %s: could not store message", ctx.queue_id)
             ctx.extra["delivery"] = "store failed"

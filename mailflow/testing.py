@@ -237,6 +237,7 @@ class SinkHandler:
         self.messages: list[SinkMessage] = []
         self.transactions = 0
         self.connections = 0
+        self.rcpts_asked: list[str] = []  # every RCPT TO address, refused or not
 
     async def handle_RCPT(
         self,
@@ -246,6 +247,7 @@ class SinkHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        self.rcpts_asked.append(address)
         reply = self.behaviour.rcpt_replies.get(address)
         if reply:
             return reply

@@ -19,10 +19,15 @@ LOCAL_SENDER = "alice@example.org"
 
 @contextlib.asynccontextmanager
 async def relaying(make_config, behaviour: SinkBehaviour) -> AsyncIterator[tuple[Sink, Any]]:
-    """A sink upstream and a mailflow server relaying to it."""
+    """A sink upstream and a mailflow server relaying to it through the spool.
+
+    Spool first (``inline_timeout: 0``): with the inline attempt, a message the
+    upstream refuses for every recipient is refused to the client and never bounced
+    (tests/test_relay_inline.py), and these tests are about the bounces.
+    """
     async with (
         smtp_sink(behaviour) as sink,
-        running_server(relay_config(make_config, sink.port)) as srv,
+        running_server(relay_config(make_config, sink.port, inline_timeout="0")) as srv,
     ):
         yield sink, srv
 

@@ -8,9 +8,11 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 
 from mailflow.config import ConfigError
+from mailflow.delivery.outcome import Outcome, RefusedUpstream
 from mailflow.delivery.spool import QueueEntry
 from mailflow.testing import (
     RunningServer,
@@ -112,7 +114,7 @@ async def test_temporary_refusal_is_spooled_as_deferred_and_retried_by_the_queue
     assert sink.handler.transactions == 2
 
 
-async def test_permanent_refusal_is_spooled_and_bounced_by_the_queue(make_config, tmp_path):
+async def test_a_recipient_refused_for_good_is_bounced_without_asking_again(make_config, tmp_path):
     behaviour = SinkBehaviour(rcpt_replies={"bob@remote.test": "550 5.1.1 no such user"})
     async with (
         smtp_sink(behaviour) as sink,
@@ -123,15 +125,46 @@ async def test_permanent_refusal_is_spooled_and_bounced_by_the_queue(make_config
             srv.port, SENDER, ["bob@remote.test", "carol@remote.test"], make_message()
         )
         assert refused == {}
-        # carol was accepted inline; bob alone is spooled (and bounced, as before).
+        # carol was accepted inline; bob alone is spooled, and bounced with the
+        # upstream's answer to the inline attempt: the upstream is not asked again.
         assert [r.address for r in stored[0].recipients] == ["bob@remote.test"]
         assert len(sink.messages) == 1 and sink.messages[0].rcpt_tos == ["carol@remote.test"]
         new = tmp_path / "mail" / SENDER / "new"
         await wait_for(lambda: new.is_dir() and any(new.iterdir()))
         await srv.wait_queue_empty()
+        assert sink.handler.rcpts_asked.count("bob@remote.test") == 1
     [dsn] = list(new.iterdir())
     text = dsn.read_bytes()
     assert b"bob@remote.test" in text and b"5.1.1" in text
+
+
+async def test_a_message_refused_for_every_recipient_is_refused_to_the_client(
+    make_config, tmp_path
+):
+    behaviour = SinkBehaviour(
+        rcpt_replies={
+            "bob@remote.test": "550 5.1.1 no such user",
+            "carol@remote.test": "554 5.7.1 not for you",
+        }
+    )
+    async with (
+        smtp_sink(behaviour) as sink,
+        running_server(inline_config(make_config, sink.port)) as srv,
+    ):
+        stored = count_stores(srv)
+        with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+            await send(srv.port, SENDER, ["bob@remote.test", "carol@remote.test"], make_message())
+        # The client learns it at once, with the upstream's reason; nothing is stored,
+        # so there is nothing to retry and no bounce to send.
+        assert refused.value.code == 550
+        assert "5.1.1 no such user" in refused.value.message
+        assert stored == []
+        assert spool_files(srv) == []
+        assert sink.handler.rcpts_asked == ["bob@remote.test", "carol@remote.test"]
+        # The server goes on: the next message goes through.
+        del behaviour.rcpt_replies["bob@remote.test"]
+        assert await send(srv.port, SENDER, ["bob@remote.test"], make_message()) == {}
+    assert not (tmp_path / "mail" / SENDER).exists()  # no bounce
 
 
 async def test_unreachable_upstream_is_spooled_and_delivered_when_it_comes_up(make_config):
@@ -239,3 +272,17 @@ def test_inline_timeout_is_validated(make_config):
         make_config("relay: {inline_timeout: -1}")
     with pytest.raises(ConfigError, match="inline_timeout"):
         make_config("relay: {inline_timeout: soon}")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "reply"),
+    [
+        (Outcome(550, "5.1.1 no such user"), "550 5.1.1 no such user"),
+        (Outcome(554, "5.7.1 line one\r\n  line two"), "554 5.7.1 line one line two"),
+        (Outcome(650, "odd code"), "550 odd code"),
+        (Outcome(550, "5.1.1 n\u00e4me"), "550 5.1.1 n?me"),
+        (Outcome(550, ""), "550 5.0.0 Refused by the next hop"),
+    ],
+)
+def test_the_refusal_reaches_the_client_as_one_printable_5xx_line(outcome, reply):
+    assert RefusedUpstream(outcome).reply() == reply

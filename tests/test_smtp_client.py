@@ -552,7 +552,8 @@ async def test_relay_with_pipelining_5xx_bounces(make_config):
     behaviour = SinkBehaviour(data_replies=["554 5.7.1 content rejected"])
     async with (
         smtp_sink(behaviour, smtp_class=PipeliningSMTP) as sink,
-        running_server(relay_config(make_config, sink.port)) as srv,
+        # Through the spool: inline, a refusal of every recipient goes to the client.
+        running_server(relay_config(make_config, sink.port, inline_timeout="0")) as srv,
     ):
         await send(srv.port, SENDER, ["bob@remote.test"], make_message())
         [bounce] = await srv.wait_delivered(SENDER)

@@ -99,6 +99,10 @@ class QueueManager:
         # Message bytes kept from enqueue() for the first attempt, and their total size.
         self._first: dict[str, bytes] = {}
         self._first_bytes = 0
+        # Permanent refusals from the server's inline attempt, by queue id: the first
+        # attempt records them instead of asking the upstream again (memory only; after
+        # a restart the recipient is simply asked again).
+        self._refused: dict[str, dict[str, Outcome]] = {}
         # Finished messages whose spool files are still to be removed (one thread hop
         # per batch); they must not be picked up again from the spool meanwhile.
         self._reap_ids: list[str] = []
@@ -160,15 +164,18 @@ class QueueManager:
         spooled (the server's inline relay attempt). A recipient with a temporary
         outcome there is stored as deferred once (``attempts`` 1, its reply, the first
         ``retry_schedule`` step), so the upstream is not hit again at once. Permanent
-        outcomes are not recorded: such a recipient is attempted now like a fresh one
-        and bounced by the queue's usual logic.
+        outcomes are kept in memory: the first attempt (at once) records them as its
+        own answer without asking the upstream again, and the usual logic bounces.
         """
         now = time.time()
         recipients = []
+        refused: dict[str, Outcome] = {}
         for rcpt, route in routes.items():
             state = RecipientState(rcpt, route.as_dict(), next_attempt=now)
             outcome = tried.get(rcpt) if tried else None
-            if outcome is not None and outcome.temporary:
+            if outcome is not None and outcome.permanent:
+                refused[rcpt] = outcome
+            elif outcome is not None and outcome.temporary:
                 state.attempts = 1
                 state.last_reply = str(outcome)
                 state.final_code = outcome.code
@@ -189,6 +196,8 @@ class QueueManager:
         if self._first_bytes + len(message) <= FIRST_ATTEMPT_MEMORY:
             self._first[entry.id] = message
             self._first_bytes += len(message)
+        if refused:
+            self._refused[entry.id] = refused
         self._schedule(entry)
         return entry
 
@@ -278,6 +287,7 @@ class QueueManager:
                 r.next_attempt = time.time() + self._backoff(r.attempts)
         finally:
             self._take_first(entry.id)  # only ever used for the first attempt
+            self._refused.pop(entry.id, None)
             self._running.discard(entry.id)
             if entry.id in self._entries and not entry.done:
                 heapq.heappush(self._heap, (entry.next_attempt, entry.id))
@@ -291,6 +301,7 @@ class QueueManager:
         """One delivery attempt for every due recipient of ``entry``."""
         if self._deleted(entry.id):  # by `mailflow queue delete`
             self._take_first(entry.id)
+            self._refused.pop(entry.id, None)
             self._entries.pop(entry.id, None)
             return
         now = time.time()
@@ -312,9 +323,13 @@ class QueueManager:
         for r in due:
             route = r.route_obj
             groups[(route.kind.value, route.target, route.folder, route.mailbox)].append(r)
+        refused = self._refused.pop(entry.id, {})
         for members in groups.values():
             route = members[0].route_obj
-            outcomes = await self._deliver_group(entry, message, members, route)
+            outcomes = {r.address: refused[r.address] for r in members if r.address in refused}
+            ask = [r for r in members if r.address not in outcomes]
+            if ask:
+                outcomes.update(await self._deliver_group(entry, message, ask, route))
             await self._record_group(entry, members, route, outcomes)
         failed = [r for r in due if r.status in (BOUNCED, EXPIRED)]
         if failed:
