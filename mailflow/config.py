@@ -102,6 +102,9 @@ class ServerConfig(Strict):
     max_message_size: Size = 25 * 1024 * 1024
     max_recipients: int = Field(default=100, ge=1)
     max_connections: int = Field(default=200, ge=1)
+    # Concurrent connections from one client address (relay_networks are exempt: an
+    # MTA in front of mailflow opens many); None: no limit of its own.
+    max_connections_per_ip: int | None = Field(default=50, ge=1)
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
     max_received_headers: int = Field(default=50, ge=1)  # loop detection (RFC 5321 6.3)

@@ -17,6 +17,7 @@ import logging
 import re
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,7 @@ class Handler:
         self.enqueue = enqueue  # async (ctx) -> queue id, after durable store
         self.quarantine = Quarantine(app.config.quarantine.directory)
         self.active = 0  # open connections (MailflowSMTP keeps it exact)
+        self.active_by_ip: Counter[str] = Counter()  # the same per client address
         self._relay_nets = app.config.relay_network_objects
 
     def new_connection(self, ip: str, port: int) -> Connection:

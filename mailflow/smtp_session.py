@@ -28,6 +28,9 @@ log = logging.getLogger("mailflow.smtp")
 
 # RFC 5321 3.1 / 4.5.3.2: replies given before closing the connection.
 R_TOO_MANY_CONNS = SMTPReply(421, "Too many connections, try again later", "4.7.0")
+R_TOO_MANY_FROM_IP = SMTPReply(
+    421, "Too many connections from your address, try again later", "4.7.0"
+)
 R_TIMEOUT = SMTPReply(421, "Timeout, closing connection", "4.4.2")
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -99,6 +102,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         self.mailflow_connect_runs: list[PluginRun] = []
         self.mailflow_helo_runs: list[PluginRun] = []
         self._counted = False  # this connection is in handler.active
+        self._counted_ip: str | None = None  # ... and in handler.active_by_ip under this
         self._deadline = 0.0  # loop time after which an idle client is cut off
         self._in_data = False  # between "354" and the end of the message data
         self._in_group_command = False  # running MAIL, RCPT or RSET (see push)
@@ -142,6 +146,12 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         if self._counted:
             self._counted = False
             self.mailflow_handler.active -= 1
+        if self._counted_ip is not None:
+            by_ip = self.mailflow_handler.active_by_ip
+            by_ip[self._counted_ip] -= 1
+            if by_ip[self._counted_ip] <= 0:
+                del by_ip[self._counted_ip]  # the counter keeps no entry per past client
+            self._counted_ip = None
         super().connection_lost(error)
 
     def _close(self) -> None:
@@ -425,9 +435,23 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         conn = handler.new_connection(ip, port)
         self.mailflow_conn = conn
         self.session.mailflow_conn = conn
-        if handler.active > handler.app.config.server.max_connections:
+        server = handler.app.config.server
+        if self._counted:  # not when the connection is already gone
+            self._counted_ip = ip
+            handler.active_by_ip[ip] += 1
+        refusal = None
+        if handler.active > server.max_connections:
+            refusal = R_TOO_MANY_CONNS
+        elif (
+            server.max_connections_per_ip is not None
+            and handler.active_by_ip[ip] > server.max_connections_per_ip
+            and not conn.relay_allowed
+        ):
+            refusal = R_TOO_MANY_FROM_IP
+        if refusal is not None:
             # RFC 5321 3.1: a server may answer the connection with 421 and close.
-            await self.push(str(R_TOO_MANY_CONNS))
+            log.info("%s: refused at connect: %s", ip, refusal)
+            await self.push(str(refusal))
             self._close()
             return
         result, runs = await handler.app.pipeline.run_stage("connect", connection=conn)

@@ -96,6 +96,38 @@ async def test_max_connections_answers_421_and_the_count_recovers(make_config):
         assert await send(srv.port, "a@example.org", [RCPT], make_message()) == {}
 
 
+async def test_connections_per_client_address_are_limited_and_the_count_recovers(make_config):
+    config = make_config(server_yaml(max_connections_per_ip=2))
+    async with running_server(config) as srv:
+        handler = srv.server.handler
+        first, second = await open_session(srv.port), await open_session(srv.port)
+        dialog, greeting = await SMTPDialog.open(srv.port)
+        assert greeting.startswith("421 4.7.0 Too many connections from your address"), greeting
+        assert await dialog.reader.read() == b""
+        await dialog.close()
+        await first.close()
+        await wait_for(lambda: handler.active_by_ip["127.0.0.1"] == 1)
+        third = await open_session(srv.port)  # room again
+        for d in (second, third):
+            await d.close()
+        for _ in range(5):  # cut off abruptly, some before the greeting
+            d, _ = await SMTPDialog.open(srv.port)
+            d.writer.transport.abort()
+        await wait_for(lambda: handler.active == 0)
+        assert handler.active_by_ip == {}  # no entry left behind per past client
+        assert await send(srv.port, "a@example.org", [RCPT], make_message()) == {}
+
+
+async def test_relay_networks_are_exempt_from_the_per_address_limit(make_config):
+    config = make_config(
+        server_yaml(max_connections_per_ip=1) + 'relay_networks: ["127.0.0.0/8"]\n'
+    )
+    async with running_server(config) as srv:
+        sessions = [await open_session(srv.port) for _ in range(3)]  # an MTA in front
+        for d in sessions:
+            await d.close()
+
+
 # --- timeouts (RFC 5321 4.5.3.2) ---------------------------------------------------------------
 
 
