@@ -83,6 +83,15 @@ class MTA:
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
 
+    @classmethod
+    async def in_transaction(cls, port: int, rcpt: str = "bob@example.com") -> MTA:
+        """Connected, negotiated, past MAIL and one RCPT: ready for the message."""
+        mta = await cls.open(port)
+        await mta.negotiate()
+        await mta.connect_and_mail()
+        await mta.ask(b"R", f"<{rcpt}>\0".encode())
+        return mta
+
     async def connect_and_mail(self, sender: str = "alice@example.org") -> None:
         await self.send(b"D", b"Cj\0mx.test\0v\0Postfix 3.7.11\0")
         info = b"client.example.org\x004" + struct.pack("!H", 40000) + b"192.0.2.7\0"
@@ -248,10 +257,7 @@ async def test_end_of_message_verdicts(make_config, result, expected):
     rec = Recorder()
     rec.result = result
     async with milter(make_config, rec) as (_, server):
-        mta = await MTA.open(server.port)
-        await mta.negotiate()
-        await mta.connect_and_mail()
-        await mta.ask(b"R", b"<bob@example.com>\0")
+        mta = await MTA.in_transaction(server.port)
         assert await mta.message([(b"Subject", b" x")], b"body\r\n") == expected
         await mta.close()
 
@@ -283,10 +289,7 @@ async def test_connect_reject_is_554_and_tempfail_421(make_config):
 async def test_abort_forgets_the_transaction_and_quit_nc_starts_a_new_connection(make_config):
     rec = Recorder()
     async with milter(make_config, rec) as (_, server):
-        mta = await MTA.open(server.port)
-        await mta.negotiate()
-        await mta.connect_and_mail()
-        await mta.ask(b"R", b"<first@example.com>\0")
+        mta = await MTA.in_transaction(server.port, "first@example.com")
         await mta.send(b"T")
         await mta.send(b"L", b"X-Aborted\0 yes\0")
         await mta.send(b"A")  # RSET: the transaction is gone, the connection stays
@@ -364,10 +367,7 @@ async def test_internal_failure_answers_the_configured_default_action(
     # outside the per-plugin guard: a mailflow-side failure.
     rec.result = Result(mutations=[ReplaceBody("not bytes")])  # type: ignore[arg-type]
     async with milter(make_config, rec, default_action=default_action) as (_, server):
-        mta = await MTA.open(server.port)
-        await mta.negotiate()
-        await mta.connect_and_mail()
-        await mta.ask(b"R", b"<bob@example.com>\0")
+        mta = await MTA.in_transaction(server.port)
         with caplog.at_level(logging.ERROR, logger="mailflow.milter"):
             assert await mta.message([(b"Subject", b" x")], b"b\r\n") == [(reply, b"")]
         assert "internal error at eom" in caplog.text
@@ -384,10 +384,7 @@ async def test_progress_is_sent_while_plugins_work(make_config):
     rec = Recorder()
     rec.wait_for = asyncio.Event()
     async with milter(make_config, rec, progress_interval=0.01) as (_, server):
-        mta = await MTA.open(server.port)
-        await mta.negotiate()
-        await mta.connect_and_mail()
-        await mta.ask(b"R", b"<bob@example.com>\0")
+        mta = await MTA.in_transaction(server.port)
         await mta.send(b"T")
         await mta.send(b"N")
         await mta.send(b"E")
@@ -407,10 +404,7 @@ async def test_oversized_message_is_refused_at_end_of_message(make_config):
     server = MilterServer(app, MilterConfig(listen="127.0.0.1:0"))
     await server.start()
     try:
-        mta = await MTA.open(server.port)
-        await mta.negotiate()
-        await mta.connect_and_mail()
-        await mta.ask(b"R", b"<bob@example.com>\0")
+        mta = await MTA.in_transaction(server.port)
         replies = await mta.message([(b"Subject", b" big")], b"x" * 200)
         assert replies == [(b"y", b"552 5.3.4 Message size exceeds fixed maximum message size\0")]
         await mta.close()
@@ -480,10 +474,7 @@ async def test_ipv6_listener(make_config):
 async def test_message_without_headers_needs_no_edits(make_config):
     rec = Recorder()
     async with milter(make_config, rec) as (_, server):
-        mta = await MTA.open(server.port)
-        await mta.negotiate()
-        await mta.connect_and_mail()
-        await mta.ask(b"R", b"<bob@example.com>\0")
+        mta = await MTA.in_transaction(server.port)
         # A body with an empty line and a colon: must not be mistaken for headers.
         replies = await mta.message([], b"line: one\r\n\r\nline two\r\n")
         await mta.close()
@@ -531,10 +522,7 @@ async def test_a_message_counts_as_arriving_from_data_to_end_of_message(make_con
     """So messages already at the data stage wait for it (mailflow.batching)."""
     rec = Recorder()
     async with milter(make_config, rec) as (app, server):
-        mta = await MTA.open(server.port)
-        await mta.negotiate()
-        await mta.connect_and_mail()
-        await mta.ask(b"R", b"<bob@example.com>\0")
+        mta = await MTA.in_transaction(server.port)
         await mta.send(b"T")
         await mta.send(b"L", b"Subject\0 counted\0")
         await arriving_becomes(app, 1)
