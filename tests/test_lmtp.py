@@ -12,6 +12,7 @@ from aiosmtpd.lmtp import LMTP
 
 from mailflow.app import App
 from mailflow.delivery.lmtp import LMTPTransport, dot_stuff
+from mailflow.delivery.outcome import Outcome
 from mailflow.delivery.spool import QueueEntry, RecipientState
 from mailflow.testing import (
     SinkBehaviour,
@@ -45,7 +46,11 @@ def entry_for(rcpts: list[str], sender: str = "alice@example.org") -> QueueEntry
 
 async def deliver(config, rcpts: list[str], message: bytes) -> dict[str, tuple[int, str]]:
     entry = entry_for(rcpts)
-    outcomes = await LMTPTransport(App(config))(entry, message, entry.recipients, ROUTE)
+    transport = LMTPTransport(App(config))
+    try:
+        outcomes = await transport(entry, message, entry.recipients, ROUTE)
+    finally:
+        await transport.aclose()  # it keeps the session for the next delivery
     return {k: (v.code, v.text) for k, v in outcomes.items()}
 
 
@@ -134,6 +139,64 @@ async def test_server_closing_after_data_leaves_recipients_to_retry(make_config)
         await server.wait_closed()
     assert outcomes["a@example.com"][0] == 250
     assert outcomes["b@example.com"][0] == 451
+
+
+# --- sessions are reused ----------------------------------------------------------------------
+
+
+async def test_deliveries_reuse_one_session_and_it_is_closed_at_shutdown(make_config):
+    async with smtp_sink(SinkBehaviour(), lmtp=True) as sink:
+        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {sink.port}")
+        transport = LMTPTransport(App(config))
+        try:
+            for i in range(3):
+                entry = entry_for([f"u{i}@example.com"])
+                msg = make_message(subject=f"m{i}")
+                outcomes = await transport(entry, msg, entry.recipients, ROUTE)
+                assert outcomes[f"u{i}@example.com"].code == 250
+        finally:
+            await transport.aclose()
+        assert [m.rcpt_tos for m in sink.messages] == [[f"u{i}@example.com"] for i in range(3)]
+        assert sink.handler.connections == 1
+
+
+async def test_a_reused_session_the_server_dropped_is_replaced_once(make_config):
+    """The server closes an idle session at the next MAIL: the delivery moves to a fresh one."""
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        transactions = 0
+        writer.write(b"220 fake LMTP\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"LHLO"):
+                writer.write(b"250-fake\r\n250 8BITMIME\r\n")
+            elif line.startswith(b"MAIL") and transactions and len(connections) == 1:
+                break  # gone, without a word, when asked again on the first connection
+            elif line.startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+                while (await reader.readline()) != b".\r\n":
+                    pass
+                transactions += 1
+                writer.write(b"250 2.0.0 stored\r\n")
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = LMTPTransport(App(lmtp_config(make_config, f"host: 127.0.0.1, port: {port}")))
+    try:
+        for rcpt in ("first@example.com", "second@example.com"):
+            entry = entry_for([rcpt])
+            outcomes = await transport(entry, make_message(), entry.recipients, ROUTE)
+            assert outcomes[rcpt] == Outcome(250, "2.0.0 stored")
+    finally:
+        await transport.aclose()
+        server.close()
+        await server.wait_closed()
+    assert len(connections) == 2
 
 
 # --- end to end ---------------------------------------------------------------------------------

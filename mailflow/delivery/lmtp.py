@@ -4,6 +4,11 @@ aiosmtplib speaks SMTP only (no LHLO, and it expects one reply after DATA), so t
 a small client on asyncio streams. The difference that matters: after the end of
 DATA, an LMTP server sends *one reply per accepted recipient*, in RCPT order
 (RFC 2033 4.2), so one mailbox can be full while the others succeed.
+
+Sessions are reused: after a transaction that ended cleanly, the session waits idle
+(at most :data:`IDLE_SECONDS`, then QUIT) for the next delivery, which skips the
+connection, the greeting and LHLO. A reused session that turns out to be closed by
+the server before the message was sent is replaced by a fresh one, once.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ COMMAND_TIMEOUT = 60.0  # seconds per command reply
 DATA_TIMEOUT = 600.0  # seconds for the message transfer and all final replies
 MAX_REPLY_LINES = 100  # a multi-line reply longer than this is a broken server
 STREAM_LIMIT = 64 * 1024  # longest reply line we accept
+IDLE_SECONDS = 5.0  # an idle session is closed (QUIT) after this long
+MAX_IDLE = 16  # idle sessions kept at most (the queue runs queue.workers at a time)
 
 
 class LMTPError(Exception):
@@ -56,6 +63,15 @@ class LMTPClient:
         self.reader = reader
         self.writer = writer
         self.extensions: set[str] = set()
+        self.data_sent = False  # the current transaction's message was written
+
+    @property
+    def reusable(self) -> bool:
+        """Open, and the server has sent nothing unasked (a 421 before closing, say)."""
+        # StreamReader has no public way to ask for unread bytes; without the
+        # attribute, only a closed stream counts against reuse.
+        unread = getattr(self.reader, "_buffer", b"")
+        return not self.writer.is_closing() and not self.reader.at_eof() and not unread
 
     @classmethod
     async def connect(cls, target: LMTPTarget, timeout: float = COMMAND_TIMEOUT) -> LMTPClient:
@@ -115,6 +131,7 @@ class LMTPClient:
         Results go into ``out`` as they arrive, so the replies received before a
         connection dies are kept (those recipients *were* delivered).
         """
+        self.data_sent = False
         mail_from = f"MAIL FROM:<{sender}>"
         if "8BITMIME" in self.extensions and not message.isascii():
             mail_from += " BODY=8BITMIME"  # RFC 6152
@@ -138,6 +155,7 @@ class LMTPClient:
             out.update(dict.fromkeys(accepted, reply))
             return
         # One large write: the whole stuffed message and its terminator.
+        self.data_sent = True
         self.writer.write(dot_stuff(message))
         await self.writer.drain()
         for rcpt in accepted:  # RFC 2033 4.2: replies in the order of the RCPTs
@@ -154,10 +172,13 @@ class LMTPClient:
 
 
 class LMTPTransport:
-    """Route kind ``lmtp``: hand the message to ``delivery.lmtp``."""
+    """Route kind ``lmtp``: hand the message to ``delivery.lmtp``, reusing sessions."""
 
     def __init__(self, app: App) -> None:
         self.app = app
+        self._idle: list[tuple[LMTPClient, float]] = []  # (session, idle since), newest last
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # QUITs under way
 
     @property
     def name(self) -> str:
@@ -175,9 +196,19 @@ class LMTPTransport:
         out: dict[str, Outcome] = {}
         client: LMTPClient | None = None
         try:
-            client = await LMTPClient.connect(target)
-            await client.lhlo(self.name)
-            await client.deliver(entry.sender, addresses, message, out)
+            client, reused = await self._session(target)
+            while True:
+                try:
+                    await client.deliver(entry.sender, addresses, message, out)
+                    break
+                except (OSError, TimeoutError):
+                    if not reused or client.data_sent:
+                        raise
+                    # The server closed the idle session: once more on a fresh one.
+                    await _abort(client)
+                    client, reused = None, False
+                    out.clear()
+                    client = await self._fresh(target)
         except LMTPError as exc:
             fallback = exc.outcome
         except (OSError, TimeoutError) as exc:  # ConnectionError is an OSError
@@ -185,13 +216,81 @@ class LMTPTransport:
             fallback = Outcome(451, f"4.4.1 LMTP {where}: {reason}")
         else:
             fallback = Outcome(451, "4.4.2 no reply from LMTP server")
+            if client is not None and len(out) == len(addresses) and client.reusable:
+                self._release(client)
+                client = None
         finally:
             if client is not None:
-                await client.close()
+                await _abort(client)
         # Recipients without a final reply are retried: never assume delivery.
         for addr in addresses:
             out.setdefault(addr, fallback)
         return out
+
+    async def _session(self, target: LMTPTarget) -> tuple[LMTPClient, bool]:
+        """An idle session if one is still usable (True), else a fresh one (False)."""
+        while self._idle:
+            client, _ = self._idle.pop()
+            if client.reusable:
+                return client, True
+            await _abort(client)
+        return await self._fresh(target), False
+
+    async def _fresh(self, target: LMTPTarget) -> LMTPClient:
+        client = await LMTPClient.connect(target)
+        try:
+            await client.lhlo(self.name)
+        except BaseException:
+            await _abort(client)
+            raise
+        return client
+
+    def _release(self, client: LMTPClient) -> None:
+        loop = asyncio.get_running_loop()
+        if len(self._idle) >= MAX_IDLE:
+            self._quit(client)
+            return
+        self._idle.append((client, loop.time()))
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(IDLE_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        """QUIT sessions idle for IDLE_SECONDS; come back for the rest."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        keep = []
+        for client, since in self._idle:
+            if now - since >= IDLE_SECONDS:
+                self._quit(client)
+            else:
+                keep.append((client, since))
+        self._idle = keep
+        if keep:
+            self._sweeper = loop.call_later(IDLE_SECONDS - (now - keep[0][1]), self._sweep)
+
+    def _quit(self, client: LMTPClient) -> None:
+        task = asyncio.get_running_loop().create_task(client.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        """QUIT every idle session (at shutdown)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        idle, self._idle = self._idle, []
+        for client, _ in idle:
+            self._quit(client)
+        if self._closing:
+            await asyncio.wait(self._closing, timeout=5)
+
+
+async def _abort(client: LMTPClient) -> None:
+    """Drop a session in an unknown state without another word to the server."""
+    client.writer.transport.abort()
+    with contextlib.suppress(Exception):
+        await client.writer.wait_closed()
 
 
 def lmtp_transport(app: App) -> LMTPTransport:
