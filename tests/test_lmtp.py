@@ -7,6 +7,7 @@ import contextlib
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 
@@ -109,6 +110,24 @@ async def test_lmtp_server_down_is_a_temporary_failure(make_config):
     assert code == 451 and text.startswith("4.4.1")
 
 
+@contextlib.asynccontextmanager
+async def fake_lmtp(handle: Any) -> AsyncIterator[int]:
+    """A hand-written LMTP server on 127.0.0.1 (``handle`` gets each connection): its port."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def take_message(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """DATA on a fake LMTP server: 354, then everything up to the end-of-data line."""
+    writer.write(b"354 go\r\n")
+    while (await reader.readline()) != b".\r\n":
+        pass
+
+
 async def test_server_closing_after_data_leaves_recipients_to_retry(make_config):
     """A server that dies before answering every recipient: nobody counts as delivered."""
 
@@ -118,9 +137,7 @@ async def test_server_closing_after_data_leaves_recipients_to_retry(make_config)
             if line.startswith(b"LHLO"):
                 writer.write(b"250-fake\r\n250 PIPELINING\r\n")
             elif line.startswith(b"DATA"):
-                writer.write(b"354 go\r\n")
-                while (await reader.readline()) != b".\r\n":
-                    pass
+                await take_message(reader, writer)
                 writer.write(b"250 2.0.0 first ok\r\n")  # then vanish before the second
                 await writer.drain()
                 break
@@ -129,14 +146,9 @@ async def test_server_closing_after_data_leaves_recipients_to_retry(make_config)
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with fake_lmtp(handle) as port:
         config = lmtp_config(make_config, f"host: 127.0.0.1, port: {port}")
         outcomes = await deliver(config, ["a@example.com", "b@example.com"], make_message())
-    finally:
-        server.close()
-        await server.wait_closed()
     assert outcomes["a@example.com"][0] == 250
     assert outcomes["b@example.com"][0] == 451
 
@@ -174,9 +186,7 @@ async def test_a_reused_session_the_server_dropped_is_replaced_once(make_config)
             elif line.startswith(b"MAIL") and transactions and len(connections) == 1:
                 break  # gone, without a word, when asked again on the first connection
             elif line.startswith(b"DATA"):
-                writer.write(b"354 go\r\n")
-                while (await reader.readline()) != b".\r\n":
-                    pass
+                await take_message(reader, writer)
                 transactions += 1
                 writer.write(b"250 2.0.0 stored\r\n")
             else:
@@ -184,18 +194,15 @@ async def test_a_reused_session_the_server_dropped_is_replaced_once(make_config)
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    transport = LMTPTransport(App(lmtp_config(make_config, f"host: 127.0.0.1, port: {port}")))
-    try:
-        for rcpt in ("first@example.com", "second@example.com"):
-            entry = entry_for([rcpt])
-            outcomes = await transport(entry, make_message(), entry.recipients, ROUTE)
-            assert outcomes[rcpt] == Outcome(250, "2.0.0 stored")
-    finally:
-        await transport.aclose()
-        server.close()
-        await server.wait_closed()
+    async with fake_lmtp(handle) as port:
+        transport = LMTPTransport(App(lmtp_config(make_config, f"host: 127.0.0.1, port: {port}")))
+        try:
+            for rcpt in ("first@example.com", "second@example.com"):
+                entry = entry_for([rcpt])
+                outcomes = await transport(entry, make_message(), entry.recipients, ROUTE)
+                assert outcomes[rcpt] == Outcome(250, "2.0.0 stored")
+        finally:
+            await transport.aclose()
     assert len(connections) == 2
 
 

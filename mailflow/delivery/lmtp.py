@@ -19,6 +19,7 @@ import logging
 
 from mailflow.app import App
 from mailflow.config import LMTPTarget
+from mailflow.delivery.idle import IdleSessions
 from mailflow.delivery.outcome import Outcome
 from mailflow.delivery.spool import QueueEntry, RecipientState
 from mailflow.verdict import Route
@@ -176,9 +177,9 @@ class LMTPTransport:
 
     def __init__(self, app: App) -> None:
         self.app = app
-        self._idle: list[tuple[LMTPClient, float]] = []  # (session, idle since), newest last
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._closing: set[asyncio.Task[None]] = set()  # QUITs under way
+        self._idle: IdleSessions[str, LMTPClient] = IdleSessions(
+            MAX_IDLE, IDLE_SECONDS, clean=_reusable, quit=_close
+        )
 
     @property
     def name(self) -> str:
@@ -217,7 +218,7 @@ class LMTPTransport:
         else:
             fallback = Outcome(451, "4.4.2 no reply from LMTP server")
             if client is not None and len(out) == len(addresses) and client.reusable:
-                self._release(client)
+                self._idle.give(_IDLE_KEY, client)
                 client = None
         finally:
             if client is not None:
@@ -229,11 +230,9 @@ class LMTPTransport:
 
     async def _session(self, target: LMTPTarget) -> tuple[LMTPClient, bool]:
         """An idle session if one is still usable (True), else a fresh one (False)."""
-        while self._idle:
-            client, _ = self._idle.pop()
-            if client.reusable:
-                return client, True
-            await _abort(client)
+        client = self._idle.take(_IDLE_KEY)
+        if client is not None:
+            return client, True
         return await self._fresh(target), False
 
     async def _fresh(self, target: LMTPTarget) -> LMTPClient:
@@ -245,45 +244,20 @@ class LMTPTransport:
             raise
         return client
 
-    def _release(self, client: LMTPClient) -> None:
-        loop = asyncio.get_running_loop()
-        if len(self._idle) >= MAX_IDLE:
-            self._quit(client)
-            return
-        self._idle.append((client, loop.time()))
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(IDLE_SECONDS, self._sweep)
-
-    def _sweep(self) -> None:
-        """QUIT sessions idle for IDLE_SECONDS; come back for the rest."""
-        self._sweeper = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        keep = []
-        for client, since in self._idle:
-            if now - since >= IDLE_SECONDS:
-                self._quit(client)
-            else:
-                keep.append((client, since))
-        self._idle = keep
-        if keep:
-            self._sweeper = loop.call_later(IDLE_SECONDS - (now - keep[0][1]), self._sweep)
-
-    def _quit(self, client: LMTPClient) -> None:
-        task = asyncio.get_running_loop().create_task(client.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
     async def aclose(self) -> None:
         """QUIT every idle session (at shutdown)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        idle, self._idle = self._idle, []
-        for client, _ in idle:
-            self._quit(client)
-        if self._closing:
-            await asyncio.wait(self._closing, timeout=5)
+        await self._idle.aclose(5.0)
+
+
+_IDLE_KEY = "lmtp"  # one destination: delivery.lmtp
+
+
+def _reusable(client: LMTPClient) -> bool:
+    return client.reusable
+
+
+async def _close(client: LMTPClient) -> None:
+    await client.close()
 
 
 async def _abort(client: LMTPClient) -> None:

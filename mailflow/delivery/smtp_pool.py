@@ -14,13 +14,12 @@ bounces mail, it is retried (RFC 5321 4.5.4.1).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
+from mailflow.delivery.idle import IdleSessions
 from mailflow.delivery.outcome import Outcome
 from mailflow.delivery.smtp_client import ReplyError, SessionClosed, SMTPSession
 
@@ -91,11 +90,10 @@ class SMTPPool:
         self.helo_name = helo_name
         self.size = size
         self.idle = idle
-        # Idle sessions per destination with the loop time they were released at;
-        # the most recently used is taken first.
-        self._idle: dict[IdleKey, list[tuple[SMTPSession, float]]] = defaultdict(list)
-        self._sweeper: asyncio.TimerHandle | None = None  # one timer for all idle sessions
-        self._closing: set[asyncio.Task[None]] = set()
+        # Idle sessions per destination; the most recently used is taken first.
+        self._idle: IdleSessions[IdleKey, SMTPSession] = IdleSessions(
+            size, idle, clean=_idle_clean, quit=_quit
+        )
         self._contexts: dict[tuple[bool, str | None], ssl.SSLContext] = {}
         self.opened = 0  # sessions opened so far (for tests and metrics)
 
@@ -191,68 +189,21 @@ class SMTPPool:
         server still answers shows in the transaction itself: a session found
         closed before the message was sent is replaced by :meth:`send`.
         """
-        idle = self._idle.get(dest.key)
-        if idle:
-            now = asyncio.get_running_loop().time()
-            while idle:
-                session, since = idle.pop()
-                if session.idle_clean and now - since < self.idle:
-                    return session, True
-                self._quit(session)
+        session = self._idle.take(dest.key)
+        if session is not None:
+            return session, True
         return await self.open(dest), False
 
     def release(self, dest: Destination, session: SMTPSession, reusable: bool = True) -> None:
         """Give a session back; it is kept only if it ended a transaction cleanly."""
-        idle = self._idle[dest.key]
-        if not reusable or not session.idle_clean or len(idle) >= self.size or self.idle <= 0:
-            self._quit(session)
-            return
-        loop = asyncio.get_running_loop()
-        idle.append((session, loop.time()))
-        if self._sweeper is None:
-            self._sweeper = loop.call_later(self.idle, self._sweep)
-
-    def _sweep(self) -> None:
-        """QUIT sessions idle for ``pool_idle`` seconds; come back for the next one."""
-        self._sweeper = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        next_due: float | None = None
-        for key, idle in list(self._idle.items()):
-            keep = []
-            for session, since in idle:
-                if now - since >= self.idle or not session.idle_clean:
-                    self._quit(session)
-                else:
-                    keep.append((session, since))
-                    due = since + self.idle
-                    next_due = due if next_due is None else min(next_due, due)
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
-        if next_due is not None:
-            self._sweeper = loop.call_at(next_due, self._sweep)
-
-    def _quit(self, session: SMTPSession) -> None:
-        if not session.is_open:
-            session.close()
-            return
-        task = asyncio.get_running_loop().create_task(session.quit(QUIT_TIMEOUT))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        if reusable:
+            self._idle.give(dest.key, session)
+        else:
+            self._idle.close(session)
 
     async def aclose(self) -> None:
         """QUIT every idle session (at shutdown)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        for idle in self._idle.values():
-            for session, _ in idle:
-                self._quit(session)
-        self._idle.clear()
-        if self._closing:
-            await asyncio.wait(self._closing, timeout=QUIT_TIMEOUT * 2)
+        await self._idle.aclose(QUIT_TIMEOUT * 2)
 
     # --- one transaction ------------------------------------------------------------------
 
@@ -290,6 +241,17 @@ class SMTPPool:
                 raise
             self.release(dest, session)
             return outcomes
+
+
+def _idle_clean(session: SMTPSession) -> bool:
+    return session.idle_clean
+
+
+async def _quit(session: SMTPSession) -> None:
+    if session.is_open:
+        await session.quit(QUIT_TIMEOUT)
+    else:
+        session.close()
 
 
 def _describe(exc: BaseException) -> str:
