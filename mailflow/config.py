@@ -137,6 +137,9 @@ class LMTPTarget(Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=24, ge=0, le=65535)
     socket: Path | None = None  # unix socket path instead of host:port
+    # First delivery attempt before the 250, for at most this long (as relay's); 0:
+    # spool first.
+    inline_timeout: Duration = 5.0
 
 
 class RelayTarget(Strict):

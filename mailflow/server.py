@@ -25,9 +25,6 @@ from mailflow.verdict import Route, RouteKind
 
 log = logging.getLogger("mailflow.server")
 
-# Route kinds the server may deliver before answering the client (see Server.enqueue).
-INLINE_KINDS = frozenset({RouteKind.MAILDIR, RouteKind.RELAY})
-
 
 class Server:
     """Owns the listeners and the queue; ``start``/``stop`` are idempotent."""
@@ -40,7 +37,7 @@ class Server:
         self.servers: list[asyncio.Server] = []
         self.metrics_server: asyncio.Server | None = None
         self.milter: MilterServer | None = None  # milter front end, when milter.listen is set
-        # Concurrent inline relay attempts (Server._relay_inline), like the queue's workers.
+        # Concurrent inline attempts (Server._hand_on), like the queue's workers.
         self._inline_slots = asyncio.Semaphore(app.config.queue.workers)
 
     async def start(self) -> list[tuple[str, int]]:
@@ -91,37 +88,42 @@ class Server:
         folder, I/O) are spooled, so the queue applies its usual retry, 452/552 and
         bounce logic to them.
 
-        When some route is ``relay`` and ``relay.inline_timeout`` is not 0, the first
-        relay attempt is made here, through the queue's transport and connection pool,
-        for at most ``inline_timeout`` seconds (local copies of the same message are
-        delivered as above). Recipients the upstream accepted after DATA are done;
-        every other copy (refused, deferred, unreachable, timed out) is spooled with
-        the outcome of that attempt. When the upstream refused every copy of the
-        message for good (5xx), :class:`RefusedUpstream` is raised instead and nothing
-        is stored: the client gets the refusal. Other routes (LMTP, MX, discard) take
-        the spool.
+        Copies routed ``relay`` (``relay.inline_timeout``) and ``lmtp``
+        (``delivery.lmtp.inline_timeout``), unless that is 0, get their first attempt
+        here, through the queue's transports and their reused sessions, for at most
+        that long (local copies of the same message are delivered as above).
+        Recipients the next hop accepted after DATA are done; every other copy
+        (refused, deferred, unreachable, timed out) is spooled with the outcome of
+        that attempt. When the next hop refused every copy of the message for good
+        (5xx), :class:`RefusedUpstream` is raised instead and nothing is stored: the
+        client gets the refusal. Other routes (MX, discard) take the spool.
         """
         assert self.queue is not None
         routes = await self.app.route(ctx)
-        relay_inline = self.app.config.relay.inline_timeout > 0 and any(
-            r.kind is RouteKind.RELAY for r in routes.values()
-        )
+        bounds = self._inline_bounds()
+        handed_on = {a: r for a, r in routes.items() if r.kind in bounds}
         tried: dict[str, Outcome] = {}
-        if routes and (relay_inline or all(r.kind is RouteKind.MAILDIR for r in routes.values())):
+        if routes and (handed_on or all(r.kind is RouteKind.MAILDIR for r in routes.values())):
             local = {a: r for a, r in routes.items() if r.kind is RouteKind.MAILDIR}
-            relay = {a: r for a, r in routes.items() if r.kind is RouteKind.RELAY}
-            left = {a: r for a, r in routes.items() if r.kind not in INLINE_KINDS}
+            # Spooled: whatever is neither a Maildir copy nor handed on below.
+            left = {
+                a: r
+                for a, r in routes.items()
+                if r.kind is not RouteKind.MAILDIR and a not in handed_on
+            }
             if local:
                 left.update(await self._deliver_local(ctx, local))
-            if relay_inline:
-                failed, tried = await self._relay_inline(ctx, relay)
-                if len(failed) == len(routes) and all(o.permanent for o in tried.values()):
-                    # Every copy was relayed and refused for good: say so to the client
-                    # (no bounce to send, no backscatter) instead of storing it.
-                    raise RefusedUpstream(tried[next(iter(failed))])
+            for kind, bound in bounds.items():
+                copies = {a: r for a, r in handed_on.items() if r.kind is kind}
+                if not copies:
+                    continue
+                failed, outcomes = await self._hand_on(ctx, copies, kind, bound)
                 left.update(failed)
-            else:
-                left.update(relay)
+                tried.update(outcomes)
+            if len(tried) == len(routes) and all(o.permanent for o in tried.values()):
+                # Every copy was handed on and refused for good: say so to the client
+                # (no bounce to send, no backscatter) instead of storing it.
+                raise RefusedUpstream(tried[next(iter(routes))])
             if not left:
                 ctx.extra["delivery"] = "delivered"
                 return
@@ -138,22 +140,30 @@ class Server:
             tried=tried,
         )
 
-    async def _relay_inline(
-        self, ctx: MessageContext, routes: dict[str, Route]
-    ) -> tuple[dict[str, Route], dict[str, Outcome]]:
-        """One relay attempt for ``routes`` before the reply, bounded by ``inline_timeout``.
+    def _inline_bounds(self) -> dict[RouteKind, float]:
+        """The route kinds handed on before the reply, with their ``inline_timeout``."""
+        config = self.app.config
+        bounds = {RouteKind.RELAY: config.relay.inline_timeout}
+        if config.delivery.lmtp is not None:
+            bounds[RouteKind.LMTP] = config.delivery.lmtp.inline_timeout
+        return {kind: bound for kind, bound in bounds.items() if bound > 0}
 
-        Returns the routes of the copies the upstream did not accept and the outcome of
-        this attempt for each of them. The attempt waits for one of ``queue.workers``
-        inline slots (so a burst of clients does not open a connection each); the wait
-        counts against the bound. On timeout the attempt is cancelled: the pool aborts
-        the session it was using, so no connection in an unknown state is reused.
+    async def _hand_on(
+        self, ctx: MessageContext, routes: dict[str, Route], kind: RouteKind, bound: float
+    ) -> tuple[dict[str, Route], dict[str, Outcome]]:
+        """One delivery attempt for ``routes`` (all of ``kind``) before the reply.
+
+        Bounded by ``bound`` seconds (the kind's ``inline_timeout``). Returns the routes
+        of the copies the next hop did not accept and the outcome of this attempt for
+        each of them. The attempt waits for one of ``queue.workers`` inline slots (so a
+        burst of clients does not open a connection each); the wait counts against the
+        bound. On timeout the attempt is cancelled: the transport drops the session it
+        was using, so no connection in an unknown state is reused.
         """
         assert self.queue is not None
-        transport = self.queue.transports.get(RouteKind.RELAY)
+        transport = self.queue.transports.get(kind)
         if transport is None:
             return routes, {}
-        bound = self.app.config.relay.inline_timeout
         entry = QueueEntry(
             id=ctx.queue_id,
             sender=ctx.envelope.mail_from,
@@ -167,7 +177,7 @@ class Server:
         for state, route in zip(entry.recipients, routes.values(), strict=True):
             groups[(route.target, route.folder, route.mailbox)].append(state)
         outcomes: dict[str, Outcome] = {}
-        missing = Outcome(451, "4.4.2 no result from the inline relay attempt")
+        missing = Outcome(451, f"4.4.2 no result from the inline {kind.value} attempt")
         try:
             async with asyncio.timeout(bound):
                 async with self._inline_slots:
@@ -175,10 +185,10 @@ class Server:
                         route = routes[members[0].address]
                         outcomes.update(await transport(entry, ctx.raw, members, route))
         except TimeoutError:
-            missing = Outcome(451, f"4.4.2 inline relay attempt timed out after {bound:g}s")
+            missing = Outcome(451, f"4.4.2 inline {kind.value} attempt timed out after {bound:g}s")
         except Exception as exc:
-            log.exception("queue %s: inline relay attempt failed", ctx.queue_id)
-            missing = Outcome(451, f"4.3.0 inline relay attempt failed: {exc}")
+            log.exception("queue %s: inline %s attempt failed", ctx.queue_id, kind.value)
+            missing = Outcome(451, f"4.3.0 inline {kind.value} attempt failed: {exc}")
         failed: dict[str, Route] = {}
         tried: dict[str, Outcome] = {}
         lines: dict[tuple[str, str], list[str]] = {}
@@ -194,7 +204,7 @@ class Server:
                 tried[address] = outcome
                 what = "refused" if outcome.permanent else "spooled"
                 lines.setdefault((what, reply), []).append(address)
-        log_results(ctx.queue_id, RouteKind.RELAY.value, lines)
+        log_results(ctx.queue_id, kind.value, lines)
         for address, route, reply in delivered:
             await self._on_delivered(ctx.queue_id, address, route, "delivered", reply)
         return failed, tried

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
+import pytest
 from aiosmtpd.lmtp import LMTP
 
 from mailflow.app import App
@@ -25,6 +27,7 @@ from mailflow.testing import (
     smtp_sink,
 )
 from mailflow.verdict import Route, RouteKind
+from tests.test_relay_inline import count_stores
 
 ROUTE = Route(RouteKind.LMTP)
 
@@ -251,3 +254,51 @@ async def test_lmtp_permanent_failure_bounces_and_temporary_is_retried(make_conf
     assert original.rcpt_tos == ["ok@example.com"]
     assert bounce.mail_from == "<>" and bounce.rcpt_tos == ["carol@example.com"]
     assert b"Final-Recipient: rfc822; gone@example.com" in bounce.data
+
+
+# --- handed on before the 250 -------------------------------------------------------------------
+
+
+async def test_lmtp_copies_are_handed_on_before_the_250_and_never_spooled(make_config):
+    async with smtp_sink(SinkBehaviour(), lmtp=True) as sink:
+        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {sink.port}")
+        async with running_server(config) as srv:
+            stored = count_stores(srv)
+            rcpts = ["bob@example.com"]
+            assert await send(srv.port, "alice@example.org", rcpts, make_message()) == {}
+            # In the mail store when the client got its 250, without the spool.
+            assert [m.rcpt_tos for m in sink.messages] == [["bob@example.com"]]
+            assert stored == []
+
+
+async def test_an_lmtp_refusal_for_every_recipient_is_refused_to_the_client(make_config):
+    behaviour = SinkBehaviour(lmtp_data_replies={"gone@example.com": "550 5.1.1 no such mailbox"})
+    async with smtp_sink(behaviour, lmtp=True) as sink:
+        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {sink.port}")
+        async with running_server(config) as srv:
+            with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+                await send(srv.port, "carol@example.com", ["gone@example.com"], make_message())
+            assert refused.value.code == 550
+            assert "5.1.1 no such mailbox" in refused.value.message
+            assert srv.app.spool.ids() == []
+    # The sink records the refused transaction with no recipient stored; no bounce.
+    assert [m.rcpt_tos for m in sink.messages] == [[]]
+
+
+async def test_inline_timeout_zero_spools_lmtp_copies_first(make_config):
+    async with smtp_sink(SinkBehaviour(), lmtp=True) as sink:
+        config = make_config(
+            f"""
+            local_domains: [example.com]
+            delivery:
+              method: lmtp
+              lmtp: {{host: 127.0.0.1, port: {sink.port}, inline_timeout: 0}}
+            """
+        )
+        async with running_server(config) as srv:
+            stored = count_stores(srv)
+            rcpts = ["bob@example.com"]
+            assert await send(srv.port, "alice@example.org", rcpts, make_message()) == {}
+            await sink.wait_messages(1)
+            await srv.wait_queue_empty()
+            assert len(stored) == 1

@@ -161,7 +161,7 @@ class QueueManager:
         spool copy is only removed after every recipient has a final answer.
 
         ``tried`` holds the outcomes of an attempt already made before the message was
-        spooled (the server's inline relay attempt). A recipient with a temporary
+        spooled (the server's inline relay or LMTP attempt). A recipient with a temporary
         outcome there is stored as deferred once (``attempts`` 1, its reply, the first
         ``retry_schedule`` step), so the upstream is not hit again at once. Permanent
         outcomes are kept in memory: the first attempt (at once) records them as its
