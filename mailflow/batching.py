@@ -50,14 +50,22 @@ class DataBatch:
         self._gathering: _Waiters | None = None
         self._regrouping: _Waiters | None = None
 
+    def begin_receiving(self) -> None:
+        """A message's data has started to arrive (pair with :meth:`end_receiving`)."""
+        self.receiving += 1
+
+    def end_receiving(self) -> None:
+        """That message's data has all arrived, or it never will."""
+        self.receiving -= 1
+
     @contextlib.contextmanager
     def receiving_data(self) -> Iterator[None]:
         """Count a message as arriving while its data is being received."""
-        self.receiving += 1
+        self.begin_receiving()
         try:
             yield
         finally:
-            self.receiving -= 1
+            self.end_receiving()
 
     async def gather(self) -> bool:
         """Wait for the messages still arriving; True if this message ran in a batch of several."""

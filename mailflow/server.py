@@ -26,6 +26,15 @@ from mailflow.verdict import Route, RouteKind
 log = logging.getLogger("mailflow.server")
 
 
+def _inline_bounds(app: App) -> dict[RouteKind, float]:
+    """The route kinds handed on before the reply, with their ``inline_timeout``."""
+    config = app.config
+    bounds = {RouteKind.RELAY: config.relay.inline_timeout}
+    if config.delivery.lmtp is not None:
+        bounds[RouteKind.LMTP] = config.delivery.lmtp.inline_timeout
+    return {kind: bound for kind, bound in bounds.items() if bound > 0}
+
+
 class Server:
     """Owns the listeners and the queue; ``start``/``stop`` are idempotent."""
 
@@ -39,6 +48,7 @@ class Server:
         self.milter: MilterServer | None = None  # milter front end, when milter.listen is set
         # Concurrent inline attempts (Server._hand_on), like the queue's workers.
         self._inline_slots = asyncio.Semaphore(app.config.queue.workers)
+        self._inline_bounds = _inline_bounds(app)
 
     async def start(self) -> list[tuple[str, int]]:
         app = self.app
@@ -100,7 +110,7 @@ class Server:
         """
         assert self.queue is not None
         routes = await self.app.route(ctx)
-        bounds = self._inline_bounds()
+        bounds = self._inline_bounds
         handed_on = {a: r for a, r in routes.items() if r.kind in bounds}
         tried: dict[str, Outcome] = {}
         if routes and (handed_on or all(r.kind is RouteKind.MAILDIR for r in routes.values())):
@@ -139,14 +149,6 @@ class Server:
             queue_id=ctx.queue_id,
             tried=tried,
         )
-
-    def _inline_bounds(self) -> dict[RouteKind, float]:
-        """The route kinds handed on before the reply, with their ``inline_timeout``."""
-        config = self.app.config
-        bounds = {RouteKind.RELAY: config.relay.inline_timeout}
-        if config.delivery.lmtp is not None:
-            bounds[RouteKind.LMTP] = config.delivery.lmtp.inline_timeout
-        return {kind: bound for kind, bound in bounds.items() if bound > 0}
 
     async def _hand_on(
         self, ctx: MessageContext, routes: dict[str, Route], kind: RouteKind, bound: float

@@ -102,9 +102,9 @@ class MilterSession:
         self.closed = False
         self._relay_nets = app.config.relay_network_objects
         self._routes_noted = False
-        # Open while this transaction's headers and body arrive: the message counts as
+        # While this transaction's headers and body arrive, the message counts as
         # arriving for the data-stage batch (mailflow.batching) until end of message.
-        self._arriving: contextlib.ExitStack | None = None
+        self._arriving = False
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -392,14 +392,14 @@ class MilterSession:
     # --- resets -------------------------------------------------------------------------------
 
     def _note_arriving(self) -> None:
-        if self._arriving is None:
-            self._arriving = contextlib.ExitStack()
-            self._arriving.enter_context(self.app.pipeline.batch.receiving_data())
+        if not self._arriving:
+            self._arriving = True
+            self.app.pipeline.batch.begin_receiving()
 
     def _arrived(self) -> None:
-        if self._arriving is not None:
-            self._arriving.close()
-            self._arriving = None
+        if self._arriving:
+            self._arriving = False
+            self.app.pipeline.batch.end_receiving()
 
     def finish(self) -> None:
         """The connection is gone: forget the transaction it left open."""
