@@ -183,15 +183,14 @@ class MaildirDelivery:
         copy whose data sync failed is removed from ``tmp/`` and gets the error; a
         failed directory sync fails the copies renamed into it. Quotas count the
         copies of the same batch.
+
+        These are the two phases of :meth:`_commit_step`, run one after the other.
         """
-        mark = self._sync.mark()
-        results, staged = self._stage(requests)
-        try:
-            errors = self._sync.sync_files(_file_refs(staged), mark)
-        finally:
-            _close(staged)
-        new_dirs = self._rename_all(staged, results, errors)
-        _fail_dirs(new_dirs, self._sync.sync_dirs(_dir_refs(new_dirs), mark), results)
+        if not requests:
+            return []
+        _, carried = self._commit_step(list(requests), None)
+        results, _ = self._commit_step([], carried)
+        assert results is not None  # the second phase finishes what the first carried
         return results
 
     def _commit_step(
@@ -202,8 +201,7 @@ class MaildirDelivery:
         Writes ``requests``' copies to ``tmp/``; one sync round then covers their
         data and the ``new/`` entries of ``carried``, the batch renamed in the
         previous round, whose results are returned. The copies whose data synced
-        are renamed into ``new/``; their results come with the next round. Same
-        steps and checks as :meth:`deliver_batch`, one phase apart.
+        are renamed into ``new/``; their results come with the next round.
         """
         mark = self._sync.mark()
         results, staged = self._stage(requests) if requests else ([], [])
@@ -372,7 +370,7 @@ class MaildirDelivery:
         return dev
 
 
-_STAGED = OSError("staged, not yet renamed")  # placeholder inside deliver_batch only
+_STAGED = OSError("staged, not yet renamed")  # placeholder between staging and renaming
 
 
 def _file_refs(staged: list[_Staged]) -> list[FileRef]:
