@@ -54,6 +54,8 @@ class Server:
         app = self.app
         msglog.configure(app.config.log.format == "json")
         await app.startup()
+        # Copies answered before a crash whose new/ names were not yet synced.
+        await asyncio.to_thread(app.maildir.recover)
         self.queue = QueueManager(
             app.config,
             app.spool,
@@ -276,6 +278,7 @@ class Server:
         if self.queue is not None:
             await self.queue.stop()
             self.queue = None
+        await asyncio.to_thread(self.app.maildir.close)
         await self.app.shutdown()
 
     async def run_forever(self) -> None:

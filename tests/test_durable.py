@@ -21,7 +21,7 @@ import pytest
 
 from mailflow.app import App
 from mailflow.config import ConfigError, MaildirConfig, parse_config
-from mailflow.delivery import durable
+from mailflow.delivery import durable, journal
 from mailflow.delivery.durable import (
     FsyncSyncer,
     Syncer,
@@ -132,36 +132,56 @@ def test_real_syncfs_reports_errors_as_oserror() -> None:
 
 
 class RecordingSyncer(SyncfsSyncer):
-    """A real syncfs syncer that notes, per sync round, the names it made durable: the
-    entries of the ``new/`` directories it was asked to sync, listed once it returned."""
+    """A real syncfs syncer that notes, per sync round, what it made durable: the
+    journal records in the journal directory, and the files in the ``tmp/`` and
+    ``new/`` directories it was asked to sync, with their contents, all read once it
+    returned."""
 
-    def __init__(self, syncfs: ScriptedSyncfs | None = None) -> None:
+    def __init__(self, root: Path, syncfs: ScriptedSyncfs | None = None) -> None:
         super().__init__(syncfs or ScriptedSyncfs())
-        self.durable_names: list[set[str]] = []  # one set per sync round, in order
+        self.root = root
+        self.rounds: list[tuple[set[str], dict[str, bytes], set[str]]] = []
 
     def sync(self, files, dirs):  # type: ignore[no-untyped-def]
         errors = super().sync(files, dirs)
-        failed = errors[1]
-        self.durable_names.append(
-            {name for d, _ in dirs if d not in failed for name in os.listdir(d)}
-        )
+        records: set[str] = set()
+        journal_dir = self.root / journal.JOURNAL_DIR
+        for path in journal_dir.iterdir() if journal_dir.exists() else ():
+            for line in path.read_bytes().splitlines():
+                record = journal.parse_line(line)
+                if record is not None:
+                    records.add(record[1])
+        in_tmp = {
+            name: Path(d, name).read_bytes()
+            for d, _ in dirs
+            if d.endswith("/tmp") and d not in errors[1]
+            for name in os.listdir(d)
+        }
+        in_new = {
+            name
+            for d, _ in dirs
+            if d.endswith("/new") and d not in errors[1]
+            for name in os.listdir(d)
+        }
+        self.rounds.append((records, in_tmp, in_new))
         return errors
 
 
 @needs_syncfs
-async def test_no_copy_is_reported_before_a_later_sync_covered_its_new_entry(
+async def test_no_copy_is_answered_before_its_data_and_journal_record_are_synced(
     tmp_path: Path, monkeypatch
 ) -> None:
     """The promise, with batches overlapping: when the commit thread answers a caller,
-    a sync round that ran after the rename into new/ has made that name durable."""
-    syncer = RecordingSyncer()
+    a finished sync round covered the copy's data under its tmp/ name and a journal
+    record for it, and the copy is in new/ already; a later round syncs that name."""
+    syncer = RecordingSyncer(tmp_path)
     md = MaildirDelivery(MaildirConfig(root=tmp_path), syncer)
     rounds_at_answer: dict[bytes, int] = {}  # message -> sync rounds done when answered
     answer = durable._answer
 
     def recording_answer(waiters, outcome):  # type: ignore[no-untyped-def]
         for (_, data), _, _ in waiters:
-            rounds_at_answer[data] = len(syncer.durable_names)
+            rounds_at_answer[data] = len(syncer.rounds)
         answer(waiters, outcome)
 
     monkeypatch.setattr(durable, "_answer", recording_answer)
@@ -170,16 +190,44 @@ async def test_no_copy_is_reported_before_a_later_sync_covered_its_new_entry(
         data = MESSAGE + b"%d\r\n" % i
         [path] = await md.deliver_many_async([(f"u{i % 4}@example.com", "", "")], data)
         assert isinstance(path, Path)
+        assert path.read_bytes() == data  # in new/ when answered
         return data, path
 
     tasks = []
     for i in range(60):  # arriving while earlier batches commit, so batches overlap
         tasks.append(asyncio.create_task(deliver(i)))
         await asyncio.sleep(0.0005)
-    for data, path in await asyncio.gather(*tasks):
-        synced_before = syncer.durable_names[: rounds_at_answer[data]]
-        assert any(path.name in names for names in synced_before), path
-        assert path.read_bytes() == data
+    delivered = await asyncio.gather(*tasks)
+    await asyncio.sleep(0.1)  # the last batch's names get a round of their own
+    for data, path in delivered:
+        before = syncer.rounds[: rounds_at_answer[data]]
+        assert any(
+            path.name in records and in_tmp.get(path.name) == data for records, in_tmp, _ in before
+        ), path
+        assert any(path.name in in_new for _, _, in_new in syncer.rounds), path
+
+
+@needs_syncfs
+async def test_a_lone_message_is_answered_after_one_sync_and_its_name_synced_after(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """One client, one message at a time: the answer waits for one sync round, not two;
+    the round that syncs the new/ name runs at once on its own, and frees the journal."""
+    syncer = RecordingSyncer(tmp_path)
+    md = MaildirDelivery(MaildirConfig(root=tmp_path), syncer)
+    for i in range(3):
+        [path] = await md.deliver_many_async([("a@example.com", "", "")], MESSAGE)
+        assert isinstance(path, Path)
+        assert len(syncer.rounds) == 2 * i + 1
+        for _ in range(100):
+            if len(syncer.rounds) == 2 * i + 2:
+                break
+            await asyncio.sleep(0.01)
+        assert path.name in syncer.rounds[-1][2]
+    # One slot, reused: the name sync of each message freed it for the next.
+    assert len(list((tmp_path / journal.JOURNAL_DIR).iterdir())) == 1
+    md.close()
+    assert list((tmp_path / journal.JOURNAL_DIR).iterdir()) == []
 
 
 @needs_syncfs
@@ -217,42 +265,77 @@ async def test_under_load_each_round_syncs_once_for_two_batches(
     assert syncfs.calls < 2 * len(batches)  # the old two-phase commit: exactly 2 per batch
 
 
-async def test_a_lone_message_is_finished_at_once_not_held_for_the_next() -> None:
-    """GroupCommitter.pipelined: with nothing else waiting, the carried batch is
-    finished by a step of its own; a failing step fails the batch it was finishing
-    and the one it started."""
+async def test_each_round_answers_its_own_batch_and_finishes_the_last_one_alone(
+    caplog,
+) -> None:
+    """GroupCommitter.pipelined: a step answers the batch it was given; what it carries
+    is finished by a step of its own at once when nothing else waits. A failing step
+    fails its batch; a failing step that only finished a carried batch is logged, and
+    the committer goes on."""
     steps: list[tuple[list[str], object]] = []
 
     def step(requests: list[str], carried: object) -> tuple[object, object]:
         steps.append((list(requests), carried))
-        if "boom" in requests:
+        if "boom" in requests or carried == ["late"]:
             raise RuntimeError("step failed")
-        done = [f"{r} stored" for r in carried] if isinstance(carried, list) else None
-        return done, (list(requests) if requests else None)
+        return ([f"{r} stored" for r in requests] or None), (list(requests) or None)
 
     committer: durable.GroupCommitter[str, str] = durable.GroupCommitter.pipelined(
         step, "test-commit", idle=0.05
     )
     assert await asyncio.wait_for(committer.submit("one"), 2) == "one stored"
+    for _ in range(100):
+        if len(steps) == 2:
+            break
+        await asyncio.sleep(0.01)
     assert steps == [(["one"], None), ([], ["one"])]
     with pytest.raises(RuntimeError, match="step failed"):
         await asyncio.wait_for(committer.submit("boom"), 2)
+    with caplog.at_level(logging.ERROR, logger="mailflow"):
+        assert await asyncio.wait_for(committer.submit("late"), 2) == "late stored"
+        for _ in range(100):
+            if "finishing a commit failed" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
+    assert "test-commit: finishing a commit failed: step failed" in caplog.text
     assert await asyncio.wait_for(committer.submit("two"), 2) == "two stored"
 
 
-@pytest.mark.parametrize(("failing_call", "left_in_new"), [(1, 0), (2, 1)])
-async def test_async_delivery_reports_a_failed_data_or_name_sync(
-    tmp_path: Path, failing_call: int, left_in_new: int
-) -> None:
-    md = MaildirDelivery(
-        MaildirConfig(root=tmp_path), SyncfsSyncer(ScriptedSyncfs(fail={failing_call}))
-    )
+async def test_a_failed_data_sync_fails_the_copy_and_leaves_nothing(tmp_path: Path) -> None:
+    md = MaildirDelivery(MaildirConfig(root=tmp_path), SyncfsSyncer(ScriptedSyncfs(fail={1})))
     [result] = await md.deliver_many_async([("a@example.com", "", "")], MESSAGE)
     assert isinstance(result, OSError) and "injected" in str(result)
-    # A failed name sync leaves the file in new/ (its rename may or may not survive a
-    # crash); it is not reported delivered, so the message is spooled and retried.
-    assert len(_delivered(tmp_path)) == left_in_new
+    assert _delivered(tmp_path) == []
     assert _visible(tmp_path / "a@example.com" / "tmp") == []
+    assert md.recover().renamed == 0  # nothing was answered: nothing to redo
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+async def test_a_failed_name_sync_keeps_the_journal_for_the_next_start(
+    tmp_path: Path, blocking: bool, caplog
+) -> None:
+    """The name sync comes after the answer: when it fails, the copy stays delivered
+    and its journal is kept, so a restart can redo a rename the disk lost."""
+    md = MaildirDelivery(MaildirConfig(root=tmp_path), SyncfsSyncer(ScriptedSyncfs(fail={2})))
+    copies = [("a@example.com", "", "")]
+    with caplog.at_level(logging.ERROR, logger="mailflow"):
+        if blocking:
+            [path] = md.deliver_many(copies, MESSAGE)
+        else:
+            [path] = await md.deliver_many_async(copies, MESSAGE)
+            for _ in range(100):
+                if "journal is kept" in caplog.text:
+                    break
+                await asyncio.sleep(0.01)
+    assert isinstance(path, Path) and path.read_bytes() == MESSAGE
+    assert "journal is kept for the next start" in caplog.text
+    [kept] = (tmp_path / journal.JOURNAL_DIR).iterdir()
+    # The disk lost the rename: at the next start the journal puts the copy back.
+    os.rename(path, tmp_path / "a@example.com" / "tmp" / path.name)
+    done = MaildirDelivery(MaildirConfig(root=tmp_path)).recover()
+    assert (done.journals, done.renamed) == (1, 1)
+    assert path.read_bytes() == MESSAGE
+    assert not kept.exists()
 
 
 # --- a failed sync reports nothing stored ---------------------------------------------
@@ -266,13 +349,6 @@ def test_maildir_data_sync_failure_fails_every_copy_and_leaves_nothing(tmp_path:
     for box in ("a@example.com", "b@example.com"):
         assert _visible(tmp_path / box / "new") == []
         assert _visible(tmp_path / box / "tmp") == []
-
-
-def test_maildir_entry_sync_failure_reports_no_copy_delivered(tmp_path: Path) -> None:
-    md = MaildirDelivery(MaildirConfig(root=tmp_path), SyncfsSyncer(ScriptedSyncfs(fail={2})))
-    [result] = md.deliver_many([("a@example.com", "", "")], MESSAGE)
-    assert isinstance(result, OSError)
-    assert "injected" in str(result)
 
 
 async def test_only_the_failed_batch_fails_and_the_next_one_is_stored(tmp_path: Path) -> None:

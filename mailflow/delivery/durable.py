@@ -426,8 +426,10 @@ class GroupCommitter(Generic[Request, Response]):
         self._idle = idle
         self._lock = threading.Lock()
         self._more = threading.Condition(self._lock)
+        self._quiet = threading.Condition(self._lock)  # notified when nothing is left to do
         self._batch: list[_Waiter] = []
         self._running = False
+        self._working = False  # a batch, or what one left, is being committed
         self._step: Callable[[list[Request], Any], tuple[Any, Any]] | None = None
 
     @classmethod
@@ -441,12 +443,13 @@ class GroupCommitter(Generic[Request, Response]):
     ) -> GroupCommitter[Request, Response]:
         """A committer whose commits overlap by one phase (see :meth:`_drain_pipelined`).
 
-        ``step(requests, carried)`` runs in the commit thread. It starts committing
-        ``requests`` (possibly none) and, in the same sync, finishes ``carried``, the
-        batch the previous step started; it returns the responses for ``carried``
-        (None when there was none) and what the next step must finish for
-        ``requests`` (None when there were none). Nobody is answered before the step
-        that finished their batch returned. If ``step`` raises, both batches fail.
+        ``step(requests, carried)`` runs in the commit thread. It commits ``requests``
+        (possibly none) far enough to answer them and, in the same sync, finishes
+        ``carried``, what the previous step left to do; it returns the responses for
+        ``requests`` (None when there were none) and what the next step must finish
+        (None when nothing is left). If ``step`` raises, its batch fails, and what it
+        carried is dropped: a step must leave nothing it answered for in a state a
+        crash could lose (Maildir keeps a journal for that).
         """
 
         def unused(requests: list[Request]) -> Sequence[Response]:
@@ -469,6 +472,11 @@ class GroupCommitter(Generic[Request, Response]):
                 threading.Thread(target=self._drain, name=self._name, daemon=True).start()
         return await future
 
+    def wait_quiet(self, timeout: float) -> bool:
+        """Block until nothing is waiting or being committed; False on timeout."""
+        with self._lock:
+            return self._quiet.wait_for(lambda: not self._batch and not self._working, timeout)
+
     def _drain(self) -> None:
         if self._step is not None:
             self._drain_pipelined(self._step)
@@ -476,11 +484,14 @@ class GroupCommitter(Generic[Request, Response]):
         while True:
             with self._lock:
                 if not self._batch:
+                    self._working = False
+                    self._quiet.notify_all()
                     self._more.wait(COMMIT_IDLE if self._idle is None else self._idle)
                 batch, self._batch = self._batch, []
                 if not batch:
                     self._running = False
                     return
+                self._working = True
             outcome: Sequence[Any] | BaseException
             try:
                 outcome = self._commit([request for request, _, _ in batch])
@@ -489,31 +500,36 @@ class GroupCommitter(Generic[Request, Response]):
             _answer(batch, outcome)
 
     def _drain_pipelined(self, step: Callable[[list[Request], Any], tuple[Any, Any]]) -> None:
-        """Batch N's last phase shares a sync with batch N+1's first one.
+        """Each round answers its own batch and finishes what the one before left.
 
-        While work keeps coming, each round syncs once: the names of the batch
-        before and the data of this one. When no new work is waiting, the carried
-        batch is finished on its own at once, so a lone message is not held back.
+        While work keeps coming, each round syncs once: this batch's data and the
+        previous batch's names. When no new work is waiting, what the last batch
+        left is finished by a round of its own at once, after its callers were
+        answered.
         """
         carried: Any = None
-        carried_waiters: list[_Waiter] = []
         while True:
             with self._lock:
                 if not self._batch and carried is None:
+                    self._working = False
+                    self._quiet.notify_all()
                     self._more.wait(COMMIT_IDLE if self._idle is None else self._idle)
                 batch, self._batch = self._batch, []
                 if not batch and carried is None:
                     self._running = False
                     return
+                self._working = True
             try:
                 done, carried = step([request for request, _, _ in batch], carried)
             except BaseException as exc:
-                _answer(carried_waiters + batch, exc)
-                carried, carried_waiters = None, []
+                carried = None
+                if batch:
+                    _answer(batch, exc)
+                else:
+                    log.error("%s: finishing a commit failed: %s", self._name, exc)
                 continue
-            if carried_waiters:
-                _answer(carried_waiters, done)
-            carried_waiters = batch if carried is not None else []
+            if batch:
+                _answer(batch, done)
 
 
 def _answer(waiters: list[_Waiter], outcome: Sequence[Any] | BaseException) -> None:

@@ -3,17 +3,22 @@
 Each copy is written to ``tmp/``, synced, renamed into ``new/`` and ``new/`` synced,
 so a delivered message survives a crash (maildir(5) delivery protocol). How files and
 directories are synced (one ``syncfs`` per file system, or ``fsync`` per file and
-directory) is the :class:`~mailflow.delivery.durable.Syncer`'s business.
+directory) is the :class:`~mailflow.delivery.durable.Syncer`'s business. A copy is
+answered once its data, its ``tmp/`` name and a journal record are synced and it is
+renamed; the ``new/`` sync follows with the next round, and the journal
+(:mod:`mailflow.delivery.journal`) stands for the copy until then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import re
 import socket
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +31,10 @@ from mailflow.delivery.durable import (
     make_syncer,
     write_all,
 )
+from mailflow.delivery.journal import Journal, Recovered, record_line
+from mailflow.delivery.journal import recover as recover_journals
+
+log = logging.getLogger("mailflow")
 
 _counter = itertools.count()
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
@@ -68,16 +77,18 @@ _Request = tuple[Sequence[tuple[str, str, str]], bytes]
 # A copy written to tmp/, open, not yet synced: (request index, copy index, descriptor,
 # name in tmp/, name in new/, the new/ directory, st_dev of its file system).
 _Staged = tuple[int, int, int, str, str, str, int]
-# Where a copy goes: (its Maildir, the mailbox Maildir above it for a folder, else "").
-_Target = tuple[str, str]
+# Where a copy goes: (its Maildir, the mailbox Maildir above it for a folder, else "",
+# its Maildir relative to the root, for the journal).
+_Target = tuple[str, str, str]
 _TARGETS_MAX = 4096  # resolved (recipient, folder, mailbox) kept; then start afresh
+CLOSE_WAIT = 5.0  # seconds close() waits for commits under way
 # Results of a batch: per request, per copy, the delivered path or what stopped it.
 _Results = list[list[Path | Exception]]
 # new/ directories of a batch: path -> (st_dev, the (request, copy) renamed into it).
 _NewDirs = dict[str, tuple[int, list[tuple[int, int]]]]
-# A batch renamed into new/ whose names are not synced yet: its results, its new/
-# directories, and the sync mark taken before it was written.
-_Carried = tuple[_Results, _NewDirs, int]
+# A batch answered and renamed into new/ whose names are not synced yet: its new/
+# directories, the sync mark taken before it was written, and its journal slot.
+_Carried = tuple[_NewDirs, int, FileRef]
 
 
 class MaildirDelivery:
@@ -90,6 +101,9 @@ class MaildirDelivery:
         self._targets: dict[tuple[str, str, str], _Target] = {}
         # storage.sync; a Syncer is used as given (tests inject failing ones).
         self._sync = sync if isinstance(sync, Syncer) else make_syncer(sync)
+        self._root_prefix = len(os.fspath(self.root).rstrip("/")) + 1
+        # Copies answered before their new/ entries are synced (mailflow.delivery.journal).
+        self._journal = Journal(self.root, self._sync)
         # Group commit for deliver_many_async: concurrent messages share sync rounds,
         # and under load one batch's name sync is the next batch's data sync.
         self._committer: GroupCommitter[_Request, list[Path | Exception]] = (
@@ -165,64 +179,131 @@ class MaildirDelivery:
         """:meth:`deliver_many` from the event loop, with group commit.
 
         Calls made while the commit thread is busy are delivered together, and each
-        event loop is woken once per batch. The batches overlap by one phase
-        (:meth:`_commit_step`): while more work keeps coming, the sync that makes
-        one batch's ``new/`` entries durable also makes the next batch's data
-        durable. The promise is the same: no result before the file and its
-        ``new/`` directory are synced.
+        event loop is woken once per batch. A batch is answered after one sync round
+        (:meth:`_commit_step`): its data, ``tmp/`` names and journal records are
+        durable and its copies renamed into ``new/``. The next round, which under
+        load is also the next batch's first, makes those ``new/`` entries durable;
+        until then a crash is mended from the journal at the next start
+        (:meth:`recover`).
         """
         return await self._committer.submit((copies, data))
 
     def deliver_batch(self, requests: Sequence[_Request]) -> _Results:
-        """Deliver several messages, each to its copies (blocking): one sync round.
+        """Deliver several messages, each to its copies (blocking): two sync rounds.
 
-        Every copy is written to ``tmp/``; their data is synced (one ``syncfs`` per
+        Every copy is written to ``tmp/`` and recorded in the journal; one sync round
+        covers their data, their ``tmp/`` names and the records (one ``syncfs`` per
         file system, or concurrent fsyncs); only the copies that synced are renamed
-        into ``new/``, and then the ``new/`` directories are synced. A crash before
-        the renames leaves only files in ``tmp/``, which maildir readers ignore. A
-        copy whose data sync failed is removed from ``tmp/`` and gets the error; a
-        failed directory sync fails the copies renamed into it. Quotas count the
-        copies of the same batch.
+        into ``new/``, and a second round syncs the ``new/`` directories. A crash
+        before the renames leaves only files in ``tmp/``, which maildir readers ignore
+        (and :meth:`recover` finishes when they were answered). A copy whose sync
+        failed is removed from ``tmp/`` and gets the error. Quotas count the copies of
+        the same batch.
 
-        These are the two phases of :meth:`_commit_step`, run one after the other.
+        These are the rounds of :meth:`_commit_step`, run one after the other.
         """
         if not requests:
             return []
-        _, carried = self._commit_step(list(requests), None)
-        results, _ = self._commit_step([], carried)
-        assert results is not None  # the second phase finishes what the first carried
+        results, carried = self._commit_step(list(requests), None)
+        if carried is not None:
+            self._commit_step([], carried)
+        assert results is not None  # a step with requests answers them
         return results
+
+    def recover(self) -> Recovered:
+        """Finish what a crash interrupted: replay the journals of processes that are gone.
+
+        Called at start-up, before anything is delivered (``mailflow serve``).
+        """
+        done = recover_journals(self.root)
+        if done.journals:
+            log.info(
+                "maildir: replayed %d journal(s) under %s: %d cop%s renamed into new/, "
+                "%d unfinished removed from tmp/",
+                done.journals,
+                self.root,
+                done.renamed,
+                "y" if done.renamed == 1 else "ies",
+                done.dropped,
+            )
+        return done
+
+    def close(self, timeout: float = CLOSE_WAIT) -> None:
+        """At shutdown: let the last names be synced, then remove the empty journal slots.
+
+        A slot still in use after ``timeout`` seconds stays on disk for :meth:`recover`.
+        """
+        self._committer.wait_quiet(timeout)
+        self._journal.close()
 
     def _commit_step(
         self, requests: list[_Request], carried: _Carried | None
     ) -> tuple[_Results | None, _Carried | None]:
         """One round of the pipelined group commit (see ``GroupCommitter.pipelined``).
 
-        Writes ``requests``' copies to ``tmp/``; one sync round then covers their
-        data and the ``new/`` entries of ``carried``, the batch renamed in the
-        previous round, whose results are returned. The copies whose data synced
-        are renamed into ``new/``; their results come with the next round.
+        Writes ``requests``' copies to ``tmp/`` and their journal records. One sync
+        round then covers their data, ``tmp/`` names and records, and the ``new/``
+        entries of ``carried``, the batch the previous round renamed (whose journal
+        slot it frees). The copies that synced are renamed into ``new/`` and their
+        results returned; their names are left for the next round to sync.
         """
         mark = self._sync.mark()
-        results, staged = self._stage(requests) if requests else ([], [])
-        dirs, dirs_mark = (_dir_refs(carried[1]), carried[2]) if carried else ([], mark)
+        results, staged, records = self._stage(requests) if requests else ([], [], [])
+        files = _file_refs(staged)
+        slot: FileRef | None = None
+        failed_all: OSError | None = None  # the journal could not vouch for this batch
+        if staged:
+            try:
+                slot = self._journal.write(records)
+                files.append(slot)
+            except OSError as exc:
+                failed_all = exc
+        # A copy is found again by its tmp/ name: that entry is synced with its data.
+        dirs = _tmp_dir_refs(staged)
+        if carried is not None:
+            dirs += _dir_refs(carried[0])
         try:
             file_errors, dir_errors = self._sync.sync_round(
-                _file_refs(staged), mark, dirs, dirs_mark
+                files, mark, dirs, carried[1] if carried else mark
             )
         finally:
             _close(staged)
-        done = None
         if carried is not None:
-            done, carried_dirs, _ = carried
-            _fail_dirs(carried_dirs, dir_errors, done)
+            self._settle(carried, dir_errors)
         if not requests:
-            return done, None
-        return done, (results, self._rename_all(staged, results, file_errors), mark)
+            return None, None
+        if slot is not None:
+            failed_all = file_errors.get(slot[0])
+        new_dirs = self._rename_all(staged, results, file_errors, dir_errors, failed_all)
+        if slot is None:
+            return results, None
+        if not new_dirs:  # nothing renamed: nothing for the slot to stand for
+            self._journal.release(*slot)
+            return results, None
+        return results, (new_dirs, mark, slot)
 
-    def _stage(self, requests: Sequence[_Request]) -> tuple[_Results, list[_Staged]]:
+    def _settle(self, carried: _Carried, dir_errors: dict[str, OSError]) -> None:
+        """After the round that synced a batch's ``new/`` entries: free its journal slot.
+
+        If that sync failed, the copies were answered already and their renames may
+        not survive a crash: the slot is kept on disk for the next start to replay.
+        """
+        new_dirs, _, (fd, dev) = carried
+        failed = [d for d in new_dirs if d in dir_errors]
+        if not failed:
+            self._journal.release(fd, dev)
+            return
+        log.error(
+            "maildir: syncing %s failed (%s); its journal is kept for the next start",
+            ", ".join(failed),
+            dir_errors[failed[0]],
+        )
+        self._journal.abandon(fd)
+
+    def _stage(self, requests: Sequence[_Request]) -> tuple[_Results, list[_Staged], list[str]]:
         """Write every copy to ``tmp/``; a copy that cannot be written gets its error.
 
+        Returns the results so far, the staged copies and their journal records.
         The commit thread holds the GIL while it runs Python code, so the per-copy
         work is kept small: targets are resolved once and remembered, paths are
         plain strings, and the file system comes from the Maildir's cache rather
@@ -230,6 +311,7 @@ class MaildirDelivery:
         """
         results: _Results = [[] for _ in requests]
         staged: list[_Staged] = []
+        records: list[str] = []
         pending: dict[str, int] = {}  # mailbox -> bytes staged in this batch (quota)
         quota = self.config.quota
         targets = self._targets
@@ -237,6 +319,7 @@ class MaildirDelivery:
             for i, (copies, data) in enumerate(requests):
                 tail = f".{_HOST},S={len(data)}"
                 row = results[i]
+                data_crc = -1
                 for copy in copies:
                     try:
                         target = targets.get(copy) or self._target(copy)
@@ -256,6 +339,9 @@ class MaildirDelivery:
                         continue
                     if quota is not None:
                         pending[key] = pending.get(key, 0) + len(data)
+                    if data_crc < 0:
+                        data_crc = zlib.crc32(data)
+                    records.append(record_line(target[2], unique, len(data), data_crc))
                     new_dir = base + "/new"
                     staged.append(
                         (
@@ -275,7 +361,7 @@ class MaildirDelivery:
                 with contextlib.suppress(OSError):
                     os.unlink(staged_copy[3])
             raise
-        return results, staged
+        return results, staged, records
 
     def _target(self, copy: tuple[str, str, str]) -> _Target:
         """Resolve and check where a copy goes (raises MailboxError); remembered."""
@@ -284,21 +370,32 @@ class MaildirDelivery:
         parent = os.fspath(self.mailbox_path(recipient, mailbox)) if folder else ""
         if len(self._targets) >= _TARGETS_MAX:
             self._targets.clear()
-        self._targets[copy] = target = (base, parent)
+        self._targets[copy] = target = (base, parent, base[self._root_prefix :])
         return target
 
     def _rename_all(
-        self, staged: list[_Staged], results: _Results, errors: dict[int, OSError]
+        self,
+        staged: list[_Staged],
+        results: _Results,
+        errors: dict[int, OSError],
+        dir_errors: dict[str, OSError],
+        failed_all: OSError | None,
     ) -> _NewDirs:
         """Rename the synced copies into ``new/``; remove the others from ``tmp/``.
 
-        ``errors`` are the failed data syncs, by descriptor (already closed: the
-        numbers only identify the copies). Returns each ``new/`` directory with its
-        file system and the copies renamed into it.
+        A copy did not sync when ``failed_all`` is set (its journal record), when its
+        descriptor is in ``errors`` (its data; the descriptors are closed already,
+        the numbers only identify the copies) or its ``tmp/`` directory is in
+        ``dir_errors``. Returns each ``new/`` directory with its file system and the
+        copies renamed into it.
         """
         new_dirs: _NewDirs = {}
         for i, j, fd, tmp, final, new_dir, dev in staged:
-            error = errors.get(fd) if errors else None
+            error = failed_all
+            if error is None and errors:
+                error = errors.get(fd)
+            if error is None and dir_errors:
+                error = dir_errors.get(new_dir[:-3] + "tmp")
             if error is not None:  # not on disk for sure: not delivered (spooled or retried)
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
@@ -306,7 +403,9 @@ class MaildirDelivery:
                 continue
             try:
                 self._rename(tmp, final)
-            except OSError as exc:
+            except OSError as exc:  # not delivered: not to be found again by recovery
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
                 results[i][j] = exc
                 continue
             entry = new_dirs.get(new_dir)
@@ -318,7 +417,7 @@ class MaildirDelivery:
 
     def _write_tmp(self, target: _Target, unique: str, data: bytes) -> tuple[int, str, int]:
         """Write one copy to ``tmp/unique`` (open, not yet synced): (fd, Maildir, st_dev)."""
-        base, parent = target
+        base, parent, _ = target
         dev = self._ready.get(base)
         if dev is None:
             if parent:
@@ -381,21 +480,14 @@ def _dir_refs(new_dirs: _NewDirs) -> list[DirRef]:
     return [(d, dev) for d, (dev, _) in new_dirs.items()]
 
 
+def _tmp_dir_refs(staged: list[_Staged]) -> list[DirRef]:
+    return list({s[5][:-3] + "tmp": s[6] for s in staged}.items())
+
+
 def _close(staged: list[_Staged]) -> None:
     """Close the copies' descriptors (once; the numbers still name the copies' errors)."""
     for s in staged:
         os.close(s[2])
-
-
-def _fail_dirs(
-    new_dirs: _NewDirs,
-    failed: dict[str, OSError],
-    results: _Results,
-) -> None:
-    """The copies renamed into a directory whose sync failed are not delivered."""
-    for new_dir, error in failed.items():  # the renames may not survive a crash
-        for i, j in new_dirs[new_dir][1]:
-            results[i][j] = error
 
 
 def ensure_maildir(path: Path) -> None:
