@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from mailflow.message import MessageContext
@@ -84,3 +86,24 @@ def log_message(ctx: MessageContext, reply: str, elapsed_ms: float) -> None:
         reply,
         f" plugins: {plugins}" if plugins else "",
     )
+
+
+def record_after_reply(
+    ctx: MessageContext,
+    reply: str,
+    elapsed_s: float,
+    observe: Callable[[MessageContext, float], None],
+) -> None:
+    """Log the message's line and ``observe`` it (metrics) once its reply is on its way.
+
+    Called just before the front end sends the reply; the work runs at the event
+    loop's next turn, after the reply was written. A client sending one message
+    after another then waits for neither the log line (~50 us) nor the metrics
+    (~25 us) on every message.
+    """
+
+    def record() -> None:
+        log_message(ctx, reply, elapsed_s * 1000)
+        observe(ctx, elapsed_s)
+
+    asyncio.get_running_loop().call_soon(record)

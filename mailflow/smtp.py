@@ -30,7 +30,7 @@ from mailflow.config import parse_listen
 from mailflow.delivery.outcome import RefusedUpstream
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
-from mailflow.msglog import log_message
+from mailflow.msglog import record_after_reply
 from mailflow.normalize import BareNewlineError, normalize_newlines
 from mailflow.policy import in_networks, is_local_recipient, relay_refusal
 from mailflow.quarantine import Quarantine
@@ -280,8 +280,7 @@ class Handler:
         await self.app.pipeline.run_data(ctx)
         reply = await self.finish(ctx)
         elapsed = time.perf_counter() - started
-        log_message(ctx, reply, elapsed * 1000)
-        self.app.metrics.observe_message(ctx, elapsed)
+        record_after_reply(ctx, reply, elapsed, self.app.metrics.observe_message)
         return reply
 
     async def finish(self, ctx: MessageContext) -> str:

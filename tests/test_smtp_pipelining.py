@@ -7,6 +7,7 @@ many writes a group of pipelined commands costs, not just the replies.
 from __future__ import annotations
 
 import asyncio
+import logging
 from asyncio.selector_events import _SelectorSocketTransport  # type: ignore[attr-defined]
 from collections.abc import Iterator
 
@@ -110,3 +111,40 @@ async def test_help_lists_the_commands_mailflow_overrides(make_config):
         assert await dialog.command("HELP DATA") == "250 Syntax: DATA"
         assert (await dialog.command("HELP MAIL")).startswith("250 Syntax: MAIL FROM: <address>")
         await dialog.close()
+
+
+async def test_the_reply_to_data_goes_out_before_the_log_line_and_metrics(
+    make_config, server_writes
+):
+    """The message's log line and metrics wait for the loop's next turn: a client
+    sending message after message does not wait for them."""
+    seen_at_log: list[bool] = []
+
+    class WhenLogged(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            writes = b"".join(server_writes.get(srv.port, []))
+            seen_at_log.append(b"250 2.0.0 Ok: queued" in writes)
+
+    handler = WhenLogged(logging.INFO)
+    logger = logging.getLogger("mailflow.message")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        async with running_server(make_config()) as srv:
+            dialog, _ = await SMTPDialog.open(srv.port)
+            assert (await dialog.command("EHLO client.test")).startswith("250")
+            for command in ("MAIL FROM:<a@example.org>", "RCPT TO:<b@example.com>", "DATA"):
+                await dialog.command(command)
+            await dialog.write_raw(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+            assert (await dialog.read_reply()).startswith("250 2.0.0")
+            await dialog.close()
+            await srv.wait_delivered("b@example.com")
+            counted = srv.app.metrics.registry.get_sample_value(
+                "mailflow_messages_total", {"action": "accept"}
+            )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen_at_log == [True]
+    assert counted == 1

@@ -28,7 +28,7 @@ from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext, PluginRun
 from mailflow.milter import protocol as p
 from mailflow.milter.diff import Field, Snapshot, all_edits, field_from_milter, parse_fields
-from mailflow.msglog import log_message
+from mailflow.msglog import record_after_reply
 from mailflow.policy import in_networks
 from mailflow.verdict import Action, Mutation, Result, SMTPReply
 
@@ -338,8 +338,8 @@ class MilterSession:
         before = Snapshot(list(tx.headers), bytes(tx.body), tx.sender, list(tx.recipients))
         await self._run_with_progress(ctx)
         packets, summary = self._decide(ctx, before)
-        log_message(ctx, summary, (time.perf_counter() - started) * 1000)
-        self.app.metrics.observe_message(ctx, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        record_after_reply(ctx, summary, elapsed, self.app.metrics.observe_message)
         return packets
 
     async def _run_with_progress(self, ctx: MessageContext) -> None:
