@@ -130,6 +130,7 @@ def build_targets(
     what_ifs: list[str] | None = None,
     log_level: str = "INFO",
     relay_pool: int = 8,
+    compare_tree: Path | None = None,
 ) -> list[Target]:
     targets: list[Target] = []
     for spec in names:
@@ -151,19 +152,24 @@ def build_targets(
             sink.workdir.mkdir(parents=True, exist_ok=True)
         prof = profile / f"{slug}.prof" if profile else None
         spy = py_spy / f"{slug}.txt" if py_spy else None
-        targets.append(
-            MailflowTarget(
-                workdir,
-                mode,
-                chain,
-                sink,
-                prof,
-                spy,
-                [*(what_ifs or []), *own_what_ifs],
-                log_level,
-                relay_pool,
+        for source in [None, compare_tree] if compare_tree else [None]:
+            if source is not None and mode == "relay":
+                sink = Sink(workdir / f"{slug}-compare")
+                sink.workdir.mkdir(parents=True, exist_ok=True)
+            targets.append(
+                MailflowTarget(
+                    workdir,
+                    mode,
+                    chain,
+                    sink,
+                    prof if source is None else None,
+                    spy if source is None else None,
+                    [*(what_ifs or []), *own_what_ifs],
+                    log_level,
+                    relay_pool,
+                    source,
+                )
             )
-        )
     return targets
 
 
@@ -245,6 +251,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "round, ratios of the median rounds",
     )
     p.add_argument("--workdir", type=Path, help="keep servers' files here (default: temp)")
+    p.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also run every mailflow target from this source tree (e.g. `git worktree "
+        "add /tmp/old <commit>`), in the same rounds, each paired with its own bare run",
+    )
     return p.parse_args(argv)
 
 
@@ -267,6 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.what_if,
         args.log_level,
         args.relay_pool,
+        args.compare_tree,
     )
     factory = MessageFactory(args.size, run=f"b{os.getpid()}")
     message_file = None

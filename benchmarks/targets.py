@@ -48,12 +48,20 @@ def free_port() -> int:
 class Process:
     """A child process whose output goes to a file we can poll (never a pipe that fills)."""
 
-    def __init__(self, argv: list[str], log_path: Path, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path,
+        cwd: Path | None = None,
+        pythonpath: list[Path] | None = None,
+    ) -> None:
+        """``pythonpath``: where the child imports from first (default: this repository)."""
         self.log_path = log_path
         self.argv = argv
         self._log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        first = [str(p) for p in pythonpath or [REPO]]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*first, env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd, env=env
         )
@@ -183,6 +191,21 @@ class Sink:
         return max(int(a or b) for a, b in counts)
 
 
+def source_label(tree: Path) -> str:
+    """A short name for a source tree: its git commit, else its folder's name."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip() or tree.name
+    except (OSError, subprocess.SubprocessError):
+        return tree.name
+
+
 def smtp_sink_usable() -> bool:
     return Path(SMTP_SINK).exists() and os.access(SMTP_SINK, os.X_OK)
 
@@ -214,7 +237,10 @@ class MailflowTarget(Target):
         what_ifs: list[str] | None = None,
         log_level: str = "INFO",
         relay_pool: int = 8,
+        source: Path | None = None,
     ) -> None:
+        """``source``: run ``serve`` from that source tree (a git worktree of another
+        commit, say) instead of this repository, to compare the two in one run."""
         if mode not in ("maildir", "relay"):
             raise ValueError(f"unknown mailflow mode {mode!r}")
         if mode == "relay" and sink is None:
@@ -227,11 +253,13 @@ class MailflowTarget(Target):
         self.what_ifs = what_ifs or []
         self.log_level = log_level
         self.relay_pool = relay_pool  # idle upstream sessions kept; = queue.workers (8)
+        self.source = source
         self.spy: Process | None = None
         suffix = ("+plugins" if self.plugins else "") + "".join(f" [{w}]" for w in self.what_ifs)
-        self.name = f"mailflow {mode}{suffix}"
+        label = source_label(source) if source is not None else ""
+        self.name = f"mailflow {mode}{suffix}" + (f" @{label}" if label else "")
         slug = f"mailflow-{mode}{'-plugins' if self.plugins else ''}"
-        self.dir = workdir / "-".join([slug, *self.what_ifs])
+        self.dir = workdir / "-".join([slug, *self.what_ifs, *([label] if label else [])])
         self.dir.mkdir(parents=True, exist_ok=True)
         self.spool = self.dir / "spool" / "queue"
         self.mail = self.dir / "mail"
@@ -281,7 +309,9 @@ class MailflowTarget(Target):
         for name in self.what_ifs:
             argv += ["--what-if", name]
         argv += ["--", "-c", str(config_path)]
-        self.process = Process(argv, self.dir / "serve.log", cwd=self.dir)
+        self.process = Process(
+            argv, self.dir / "serve.log", cwd=self.dir, pythonpath=self._pythonpath()
+        )
         match = self.process.wait_for(r"listening on [^\s]+:(\d+) \(SMTP\)")
         self.port = int(match.group(1))
         if self.py_spy is not None:
@@ -290,6 +320,18 @@ class MailflowTarget(Target):
             argv += ["--rate", "200", "--output", str(self.py_spy)]
             argv += os.environ.get("BENCH_PY_SPY_FLAGS", "").split()
             self.spy = Process(argv, self.dir / "py-spy.log")
+
+    def _pythonpath(self) -> list[Path] | None:
+        """For a ``source`` tree: that tree, and its ``plugins/`` as ``mailflow_plugins``
+        (the editable install maps that name to this repository's folder otherwise)."""
+        if self.source is None:
+            return None
+        shim = self.dir / "pythonpath"
+        shim.mkdir(exist_ok=True)
+        link = shim / "mailflow_plugins"
+        if not link.is_symlink():
+            link.symlink_to(self.source.resolve() / "plugins", target_is_directory=True)
+        return [self.source.resolve(), shim]
 
     def stop(self) -> None:
         if self.process is not None:

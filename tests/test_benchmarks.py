@@ -7,6 +7,8 @@ with tiny numbers and checks counts only; speed is measured in benchmarks/, neve
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +88,33 @@ def test_paired_rounds_run_the_bare_server_before_each_target() -> None:
     ] * 3
     ratios = sorted(t["rate"] / b["rate"] for b, t in pairs)
     assert abs(maildir["ratio"] - ratios[1]) < 0.01  # the median pair, not a ratio of medians
+
+
+def test_compare_tree_runs_the_other_trees_code_in_the_same_rounds(tmp_path: Path) -> None:
+    """--compare-tree: each mailflow target runs twice per round, once from this
+    repository and once from the other tree, whose own mailflow and plugins load."""
+    tree = tmp_path / "tree"
+    for folder in ("mailflow", "plugins", "benchmarks"):
+        shutil.copytree(REPO / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    init = tree / "mailflow" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.9.9+'))
+    work = tmp_path / "work"
+    report = run_harness(
+        "-n", "10", "-k", "1", "--targets", "bare,maildir+plugins", "--plugins", "bayes",
+        "--compare-tree", str(tree), "--workdir", str(work),
+    )  # fmt: skip
+    rows = {row["server"]: row for row in report["rows"]}
+    assert set(rows) == {
+        "bare aiosmtpd",
+        "mailflow maildir+plugins",
+        "mailflow maildir+plugins @tree",
+    }
+    assert all(rows[name]["delivered"] == 10 for name in rows if name.startswith("mailflow"))
+    here = (work / "mailflow-maildir-plugins" / "serve.log").read_text()
+    there = (work / "mailflow-maildir-plugins-tree" / "serve.log").read_text()
+    assert "mailflow 0.1" in here and "mailflow 9.9.9+0.1" in there  # "<version>: listening"
+    models = [Path(re.search(r"bayes: model (\S+)", log)[1]).resolve() for log in (here, there)]
+    assert models == [
+        REPO / "plugins" / "bayes" / "data" / "model.npz",
+        tree / "plugins" / "bayes" / "data" / "model.npz",
+    ]
