@@ -155,3 +155,16 @@ def test_a_reused_slot_replays_only_its_current_batch(tmp_path: Path) -> None:
     assert journal.recover(tmp_path).renamed == 1
     assert isinstance(current, Path) and current.read_bytes() == MESSAGE
     assert not any(isinstance(p, Path) and p.exists() for p in earlier)
+
+
+def test_without_a_usable_journal_nothing_is_answered_delivered(tmp_path: Path) -> None:
+    """A journal that cannot be written fails the copies (they are spooled and retried
+    by the caller), and start-up refuses to go on without replaying it."""
+    (tmp_path / journal.JOURNAL_DIR).write_bytes(b"")  # a file where the directory goes
+    md = MaildirDelivery(MaildirConfig(root=tmp_path))
+    [result] = md.deliver_many([("a@example.com", "", "")], MESSAGE)
+    assert isinstance(result, OSError)
+    assert list((tmp_path / "a@example.com" / "new").iterdir()) == []
+    assert list((tmp_path / "a@example.com" / "tmp").iterdir()) == []
+    with pytest.raises(RuntimeError, match="cannot replay the Maildir journal"):
+        md.recover()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -43,8 +44,7 @@ log = logging.getLogger("mailflow")
 
 JOURNAL_DIR = ".mailflow-journal"  # under the Maildir root; no mailbox name starts with "."
 END = "-\n"  # the line after a slot's current records
-_owner_counter = iter(range(1 << 62))
-_owner_lock = threading.Lock()
+_serials = itertools.count()  # Journal instances of this process
 
 
 def record_line(maildir: str, name: str, size: int, data_crc: int) -> str:
@@ -84,8 +84,7 @@ class Journal:
     def __init__(self, root: Path, syncer: Syncer) -> None:
         self.directory = root / JOURNAL_DIR
         self._syncer = syncer
-        with _owner_lock:
-            serial = next(_owner_counter)
+        serial = next(_serials)
         host = socket.gethostname().replace("/", "_").replace(".", "_")
         self._owner = f"{host}-{os.getpid()}-{serial}"
         self._created = 0
@@ -199,8 +198,7 @@ def recover(root: Path) -> Recovered:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its process is alive and owns it
-            with os.fdopen(os.dup(fd), "rb") as f:
-                lines = f.read().splitlines(keepends=True)
+            lines = path.read_bytes().splitlines(keepends=True)
             touched: set[str] = set()
             settled = True
             for line in lines:

@@ -31,7 +31,7 @@ from mailflow.delivery.durable import (
     make_syncer,
     write_all,
 )
-from mailflow.delivery.journal import Journal, Recovered, record_line
+from mailflow.delivery.journal import JOURNAL_DIR, Journal, Recovered, record_line
 from mailflow.delivery.journal import recover as recover_journals
 
 log = logging.getLogger("mailflow")
@@ -215,7 +215,11 @@ class MaildirDelivery:
 
         Called at start-up, before anything is delivered (``mailflow serve``).
         """
-        done = recover_journals(self.root)
+        try:
+            done = recover_journals(self.root)
+        except OSError as exc:
+            where = self.root / JOURNAL_DIR
+            raise RuntimeError(f"cannot replay the Maildir journal {where}: {exc}") from exc
         if done.journals:
             log.info(
                 "maildir: replayed %d journal(s) under %s: %d cop%s renamed into new/, "
@@ -252,22 +256,24 @@ class MaildirDelivery:
         files = _file_refs(staged)
         slot: FileRef | None = None
         failed_all: OSError | None = None  # the journal could not vouch for this batch
-        if staged:
-            try:
-                slot = self._journal.write(records)
-                files.append(slot)
-            except OSError as exc:
-                failed_all = exc
-        # A copy is found again by its tmp/ name: that entry is synced with its data.
-        dirs = _tmp_dir_refs(staged)
-        if carried is not None:
-            dirs += _dir_refs(carried[0])
         try:
+            if staged:
+                try:
+                    slot = self._journal.write(records)
+                    files.append(slot)
+                except OSError as exc:
+                    failed_all = exc
+            # A copy is found again by its tmp/ name: that entry is synced with its data.
+            dirs = _tmp_dir_refs(staged)
+            if carried is not None:
+                dirs += _dir_refs(carried[0])
             file_errors, dir_errors = self._sync.sync_round(
                 files, mark, dirs, carried[1] if carried else mark
             )
-        finally:
-            _close(staged)
+        except BaseException:
+            _discard(staged)
+            raise
+        _close(staged)
         if carried is not None:
             self._settle(carried, dir_errors)
         if not requests:
@@ -356,10 +362,7 @@ class MaildirDelivery:
                     )
                     row.append(_STAGED)
         except BaseException:
-            _close(staged)
-            for staged_copy in staged:
-                with contextlib.suppress(OSError):
-                    os.unlink(staged_copy[3])
+            _discard(staged)
             raise
         return results, staged, records
 
@@ -488,6 +491,14 @@ def _close(staged: list[_Staged]) -> None:
     """Close the copies' descriptors (once; the numbers still name the copies' errors)."""
     for s in staged:
         os.close(s[2])
+
+
+def _discard(staged: list[_Staged]) -> None:
+    """Close the copies and remove them from ``tmp/``: they were never delivered."""
+    _close(staged)
+    for s in staged:
+        with contextlib.suppress(OSError):
+            os.unlink(s[3])
 
 
 def ensure_maildir(path: Path) -> None:
