@@ -105,6 +105,9 @@ class ServerConfig(Strict):
     # Concurrent connections from one client address (relay_networks are exempt: an
     # MTA in front of mailflow opens many); None: no limit of its own.
     max_connections_per_ip: int | None = Field(default=50, ge=1)
+    # Further networks exempt from it, without the right to relay (a load balancer,
+    # a monitoring host).
+    max_connections_per_ip_exempt: list[str] = []
     command_timeout: Duration = 300.0
     data_timeout: Duration = 600.0
     max_received_headers: int = Field(default=50, ge=1)  # loop detection (RFC 5321 6.3)
@@ -123,6 +126,11 @@ class ServerConfig(Strict):
         for item in value:
             parse_listen(item)
         return value
+
+    @field_validator("max_connections_per_ip_exempt")
+    @classmethod
+    def _check_exempt(cls, value: list[str]) -> list[str]:
+        return check_networks(value)
 
 
 class MaildirConfig(Strict):

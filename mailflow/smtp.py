@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import ip_network
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Session
@@ -101,6 +102,11 @@ class Handler:
         self.active = 0  # open connections (MailflowSMTP keeps it exact)
         self.active_by_ip: Counter[str] = Counter()  # the same per client address
         self._relay_nets = app.config.relay_network_objects
+        # Clients that max_connections_per_ip does not count against (relay_networks too).
+        self.per_ip_exempt = [
+            *self._relay_nets,
+            *(ip_network(n, strict=False) for n in app.config.server.max_connections_per_ip_exempt),
+        ]
 
     def new_connection(self, ip: str, port: int) -> Connection:
         conn = Connection(ip=ip, port=port)

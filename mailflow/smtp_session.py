@@ -19,6 +19,7 @@ from aiosmtpd.smtp import MISSING, SMTP
 
 from mailflow.auth import AuthMechanisms
 from mailflow.message import Connection, PluginRun
+from mailflow.policy import in_networks
 from mailflow.verdict import Action, SMTPReply
 
 if TYPE_CHECKING:
@@ -445,7 +446,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         elif (
             server.max_connections_per_ip is not None
             and handler.active_by_ip[ip] > server.max_connections_per_ip
-            and not conn.relay_allowed
+            and not in_networks(ip, handler.per_ip_exempt)
         ):
             refusal = R_TOO_MANY_FROM_IP
         if refusal is not None:

@@ -7,6 +7,7 @@ import asyncio
 import aiosmtplib
 import pytest
 
+from mailflow.config import ConfigError
 from mailflow.testing import SMTPDialog, make_message, running_server, send
 
 RCPT = "bob@example.com"
@@ -110,14 +111,32 @@ async def test_a_connection_beyond_the_limit_gets_421_and_the_count_recovers(
         assert await send(srv.port, "a@example.org", [RCPT], make_message()) == {}
 
 
-async def test_relay_networks_are_exempt_from_the_per_address_limit(make_config):
-    config = make_config(
-        server_yaml(max_connections_per_ip=1) + 'relay_networks: ["127.0.0.0/8"]\n'
-    )
+@pytest.mark.parametrize(
+    ("extra", "may_relay"),
+    [
+        ('relay_networks: ["127.0.0.0/8"]\n', True),  # an MTA in front
+        ("", False),  # an exemption only: a load balancer, a monitoring host
+    ],
+)
+async def test_exempt_networks_are_not_held_to_the_per_address_limit(make_config, extra, may_relay):
+    settings = {"max_connections_per_ip": 1}
+    if not extra:
+        settings["max_connections_per_ip_exempt"] = '["127.0.0.0/8"]'
+    config = make_config(server_yaml(**settings) + extra + "local_domains: [example.com]\n")
     async with running_server(config) as srv:
-        sessions = [await open_session(srv.port) for _ in range(3)]  # an MTA in front
+        sessions = [await open_session(srv.port) for _ in range(3)]
+        first = sessions[0]
+        assert (await first.command("MAIL FROM:<a@example.org>")).startswith("250")
+        reply = await first.command("RCPT TO:<someone@elsewhere.test>")
+        # Allowed to relay, it gets past the relay check (to "no route": none is set up).
+        assert reply.startswith("550 5.1.2" if may_relay else "554 5.7.1"), reply
         for d in sessions:
             await d.close()
+
+
+def test_a_bad_exempt_network_is_a_config_error(make_config):
+    with pytest.raises(ConfigError, match=r"max_connections_per_ip_exempt.*not a network"):
+        make_config(server_yaml(max_connections_per_ip_exempt='["10.0.0.300/8"]'))
 
 
 # --- timeouts (RFC 5321 4.5.3.2) ---------------------------------------------------------------
