@@ -301,6 +301,43 @@ async def test_each_round_answers_its_own_batch_and_finishes_the_last_one_alone(
     assert await asyncio.wait_for(committer.submit("two"), 2) == "two stored"
 
 
+async def test_a_lone_caller_is_answered_at_once_a_crowd_after_the_next_round(
+    monkeypatch,
+) -> None:
+    """One caller (one client, message after message) is answered as soon as its round
+    returns; a batch of several is answered after the round that finished what it
+    left, which keeps many clients in step."""
+    steps: list[list[str]] = []
+    answered: list[tuple[list[str], int]] = []  # who, and how many rounds had run
+
+    def step(requests: list[str], carried: object) -> tuple[object, object]:
+        steps.append(list(requests))
+        if requests == ["a"]:
+            time.sleep(0.1)  # b and c queue up meanwhile
+        return ([f"{r} stored" for r in requests] or None), (list(requests) or None)
+
+    answer = durable._answer
+
+    def recording_answer(waiters, outcome):  # type: ignore[no-untyped-def]
+        answered.append(([request for request, _, _ in waiters], len(steps)))
+        answer(waiters, outcome)
+
+    monkeypatch.setattr(durable, "_answer", recording_answer)
+    committer: durable.GroupCommitter[str, str] = durable.GroupCommitter.pipelined(
+        step, "test-commit", idle=0.05
+    )
+    first = asyncio.create_task(committer.submit("a"))
+    await asyncio.sleep(0.03)
+    more = [asyncio.create_task(committer.submit(r)) for r in ("b", "c")]
+    assert await asyncio.wait_for(asyncio.gather(first, *more), 2) == [
+        "a stored",
+        "b stored",
+        "c stored",
+    ]
+    assert steps == [["a"], ["b", "c"], []]
+    assert answered == [(["a"], 1), (["b", "c"], 3)]
+
+
 async def test_a_failed_data_sync_fails_the_copy_and_leaves_nothing(tmp_path: Path) -> None:
     md = MaildirDelivery(MaildirConfig(root=tmp_path), SyncfsSyncer(ScriptedSyncfs(fail={1})))
     [result] = await md.deliver_many_async([("a@example.com", "", "")], MESSAGE)

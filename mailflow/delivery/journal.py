@@ -1,10 +1,11 @@
 """The Maildir delivery journal: copies answered before their ``new/`` entry is synced.
 
-Maildir delivery (:mod:`mailflow.delivery.maildir`) answers a copy once three things
-are durable after one sync round: its data, written to ``tmp/<name>``; that name in
-``tmp/``; and a journal record naming it. The copy is then renamed into ``new/`` and
-answered, and the sync that makes the ``new/`` entry durable is the next round's
-(or, when nothing else is waiting, a round of its own after the answer). If the
+Maildir delivery (:mod:`mailflow.delivery.maildir`) can answer a copy once three
+things are durable after one sync round: its data, written to ``tmp/<name>``; that
+name in ``tmp/``; and a journal record naming it. The copy is then renamed into
+``new/`` and answered (a lone message; bigger batches wait for the next round), and
+the sync that makes the ``new/`` entry durable is the next round's (or, when
+nothing else is waiting, a round of its own after the answer). If the
 machine goes down in between, :func:`recover` replays the journal at the next start:
 a file still in ``tmp/`` whose size and CRC-32 match its record is renamed into
 ``new/`` again.

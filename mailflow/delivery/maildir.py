@@ -3,9 +3,9 @@
 Each copy is written to ``tmp/``, synced, renamed into ``new/`` and ``new/`` synced,
 so a delivered message survives a crash (maildir(5) delivery protocol). How files and
 directories are synced (one ``syncfs`` per file system, or ``fsync`` per file and
-directory) is the :class:`~mailflow.delivery.durable.Syncer`'s business. A copy is
-answered once its data, its ``tmp/`` name and a journal record are synced and it is
-renamed; the ``new/`` sync follows with the next round, and the journal
+directory) is the :class:`~mailflow.delivery.durable.Syncer`'s business. A lone
+message is answered once its data, its ``tmp/`` name and a journal record are synced
+and it is renamed; the ``new/`` sync follows with the next round, and the journal
 (:mod:`mailflow.delivery.journal`) stands for the copy until then.
 """
 
@@ -179,12 +179,13 @@ class MaildirDelivery:
         """:meth:`deliver_many` from the event loop, with group commit.
 
         Calls made while the commit thread is busy are delivered together, and each
-        event loop is woken once per batch. A batch is answered after one sync round
-        (:meth:`_commit_step`): its data, ``tmp/`` names and journal records are
-        durable and its copies renamed into ``new/``. The next round, which under
-        load is also the next batch's first, makes those ``new/`` entries durable;
-        until then a crash is mended from the journal at the next start
-        (:meth:`recover`).
+        event loop is woken once per batch. A batch's first sync round
+        (:meth:`_commit_step`) makes its data, ``tmp/`` names and journal records
+        durable, and its copies are renamed into ``new/``; the next round, which
+        under load is also the next batch's first, makes those ``new/`` entries
+        durable. A lone message is answered after the first round (a crash before
+        the second is mended from the journal at the next start, :meth:`recover`),
+        a bigger batch after the second (``GroupCommitter._drain_pipelined``).
         """
         return await self._committer.submit((copies, data))
 
