@@ -433,7 +433,6 @@ class GroupCommitter(Generic[Request, Response]):
         self._batch: list[_Waiter] = []
         self._running = False
         self._working = False  # a batch, or what one left, is being committed
-        self.answer_at_once = ANSWER_AT_ONCE  # pipelined: see _drain_pipelined
         self._step: Callable[[list[Request], Any], tuple[Any, Any]] | None = None
 
     @classmethod
@@ -510,7 +509,7 @@ class GroupCommitter(Generic[Request, Response]):
         previous batch's names. When no new work is waiting, what the last batch
         left is finished by a round of its own at once.
 
-        When it is answered: a batch of at most ``answer_at_once`` callers (one
+        When it is answered: a batch of at most ``ANSWER_AT_ONCE`` callers (one
         client sending message after message) as soon as its round returns, before
         what it left is finished. A bigger batch (many clients at once) after the
         next round: that keeps those clients in step, so their next messages
@@ -545,7 +544,7 @@ class GroupCommitter(Generic[Request, Response]):
                 held = None
             if done is None:
                 continue
-            if len(batch) <= self.answer_at_once or carried is None:
+            if len(batch) <= ANSWER_AT_ONCE or carried is None:
                 _answer(batch, done)
             else:
                 held = (batch, done)
