@@ -7,8 +7,9 @@ order is not used, because pluggy cannot await coroutines).
 
 Verdict hooks return ``None`` (no opinion) or a :class:`mailflow.verdict.Result`.
 A final action (reject, tempfail, discard, quarantine, accept) stops the chain at
-that stage; a reject or tempfail returned from an early stage is answered at that
-SMTP command (e.g. at RCPT), before any message data is sent.
+that stage, except quarantine at the data stage (see ``mailflow_data``); a reject or
+tempfail returned from an early stage is answered at that SMTP command (e.g. at
+RCPT), before any message data is sent.
 
 A plugin that raises, or runs longer than its ``timeout``, is logged with its name
 and handled by its ``on_error`` setting (``tempfail`` or ``continue``): it never
@@ -115,8 +116,12 @@ def mailflow_data(message: MessageContext) -> Result | None:
     are applied before the next plugin runs, so later plugins (e.g. DKIM signing)
     see the changed message. Any verdict may be returned: reject/tempfail are answered
     after the final ".", discard and quarantine answer 250 and deliver nothing to the
-    mailboxes, accept skips the remaining data hooks. When no plugin decided, the total
-    score is mapped to an action by the ``actions`` thresholds in the config.
+    mailboxes, accept skips the remaining data hooks. Quarantine does not skip them:
+    the later plugins still run and add their headers to the quarantined copy; a
+    later reject, tempfail or discard replaces the quarantine, a later accept or
+    quarantine changes nothing (``message.action`` tells a plugin it was
+    quarantined). When no plugin decided, the total score is mapped to an action by
+    the ``actions`` thresholds in the config.
     """
 
 

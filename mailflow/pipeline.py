@@ -28,6 +28,9 @@ from mailflow.verdict import Action, AddHeader, Result, Route, RouteKind, SMTPRe
 
 ENTRY_POINT_GROUP = "mailflow.plugins"
 log = logging.getLogger("mailflow.pipeline")
+# After a quarantine verdict at the data stage, these later verdicts change nothing
+# (reject, tempfail and discard still replace it).
+_NO_STRONGER = (Action.ACCEPT, Action.QUARANTINE)
 
 PLUGIN_FAILURE_REPLY = SMTPReply(451, "Temporary local problem, please try again later", "4.3.0")
 
@@ -303,11 +306,17 @@ class Pipeline:
                 continue
             if result.mutations:
                 ctx.apply(result.mutations)
-            if result.action.is_final:
-                ctx.action = result.action
-                ctx.reply = result.smtp_reply()
-                ctx.reason = result.reason
-                ctx.decided_by = impl.plugin
+            if not result.action.is_final:
+                continue
+            if ctx.action is Action.QUARANTINE and result.action in _NO_STRONGER:
+                continue  # the first quarantine stands
+            ctx.action = result.action
+            ctx.reply = result.smtp_reply()
+            ctx.reason = result.reason
+            ctx.decided_by = impl.plugin
+            # A quarantined copy still gets the later plugins' headers (an admin
+            # reviewing it wants Authentication-Results, say); they may refuse it.
+            if result.action is not Action.QUARANTINE:
                 break
         if ctx.action is Action.CONTINUE:
             apply_thresholds(ctx, self.config)

@@ -223,6 +223,49 @@ async def test_quarantine_answers_250_and_stores_outside_the_mailboxes(make_conf
     assert meta["recipients"] == ["bob@example.com"]
 
 
+async def test_after_a_quarantine_the_later_plugins_still_annotate_the_copy(make_config, tmp_path):
+    """DMARC p=quarantine, say, decides early in the chain: the plugins after it still
+    run and their headers (Authentication-Results...) are on the stored copy; a later
+    accept or quarantine changes nothing."""
+    calls: list[tuple[str, str]] = []
+    seen: list[Action] = []
+
+    def annotate(message: MessageContext) -> Result:
+        seen.append(message.action)
+        return Result(mutations=[AddHeader("X-Later", "annotated")])
+
+    plugins = named(
+        gate=Scripted(calls, data=Result.quarantine("dmarc=fail")),
+        later=Scripted(calls, data=annotate),
+        allow=Scripted(calls, data=Result.accept("allow-listed")),
+        again=Scripted(calls, data=Result.quarantine("second opinion")),
+    )
+    config = make_config(plugin_list("gate", "later", "allow", "again"))
+    async with running_server(config, extra_plugins=plugins) as srv:
+        assert await send(srv.port, "a@example.org", ["bob@example.com"], make_message()) == {}
+        assert not srv.mailbox("bob@example.com").exists()
+    ran = [detail.split(":")[0] for stage, detail in calls if stage == "data"]
+    assert ran == ["gate", "later", "allow", "again"]
+    assert seen == [Action.QUARANTINE]
+    [stored] = (tmp_path / "quarantine").glob("*.eml")
+    assert b"X-Later: annotated" in stored.read_bytes()
+    meta = json.loads(stored.with_suffix(".json").read_text())
+    assert (meta["reason"], meta["decided_by"]) == ("dmarc=fail", "gate")
+
+
+async def test_a_later_reject_replaces_a_quarantine(make_config, tmp_path):
+    plugins = named(
+        gate=Scripted(data=Result.quarantine("suspicious")),
+        av=Scripted(data=Result.reject("Virus found", 554, "5.7.1")),
+    )
+    config = make_config(plugin_list("gate", "av"))
+    async with running_server(config, extra_plugins=plugins) as srv:
+        with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+            await send(srv.port, "a@example.org", ["bob@example.com"], make_message())
+        assert (refused.value.code, refused.value.message) == (554, "5.7.1 Virus found")
+    assert list((tmp_path / "quarantine").glob("*.eml")) == []
+
+
 async def test_accept_stops_the_chain(make_config):
     calls: list[tuple[str, str]] = []
     plugins = named(
