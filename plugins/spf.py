@@ -18,6 +18,7 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import ipaddress
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mailflow.dns import DNSTempError
 from mailflow.hookspecs import hookimpl
-from mailflow.verdict import Result, Symbol
+from mailflow.verdict import AddHeader, Result, Symbol
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 SpfAction = Literal["reject", "tempfail", "tag", "ignore"]
@@ -55,6 +56,9 @@ class SPFSettings(BaseModel):
     # so it must not crowd out other users of asyncio's default executor.
     max_concurrent: Annotated[int, Field(ge=1, le=1024)] = 32
     scores: dict[str, float] = {"fail": 5.0, "softfail": 2.0, "permerror": 1.0}
+    # RFC 7208 9.1: also prepend a Received-SPF trace field at end of data (the
+    # authres plugin's Authentication-Results carries the same result).
+    received_spf: bool = False
 
     @field_validator("actions", "scores")
     @classmethod
@@ -277,6 +281,24 @@ class SPFPlugin:
             return Result(score=result.score, symbols=result.symbols, details=details)
         return result
 
+    @hookimpl
+    def mailflow_data(self, message: Any) -> Result | None:
+        """With ``received_spf``: prepend the Received-SPF field of this message's check.
+
+        The MAIL FROM details are repeated, so ``message.result_of("spf")`` still
+        returns them.
+        """
+        if not self.settings.received_spf:
+            return None
+        pending = self._pending.get(id(message.connection))
+        if pending is None or pending[0] != message.envelope.mail_from:
+            return None
+        details = pending[1].details
+        if "skipped" in details:  # our own users and relay networks: nothing checked
+            return None
+        value = received_spf(details, self.receiver, message.connection.helo)
+        return Result(details=dict(details), mutations=[AddHeader("Received-SPF", value)])
+
     def _remember(self, connection: Any, sender: str, result: Result) -> None:
         self._pending[id(connection)] = (sender, result)
         self._pending.move_to_end(id(connection))
@@ -302,3 +324,51 @@ class SPFPlugin:
         if deferred and recipient.partition("@")[0].lower() != "postmaster":
             return Result(verdict.action, verdict.reply, reason=verdict.reason, details=details)
         return Result(details=details)
+
+
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def _field_value(value: str) -> str:
+    """A key-value pair's value: a dot-atom as it is, anything else a quoted-string."""
+    value = _UNPRINTABLE.sub("", value)
+    if _DOT_ATOM.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def received_spf(details: dict[str, Any], receiver: str, helo: str) -> str:
+    """The value of a Received-SPF field (RFC 7208 9.1) for an SPF result's details.
+
+    Everything the client or the sender's DNS chose (HELO name, sender, the
+    explanation) is reduced to printable ASCII and quoted where needed, so it can
+    neither break the field nor add one.
+    """
+    result = str(details.get("result", "none"))
+    ip = str(details.get("client_ip", ""))
+    domain = str(details.get("domain") or "the sender")
+    sender = str(details.get("sender") or "")
+    comment = {
+        "pass": f"domain of {domain} designates {ip} as permitted sender",
+        "fail": f"domain of {domain} does not designate {ip} as permitted sender",
+        "softfail": f"domain of transitioning {domain} does not designate {ip} as permitted sender",
+        "neutral": f"{ip} is neither permitted nor denied by domain of {domain}",
+        "none": f"domain of {domain} does not provide an SPF record",
+        "temperror": f"error in processing during lookup of {domain}",
+        "permerror": f"permanent error in processing domain of {domain}",
+    }.get(result, result)
+    comment = _UNPRINTABLE.sub("", f"{receiver}: {comment}").replace("(", "").replace(")", "")
+    pairs = [
+        ("client-ip", ip),
+        ("envelope-from", sender),
+        ("helo", helo),
+        ("receiver", receiver),
+        ("identity", str(details.get("identity") or "")),
+    ]
+    if details.get("mechanism"):
+        pairs.append(("mechanism", str(details["mechanism"])))
+    if result in ("temperror", "permerror") and details.get("explanation"):
+        pairs.append(("problem", str(details["explanation"])))
+    fields = " ".join(f"{key}={_field_value(value)};" for key, value in pairs if value)
+    return f"{result} ({comment}) {fields}"

@@ -8,6 +8,7 @@ import sys
 
 import aiosmtplib
 import pytest
+from mailflow_plugins.spf import received_spf
 
 from mailflow.app import App
 from mailflow.check import check_message, report
@@ -237,3 +238,37 @@ async def test_bad_records_and_odd_senders_give_a_clear_result(
 ):
     ctx = await run_check(spf_config(make_config, dns, timeout=0.3), sender, ip=ip)
     assert report(ctx)["plugins"]["spf"]["result"] == expected
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_received_spf_field_when_asked_for(make_config, dns, enabled):
+    """RFC 7208 9.1: with ``received_spf`` the message gets a Received-SPF trace field;
+    Authentication-Results, built from the same result, is unchanged."""
+    config = make_config(
+        dns.config_yaml()
+        + f"plugins:\n  - {{name: spf, settings: {{received_spf: {str(enabled).lower()}}}}}\n"
+        + "  - {name: authres}\nauthserv_id: mx.test\n"
+    )
+    out = report(await run_check(config, "a@pass.test"))
+    fields = dict(out["headers_added"])
+    assert "spf=pass" in fields["Authentication-Results"]
+    assert out["plugins"]["spf"]["result"] == "pass"
+    if not enabled:
+        assert "Received-SPF" not in fields
+        return
+    assert fields["Received-SPF"] == (
+        "pass (mx.test: domain of pass.test designates 192.0.2.10 as permitted sender) "
+        'client-ip=192.0.2.10; envelope-from="a@pass.test"; helo=mx.pass.test; '
+        'receiver=mx.test; identity=mailfrom; mechanism="ip4:192.0.2.0/24";'
+    )
+
+
+def test_received_spf_quotes_what_the_client_chose():
+    """A HELO name or sender with quotes, backslashes or control characters can
+    neither break the field nor start another one."""
+    details = {"result": "fail", "client_ip": CLIENT, "domain": "a(b)", "sender": 'x"y\\z@a'}
+    value = received_spf(details, "mx.test", 'evil"name\x01\r\nX-Injected: 1')
+    assert "\r" not in value and "\n" not in value and "\x01" not in value
+    assert "(mx.test: domain of ab does not designate" in value
+    assert 'envelope-from="x\\"y\\\\z@a";' in value
+    assert 'helo="evil\\"nameX-Injected: 1";' in value
