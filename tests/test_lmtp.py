@@ -302,3 +302,68 @@ async def test_inline_timeout_zero_spools_lmtp_copies_first(make_config):
             await sink.wait_messages(1)
             await srv.wait_queue_empty()
             assert len(stored) == 1
+
+
+def pipelining_lmtp(replies: list[bytes], seen: list[bytes]) -> Any:
+    """A fake LMTP server that answers a transaction only once it has read every
+    command up to DATA, as a pipelining client sends them (a client that waits for
+    each reply would wait forever). ``replies``: MAIL, each RCPT, DATA and, after a
+    354, one per accepted recipient. Every line read goes to ``seen``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 fake LMTP\r\n")
+        pending = list(replies)
+        unanswered = 0  # MAIL and RCPT lines read since the last answers
+        while line := await reader.readline():
+            seen.append(line)
+            if line.startswith(b"LHLO"):
+                writer.write(b"250-fake\r\n250 PIPELINING\r\n")
+            elif line.startswith((b"MAIL", b"RCPT")):
+                unanswered += 1
+            elif line.startswith(b"DATA"):
+                answers, pending = pending[: unanswered + 1], pending[unanswered + 1 :]
+                unanswered = 0
+                writer.write(b"".join(answers))
+                if answers[-1].startswith(b"354"):
+                    await writer.drain()
+                    while (line := await reader.readline()) != b".\r\n":
+                        seen.append(line)
+                    writer.write(b"".join(pending))
+                    pending = []
+            elif line.startswith(b"RSET"):
+                writer.write(b"250 ok\r\n")
+            elif line.startswith(b"QUIT"):
+                writer.write(b"221 bye\r\n")
+            await writer.drain()
+        writer.close()
+
+    return handle
+
+
+async def test_a_pipelining_server_gets_the_transaction_in_one_go(make_config):
+    """RFC 2920 with LMTP: MAIL, the RCPTs and DATA are sent without waiting for
+    replies; a refused recipient keeps its own answer, the others are delivered."""
+    seen: list[bytes] = []
+    replies = [b"250 ok\r\n", b"550 5.1.1 no such user\r\n", b"250 ok\r\n", b"354 go\r\n"]
+    replies.append(b"250 2.0.0 b stored\r\n")
+    async with fake_lmtp(pipelining_lmtp(replies, seen)) as port:
+        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {port}")
+        rcpts = ["a@example.com", "b@example.com"]
+        outcomes = await asyncio.wait_for(deliver(config, rcpts, make_message()), 10)
+    assert outcomes == {
+        "a@example.com": (550, "5.1.1 no such user"),
+        "b@example.com": (250, "2.0.0 b stored"),
+    }
+
+
+async def test_pipelined_with_every_recipient_refused_no_message_is_sent(make_config):
+    seen: list[bytes] = []
+    replies = [b"250 ok\r\n", b"550 5.1.1 no\r\n", b"452 4.2.2 full\r\n"]
+    replies.append(b"554 5.5.1 no valid recipients\r\n")
+    async with fake_lmtp(pipelining_lmtp(replies, seen)) as port:
+        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {port}")
+        rcpts = ["a@example.com", "b@example.com"]
+        outcomes = await asyncio.wait_for(deliver(config, rcpts, make_message()), 10)
+    assert outcomes == {"a@example.com": (550, "5.1.1 no"), "b@example.com": (452, "4.2.2 full")}
+    assert b"RSET\r\n" in seen  # the session is left clean for the next delivery
+    assert not any(line.startswith(b"Subject:") for line in seen)

@@ -127,7 +127,8 @@ class LMTPClient:
     async def deliver(
         self, sender: str, rcpts: list[str], message: bytes, out: dict[str, Outcome]
     ) -> None:
-        """MAIL, RCPT each, DATA; then one final reply per accepted recipient.
+        """MAIL, RCPT each, DATA (in one write if the server has PIPELINING); then one
+        final reply per accepted recipient.
 
         Results go into ``out`` as they arrive, so the replies received before a
         connection dies are kept (those recipients *were* delivered).
@@ -136,6 +137,9 @@ class LMTPClient:
         mail_from = f"MAIL FROM:<{sender}>"
         if "8BITMIME" in self.extensions and not message.isascii():
             mail_from += " BODY=8BITMIME"  # RFC 6152
+        if "PIPELINING" in self.extensions:
+            await self._deliver_pipelined(mail_from, rcpts, message, out)
+            return
         reply = await self.command(mail_from)
         if reply.code != 250:
             out.update(dict.fromkeys(rcpts, reply))
@@ -155,9 +159,47 @@ class LMTPClient:
         if reply.code != 354:
             out.update(dict.fromkeys(accepted, reply))
             return
-        # One large write: the whole stuffed message and its terminator.
+        await self._send_message(message, accepted, out)
+
+    async def _deliver_pipelined(
+        self, mail_from: str, rcpts: list[str], message: bytes, out: dict[str, Outcome]
+    ) -> None:
+        """RFC 2920: MAIL, every RCPT and DATA in one write, then their replies in turn.
+
+        A refused MAIL is every recipient's answer. A DATA refused because no
+        recipient was accepted leaves the RCPT answers; a 354 with nobody accepted
+        gets an empty message (RFC 2920 3.1), whose reply is not anyone's.
+        """
+        commands = [mail_from, *(f"RCPT TO:<{rcpt}>" for rcpt in rcpts), "DATA"]
+        self.writer.write("".join(f"{c}\r\n" for c in commands).encode("utf-8"))
+        await self.writer.drain()
+        mail = await self.read_reply()
+        accepted: list[str] = []
+        for rcpt in rcpts:
+            reply = await self.read_reply()
+            if mail.code != 250:
+                out[rcpt] = mail
+            elif 200 <= reply.code < 300:
+                accepted.append(rcpt)
+            else:
+                out[rcpt] = reply
+        data = await self.read_reply()
+        if data.code != 354:
+            out.update(dict.fromkeys(accepted, data))
+            await self.command("RSET")
+        elif not accepted:
+            self.writer.write(b".\r\n")
+            await self.writer.drain()
+            await self.read_reply(timeout=DATA_TIMEOUT)
+        else:
+            await self._send_message(message, accepted, out)
+
+    async def _send_message(
+        self, message: bytes, accepted: list[str], out: dict[str, Outcome]
+    ) -> None:
+        """After the 354: the message in one write, then one reply per recipient."""
         self.data_sent = True
-        self.writer.write(dot_stuff(message))
+        self.writer.write(dot_stuff(message))  # stuffed, with its terminator
         await self.writer.drain()
         for rcpt in accepted:  # RFC 2033 4.2: replies in the order of the RCPTs
             out[rcpt] = await self.read_reply(timeout=DATA_TIMEOUT)
