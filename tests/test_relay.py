@@ -192,6 +192,9 @@ def make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
         )
+        # Python >= 3.13 checks certificates strictly (VERIFY_X509_STRICT): RFC 5280
+        # wants key identifiers.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
     return cert, key
@@ -218,6 +221,10 @@ def server_tls(tmp_path: Path, ca_cn: str = "Test CA") -> tuple[ssl.SSLContext, 
             ),
             critical=False,
         )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
     safe = ca_cn.replace(" ", "_")
