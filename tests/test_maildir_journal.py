@@ -168,3 +168,20 @@ def test_without_a_usable_journal_nothing_is_answered_delivered(tmp_path: Path) 
     assert list((tmp_path / "a@example.com" / "tmp").iterdir()) == []
     with pytest.raises(RuntimeError, match="cannot replay the Maildir journal"):
         md.recover()
+
+
+@pytest.mark.parametrize("root", [".", "./", "mail", "mail/"])
+def test_records_name_the_maildir_whatever_the_roots_spelling(tmp_path, monkeypatch, root):
+    """The root as an admin may write it (``root: .`` or ``./mail/``): a record names
+    the Maildir relative to it, so recovery finds the copy."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mail").mkdir()
+    md = MaildirDelivery(MaildirConfig(root=Path(root)))
+    [final] = md.deliver_many([("a@example.com", ".Junk", "")], MESSAGE)
+    assert isinstance(final, Path)
+    [slot] = (Path(root) / journal.JOURNAL_DIR).iterdir()
+    shutil.copy(slot, slot.with_name("gone-host-1-0.0"))
+    md.close()
+    final.rename(final.parent.parent / "tmp" / final.name)
+    assert journal.recover(Path(root)).renamed == 1
+    assert final.read_bytes() == MESSAGE

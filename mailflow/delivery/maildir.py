@@ -101,7 +101,6 @@ class MaildirDelivery:
         self._targets: dict[tuple[str, str, str], _Target] = {}
         # storage.sync; a Syncer is used as given (tests inject failing ones).
         self._sync = sync if isinstance(sync, Syncer) else make_syncer(sync)
-        self._root_prefix = len(os.fspath(self.root).rstrip("/")) + 1
         # Copies answered before their new/ entries are synced (mailflow.delivery.journal).
         self._journal = Journal(self.root, self._sync)
         # Group commit for deliver_many_async: concurrent messages share sync rounds,
@@ -374,7 +373,8 @@ class MaildirDelivery:
         parent = os.fspath(self.mailbox_path(recipient, mailbox)) if folder else ""
         if len(self._targets) >= _TARGETS_MAX:
             self._targets.clear()
-        self._targets[copy] = target = (base, parent, base[self._root_prefix :])
+        # Relative to the root for the journal (once per target: targets are remembered).
+        self._targets[copy] = target = (base, parent, os.path.relpath(base, self.root))
         return target
 
     def _rename_all(
