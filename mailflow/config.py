@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 import ipaddress
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -264,9 +265,29 @@ class MilterConfig(Strict):
 class PluginEntry(Strict):
     name: str
     enabled: bool = True
-    on_error: Literal["tempfail", "continue"] = "tempfail"
+    # What a failure (exception, timeout, dead worker) does to the message: hold it in
+    # quarantine for an admin (neither delivered as clean nor deferred until the sender
+    # gives up), answer 451, or go on as if the plugin had no opinion (docs/plugins.md).
+    on_error: Literal["quarantine", "tempfail", "continue"] = "quarantine"
     timeout: Duration = 30.0
+    # Run the data hook in a content-analysis worker process (None: as the plugin
+    # declares with its `isolate` attribute). See the `isolation` section.
+    isolate: bool | None = None
     settings: dict[str, Any] = {}
+
+
+class IsolationConfig(Strict):
+    """Worker processes for CPU-bound data hooks (mailflow.isolation)."""
+
+    # How many; None: one per CPU core; 0: every plugin runs in the server process,
+    # where a timeout cannot stop work that never yields.
+    processes: int | None = Field(default=None, ge=0, le=256)
+    start_timeout: Duration = 60.0  # seconds a worker may take to load its plugins
+
+    def process_count(self) -> int:
+        if self.processes is not None:
+            return self.processes
+        return max(1, os.cpu_count() or 1)
 
 
 class Config(Strict):
@@ -283,6 +304,7 @@ class Config(Strict):
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     milter: MilterConfig = MilterConfig()
+    isolation: IsolationConfig = IsolationConfig()
     authserv_id: str | None = None  # default: server.hostname
     plugins: list[PluginEntry] = []
 

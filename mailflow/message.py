@@ -132,6 +132,9 @@ class MessageContext:
         self.envelope = envelope
         self.received_at = time.time()
         self._raw = raw
+        # Counts the changes of ``raw``: a content-analysis worker holding version n
+        # of this message needs no new copy of it (mailflow.isolation).
+        self.raw_version = 0
         self._headers: Message | None = None
         self._message: Message | None = None
         self.runs: list[PluginRun] = []
@@ -294,6 +297,7 @@ class MessageContext:
                         self.routes[r] = route
         if fields is not None:
             self._raw = b"".join(fields) + CRLF + body
+            self.raw_version += 1
             self._invalidate()
 
     def _fields(self) -> tuple[list[bytes], bytes]:

@@ -71,6 +71,15 @@ class Metrics:
             "mailflow_queue_messages", "Messages in the delivery queue", registry=r
         )
         self.connections = Gauge("mailflow_smtp_connections", "Open SMTP connections", registry=r)
+        self.isolation_workers = Gauge(
+            "mailflow_isolation_workers", "Content-analysis worker processes running", registry=r
+        )
+        self.isolation_restarts = Counter(
+            "mailflow_isolation_restarts",
+            "Content-analysis workers stopped and replaced, by why (timeout, died, cancelled)",
+            ["reason"],
+            registry=r,
+        )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def observe_message(self, ctx: MessageContext, elapsed_s: float) -> None:
@@ -83,6 +92,9 @@ class Metrics:
             self._child(self.plugin_time, run.plugin, run.stage).observe(run.elapsed_ms / 1000)
             if run.error:
                 self._child(self.plugin_errors, run.plugin).inc()
+
+    def observe_worker_restart(self, reason: str) -> None:
+        self._child(self.isolation_restarts, reason).inc()
 
     def observe_delivery(self, outcome: str, route: str) -> None:
         self._child(self.deliveries, outcome, route).inc()

@@ -23,6 +23,7 @@ from mailflow import hookspecs
 from mailflow.batching import DataBatch
 from mailflow.config import Config, ConfigError, ConfigIssue, PluginEntry, issues_from_validation
 from mailflow.dns import current_budget, start_budget
+from mailflow.isolation.pool import PluginFailure, WorkerPool
 from mailflow.message import MessageContext, PluginRun
 from mailflow.verdict import Action, AddHeader, Result, Route, RouteKind, SMTPReply
 
@@ -98,6 +99,7 @@ class _Impl:
     function: Callable[..., Any]
     argnames: tuple[str, ...]
     entry: PluginEntry
+    isolated: bool = False  # the data hook runs in a worker process (mailflow.isolation)
 
 
 class _Resumed:
@@ -146,12 +148,17 @@ class Pipeline:
         ``available`` overrides entry-point discovery (name -> factory).
         """
         self.config = config
+        self._available = available
+        self.isolation: WorkerPool | None = None  # started by start_isolation()
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.entries: dict[str, PluginEntry] = {}
         factories: dict[str, Any] = dict(available) if available is not None else {}
         eps = available_plugins() if available is None else {}
         extra = extra or {}
+        # Plugins a worker process can build for itself (from an entry point or a
+        # factory), whose data hook asks to run in one.
+        isolated: set[str] = set()
         for index, entry in enumerate(config.plugins):
             if not entry.enabled:
                 continue
@@ -188,6 +195,11 @@ class Pipeline:
                             ]
                         ) from exc
                 obj = instantiate(factory, entry.settings, config, index)
+                wants = entry.isolate
+                if wants is None:
+                    wants = getattr(obj, "isolate", False) is True
+                if wants:
+                    isolated.add(entry.name)
             self.pm.register(obj, name=entry.name)
             self.entries[entry.name] = entry
         # Objects handed in directly but not listed in the config run last, with defaults.
@@ -201,7 +213,13 @@ class Pipeline:
         for hook_name in hookspecs.hook_names():
             caller = getattr(self.pm.hook, hook_name)
             impls = [
-                _Impl(i.plugin_name, i.function, tuple(i.argnames), self.entries[i.plugin_name])
+                _Impl(
+                    i.plugin_name,
+                    i.function,
+                    tuple(i.argnames),
+                    self.entries[i.plugin_name],
+                    hook_name == "mailflow_data" and i.plugin_name in isolated,
+                )
                 for i in caller.get_hookimpls()
             ]
             impls.sort(key=lambda i: self.order.index(i.plugin))
@@ -219,6 +237,39 @@ class Pipeline:
 
     def has(self, hook_name: str) -> bool:
         return bool(self._impls.get(hook_name))
+
+    def data_impls(self) -> list[_Impl]:
+        """The data-stage hook implementations, in calling order."""
+        return list(self._impls["mailflow_data"])
+
+    def isolated_plugins(self) -> list[str]:
+        """Plugins whose data hook asks for a worker process, in calling order."""
+        return [i.plugin for i in self._impls["mailflow_data"] if i.isolated]
+
+    # --- worker processes -----------------------------------------------------------------
+
+    async def start_isolation(self, on_restart: Callable[[str], None] | None = None) -> None:
+        """Start the content-analysis workers (``serve``); without them, isolated hooks
+        run in this process like any other (``check``, ``isolation.processes: 0``)."""
+        names = self.isolated_plugins()
+        processes = self.config.isolation.process_count()
+        if self.isolation is not None or not names or processes == 0:
+            return
+        pool = WorkerPool(
+            self.config,
+            names,
+            self._available,
+            processes=processes,
+            start_timeout=self.config.isolation.start_timeout,
+            on_restart=on_restart,
+        )
+        await pool.start()
+        self.isolation = pool
+
+    async def stop_isolation(self) -> None:
+        pool, self.isolation = self.isolation, None
+        if pool is not None:
+            await pool.stop()
 
     # --- running --------------------------------------------------------------------------
 
@@ -246,7 +297,6 @@ class Pipeline:
         try:
             value = await self._call(impl, kwargs)
         except Exception as exc:
-            elapsed = (time.perf_counter() - start) * 1000
             what = "timed out" if isinstance(exc, TimeoutError) else f"raised {exc!r}"
             log.error(
                 "plugin %s %s at %s (on_error=%s)",
@@ -256,12 +306,7 @@ class Pipeline:
                 impl.entry.on_error,
                 exc_info=not isinstance(exc, TimeoutError),
             )
-            result = None
-            if impl.entry.on_error == "tempfail":
-                result = Result(
-                    Action.TEMPFAIL, PLUGIN_FAILURE_REPLY, reason=f"plugin {impl.plugin} failed"
-                )
-            return PluginRun(impl.plugin, stage, result, elapsed, error=what)
+            return self._failed(impl, stage, what, start)
         elapsed = (time.perf_counter() - start) * 1000
         if value is not None and not isinstance(value, Result):
             log.error(
@@ -272,6 +317,39 @@ class Pipeline:
             )
             value = None
         return PluginRun(impl.plugin, stage, value, elapsed)
+
+    def _failed(self, impl: _Impl, stage: str, what: str, start: float) -> PluginRun:
+        """The run of a plugin that failed, with the verdict its ``on_error`` asks for.
+
+        ``quarantine`` holds the message (at an earlier stage the data stage does,
+        see :meth:`run_data`), ``tempfail`` answers 451, ``continue`` goes on as if
+        the plugin had returned nothing: it adds no score.
+        """
+        elapsed = (time.perf_counter() - start) * 1000
+        result = None
+        on_error = impl.entry.on_error
+        if on_error == "tempfail":
+            result = Result(
+                Action.TEMPFAIL, PLUGIN_FAILURE_REPLY, reason=f"plugin {impl.plugin} failed"
+            )
+        elif on_error == "quarantine" and stage == "data":
+            result = Result.quarantine(f"plugin {impl.plugin} failed: {what}")
+        return PluginRun(impl.plugin, stage, result, elapsed, error=what)
+
+    async def run_hook(self, impl: _Impl, stage: str, ctx: MessageContext) -> PluginRun:
+        """One data-stage hook on ``ctx`` in this process, failures handled (workers)."""
+        return await self._guarded(impl, stage, {"message": ctx})
+
+    async def _run_data_hook(self, impl: _Impl, ctx: MessageContext) -> PluginRun:
+        pool = self.isolation
+        if not impl.isolated or pool is None:
+            return await self._guarded(impl, "data", {"message": ctx})
+        start = time.perf_counter()
+        try:
+            return await pool.run(impl.plugin, impl.entry.timeout, ctx)
+        except PluginFailure as exc:
+            log.error("plugin %s %s at data (on_error=%s)", impl.plugin, exc, impl.entry.on_error)
+            return self._failed(impl, "data", str(exc), start)
 
     async def run_stage(self, stage: str, **kwargs: Any) -> tuple[Result | None, list[PluginRun]]:
         """Run one SMTP-phase hook (connect/helo/mail/rcpt) through all plugins in order.
@@ -298,8 +376,10 @@ class Pipeline:
         if current_budget() is None:
             start_budget(self.config.dns.budget)  # front ends that skip the mail stage
         batched = await self.batch.gather()
+        if ctx.action is Action.CONTINUE:
+            self._quarantine_for_earlier_failure(ctx)
         for impl in self._impls["mailflow_data"]:
-            run = await self._guarded(impl, "data", {"message": ctx})
+            run = await self._run_data_hook(impl, ctx)
             ctx.record(run)
             result = run.result
             if result is None:
@@ -325,6 +405,17 @@ class Pipeline:
         if batched:
             await self.batch.regroup()
         return ctx
+
+    def _quarantine_for_earlier_failure(self, ctx: MessageContext) -> None:
+        """A plugin with ``on_error: quarantine`` that failed before DATA (when there
+        was nothing to quarantine yet) quarantines the message now."""
+        for run in ctx.runs:
+            entry = self.entries.get(run.plugin)
+            if run.error and entry is not None and entry.on_error == "quarantine":
+                ctx.action = Action.QUARANTINE
+                ctx.reason = f"plugin {run.plugin} failed at {run.stage}: {run.error}"
+                ctx.decided_by = run.plugin
+                return
 
     async def assign_routes(self, ctx: MessageContext) -> None:
         for rcpt in ctx.envelope.rcpt_tos:

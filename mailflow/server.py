@@ -54,6 +54,8 @@ class Server:
         app = self.app
         msglog.configure(app.config.log.format == "json")
         await app.startup()
+        # Before any thread of ours runs (a worker is a fresh interpreter either way).
+        await app.pipeline.start_isolation(on_restart=app.metrics.observe_worker_restart)
         # Copies answered before a crash whose new/ names were not yet synced.
         await asyncio.to_thread(app.maildir.recover)
         self.queue = QueueManager(
@@ -88,6 +90,8 @@ class Server:
             self.app.metrics.queue_size.set(len(self.queue.entries()))
         if self.handler is not None:
             self.app.metrics.connections.set(self.handler.active)
+        pool = self.app.pipeline.isolation
+        self.app.metrics.isolation_workers.set(pool.size if pool is not None else 0)
 
     async def enqueue(self, ctx: MessageContext) -> None:
         """Make the message durable or hand it on before the 250: delivered, spooled, or both.
@@ -279,6 +283,7 @@ class Server:
             await self.queue.stop()
             self.queue = None
         await asyncio.to_thread(self.app.maildir.close)
+        await self.app.pipeline.stop_isolation()
         await self.app.shutdown()
 
     async def run_forever(self) -> None:

@@ -128,10 +128,17 @@ async def running_server(
     config: Config,
     *,
     extra_plugins: dict[str, Any] | None = None,
+    plugin_factories: dict[str, Any] | None = None,
     authenticator: Any = None,
 ) -> AsyncIterator[RunningServer]:
-    """Start a real mailflow server on 127.0.0.1 (port 0) in the current loop."""
-    app = App(config, extra_plugins=extra_plugins)
+    """Start a real mailflow server on 127.0.0.1 (port 0) in the current loop.
+
+    ``extra_plugins`` are plugin objects, run in this process; ``plugin_factories``
+    (name -> importable class or function, instead of the installed entry points) are
+    built from the config like installed plugins, so content-analysis worker
+    processes can build them too (``isolate``).
+    """
+    app = App(config, extra_plugins=extra_plugins, available_plugins=plugin_factories)
     server = Server(app, authenticator=authenticator)
     addresses = await server.start()
     host, port = addresses[0]

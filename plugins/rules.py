@@ -30,6 +30,9 @@ class RulesPlugin:
     """Evaluates every configured rule file against each message."""
 
     Settings = RulesSettings
+    # Its data hook is CPU work on the message content: run it in a content-analysis
+    # worker process, where its timeout really stops it (docs/plugins.md, "Isolation").
+    isolate = True
 
     def __init__(self, settings: RulesSettings | None = None) -> None:
         self.settings = settings or RulesSettings()

@@ -502,11 +502,42 @@ async def test_failing_plugin_with_on_error_continue_lets_mail_through(make_conf
 
 
 async def test_failing_connect_hook_tempfails_the_greeting(make_config):
-    config = make_config(plugin_list("flaky"))
+    config = make_config(plugin_list("flaky", on_error="tempfail"))
     async with running_server(config, extra_plugins={"flaky": Scripted(connect=explode)}) as srv:
         dialog, greeting = await SMTPDialog.open(srv.port)
         await dialog.close()
     assert greeting.startswith("421 4.3.0 ")
+
+
+@pytest.mark.parametrize(
+    "failure", [explode, hang, explode_after_waiting], ids=["raises", "times-out", "raises-later"]
+)
+async def test_failing_data_hook_quarantines_by_default(make_config, failure):
+    """on_error defaults to quarantine: neither delivered as if clean nor deferred."""
+    plugins = named(
+        flaky=Failing(data=failure),
+        after=Scripted(data=Result(mutations=[AddHeader("X-After", "ran")])),
+    )
+    config = make_config("plugins:\n  - {name: flaky, timeout: 50ms}\n  - {name: after}\n")
+    async with running_server(config, extra_plugins=plugins) as srv:
+        assert await send(srv.port, "a@example.org", ["bob@example.com"], make_message()) == {}
+        assert not srv.mailbox("bob@example.com").exists()
+        [stored] = list((srv.app.config.quarantine.directory).glob("*.eml"))
+    held = email.message_from_bytes(stored.read_bytes())
+    assert held["X-After"] == "ran"  # the later plugins still ran on the held copy
+    meta = json.loads(stored.with_suffix(".json").read_text())
+    assert meta["reason"].startswith("plugin flaky failed: ")
+
+
+async def test_failing_connect_hook_quarantines_the_message_by_default(make_config):
+    """Before DATA there is nothing to hold: the failure quarantines the message later."""
+    config = make_config(plugin_list("flaky"))
+    async with running_server(config, extra_plugins={"flaky": Scripted(connect=explode)}) as srv:
+        assert await send(srv.port, "a@example.org", ["bob@example.com"], make_message()) == {}
+        assert not srv.mailbox("bob@example.com").exists()
+        [stored] = list((srv.app.config.quarantine.directory).glob("*.eml"))
+    meta = json.loads(stored.with_suffix(".json").read_text())
+    assert meta["reason"] == "plugin flaky failed at connect: raised RuntimeError('plugin bug')"
 
 
 # --- what `check --json` records ------------------------------------------------------------

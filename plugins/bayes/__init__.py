@@ -138,6 +138,9 @@ class BayesPlugin:
     """The ``bayes`` plugin object (one per application)."""
 
     Settings = BayesSettings
+    # Its data hook is CPU work on the message content: run it in a content-analysis
+    # worker process, where its timeout really stops it (docs/plugins.md, "Isolation").
+    isolate = True
 
     def __init__(self, settings: BayesSettings | None = None) -> None:
         self.settings = settings or BayesSettings()

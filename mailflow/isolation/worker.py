@@ -1,0 +1,123 @@
+"""A content-analysis worker process: ``python -m mailflow.isolation.worker FD``.
+
+Started by :class:`mailflow.isolation.pool.WorkerPool` with one end of a socket
+pair as file descriptor ``FD``. It reads an :class:`~mailflow.isolation.wire.Init`
+frame, loads and starts the plugins it names exactly as the server does (same
+config, same entry points or factories), answers
+:class:`~mailflow.isolation.wire.Ready`, then runs one
+:class:`~mailflow.isolation.wire.Job` at a time until the socket closes.
+
+The worker keeps the last message it was sent, with the mutations of its own runs
+applied, so consecutive plugins of one message (bayes, then rules) share one copy
+of the bytes and one MIME walk. A plugin that raises is reported like in the
+server (the pipeline's own error handling runs here); a plugin that never returns
+is the server's to deal with: it kills this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from mailflow.isolation.wire import Init, Job, Ready, Reply, encode, read_frame
+from mailflow.message import MessageContext
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    fd = int(args[0])
+    # Ctrl-C on `mailflow serve` reaches the whole process group; the server stops
+    # its workers itself (closing the socket), so a worker never dies half-way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    stream = sock.makefile("rb")
+    first = read_frame(stream)
+    if first is None:
+        return 1
+    init, _ = first
+    assert isinstance(init, Init)
+    _configure_logging(init)
+    try:
+        runner = _Runner(init)
+    except BaseException as exc:  # report why, then exit: the server names the plugin
+        _send(sock, Ready(error=f"{type(exc).__name__}: {exc}", pid=os.getpid()))
+        return 1
+    _send(sock, Ready(pid=os.getpid()))
+    while True:
+        frame = read_frame(stream)
+        if frame is None:
+            runner.close()
+            return 0
+        job, raw = frame
+        _send(sock, runner.run(job, raw))
+
+
+def _configure_logging(init: Init) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(init.log_level)
+
+
+def _send(sock: socket.socket, obj: object) -> None:
+    sock.sendall(b"".join(encode(obj)))
+
+
+class _Runner:
+    """The plugins of one worker and the message it holds."""
+
+    def __init__(self, init: Init) -> None:
+        from mailflow.app import App
+
+        config = init.config
+        wanted = set(init.plugins)
+        restricted = config.model_copy(
+            update={"plugins": [p for p in config.plugins if p.name in wanted]}
+        )
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.app = App(restricted, available_plugins=init.available)
+        self.loop.run_until_complete(self.app.startup())
+        self.impls = {impl.plugin: impl for impl in self.app.pipeline.data_impls()}
+        self.held: tuple[int, MessageContext] | None = None  # the last message
+
+    def run(self, job: Job, raw: bytes | None) -> Reply:
+        if raw is not None:
+            ctx = MessageContext(raw, job.envelope, job.connection, queue_id=job.queue_id)
+            ctx.raw_version = job.version
+            self.held = (job.token, ctx)
+        else:
+            if self.held is None or self.held[0] != job.token:
+                raise RuntimeError("worker asked for a message it does not hold")
+            ctx = self.held[1]
+            if ctx.raw_version != job.version:
+                raise RuntimeError("worker asked for a message version it does not hold")
+            ctx.envelope = job.envelope
+            ctx.connection = job.connection
+        ctx.runs = job.runs
+        ctx.score = job.score
+        ctx.routes = job.routes
+        ctx.action = job.action
+        ctx.received_at = job.received_at
+        impl = self.impls[job.plugin]
+        run = self.loop.run_until_complete(self.app.pipeline.run_hook(impl, "data", ctx))
+        if run.result is not None and run.result.mutations:
+            ctx.apply(run.result.mutations)
+        return Reply(run, ctx.raw_version)
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.app.shutdown())
+        finally:
+            self.loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
