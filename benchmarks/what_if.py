@@ -177,3 +177,17 @@ def batch_sizes() -> None:
 
 
 WHAT_IFS["batch-sizes"] = batch_sizes
+
+
+def inline_plugins() -> None:
+    """Run every data hook in the server process (as ``isolation: {processes: 0}``), to
+    put a number on what the content-analysis worker processes cost or save."""
+    from mailflow import pipeline
+
+    async def start_isolation(self: Any, on_restart: Any = None) -> None:
+        return None
+
+    pipeline.Pipeline.start_isolation = start_isolation  # type: ignore[method-assign]
+
+
+WHAT_IFS["inline-plugins"] = inline_plugins

@@ -270,9 +270,10 @@ class PluginEntry(Strict):
     # gives up), answer 451, or go on as if the plugin had no opinion (docs/plugins.md).
     on_error: Literal["quarantine", "tempfail", "continue"] = "quarantine"
     timeout: Duration = 30.0
-    # Run the data hook in a content-analysis worker process (None: as the plugin
-    # declares with its `isolate` attribute). See the `isolation` section.
-    isolate: bool | None = None
+    # Run the data hook in a content-analysis worker process: true (every message),
+    # "large" (messages of at least isolation.large_message bytes), false (never);
+    # None: as the plugin declares with its `isolate` attribute. See `isolation`.
+    isolate: bool | Literal["large"] | None = None
     settings: dict[str, Any] = {}
 
 
@@ -283,6 +284,9 @@ class IsolationConfig(Strict):
     # where a timeout cannot stop work that never yields.
     processes: int | None = Field(default=None, ge=0, le=256)
     start_timeout: Duration = 60.0  # seconds a worker may take to load its plugins
+    # Where `isolate: large` hooks (the builtins: linear in the message size, so a
+    # smaller message cannot keep them busy for long) start running in a worker.
+    large_message: Size = 64 * 1024
 
     def process_count(self) -> int:
         if self.processes is not None:

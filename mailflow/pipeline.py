@@ -23,7 +23,7 @@ from mailflow import hookspecs
 from mailflow.batching import DataBatch
 from mailflow.config import Config, ConfigError, ConfigIssue, PluginEntry, issues_from_validation
 from mailflow.dns import current_budget, start_budget
-from mailflow.isolation.pool import PluginFailure, WorkerPool
+from mailflow.isolation.pool import WorkerPool
 from mailflow.message import MessageContext, PluginRun
 from mailflow.verdict import Action, AddHeader, Result, Route, RouteKind, SMTPReply
 
@@ -99,7 +99,12 @@ class _Impl:
     function: Callable[..., Any]
     argnames: tuple[str, ...]
     entry: PluginEntry
-    isolated: bool = False  # the data hook runs in a worker process (mailflow.isolation)
+    # Where the data hook runs (mailflow.isolation): "never" (this process), "always" (a
+    # worker process), "large" (a worker for messages of isolation.large_message bytes).
+    isolate: str = "never"
+
+    def isolated_for(self, size: int, large: int) -> bool:
+        return self.isolate == "always" or (self.isolate == "large" and size >= large)
 
 
 class _Resumed:
@@ -157,8 +162,8 @@ class Pipeline:
         eps = available_plugins() if available is None else {}
         extra = extra or {}
         # Plugins a worker process can build for itself (from an entry point or a
-        # factory), whose data hook asks to run in one.
-        isolated: set[str] = set()
+        # factory), whose data hook asks to run in one: name -> "always" or "large".
+        isolated: dict[str, str] = {}
         for index, entry in enumerate(config.plugins):
             if not entry.enabled:
                 continue
@@ -195,11 +200,9 @@ class Pipeline:
                             ]
                         ) from exc
                 obj = instantiate(factory, entry.settings, config, index)
-                wants = entry.isolate
-                if wants is None:
-                    wants = getattr(obj, "isolate", False) is True
-                if wants:
-                    isolated.add(entry.name)
+                wants = getattr(obj, "isolate", False) if entry.isolate is None else entry.isolate
+                if wants is True or wants == "large":
+                    isolated[entry.name] = "always" if wants is True else "large"
             self.pm.register(obj, name=entry.name)
             self.entries[entry.name] = entry
         # Objects handed in directly but not listed in the config run last, with defaults.
@@ -218,7 +221,9 @@ class Pipeline:
                     i.function,
                     tuple(i.argnames),
                     self.entries[i.plugin_name],
-                    hook_name == "mailflow_data" and i.plugin_name in isolated,
+                    isolated.get(i.plugin_name, "never")
+                    if hook_name == "mailflow_data"
+                    else "never",
                 )
                 for i in caller.get_hookimpls()
             ]
@@ -244,7 +249,7 @@ class Pipeline:
 
     def isolated_plugins(self) -> list[str]:
         """Plugins whose data hook asks for a worker process, in calling order."""
-        return [i.plugin for i in self._impls["mailflow_data"] if i.isolated]
+        return [i.plugin for i in self._impls["mailflow_data"] if i.isolate != "never"]
 
     # --- worker processes -----------------------------------------------------------------
 
@@ -340,16 +345,56 @@ class Pipeline:
         """One data-stage hook on ``ctx`` in this process, failures handled (workers)."""
         return await self._guarded(impl, stage, {"message": ctx})
 
-    async def _run_data_hook(self, impl: _Impl, ctx: MessageContext) -> PluginRun:
-        pool = self.isolation
-        if not impl.isolated or pool is None:
-            return await self._guarded(impl, "data", {"message": ctx})
-        start = time.perf_counter()
-        try:
-            return await pool.run(impl.plugin, impl.entry.timeout, ctx)
-        except PluginFailure as exc:
-            log.error("plugin %s %s at data (on_error=%s)", impl.plugin, exc, impl.entry.on_error)
-            return self._failed(impl, "data", str(exc), start)
+    async def _run_isolated(
+        self, pool: WorkerPool, segment: list[_Impl], ctx: MessageContext
+    ) -> bool:
+        """Run ``segment`` in a worker; True when a verdict ends the data stage.
+
+        A hook that fails there (timeout, dead worker) is answered per its
+        ``on_error``; the hooks after it then run in another worker.
+        """
+        while segment:
+            start = time.perf_counter()
+            plugins = [(impl.plugin, impl.entry.timeout) for impl in segment]
+            stopped, done, failure = await pool.run(plugins, ctx, self.take_data_run)
+            if stopped:
+                return True
+            if failure is None:
+                return False
+            impl = segment[done]
+            log.error(
+                "plugin %s %s at data (on_error=%s)", impl.plugin, failure, impl.entry.on_error
+            )
+            if self.take_data_run(
+                ctx, impl.plugin, self._failed(impl, "data", str(failure), start)
+            ):
+                return True
+            segment = segment[done + 1 :]
+        return False
+
+    def take_data_run(self, ctx: MessageContext, plugin: str, run: PluginRun) -> bool:
+        """Record a data hook's run on ``ctx``: its score, its mutations, its verdict.
+
+        True when the verdict ends the data stage. Workers do the same with their copy
+        of the message, so both stop at the same hook and hold the same bytes.
+        """
+        ctx.record(run)
+        result = run.result
+        if result is None:
+            return False
+        if result.mutations:
+            ctx.apply(result.mutations)
+        if not result.action.is_final:
+            return False
+        if ctx.action is Action.QUARANTINE and result.action in _NO_STRONGER:
+            return False  # the first quarantine stands
+        ctx.action = result.action
+        ctx.reply = result.smtp_reply()
+        ctx.reason = result.reason
+        ctx.decided_by = plugin
+        # A quarantined copy still gets the later plugins' headers (an admin reviewing
+        # it wants Authentication-Results, say); they may refuse it.
+        return result.action is not Action.QUARANTINE
 
     async def run_stage(self, stage: str, **kwargs: Any) -> tuple[Result | None, list[PluginRun]]:
         """Run one SMTP-phase hook (connect/helo/mail/rcpt) through all plugins in order.
@@ -378,26 +423,25 @@ class Pipeline:
         batched = await self.batch.gather()
         if ctx.action is Action.CONTINUE:
             self._quarantine_for_earlier_failure(ctx)
-        for impl in self._impls["mailflow_data"]:
-            run = await self._run_data_hook(impl, ctx)
-            ctx.record(run)
-            result = run.result
-            if result is None:
+        impls = self._impls["mailflow_data"]
+        pool = self.isolation
+        size, large = ctx.size, self.config.isolation.large_message
+        at = 0
+        while at < len(impls):
+            impl = impls[at]
+            if pool is not None and impl.isolated_for(size, large):
+                # A run of consecutive isolated hooks is one job for one worker.
+                end = at + 1
+                while end < len(impls) and impls[end].isolated_for(size, large):
+                    end += 1
+                if await self._run_isolated(pool, impls[at:end], ctx):
+                    break
+                at = end
                 continue
-            if result.mutations:
-                ctx.apply(result.mutations)
-            if not result.action.is_final:
-                continue
-            if ctx.action is Action.QUARANTINE and result.action in _NO_STRONGER:
-                continue  # the first quarantine stands
-            ctx.action = result.action
-            ctx.reply = result.smtp_reply()
-            ctx.reason = result.reason
-            ctx.decided_by = impl.plugin
-            # A quarantined copy still gets the later plugins' headers (an admin
-            # reviewing it wants Authentication-Results, say); they may refuse it.
-            if result.action is not Action.QUARANTINE:
+            run = await self._guarded(impl, "data", {"message": ctx})
+            if self.take_data_run(ctx, impl.plugin, run):
                 break
+            at += 1
         if ctx.action is Action.CONTINUE:
             apply_thresholds(ctx, self.config)
         if ctx.action in (Action.CONTINUE, Action.ACCEPT):

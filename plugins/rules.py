@@ -30,9 +30,10 @@ class RulesPlugin:
     """Evaluates every configured rule file against each message."""
 
     Settings = RulesSettings
-    # Its data hook is CPU work on the message content: run it in a content-analysis
-    # worker process, where its timeout really stops it (docs/plugins.md, "Isolation").
-    isolate = True
+    # Its data hook is CPU work on the message content, linear in the message size: a
+    # large message is analysed in a content-analysis worker process, where it cannot
+    # hold up the server and a timeout really stops it (docs/plugins.md, "Isolation").
+    isolate = "large"
 
     def __init__(self, settings: RulesSettings | None = None) -> None:
         self.settings = settings or RulesSettings()

@@ -58,7 +58,7 @@ class PluginFailure(Exception):
 class _Worker:
     """One worker process and the socket to it."""
 
-    __slots__ = ("holds", "pid", "process", "reader", "writer")
+    __slots__ = ("expired", "holds", "pid", "process", "reader", "writer")
 
     def __init__(
         self,
@@ -71,6 +71,12 @@ class _Worker:
         self.writer = writer
         self.pid = process.pid
         self.holds: tuple[int, int] | None = None  # (message token, raw version)
+        self.expired = False  # killed because a hook ran past its timeout
+
+    def expire(self) -> None:
+        """A hook ran past its timeout: kill the process (its answer will never come)."""
+        self.expired = True
+        self.kill()
 
     async def send(self, obj: object, raw: bytes | None = None) -> None:
         await self.send_frame(encode(obj, raw))
@@ -257,26 +263,43 @@ class WorkerPool:
 
     # --- running --------------------------------------------------------------------------
 
-    async def run(self, plugin: str, timeout: float, ctx: MessageContext) -> PluginRun:
-        """``plugin``'s data hook on ``ctx`` in a worker, within ``timeout`` seconds
-        (0: no limit), waiting for a free worker included. Raises PluginFailure."""
+    async def run(
+        self,
+        plugins: list[tuple[str, float]],
+        ctx: MessageContext,
+        take: Callable[[MessageContext, str, PluginRun], bool],
+    ) -> tuple[bool, int, PluginFailure | None]:
+        """Run the data hooks of ``plugins`` ((name, timeout) pairs, in order) on
+        ``ctx`` in one worker; each run is handed to ``take`` as it arrives, which
+        records it on ``ctx`` and says whether the data stage ends there.
+
+        Each hook gets its own timeout (0: none), counted from when the previous one
+        answered; the first one's includes waiting for a free worker. Returns
+        (stopped, index, failure): ``take`` ended the stage at ``index``; or
+        ``failure`` is why the hook at ``index`` gave no run (its worker is gone);
+        or every hook ran (failure None, index = len(plugins)).
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout if timeout else None
+        timeout = plugins[0][1]
         token = ctx.extra.get(_TOKEN_KEY)
         if token is None:
             token = ctx.extra[_TOKEN_KEY] = next(_tokens)
+        started = time.perf_counter()
         try:
-            async with asyncio.timeout_at(deadline):
-                worker = await self._acquire(token)
+            worker = await self._acquire(token, loop.time() + timeout if timeout else None)
         except TimeoutError:
-            raise PluginFailure(
-                f"timed out after {timeout:g}s waiting for a free worker process", True
-            ) from None
-        version = ctx.raw_version
+            return (
+                False,
+                0,
+                PluginFailure(
+                    f"timed out after {timeout:g}s waiting for a free worker process", True
+                ),
+            )
+        names = [name for name, _ in plugins]
         job = Job(
             token,
-            version,
-            plugin,
+            ctx.raw_version,
+            names,
             ctx.queue_id,
             ctx.envelope,
             _portable(ctx),
@@ -286,35 +309,67 @@ class WorkerPool:
             ctx.action,
             ctx.received_at,
         )
-        raw = None if worker.holds == (token, version) else ctx.raw
-        started = time.perf_counter()
+        raw = None if worker.holds == (token, ctx.raw_version) else ctx.raw
+        index = 0
+        stopped = False
+        # One timer per hook: when it fires, the worker is killed, which ends the wait
+        # for its answer (cheaper than a timeout context around each await).
+        expiry: asyncio.TimerHandle | None = None
         try:
-            async with asyncio.timeout_at(deadline):
-                await worker.send_frame(_encode_job(job, raw))
+            if timeout:
+                expiry = loop.call_at(started_at(loop, started) + timeout, worker.expire)
+            await worker.send_frame(_encode_job(job, raw))
+            while True:
+                name, timeout = plugins[index]
                 reply = await worker.receive()
-        except TimeoutError:
-            self._replace(worker, "timeout")
-            raise PluginFailure(
-                f"timed out after {timeout:g}s (worker process {worker.pid} stopped)", True
-            ) from None
+                if expiry is not None:
+                    expiry.cancel()
+                    expiry = None
+                if not isinstance(reply, Reply) or reply.run.plugin != name:
+                    raise pickle.UnpicklingError(f"unexpected answer {reply!r}")
+                now = time.perf_counter()
+                reply.run.elapsed_ms = (now - started) * 1000
+                stopped = take(ctx, name, reply.run)
+                index += 1
+                if reply.last or stopped:
+                    if reply.last != (stopped or index == len(plugins)):
+                        raise pickle.UnpicklingError("the worker and the server disagree")
+                    break
+                started = now
+                next_timeout = plugins[index][1]
+                if next_timeout:
+                    expiry = loop.call_at(loop.time() + next_timeout, worker.expire)
         except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError, EOFError):
+            if worker.expired:
+                self._replace(worker, "timeout")
+                return (
+                    False,
+                    index,
+                    PluginFailure(
+                        f"timed out after {plugins[index][1]:g}s "
+                        f"(worker process {worker.pid} stopped)",
+                        True,
+                    ),
+                )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1):
                     await worker.process.wait()
             status = worker.status()
             self._replace(worker, "died")
-            raise PluginFailure(f"worker process {worker.pid} died ({status})") from None
+            return False, index, PluginFailure(f"worker process {worker.pid} died ({status})")
         except BaseException:  # cancelled half-way: the worker's state is unknown
             self._replace(worker, "cancelled")
             raise
-        assert isinstance(reply, Reply)
-        worker.holds = (token, reply.version)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+        worker.holds = (token, ctx.raw_version)
         self._release(worker)
-        run = reply.run
-        run.elapsed_ms = (time.perf_counter() - started) * 1000
-        return run
+        return stopped, index if stopped else len(plugins), None
 
-    async def _acquire(self, token: int) -> _Worker:
+    async def _acquire(self, token: int, deadline: float | None) -> _Worker:
+        """A free worker, the one holding message ``token`` if it is free; waits (until
+        loop time ``deadline``, then TimeoutError) when every worker is busy."""
         idle = self._idle
         if idle:
             for i, worker in enumerate(idle):
@@ -324,7 +379,8 @@ class WorkerPool:
         waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            return await waiter
+            async with asyncio.timeout_at(deadline):
+                return await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release(waiter.result())  # handed over just as we gave up
@@ -342,6 +398,11 @@ class WorkerPool:
                 waiter.set_result(worker)
                 return
         self._idle.append(worker)
+
+
+def started_at(loop: asyncio.AbstractEventLoop, perf_start: float) -> float:
+    """The loop time of a ``time.perf_counter()`` reading taken a moment ago."""
+    return loop.time() - (time.perf_counter() - perf_start)
 
 
 def _portable(ctx: MessageContext) -> Any:

@@ -46,11 +46,15 @@ class Ready:
 
 @dataclass(slots=True)
 class Job:
-    """Run one plugin's data hook on one version of one message."""
+    """Run the data hooks of ``plugins``, in order, on one version of one message.
+
+    The worker answers with one :class:`Reply` per hook, as each one finishes (so the
+    server knows which hook a timeout belongs to), and stops where the server's
+    pipeline would stop (a verdict that ends the data stage)."""
 
     token: int  # the message, unique in the server process
     version: int  # MessageContext.raw_version of the bytes to use
-    plugin: str
+    plugins: list[str]
     queue_id: str
     envelope: Envelope
     connection: Connection
@@ -63,11 +67,13 @@ class Job:
 
 @dataclass(slots=True)
 class Reply:
-    """The plugin's run, and the message version the worker holds after applying
-    the run's mutations (the server applies the same ones and gets the same)."""
+    """One hook's run, and the message version the worker holds after applying the
+    run's mutations (the server applies the same ones and gets the same); ``last``
+    marks the job's final reply."""
 
     run: PluginRun
     version: int
+    last: bool
 
 
 def encode(obj: object, raw: bytes | None = None) -> list[bytes]:

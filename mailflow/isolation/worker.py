@@ -35,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
     stream = sock.makefile("rb")
-    first = read_frame(stream)
-    if first is None:
-        return 1
-    init, _ = first
-    assert isinstance(init, Init)
-    _configure_logging(init)
     try:
+        first = read_frame(stream)
+        if first is None:
+            return 1
+        init, _ = first
+        assert isinstance(init, Init)
+        _configure_logging(init)
         runner = _Runner(init)
     except BaseException as exc:  # report why, then exit: the server names the plugin
         _send(sock, Ready(error=f"{type(exc).__name__}: {exc}", pid=os.getpid()))
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.close()
             return 0
         job, raw = frame
-        _send(sock, runner.run(job, raw))
+        runner.run(job, raw, sock)
 
 
 def _configure_logging(init: Init) -> None:
@@ -88,7 +88,8 @@ class _Runner:
         self.impls = {impl.plugin: impl for impl in self.app.pipeline.data_impls()}
         self.held: tuple[int, MessageContext] | None = None  # the last message
 
-    def run(self, job: Job, raw: bytes | None) -> Reply:
+    def run(self, job: Job, raw: bytes | None, sock: socket.socket) -> None:
+        """Run the job's hooks, sending each one's Reply as soon as it is known."""
         if raw is not None:
             ctx = MessageContext(raw, job.envelope, job.connection, queue_id=job.queue_id)
             ctx.raw_version = job.version
@@ -106,11 +107,17 @@ class _Runner:
         ctx.routes = job.routes
         ctx.action = job.action
         ctx.received_at = job.received_at
-        impl = self.impls[job.plugin]
-        run = self.loop.run_until_complete(self.app.pipeline.run_hook(impl, "data", ctx))
-        if run.result is not None and run.result.mutations:
-            ctx.apply(run.result.mutations)
-        return Reply(run, ctx.raw_version)
+        self.loop.run_until_complete(self._segment(job.plugins, ctx, sock))
+
+    async def _segment(self, names: list[str], ctx: MessageContext, sock: socket.socket) -> None:
+        pipeline = self.app.pipeline
+        for index, name in enumerate(names):
+            run = await pipeline.run_hook(self.impls[name], "data", ctx)
+            stop = pipeline.take_data_run(ctx, name, run)
+            last = stop or index == len(names) - 1
+            _send(sock, Reply(run, ctx.raw_version, last))
+            if last:
+                return
 
     def close(self) -> None:
         try:
