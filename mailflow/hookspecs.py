@@ -12,9 +12,11 @@ tempfail returned from an early stage is answered at that SMTP command (e.g. at
 RCPT), before any message data is sent.
 
 A plugin that raises, or runs longer than its ``timeout``, is logged with its name
-and handled by its ``on_error`` setting (``tempfail`` or ``continue``): it never
-takes the server down. Work that is CPU-heavy should run via
-``await asyncio.to_thread(...)`` so other connections keep flowing.
+and handled by its ``on_error`` setting (``quarantine``, ``tempfail`` or
+``continue``): it never takes the server down. A data hook whose work grows with the
+message belongs in a content-analysis worker process (a plugin attribute ``isolate =
+True`` or ``"large"``, or ``isolate:`` in its config entry), where a timeout really
+stops it; see docs/plugins.md, "Isolation".
 """
 
 from __future__ import annotations

@@ -73,8 +73,10 @@ def log_message(ctx: MessageContext, reply: str, elapsed_ms: float) -> None:
     plugins = " ".join(
         f"{name}={p.get('action')}/{p.get('time_ms')}ms" for name, p in record["plugins"].items()
     )
+    # A plugin that failed is named on the line itself: its on_error decided the outcome.
+    failed = ",".join(name for name, p in record["plugins"].items() if "error" in p)
     log.info(
-        "%s client=%s from=<%s> rcpts=%s size=%d action=%s score=%.2f delivery=%s reply=%r%s",
+        "%s client=%s from=<%s> rcpts=%s size=%d action=%s score=%.2f delivery=%s reply=%r%s%s",
         record["queue_id"],
         record["client"],
         record["from"],
@@ -84,6 +86,7 @@ def log_message(ctx: MessageContext, reply: str, elapsed_ms: float) -> None:
         record["score"],
         record["delivery"],
         reply,
+        f" errors={failed}" if failed else "",
         f" plugins: {plugins}" if plugins else "",
     )
 

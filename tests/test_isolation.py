@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -120,7 +121,8 @@ async def test_another_client_is_answered_while_a_hook_runs_away(make_config):
         assert len(srv.delivered("carol@example.com")) == 3
 
 
-async def test_a_worker_that_dies_quarantines_the_message_by_default(make_config):
+async def test_a_worker_that_dies_quarantines_the_message_by_default(make_config, caplog):
+    caplog.set_level(logging.INFO, logger="mailflow.message")
     config = make_config(plugins_yaml("{name: crasher}"))
     async with running_server(config, plugin_factories=FACTORIES) as srv:
         await send(srv.port, "a@example.org", ["bob@example.com"], make_message("evil"))
@@ -128,6 +130,12 @@ async def test_a_worker_that_dies_quarantines_the_message_by_default(make_config
         assert meta["reason"].startswith("plugin crasher failed: worker process ")
         assert "exit status 3" in meta["reason"]
         assert restarts(srv, "died") == 1
+        errors = srv.app.metrics.registry.get_sample_value(
+            "mailflow_plugin_errors_total", {"plugin": "crasher"}
+        )
+        assert errors == 1
+        [line] = [r.getMessage() for r in caplog.records if r.name == "mailflow.message"]
+        assert " action=quarantine " in line and " errors=crasher " in line
         await send(srv.port, "a@example.org", ["bob@example.com"], make_message("fine"))
         await srv.wait_delivered("bob@example.com", timeout=30)
 
@@ -170,6 +178,21 @@ async def test_results_do_not_depend_on_where_a_hook_runs(make_config, messages_
 
 def _without_pid(raw: bytes) -> bytes:
     return re.sub(rb"X-Worker-Pid: \d+\r\n", b"", raw, count=1)
+
+
+async def test_isolate_large_keeps_small_messages_in_the_server(make_config):
+    config = make_config(
+        "isolation: {processes: 1, large_message: 2000}\n"
+        "plugins:\n  - {name: marker, isolate: large}\n"
+    )
+    async with running_server(config, plugin_factories=FACTORIES) as srv:
+        await send(srv.port, "a@example.org", ["bob@example.com"], make_message("small"))
+        big = make_message("big", body="a line of words\r\n" * 200)
+        await send(srv.port, "a@example.org", ["bob@example.com"], big)
+        small_msg, big_msg = await srv.wait_delivered("bob@example.com", count=2)
+    assert f"X-Worker-Pid: {os.getpid()}\r\n".encode() in small_msg
+    assert b"X-Worker-Pid: " in big_msg
+    assert f"X-Worker-Pid: {os.getpid()}\r\n".encode() not in big_msg
 
 
 async def test_processes_zero_runs_every_hook_in_the_server(make_config):
