@@ -540,3 +540,25 @@ async def test_a_message_counts_as_arriving_from_data_to_end_of_message(make_con
         await arriving_becomes(app, 1)
         await mta.close()
         await arriving_becomes(app, 0)
+
+
+# --- hostile header lists -------------------------------------------------------------
+
+
+def test_header_edits_stay_linear_with_thousands_of_identical_fields():
+    """difflib alone takes n*m steps on repeated values: 20,000 identical fields with
+    every other one removed would take minutes."""
+    from mailflow.milter.diff import Field, header_edits
+    from tests.growth import assert_linear
+
+    def build(n: int) -> tuple[list[Field], list[Field]]:
+        original = [Field("X-Spam", b" same") for _ in range(n)]
+        final = [Field("X-New", b" 1"), *original[::2]]
+        return original, final
+
+    def run(lists: tuple[list[Field], list[Field]]) -> list[bytes]:
+        return header_edits(lists[0], lists[1], leading_space=True)
+
+    assert_linear(build, run, 4000)
+    edits = run(build(10))
+    assert len(edits) == 6  # 5 removed (the MTA keeps the order), 1 inserted on top

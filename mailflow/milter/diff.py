@@ -67,10 +67,48 @@ def _value_for_mta(value: bytes, leading_space: bool) -> bytes:
     return value if leading_space else value.lstrip(b" \t")
 
 
-def _occurrence(fields: list[Field], index: int) -> int:
-    """1-based position of ``fields[index]`` among the fields with the same name."""
-    name = fields[index].name.lower()
-    return sum(1 for f in fields[: index + 1] if f.name.lower() == name)
+def _occurrences(fields: list[Field]) -> list[int]:
+    """For each field, its 1-based position among the fields with the same name."""
+    seen: dict[str, int] = {}
+    out = []
+    for f in fields:
+        name = f.name.lower()
+        seen[name] = seen.get(name, 0) + 1
+        out.append(seen[name])
+    return out
+
+
+# difflib.SequenceMatcher takes up to len(a) * len(b) steps when values repeat (a
+# message with thousands of identical fields): past this many, the differing middle
+# of two header lists is replaced as a whole (every edit still correct, just more).
+MAX_DIFF_CELLS = 250_000
+Opcode = tuple[str, int, int, int, int]
+
+
+def _opcodes(a: list[object], b: list[object]) -> list[Opcode]:
+    """SequenceMatcher's opcodes for a -> b, linear in the lists' length: the common
+    head and tail are matched directly, and only a small enough middle is diffed."""
+    lo = 0
+    while lo < len(a) and lo < len(b) and a[lo] == b[lo]:
+        lo += 1
+    end_a, end_b = len(a), len(b)
+    while end_a > lo and end_b > lo and a[end_a - 1] == b[end_b - 1]:
+        end_a -= 1
+        end_b -= 1
+    out: list[Opcode] = []
+    if lo:
+        out.append(("equal", 0, lo, 0, lo))
+    if (end_a - lo) * (end_b - lo) <= MAX_DIFF_CELLS:
+        matcher = difflib.SequenceMatcher(None, a[lo:end_a], b[lo:end_b], autojunk=False)
+        out.extend(
+            (tag, i1 + lo, i2 + lo, j1 + lo, j2 + lo)
+            for tag, i1, i2, j1, j2 in matcher.get_opcodes()
+        )
+    else:
+        out.append(("replace", lo, end_a, lo, end_b))
+    if end_a < len(a):
+        out.append(("equal", end_a, len(a), end_b, len(b)))
+    return out
 
 
 def header_edits(
@@ -83,23 +121,17 @@ def header_edits(
     Received header to milters, skips it when counting for SMFIR_CHGHEADER, but counts
     it for SMFIR_INSHEADER, where index 0 still means the very top.
     """
-    matcher = difflib.SequenceMatcher(
-        None, [f.key for f in original], [f.key for f in final], autojunk=False
-    )
     changes: list[tuple[int, bytes]] = []  # (original index, new value or b"" to delete)
     inserted: set[int] = set()  # final indexes that are new fields
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+    for tag, i1, i2, j1, j2 in _opcodes([f.key for f in original], [f.key for f in final]):
         if tag == "equal":
             continue
         # Inside a differing block, pair fields by name: same name = changed in place
         # (keeps its position, as ChangeHeader does), the rest deleted or inserted.
-        by_name = difflib.SequenceMatcher(
-            None,
-            [f.name.lower() for f in original[i1:i2]],
-            [f.name.lower() for f in final[j1:j2]],
-            autojunk=False,
+        by_name = _opcodes(
+            [f.name.lower() for f in original[i1:i2]], [f.name.lower() for f in final[j1:j2]]
         )
-        for sub, a1, a2, b1, b2 in by_name.get_opcodes():
+        for sub, a1, a2, b1, b2 in by_name:
             if sub == "equal":
                 changes.extend(
                     (i1 + a, _value_for_mta(final[j1 + b].value, leading_space))
@@ -109,16 +141,21 @@ def header_edits(
                 changes.extend((i1 + a, b"") for a in range(a1, a2))
                 inserted.update(j1 + b for b in range(b1, b2))
     out: list[bytes] = []
+    occurrence = _occurrences(original)
     # Last occurrence first: deleting the 1st "X" would renumber the 2nd otherwise.
     for i, value in sorted(changes, reverse=True):
         field = original[i]
-        out.append(p.reply_chgheader(_occurrence(original, i), field.name, value))
+        out.append(p.reply_chgheader(occurrence[i], field.name, value))
     # After the changes, the MTA's list holds every kept field of ``final``; inserting
-    # the new ones in ascending order puts each at its final position.
+    # the new ones in ascending order puts each at its final position. New fields from
+    # ``tail`` on (none of ``final`` after them is kept) are simply appended.
+    tail = len(final)
+    while tail > 0 and tail - 1 in inserted:
+        tail -= 1
     for j in sorted(inserted):
         field = final[j]
         value = _value_for_mta(field.value, leading_space)
-        if all(k in inserted for k in range(j, len(final))):
+        if j >= tail:
             out.append(p.reply_addheader(field.name, value))  # tail: append, no index
         else:
             out.append(p.reply_insheader(j + insert_offset if j else 0, field.name, value))
