@@ -118,6 +118,10 @@ class ARCVerify:
     """The ``arc`` plugin: see the module docstring."""
 
     Settings = ARCSettings
+    # Body canonicalization and hashing take time linear in the message, much of it in
+    # regular expressions that hold the interpreter lock: a large message is handled in
+    # a content-analysis worker process (docs/plugins.md, "Isolation").
+    isolate = "large"
 
     def __init__(self, settings: ARCSettings | None = None) -> None:
         self.settings = settings or ARCSettings()

@@ -94,6 +94,10 @@ class ARCSeal:
     """The ``arc_seal`` plugin: see the module docstring."""
 
     Settings = SealSettings
+    # Body canonicalization and hashing take time linear in the message, much of it in
+    # regular expressions that hold the interpreter lock: a large message is handled in
+    # a content-analysis worker process (docs/plugins.md, "Isolation").
+    isolate = "large"
 
     def __init__(self, settings: SealSettings) -> None:
         self.settings = settings

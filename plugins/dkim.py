@@ -203,6 +203,10 @@ class DKIMVerify:
     """The ``dkim`` plugin: see the module docstring."""
 
     Settings = DKIMSettings
+    # Body canonicalization and hashing take time linear in the message, much of it in
+    # regular expressions that hold the interpreter lock: a large message is handled in
+    # a content-analysis worker process (docs/plugins.md, "Isolation").
+    isolate = "large"
 
     def __init__(self, settings: DKIMSettings | None = None) -> None:
         self.settings = settings or DKIMSettings()

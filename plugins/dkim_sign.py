@@ -139,6 +139,10 @@ class DKIMSign:
     """The ``dkim_sign`` plugin: see the module docstring."""
 
     Settings = SignSettings
+    # Body canonicalization and hashing take time linear in the message, much of it in
+    # regular expressions that hold the interpreter lock: a large message is handled in
+    # a content-analysis worker process (docs/plugins.md, "Isolation").
+    isolate = "large"
 
     def __init__(self, settings: SignSettings) -> None:
         self.settings = settings

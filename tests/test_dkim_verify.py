@@ -435,3 +435,27 @@ async def test_random_broken_dkim_and_arc_fields_always_give_a_result():
         seen |= {f"dkim={dkim_result}", f"arc={arc_result}"}
     # The generator reaches the interesting outcomes, not only one of them.
     assert {"dkim=permerror", "dkim=none", "arc=fail", "arc=none"} <= seen
+
+
+async def test_a_large_message_is_verified_in_a_worker_process(make_config, rsa_key):
+    """``isolate: large``: past isolation.large_message bytes the DKIM hook (relaxed
+    canonicalization is regular expressions over the whole body) runs in a worker,
+    which does its own key lookup; the result is the one the server would get."""
+    body = "a line of the body, with  some   spaces \r\n" * 400
+    good = sign(message(subject="big", body=body), rsa_key)
+    bad = sign(message(subject="bad", body=body), rsa_key).replace(b"a line", b"A line", 1)
+    async with dns_server(rsa_key.zone()) as dns:
+        config = make_config(
+            dns.config_yaml()
+            + "isolation: {processes: 1, large_message: 4000}\n"
+            + "plugins: [{name: dkim}, {name: authres}]\n"
+        )
+        async with running_server(config) as srv:
+            assert srv.app.pipeline.isolation is not None
+            for raw in (good, bad):
+                assert len(raw) > 4000
+                await send(srv.port, f"alice@{DOMAIN}", ["bob@example.com"], raw)
+            delivered = await srv.wait_delivered("bob@example.com", 2)
+        assert dns.queried(rsa_key.name, "TXT") >= 1  # asked from the worker process
+    results = [email.message_from_bytes(m)["Authentication-Results"] for m in delivered]
+    assert "dkim=pass" in results[0] and "dkim=fail" in results[1]
