@@ -1,33 +1,41 @@
 """Condition trees -> closures over :class:`~mailflow.rules.engine.Facts`.
 
-Text tests do not run one by one: each registers an atom with the field it reads
-(:mod:`mailflow.rules.fields`), every atom of a field is answered by one scan of
-each of its values, and a test is a set membership. Besides its test, each
-compiled condition carries a *need*: atoms of which at least one must hold for
-the condition to be true (or None when there is no such set, e.g. for ``not``).
-The engine uses needs to skip rules without calling them; see
+Tests do not run one by one: each leaf registers an atom with the field it reads
+(:mod:`mailflow.rules.fields`), a field answers all its atoms in one scan per
+message, and a leaf is a set membership. Besides its test, each compiled
+condition carries a *need* (:class:`Need`): atoms of which at least one holds
+whenever the condition does (None when there is no such set, as for ``not``). The
+engine uses needs to skip rules without calling them; see
 :class:`mailflow.rules.engine.CompiledRuleSet`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from mailflow.rules.fields import TextIndex, Where
+from mailflow.rules.fields import (
+    Field,
+    FlagField,
+    Items,
+    NetworkField,
+    RangeField,
+    TextField,
+    Where,
+)
 from mailflow.rules.schema import AttachmentMatch, Condition, TextMatch
 
 if TYPE_CHECKING:
     from mailflow.rules.engine import Facts
 
-# What a condition costs to read, cheapest first: the order in which `all` and `any`
-# try their branches, and how far ahead of need a field may be scanned (NEED_COST).
+# What reading a field costs, cheapest first: the order in which `all` and `any` try
+# their branches, and which fields a need may have scanned before they are needed.
 ENVELOPE, HEADERS, STRUCTURE, BODY = 0, 1, 2, 3
-# A rule is skipped on a need only if scanning its field early costs no more than
-# the cheapest branch the rule would have tried first; fields up to HEADERS are cheap
-# enough to scan early anyway. Scanning the body ahead of an `all` that would have
-# stopped on the envelope would decode bodies that the rules never needed.
+# A field up to this cost is cheap enough to scan as soon as any rule needs it. A
+# dearer one (attachments, body) is scanned ahead of the closures only if the rule
+# would read it first anyway: the rule's cheapest branch, so that an `all` that stops
+# on the envelope, or an `any` that a header decides, still decodes no body.
 NEED_COST = HEADERS
 
 
@@ -41,34 +49,28 @@ class Evaluation:
 
 
 Test = Callable[["Facts", Evaluation], bool]
-Items = Callable[["Facts"], Sequence[Sequence[str]]]
 
 
-class Field:
-    """A text conditions read: how to get its items from the message, and its atoms.
+class Need(NamedTuple):
+    """Atoms per field, at least one of which holds whenever the condition does.
 
-    An item is one value (a header value, an address, the body text) or, for the
-    attachment fields, the values of one attachment part (its file names).
+    ``opening`` are the fields the condition would read first: the engine may scan
+    them as soon as the rule comes up. A field that is not opening (say the body
+    in ``any: [subject, body]``) is used to skip the rule only when an earlier rule
+    had it scanned already.
     """
 
-    __slots__ = ("cost", "index", "items", "key")
+    atoms: dict[Field, frozenset[int]]
+    opening: frozenset[Field]
 
-    def __init__(self, key: str, cost: int, items: Items) -> None:
-        self.key = key
-        self.cost = cost
-        self.items = items
-        self.index = TextIndex(key)
-
-    def __repr__(self) -> str:
-        return f"<Field {self.key}>"
-
-
-Need = dict[Field, frozenset[int]]
+    @property
+    def cost(self) -> int:
+        return max(field.cost for field in self.atoms)
 
 
 class Compiled(NamedTuple):
     """A compiled condition: the test, a cost rank, whether it records recipients, and
-    its need (atoms per field, one of which holds whenever the condition does)."""
+    its :class:`Need`."""
 
     test: Test
     cost: int
@@ -76,8 +78,12 @@ class Compiled(NamedTuple):
     need: Need | None
 
 
-def _need_cost(need: Need) -> int:
-    return max(field.cost for field in need)
+def _leaf(field: Field, atom: int, records: bool = False, test: Test | None = None) -> Compiled:
+    """A condition that holds exactly when ``atom`` does (for some item of ``field``)."""
+    if test is None:
+        test = lambda f, ev: atom in f.scan(field)[1]  # noqa: E731 - a closure per leaf
+    need = Need({field: frozenset([atom])}, frozenset([field]))
+    return Compiled(test, field.cost, records, need)
 
 
 class ConditionCompiler:
@@ -90,13 +96,35 @@ class ConditionCompiler:
         """Compile every field's atoms; the refused ones as (where, message)."""
         failures: list[tuple[Where, str]] = []
         for field in self.fields.values():
-            failures.extend(field.index.compile())
+            failures.extend(field.compile())
         return failures
 
-    def _field(self, key: str, cost: int, items: Items) -> Field:
+    def _text(self, key: str, cost: int, items: Items) -> TextField:
         field = self.fields.get(key)
         if field is None:
-            field = self.fields[key] = Field(key, cost, items)
+            field = self.fields[key] = TextField(key, cost, items)
+        assert isinstance(field, TextField)
+        return field
+
+    def _flag(self, key: str, cost: int, value: Callable[[Facts], bool]) -> FlagField:
+        field = self.fields.get(key)
+        if field is None:
+            field = self.fields[key] = FlagField(key, cost, value)
+        assert isinstance(field, FlagField)
+        return field
+
+    def _range(self, key: str, value: Callable[[Facts], float]) -> RangeField:
+        field = self.fields.get(key)
+        if field is None:
+            field = self.fields[key] = RangeField(key, value)
+        assert isinstance(field, RangeField)
+        return field
+
+    def _networks(self) -> NetworkField:
+        field = self.fields.get("client_ip")
+        if field is None:
+            field = self.fields["client_ip"] = NetworkField("client_ip", _address)
+        assert isinstance(field, NetworkField)
         return field
 
     def compile(self, cond: Condition, where: Where) -> Compiled:
@@ -112,49 +140,51 @@ class ConditionCompiler:
         if cond.subject is not None:
             return self._header("subject", cond.subject, (*where, "subject"))
         if cond.from_ is not None:
-            field = self._field("from", HEADERS, _from_items)
-            return _any_value(field, cond.from_, (*where, "from"))
+            field = self._text("from", HEADERS, _from_items)
+            return _leaf(field, field.atom(cond.from_, (*where, "from")))
         if cond.sender is not None:
-            field = self._field("sender", ENVELOPE, _sender_items)
-            return _any_value(field, cond.sender, (*where, "sender"))
+            field = self._text("sender", ENVELOPE, _sender_items)
+            return _leaf(field, field.atom(cond.sender, (*where, "sender")))
         if cond.recipient is not None:
-            field = self._field("recipient", ENVELOPE, _recipient_items)
+            field = self._text("recipient", ENVELOPE, _recipient_items)
             return _recipient(field, cond.recipient, (*where, "recipient"))
         if cond.client_ip is not None:
-            return _client_ip([ipaddress.ip_network(n, strict=False) for n in cond.client_ip])
+            networks = [ipaddress.ip_network(n, strict=False) for n in cond.client_ip]
+            field = self._networks()
+            return _leaf(field, field.atom(networks))
         if cond.authenticated is not None:
-            want = cond.authenticated
-            return _plain(lambda f, ev: bool(f.ctx.connection.authenticated_user) == want)
+            flag = self._flag("authenticated", ENVELOPE, _authenticated)
+            return _leaf(flag, flag.atom(cond.authenticated))
         if cond.size is not None:
-            return _between(lambda f: f.ctx.size, cond.size.over, cond.size.under)
+            size = self._range("size", _size)
+            return _leaf(size, size.atom(cond.size.over, cond.size.under))
         if cond.score is not None:
-            return _between(lambda f: f.ctx.score, cond.score.over, cond.score.under)
+            score = self._range("score", _score)
+            return _leaf(score, score.atom(cond.score.over, cond.score.under))
         if cond.body is not None:
-            field = self._field("body", BODY, _body_items)
-            return _any_value(field, cond.body, (*where, "body"))
+            field = self._text("body", BODY, _body_items)
+            return _leaf(field, field.atom(cond.body, (*where, "body")))
         if cond.attachment is not None:
             return self._attachment(cond.attachment, (*where, "attachment"))
         if cond.mime_truncated is not None:
-            truncated = cond.mime_truncated
-            return Compiled(lambda f, ev: f.structure().truncated == truncated, 2, False, None)
+            flag = self._flag("mime_truncated", STRUCTURE, _truncated)
+            return _leaf(flag, flag.atom(cond.mime_truncated))
         raise AssertionError("schema guarantees one condition key")  # pragma: no cover
 
     def _header(self, lname: str, want: TextMatch, where: Where) -> Compiled:
-        field = self._field(f"header:{lname}", HEADERS, _header_items(lname))
-        return _any_value(field, want, where)
+        field = self._text(f"header:{lname}", HEADERS, _header_items(lname))
+        return _leaf(field, field.atom(want, where))
 
     def _attachment(self, want: AttachmentMatch, where: Where) -> Compiled:
-        names = self._field("attachment:filename", STRUCTURE, _name_items)
-        types = self._field("attachment:content_type", STRUCTURE, _type_items)
+        names = self._text("attachment:filename", STRUCTURE, _name_items)
+        types = self._text("attachment:content_type", STRUCTURE, _type_items)
         name_atom = _part_atom(names, want.filename, (*where, "filename"))
         type_atom = _part_atom(types, want.content_type, (*where, "content_type"))
         if name_atom is _NEVER or type_atom is _NEVER:
-            return _plain(lambda f, ev: False, STRUCTURE)
-        need: Need | None = None
-        if name_atom is not None:
-            need = {names: frozenset([name_atom])}
-        elif type_atom is not None:
-            need = {types: frozenset([type_atom])}
+            return Compiled(lambda f, ev: False, STRUCTURE, False, None)
+        if name_atom is None and type_atom is None:  # any attachment at all
+            present = types.atom(TextMatch(exists=True), where)
+            return _leaf(types, present)
 
         def test(f: Facts, ev: Evaluation) -> bool:
             by_name = f.scan(names)[0] if name_atom is not None else None
@@ -168,13 +198,16 @@ class ConditionCompiler:
                 return True
             return False
 
-        return Compiled(test, STRUCTURE, False, need)
+        if name_atom is not None:
+            return _leaf(names, name_atom, test=test)
+        assert type_atom is not None
+        return _leaf(types, type_atom, test=test)
 
 
 _NEVER = -1  # a part test that no part passes
 
 
-def _part_atom(field: Field, want: TextMatch | None, where: Where) -> int | None:
+def _part_atom(field: TextField, want: TextMatch | None, where: Where) -> int | None:
     """The atom testing one attachment part; None when every part passes (no test,
     or ``exists: true``: a part always has a value, its names or ""), _NEVER when
     none does (``exists: false``)."""
@@ -182,10 +215,10 @@ def _part_atom(field: Field, want: TextMatch | None, where: Where) -> int | None
         return None
     if want.exists is not None:
         return None if want.exists else _NEVER
-    return field.index.atom(want, where)
+    return field.atom(want, where)
 
 
-# --- the fields' items ------------------------------------------------------------------
+# --- what the fields read ---------------------------------------------------------------
 
 
 def _header_items(lname: str) -> Items:
@@ -216,35 +249,34 @@ def _type_items(f: Facts) -> list[tuple[str]]:
     return [(p.content_type,) for p in f.structure().parts if p.is_attachment]
 
 
-# --- leaves -----------------------------------------------------------------------------
+def _address(f: Facts) -> tuple[int, int] | None:
+    return f.address()
 
 
-def _plain(test: Test, cost: int = ENVELOPE) -> Compiled:
-    return Compiled(test, cost, False, None)
+def _authenticated(f: Facts) -> bool:
+    return bool(f.ctx.connection.authenticated_user)
 
 
-def _any_value(field: Field, want: TextMatch, where: Where) -> Compiled:
-    """True when the test holds for any value of ``field`` (``exists``: any value)."""
-    if want.exists is not None:
-        exists = want.exists
-        return _plain(lambda f, ev: bool(field.items(f)) == exists, field.cost)
-    atom = field.index.atom(want, where)
-    return Compiled(
-        lambda f, ev: atom in f.scan(field)[1], field.cost, False, {field: frozenset([atom])}
-    )
+def _size(f: Facts) -> float:
+    return f.ctx.size
 
 
-def _recipient(field: Field, want: TextMatch, where: Where) -> Compiled:
-    if want.exists is not None:
-        exists = want.exists
+def _score(f: Facts) -> float:
+    return f.ctx.score
 
-        def every(f: Facts, ev: Evaluation) -> bool:
-            hits = set(f.ctx.envelope.rcpt_tos) if exists else set()
-            ev.recipients |= hits
-            return bool(hits)
 
-        return Compiled(every, ENVELOPE, True, None)
-    atom = field.index.atom(want, where)
+def _truncated(f: Facts) -> bool:
+    return f.structure().truncated
+
+
+# --- leaves with more to them -----------------------------------------------------------
+
+
+def _recipient(field: TextField, want: TextMatch, where: Where) -> Compiled:
+    """Holds when any recipient passes; remembers which did."""
+    if want.exists is False:  # a recipient always has a value: no one passes
+        return Compiled(lambda f, ev: False, ENVELOPE, True, None)
+    atom = field.atom(want, where)
 
     def test(f: Facts, ev: Evaluation) -> bool:
         per_item, union = f.scan(field)
@@ -254,32 +286,7 @@ def _recipient(field: Field, want: TextMatch, where: Where) -> Compiled:
         ev.recipients.update(r for r, hits in zip(rcpts, per_item, strict=True) if atom in hits)
         return True
 
-    return Compiled(test, ENVELOPE, True, {field: frozenset([atom])})
-
-
-def _client_ip(networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Compiled:
-    # `address in network` as integers: same version, same bits under the mask.
-    masks = [(n.version, int(n.netmask), int(n.network_address)) for n in networks]
-
-    def test(f: Facts, ev: Evaluation) -> bool:
-        addr = f.address()
-        if addr is None:
-            return False
-        version, value = addr
-        for net_version, mask, network in masks:
-            if net_version == version and value & mask == network:
-                return True
-        return False
-
-    return _plain(test)
-
-
-def _between(value: Callable[[Facts], float], over: float | None, under: float | None) -> Compiled:
-    def test(f: Facts, ev: Evaluation) -> bool:
-        v = value(f)
-        return (over is None or v > over) and (under is None or v < under)
-
-    return _plain(test)
+    return _leaf(field, atom, records=True, test=test)
 
 
 # --- combinations -----------------------------------------------------------------------
@@ -297,16 +304,25 @@ def _all(children: list[Compiled]) -> Compiled:
                 return False
         return True
 
-    # Every child's need is one of the whole; take the cheapest, unless reading its
-    # field would cost more than the branch that `all` tries first.
+    # Every child's need is one of the whole. Take one whose fields may open (they
+    # cost no more than the branch `all` tries first, or are cheap anyway), text
+    # tests before flags and ranges (they are rarer: `authenticated: false` holds for
+    # most mail); failing that the cheapest, riding only.
     need = None
     needs = [c.need for c in children if c.need is not None]
     if needs:
-        best = min(needs, key=_need_cost)
-        first = min(c.cost for c in children)
-        if _need_cost(best) <= max(NEED_COST, first):
-            need = best
+        limit = max(NEED_COST, min(c.cost for c in children))
+        eligible = [n for n in needs if n.cost <= limit]
+        if eligible:
+            need = min(eligible, key=lambda n: (not _textual(n), n.cost))
+        else:
+            cheapest = min(needs, key=lambda n: n.cost)
+            need = Need(cheapest.atoms, frozenset())
     return Compiled(test, max((c.cost for c in children), default=0), records, need)
+
+
+def _textual(need: Need) -> bool:
+    return all(isinstance(field, TextField) for field in need.atoms)
 
 
 def _any(children: list[Compiled]) -> Compiled:
@@ -325,16 +341,21 @@ def _any(children: list[Compiled]) -> Compiled:
                 return True
         return False
 
-    # True only if some branch is: the union of the branches' needs, when each has
-    # one, and when scanning all their fields costs no more than `any` would anyway.
-    need: Need | None = None
+    # True only if a branch is: when each branch has a need, the union of them. The
+    # cheapest fields, and any cheap enough, may open; the others (a body after a
+    # header) only ride along.
+    need = None
     if children and all(c.need is not None for c in children):
-        merged: dict[Field, frozenset[int]] = {}
+        atoms: dict[Field, frozenset[int]] = {}
+        opening: set[Field] = set()
         for c in children:
-            for field, atoms in (c.need or {}).items():
-                merged[field] = merged.get(field, frozenset()) | atoms
-        if len(merged) == 1 or _need_cost(merged) <= NEED_COST:
-            need = merged
+            assert c.need is not None
+            for field, ids in c.need.atoms.items():
+                atoms[field] = atoms.get(field, frozenset()) | ids
+            opening |= c.need.opening
+        cheapest = min(field.cost for field in atoms)
+        limit = max(NEED_COST, cheapest)
+        need = Need(atoms, frozenset(f for f in opening if f.cost <= limit))
     return Compiled(test, max((c.cost for c in children), default=0), bool(recording), need)
 
 

@@ -25,15 +25,15 @@ discard action ends evaluation.
 from __future__ import annotations
 
 import email.utils
-import heapq
 from dataclasses import dataclass
+from heapq import heappop, heappush
 from typing import NamedTuple
 
 from mailflow import mime
 from mailflow.config import ConfigIssue, _dotted
 from mailflow.message import MessageContext
-from mailflow.rules.conditions import Compiled, ConditionCompiler, Evaluation, Field, Test
-from mailflow.rules.fields import Where
+from mailflow.rules.conditions import ConditionCompiler, Evaluation, Need, Test
+from mailflow.rules.fields import Field, Scan, Where
 from mailflow.rules.schema import Rule, RuleSet
 from mailflow.verdict import (
     Action,
@@ -50,7 +50,6 @@ from mailflow.verdict import (
 )
 
 FINAL_ACTIONS = ("reject", "tempfail", "discard")  # a matching rule with one ends evaluation
-Scan = tuple[list[set[int]], set[int]]  # atoms that hold per item, and over all items
 
 
 class Facts:
@@ -105,7 +104,7 @@ class Facts:
         """Which of ``field``'s atoms hold, per item and over all items (scanned once)."""
         found = self._scans.get(field)
         if found is None:
-            found = self._scans[field] = field.index.scan(field.items(self))
+            found = self._scans[field] = field.scan(self)
         return found
 
 
@@ -172,69 +171,39 @@ class CompiledRuleSet:
         self.ruleset = ruleset
         self.rules: list[CompiledRule] = []
         compiler = ConditionCompiler()
-        needs: list[tuple[int, Compiled]] = []
+        needs: list[Need | None] = []
         for number, rule in enumerate(ruleset.rules):
             if rule.enabled:
                 when = compiler.compile(rule.when, ("rules", number, "when"))
                 final = rule.then.stop or rule.then.action in FINAL_ACTIONS
-                needs.append((len(self.rules), when))
+                needs.append(when.need)
                 self.rules.append(CompiledRule(rule, when.test, final, when.records))
         problems = compiler.finish()
         if problems:
             raise RuleErrors(problems)
-        self._always = [index for index, when in needs if when.need is None]
-        gates: dict[Field, tuple[int, dict[int, list[int]]]] = {}
-        for index, when in needs:
-            for field, atoms in (when.need or {}).items():
-                _, by_atom = gates.setdefault(field, (index, {}))
+        # A field opens (is scanned) at the first rule it opens for; a rule is skipped
+        # on its need only if all the need's fields are open by the time it comes up.
+        opens: dict[Field, int] = {}
+        for index, need in enumerate(needs):
+            for field in need.opening if need is not None else ():
+                opens.setdefault(field, index)
+        self._always: list[int] = []
+        by_field: dict[Field, dict[int, list[int]]] = {}
+        for index, need in enumerate(needs):
+            if need is None or any(opens.get(f, index + 1) > index for f in need.atoms):
+                self._always.append(index)
+                continue
+            for field, atoms in need.atoms.items():
+                by_atom = by_field.setdefault(field, {})
                 for atom in atoms:
                     by_atom.setdefault(atom, []).append(index)
         self._gates = sorted(
             (
-                _Gate(first, field, {a: tuple(r) for a, r in by_atom.items()})
-                for field, (first, by_atom) in gates.items()
+                _Gate(opens[field], field, {a: tuple(r) for a, r in by_atom.items()})
+                for field, by_atom in by_field.items()
             ),
             key=lambda g: g.first,
         )
-
-    def candidates(self, facts: Facts) -> _Candidates:
-        """The indexes of the rules that may match, in order (lazily, see the class)."""
-        return _Candidates(self, facts)
-
-
-class _Candidates:
-    """Iterator over candidate rule indexes in increasing order, opening gates as it goes."""
-
-    __slots__ = ("_facts", "_gates", "_heap", "_last", "_next_gate")
-
-    def __init__(self, compiled: CompiledRuleSet, facts: Facts) -> None:
-        self._heap = compiled._always.copy()  # sorted, hence already a heap
-        self._gates = compiled._gates
-        self._next_gate = 0
-        self._facts = facts
-        self._last = -1
-
-    def __iter__(self) -> _Candidates:
-        return self
-
-    def __next__(self) -> int:
-        heap, gates = self._heap, self._gates
-        while True:
-            while self._next_gate < len(gates) and (
-                not heap or gates[self._next_gate].first <= heap[0]
-            ):
-                gate = gates[self._next_gate]
-                self._next_gate += 1
-                rules = gate.rules
-                for atom in self._facts.scan(gate.field)[1]:
-                    for index in rules.get(atom, ()):
-                        heapq.heappush(heap, index)
-            if not heap:
-                raise StopIteration
-            index = heapq.heappop(heap)
-            if index != self._last:  # a rule let through by two atoms comes twice
-                self._last = index
-                return index
 
 
 _compiled: dict[int, CompiledRuleSet] = {}
@@ -260,8 +229,27 @@ def evaluate(ruleset: RuleSet | CompiledRuleSet, ctx: MessageContext) -> list[Hi
     compiled = compile_ruleset(ruleset)
     facts = Facts(ctx)
     rules = compiled.rules
+    gates = compiled._gates
     hits: list[Hit] = []
-    for index in compiled.candidates(facts):
+    # Candidates in file order: a heap of rule indexes, fed by the rules without a
+    # need and, as evaluation reaches the first rule a gate opens for, by the rules
+    # the gate's matching atoms let through (see CompiledRuleSet).
+    heap = compiled._always.copy()  # sorted, so already a heap
+    next_gate, last = 0, -1
+    while True:
+        while next_gate < len(gates) and (not heap or gates[next_gate].first <= heap[0]):
+            gate = gates[next_gate]
+            next_gate += 1
+            let_through = gate.rules
+            for atom in facts.scan(gate.field)[1]:
+                for index in let_through.get(atom, ()):
+                    heappush(heap, index)
+        if not heap:
+            break
+        index = heappop(heap)
+        if index == last:  # let through by two atoms
+            continue
+        last = index
         rule, test, final, records = rules[index]
         ev = Evaluation() if records else _NOTHING_RECORDED
         if test(facts, ev):
