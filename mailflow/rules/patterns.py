@@ -250,8 +250,11 @@ def build(
 
 
 def _reason(exc: hyperscan.error) -> str:
-    text = str(exc.args[0] if exc.args else exc).strip()
-    return text.rstrip(".") or "not supported by the pattern engine"
+    text = str(exc.args[0] if exc.args else exc).strip().rstrip(".")
+    return f"{text or 'not supported'} ({ENGINE_HINT})"
+
+
+ENGINE_HINT = "rule patterns run on a linear-time engine; see docs/rules.md, Regular expressions"
 
 
 def check(pattern: str, case_sensitive: bool = False) -> None:
