@@ -13,9 +13,13 @@ Text fields (:class:`TextField`, :class:`TextIndex`):
 
 * ``matches`` and case-sensitive ``contains`` go into one Hyperscan database,
   scanned once over each value;
-* case-insensitive ``contains`` goes into a second database of literals, scanned
-  over the value's ``casefold()`` (exactly Python's ``needle.casefold() in
-  value.casefold()``, which Hyperscan's own caseless mode is not);
+* case-insensitive ``contains`` must mean Python's ``needle.casefold() in
+  value.casefold()``, which Hyperscan's own caseless mode does not ("ß" is "ss").
+  For an ASCII value (most header values, much body text) the two agree when the
+  folded needle is ASCII, so such needles also go into the first database, as
+  caseless literals; a value that is not ASCII is casefolded and scanned with a
+  second database of every folded needle instead (the first one's answers for
+  those needles are dropped);
 * ``equals`` and ``one_of`` are dictionary look-ups of the value (casefolded
   unless case-sensitive);
 * ``exists`` holds for every item when there are items, or for none.
@@ -188,6 +192,7 @@ class TextIndex:
         "_exists",
         "_folded",
         "_folded_dbs",
+        "_folded_ids",
         "_keys",
         "_raw",
         "_raw_dbs",
@@ -199,6 +204,7 @@ class TextIndex:
         self._where: dict[int, Where] = {}
         self._raw: list[tuple[Expression, int]] = []
         self._folded: list[tuple[Expression, int]] = []
+        self._folded_ids: frozenset[int] = frozenset()  # in both databases
         self._equal: dict[str, list[int]] = {}
         self._equal_folded: dict[str, list[int]] = {}
         self._exists: dict[bool, int] = {}
@@ -233,9 +239,13 @@ class TextIndex:
             self._exists[operand] = ident
         elif kind == "matches":
             self._raw.append((Expression.regex(operand, sensitive), ident))
+        elif kind == "contains" and sensitive:
+            self._raw.append((Expression.literal(operand), ident))
         elif kind == "contains":
-            target = self._raw if sensitive else self._folded
-            target.append((Expression.literal(operand), ident))
+            self._folded.append((Expression.literal(operand), ident))
+            if operand.isascii():
+                self._raw.append((Expression.literal(operand, caseless=True), ident))
+                self._folded_ids |= {ident}
         else:
             table = self._equal if sensitive else self._equal_folded
             for option in operand:
@@ -247,9 +257,12 @@ class TextIndex:
         self._raw_dbs, raw_failures = build(tuple(self._raw))
         self._folded_dbs, folded_failures = build(tuple(self._folded))
         by_id = {ident: e for e, ident in (*self._raw, *self._folded)}
+        reasons: dict[int, str] = {}
+        for ident, reason in (*raw_failures, *folded_failures):
+            reasons.setdefault(ident, reason)  # a needle is in both databases
         return [
             (self._where[ident], str(PatternError(by_id[ident].source, reason)))
-            for ident, reason in (*raw_failures, *folded_failures)
+            for ident, reason in sorted(reasons.items())
         ]
 
     def hits(self, value: str) -> set[int]:
@@ -264,8 +277,10 @@ class TextIndex:
             if ids:
                 found.update(ids)
         if self._folded_dbs or self._equal_folded:
-            folded = fold(value)
-            if self._folded_dbs:
+            ascii = value.isascii()
+            folded = value.lower() if ascii else value.casefold()
+            if self._folded_dbs and not ascii:  # see the module docstring
+                found -= self._folded_ids
                 data = encode(folded)
                 for db in self._folded_dbs:
                     db.scan(data, found)

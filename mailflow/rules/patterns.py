@@ -185,8 +185,8 @@ class Expression:
         return cls(pattern, translate(pattern), not case_sensitive)
 
     @classmethod
-    def literal(cls, text: str) -> Expression:
-        return cls(text, escape_literal(text), False)
+    def literal(cls, text: str, caseless: bool = False) -> Expression:
+        return cls(text, escape_literal(text), caseless)
 
 
 def _on_match(ident: int, start: int, end: int, flags: int, found: set[int]) -> None:
@@ -196,19 +196,26 @@ def _on_match(ident: int, start: int, end: int, flags: int, found: set[int]) -> 
 class Database:
     """Compiled expressions, each with an id; :meth:`scan` says which ids match."""
 
-    __slots__ = ("_db", "_local", "ids")
+    __slots__ = ("_db", "_local", "_owner", "_scratch", "ids")
 
     def __init__(self, entries: Sequence[tuple[Expression, int]]) -> None:
         self.ids = tuple(ident for _, ident in entries)
         self._db = _compile(entries)
-        self._local = threading.local()  # Hyperscan scratch space is per thread
+        # Hyperscan scratch space is per thread: one for the thread that compiled (it
+        # evaluates too, as a rule) and, lazily, one for any other thread.
+        self._owner = threading.get_ident()
+        self._scratch = hyperscan.Scratch(self._db)
+        self._local = threading.local()
 
     def scan(self, data: bytes, found: set[int]) -> None:
         """Add to ``found`` the ids of the expressions that match ``data`` (UTF-8)."""
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None:
-            scratch = self._local.scratch = hyperscan.Scratch(self._db)
-        self._db.scan(data, match_event_handler=_on_match, context=found, scratch=scratch)
+        scratch = self._scratch
+        if threading.get_ident() != self._owner:
+            scratch = getattr(self._local, "scratch", None)
+            if scratch is None:
+                scratch = self._local.scratch = hyperscan.Scratch(self._db)
+        # Positional: (data, handler, flags, context, scratch), no keyword parsing.
+        self._db.scan(data, _on_match, 0, found, scratch)
 
 
 def _compile(entries: Sequence[tuple[Expression, int]]) -> Any:
