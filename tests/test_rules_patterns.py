@@ -283,3 +283,25 @@ def test_eight_bit_header_bytes_do_not_raise() -> None:
         }
     )
     assert [h.rule.name for h in evaluate(ruleset, ctx_for(raw))] == ["r", "s"]
+
+
+def test_evaluation_from_several_threads() -> None:
+    """Hyperscan needs scratch space per thread; each thread gets its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ruleset = RuleSet.model_validate(
+        {
+            "rules": [
+                {"name": f"r{i}", "when": {"body": {"matches": rf"\bword{i}\b"}}, "then": {}}
+                for i in range(20)
+            ]
+        }
+    )
+    raws = [make_message(body=f"a word{i} here\r\n" * 50) for i in range(20)]
+
+    def names(i: int) -> list[str]:
+        return [h.rule.name for h in evaluate(ruleset, ctx_for(raws[i % 20]))]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(names, range(400)))
+    assert results == [[f"r{i % 20}"] for i in range(400)]

@@ -150,8 +150,8 @@ class ConditionCompiler:
             return _recipient(field, cond.recipient, (*where, "recipient"))
         if cond.client_ip is not None:
             networks = [ipaddress.ip_network(n, strict=False) for n in cond.client_ip]
-            field = self._networks()
-            return _leaf(field, field.atom(networks))
+            client = self._networks()
+            return _leaf(client, client.atom(networks))
         if cond.authenticated is not None:
             flag = self._flag("authenticated", ENVELOPE, _authenticated)
             return _leaf(flag, flag.atom(cond.authenticated))

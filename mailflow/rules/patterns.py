@@ -27,7 +27,7 @@ from __future__ import annotations
 import codecs
 import threading
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,11 +211,13 @@ class Database:
         """Add to ``found`` the ids of the expressions that match ``data`` (UTF-8)."""
         scratch = self._scratch
         if threading.get_ident() != self._owner:
-            scratch = getattr(self._local, "scratch", None)
-            if scratch is None:
-                scratch = self._local.scratch = hyperscan.Scratch(self._db)
+            scratch = getattr(self._local, "scratch", None) or self._new_scratch()
         # Positional: (data, handler, flags, context, scratch), no keyword parsing.
         self._db.scan(data, _on_match, 0, found, scratch)
+
+    def _new_scratch(self) -> hyperscan.Scratch:
+        scratch = self._local.scratch = hyperscan.Scratch(self._db)
+        return scratch
 
 
 def _compile(entries: Sequence[tuple[Expression, int]]) -> Any:
@@ -262,19 +264,3 @@ def _reason(exc: hyperscan.error) -> str:
 
 
 ENGINE_HINT = "rule patterns run on a linear-time engine; see docs/rules.md, Regular expressions"
-
-
-def check(pattern: str, case_sensitive: bool = False) -> None:
-    """Raise :class:`PatternError` if ``pattern`` cannot run on the engine."""
-    expression = Expression.regex(pattern, case_sensitive)
-    _, failures = build([(expression, 0)])
-    if failures:
-        raise PatternError(pattern, failures[0][1])
-
-
-def scan_all(databases: Iterable[Database], data: bytes) -> set[int]:
-    """The ids that match ``data`` in any of ``databases``."""
-    found: set[int] = set()
-    for db in databases:
-        db.scan(data, found)
-    return found
