@@ -157,12 +157,14 @@ class _Gate(NamedTuple):
 class CompiledRuleSet:
     """A rule file ready to evaluate: enabled rules only, conditions compiled.
 
-    Most rules test text, and most such tests fail on a given message. Rather than
-    call every rule, evaluation starts from the rules that have no need (their
-    condition is not tied to text tests) and, field by field, adds the rules whose
-    need one of the field's matching atoms satisfies; it takes them in file order,
-    scanning each field when the first rule that needs it comes up, so rules after
-    a final match cost nothing and a field no remaining rule needs is never read.
+    Most rules' tests fail on a given message. Rather than call every rule,
+    evaluation starts from the rules without a usable need (a `not`, or an `any`
+    whose body branch no earlier rule had read: they are called as they are) and,
+    field by field, adds the rules whose need one of the field's holding atoms
+    satisfies; it takes them in file order. A field is scanned (``_Gate``) when the
+    first rule that opens it comes up (mailflow.rules.conditions.Need), so rules
+    after a final match cost nothing and no field is read earlier than a rule would
+    have read it.
     """
 
     __slots__ = ("_always", "_gates", "rules", "ruleset")
