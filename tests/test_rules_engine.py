@@ -8,7 +8,6 @@ import email.utils
 import ipaddress
 import random
 import re
-import string
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from mailflow import mime
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.rules import compile_ruleset, evaluate, to_result
 from mailflow.rules.engine import Hit
-from mailflow.rules.literals import FOLD_EXCEPTIONS, MIN_FILTERED_CHARS, Search, required_literals
 from mailflow.rules.schema import Condition, RuleSet, TextMatch
 from mailflow.testing import make_message
 from mailflow.verdict import Action, Result, Route, RouteKind, SMTPReply
@@ -382,14 +380,6 @@ def test_body_is_not_decoded_when_a_cheaper_branch_decides(monkeypatch: pytest.M
     assert calls == []
 
 
-def test_body_regex_rules_out_html_without_converting_it(monkeypatch: pytest.MonkeyPatch):
-    calls: list[str] = []
-    monkeypatch.setattr(mime, "html_to_text", lambda s: calls.append(s) or s)
-    ruleset = rules({"name": "r", "when": {"body": {"matches": r"wire transfer"}}, "then": {}})
-    assert evaluate(ruleset, ctx_for(message_template())) == []
-    assert calls == []
-
-
 def test_stop_and_final_actions_end_evaluation():
     ruleset = rules(
         {"name": "a", "when": {"authenticated": False}, "then": {"score": 1}},
@@ -451,120 +441,6 @@ def test_a_rule_set_is_compiled_once():
     assert compile_ruleset(compiled) is compiled
 
 
-# --- the literal pre-filter -------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("pattern", "flags", "literals"),
-    [
-        (r"\bwire (the )?transfer fee\b", re.I, {"transfer fee"}),
-        (
-            r"(?i)\b(lottery|you have won|claim your prize)\b",
-            0,
-            {"lottery", "you have won", "claim your prize"},
-        ),
-        (r"\.(exe|scr|com)$", 0, {"exe", "scr", "com"}),
-        (r"invoice\d+", 0, {"invoice"}),
-        (r"(abc)+xy", 0, {"abc"}),
-        (r"(abc)*xy", 0, {"xy"}),
-        (r"a[bc]d", 0, {"a", "d"}),  # either run would do; one is chosen
-        (r"(?i:caps)lock", 0, {"lock"}),
-        (r"café", re.I, {"caf"}),  # non-ASCII letters are no literal when folding
-        (r"café", 0, {"café"}),
-        (r"x|", 0, None),
-        (r"\w+", 0, None),
-        (r"(a|\d)", 0, None),
-        (r"(?=needle)\w+", 0, None),
-        (r"(ab)\1", 0, {"ab"}),
-    ],
-)
-def test_required_literals(pattern: str, flags: int, literals: set[str] | None):
-    found = required_literals(pattern, flags)
-    if literals is not None and pattern == r"a[bc]d":
-        assert found in ({"a"}, {"d"})
-    else:
-        assert found == (None if literals is None else frozenset(literals))
-
-
-def test_fold_exceptions_are_the_only_ones():
-    """Characters that re.IGNORECASE matches to an ASCII letter while str.lower() does
-    not turn them into that letter: exactly FOLD_EXCEPTIONS."""
-    text = "".join(chr(c) for c in range(128, 0x110000) if not 0xD800 <= c < 0xE000)
-    found = set()
-    for letter in string.ascii_lowercase:
-        for char in re.findall(letter, text, re.IGNORECASE):
-            if char.lower() != letter:
-                found.add(char)
-    assert found == set(FOLD_EXCEPTIONS)
-
-
-def test_search_agrees_with_re_search():
-    rng = random.Random(7)
-    alphabet = "abcdefklmnorstwxyz ABCKST.-\n\u017f\u0131\u0130\u212a\u00e9_1"
-    patterns = [
-        r"\bwire (the )?transfer fee\b",
-        r"(?i)\b(lottery|you have won)\b",
-        r"ask",
-        r"(?i)kit",
-        r"(?-i:Ask)|(?i:sky)",
-        r"s+t",
-        r"[a-c]ake",
-        r"\.(exe|scr)$",
-        r"(?m)^stop$",
-        r"(?a)risk",
-    ]
-    for _ in range(3000):
-        pattern = rng.choice(patterns)
-        flags = rng.choice([0, re.IGNORECASE])
-        words = ["".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(200)]
-        words += [
-            "wire transfer fee",
-            "you have won",
-            "Ask",
-            "SKY",
-            "\u017ft",
-            "kit",
-            "K\u0130T",
-            "x.exe",
-        ]
-        rng.shuffle(words)
-        text = " ".join(words[: rng.randint(100, 200)])
-        assert len(text) >= MIN_FILTERED_CHARS
-        assert Search(pattern, flags)(text) == bool(re.search(pattern, text, flags)), (
-            pattern,
-            flags,
-            text,
-        )
-
-
-def test_possible_in_parts_never_rules_out_a_match():
-    rng = random.Random(11)
-    pieces = ["wire", "transfer", "fee", "Transfer", "FEE", "<b>", "</b>", "<br>", " ", "  ", "\t"]
-    pieces += [
-        "\r\n",
-        "\n",
-        "&amp;",
-        "&#32;",
-        "x",
-        "<script>fee</script>",
-        "\u017f",
-        "trans",
-        "fer",
-    ]
-    patterns = [r"wire transfer fee", r"(?i)transfer\s+fee", r"transfer fee", r"fee\nx", r"f e"]
-    for _ in range(4000):
-        parts = []
-        for _ in range(rng.randint(1, 3)):
-            text = "".join(rng.choices(pieces, k=rng.randint(1, 25)))
-            parts.append((text, rng.random() < 0.6))
-        body = "\n".join(mime.html_to_text(t) if h else t for t, h in parts)
-        pattern = rng.choice(patterns)
-        flags = rng.choice([0, re.IGNORECASE])
-        search = Search(pattern, flags)
-        if re.search(pattern, body, flags):
-            assert search.possible_in_parts(parts), (pattern, flags, parts)
-
-
 def test_shipped_policy_sees_an_exe_inside_a_forwarded_message():
     from pathlib import Path
 
@@ -582,3 +458,205 @@ def test_shipped_policy_sees_an_exe_inside_a_forwarded_message():
     assert to_result(hits, ctx_for(raw)).reply == SMTPReply(
         554, "Executable attachments are not accepted; please send a link instead", "5.7.1"
     )
+
+
+# --- grouped matching: every field's tests answered in one pass --------------------------
+
+
+def test_larger_random_rule_sets_agree_with_the_first_engine():
+    """Many rules per set: fields opened by one rule and skipped rules riding on them."""
+    rng = random.Random(11)
+    for _ in range(40):
+        rules_data = []
+        for i in range(rng.randint(20, 60)):
+            then: dict[str, Any] = {"score": 1}
+            if rng.random() < 0.05:
+                then["action"] = rng.choice(["reject", "quarantine"])
+            if rng.random() < 0.1:
+                then["route"] = {"mailbox": f"b{i}"}
+            rules_data.append({"name": f"r{i}", "when": random_condition(rng), "then": then})
+        ruleset = RuleSet.model_validate({"rules": rules_data})
+        compiled = compile_ruleset(ruleset)
+        for ctx in contexts(rng):
+            got = [(h.rule.name, h.recipients) for h in evaluate(compiled, ctx)]
+            want = [(h.rule.name, h.recipients) for h in ref_evaluate(ruleset, ctx)]
+            assert got == want
+
+
+def shipped_and_generated(count: int) -> RuleSet:
+    from benchmarks.rule_sets import rule_set
+
+    return RuleSet.model_validate({"rules": rule_set(count)})
+
+
+def sample_messages(step: int) -> list[bytes]:
+    from pathlib import Path
+
+    corpus = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"
+    files = sorted(p for p in corpus.glob("*/*") if p.is_file())[::step]
+    return [*MESSAGES, *(message_template(size, 3) for size in (2048, 20480))] + [
+        p.read_bytes() for p in files
+    ]
+
+
+@pytest.mark.parametrize(("count", "step"), [(10, 40), (1000, 400)])
+def test_example_and_benchmark_rule_sets_agree_with_the_first_engine(count: int, step: int):
+    """The shipped rules/ files (count 10) and the benchmark's 1,000 rules, on the test
+    messages and every step-th corpus message (when the corpus is there)."""
+    ruleset = shipped_and_generated(count)
+    compiled = compile_ruleset(ruleset)
+    for raw in sample_messages(step):
+        for rcpts in (["bob@example.com"], ["sales@example.com", "legal-x@example.com"]):
+            ctx = MessageContext(raw, Envelope("a@example.org", rcpts), Connection("192.0.2.7"))
+            got = [(h.rule.name, h.recipients) for h in evaluate(compiled, ctx)]
+            want = [(h.rule.name, h.recipients) for h in ref_evaluate(ruleset, ctx)]
+            assert got == want, raw[:200]
+
+
+def test_many_patterns_on_one_field():
+    words = [f"token{i:03d}" for i in range(300)]
+    ruleset = rules(
+        *(
+            {"name": w, "when": {"subject": {"matches": rf"\b{w}\b"}}, "then": {"score": 1}}
+            for w in words
+        ),
+        {"name": "contains", "when": {"subject": {"contains": "TOKEN007"}}, "then": {}},
+        {"name": "equals", "when": {"subject": {"equals": "x token007 token250"}}, "then": {}},
+        {
+            "name": "one_of",
+            "when": {"subject": {"one_of": ["nope", "X TOKEN007 TOKEN250"]}},
+            "then": {},
+        },
+    )
+    ctx = ctx_for(make_message(subject="x token007 token250"))
+    assert [h.rule.name for h in evaluate(ruleset, ctx)] == [
+        "token007",
+        "token250",
+        "contains",
+        "equals",
+        "one_of",
+    ]
+
+
+def test_case_sensitivity_per_test_on_one_field():
+    ruleset = rules(
+        {"name": "folded", "when": {"subject": {"matches": "invoice"}}, "then": {}},
+        {
+            "name": "exact",
+            "when": {"subject": {"matches": "invoice", "case_sensitive": True}},
+            "then": {},
+        },
+        {"name": "inline-off", "when": {"subject": {"matches": "(?-i:INVOICE)"}}, "then": {}},
+        {
+            "name": "inline-on",
+            "when": {"subject": {"matches": "(?i)invoice", "case_sensitive": True}},
+            "then": {},
+        },
+        {"name": "contains", "when": {"subject": {"contains": "VOICE"}}, "then": {}},
+        {
+            "name": "contains-exact",
+            "when": {"subject": {"contains": "voice", "case_sensitive": True}},
+            "then": {},
+        },
+        {"name": "equals", "when": {"subject": {"equals": "your invoice"}}, "then": {}},
+        {
+            "name": "equals-exact",
+            "when": {"subject": {"equals": "your invoice", "case_sensitive": True}},
+            "then": {},
+        },
+    )
+    names = [h.rule.name for h in evaluate(ruleset, ctx_for(make_message(subject="Your INVOICE")))]
+    assert names == ["folded", "inline-off", "inline-on", "contains", "equals"]
+
+
+def test_case_insensitive_contains_is_python_casefold():
+    """`contains` compares casefolded text, as before ("ß" is "ss"); Hyperscan's
+    caseless mode alone would not find "STRASSE" in "Straße"."""
+    ruleset = rules(
+        {"name": "ss", "when": {"body": {"contains": "STRASSE"}}, "then": {}},
+        {"name": "sharp", "when": {"body": {"contains": "straße"}}, "then": {}},
+        {
+            "name": "exact",
+            "when": {"body": {"contains": "STRASSE", "case_sensitive": True}},
+            "then": {},
+        },
+    )
+    hits = evaluate(ruleset, ctx_for(make_message(body="Hauptstraße 1\r\n")))
+    assert [h.rule.name for h in hits] == ["ss", "sharp"]
+
+
+def test_not_of_a_grouped_test():
+    ruleset = rules(
+        {
+            "name": "no-list",
+            "when": {"not": {"header": {"name": "List-Id", "exists": True}}},
+            "then": {},
+        },
+        {"name": "not-lottery", "when": {"not": {"subject": {"matches": "lottery"}}}, "then": {}},
+        {
+            "name": "both",
+            "when": {
+                "all": [{"subject": {"matches": "report"}}, {"not": {"body": {"contains": "x"}}}]
+            },
+            "then": {},
+        },
+    )
+    plain = ctx_for(make_message(subject="The report", body="nothing here\r\n"))
+    assert [h.rule.name for h in evaluate(ruleset, plain)] == ["no-list", "not-lottery", "both"]
+    listed = ctx_for(
+        make_message(subject="LOTTERY report", body="x\r\n", extra_headers={"List-Id": "<l>"})
+    )
+    assert evaluate(ruleset, listed) == []
+
+
+def test_recipients_recorded_from_grouped_tests():
+    ruleset = rules(
+        {
+            "name": "depts",
+            "when": {
+                "any": [
+                    {"recipient": {"matches": r"^sales(-[a-z]+)?@"}},
+                    {"recipient": {"one_of": ["legal@example.com"]}},
+                    {"not": {"recipient": {"contains": "nobody"}}},
+                ]
+            },
+            "then": {"route": {"mailbox": "x"}},
+        },
+        {"name": "exists", "when": {"recipient": {"exists": True}}, "then": {}},
+        {"name": "never", "when": {"recipient": {"exists": False}}, "then": {}},
+    )
+    rcpts = ["sales-eu@example.com", "LEGAL@example.com", "bob@example.com"]
+    hits = evaluate(ruleset, ctx_for(make_message(), rcpts))
+    assert [(h.rule.name, h.recipients) for h in hits] == [
+        ("depts", {"sales-eu@example.com", "LEGAL@example.com"}),
+        ("exists", set(rcpts)),
+    ]
+
+
+def test_fields_are_read_only_when_a_rule_needs_them(monkeypatch: pytest.MonkeyPatch):
+    """A final rule ends evaluation before later rules' fields are read; a header
+    branch that decides an `any` leaves its body branch undecoded."""
+    calls: list[str] = []
+    real = mime.Structure.body_text
+    monkeypatch.setattr(mime.Structure, "body_text", lambda s: calls.append("body") or real(s))
+    ruleset = rules(
+        {"name": "stop", "when": {"subject": {"matches": "stop"}}, "then": {"action": "reject"}},
+        {"name": "body", "when": {"body": {"matches": "anything"}}, "then": {}},
+    )
+    assert [h.rule.name for h in evaluate(ruleset, ctx_for(make_message(subject="stop")))] == [
+        "stop"
+    ]
+    assert calls == []
+    ruleset = rules(
+        {
+            "name": "either",
+            "when": {"any": [{"body": {"matches": "never"}}, {"subject": {"matches": "decides"}}]},
+            "then": {},
+        }
+    )
+    assert [h.rule.name for h in evaluate(ruleset, ctx_for(make_message(subject="decides")))] == [
+        "either"
+    ]
+    assert calls == []
+    assert evaluate(ruleset, ctx_for(make_message(subject="other"))) == []
+    assert calls == ["body"]

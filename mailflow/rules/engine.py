@@ -1,10 +1,15 @@
 """Rule evaluation: a pure function of the message context (no I/O, no mutation).
 
-A rule file is compiled once (:func:`compile_ruleset`): patterns compiled, ``one_of``
-lists folded into sets, header names lower-cased, networks parsed, and each
-condition tree turned into nested closures. Evaluation is lazy: headers are read
-when a header condition is reached, the MIME structure is walked when an
-attachment condition is, and body text is decoded only for a body condition.
+A rule file is compiled once (:func:`compile_ruleset`): the text tests of all its
+rules grouped by the field they read and compiled into Hyperscan databases (one
+pass over a value answers every test on it; :mod:`mailflow.rules.fields`),
+``one_of`` lists folded into dictionaries, header names lower-cased, networks
+parsed, and each condition tree turned into nested closures
+(:mod:`mailflow.rules.conditions`). Evaluation is lazy: a field is read and
+scanned when the first rule that needs it is reached, the MIME structure is
+walked when an attachment condition is, and body text is decoded only for a body
+condition. Rules whose text tests cannot hold are skipped without being called
+(see :class:`CompiledRuleSet`).
 
 ``evaluate`` says which rules match and for which recipients; ``to_result`` turns
 the matches into one :class:`~mailflow.verdict.Result` (score, mutations, verdict).
@@ -20,16 +25,16 @@ discard action ends evaluation.
 from __future__ import annotations
 
 import email.utils
-import ipaddress
-import re
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from heapq import heappop, heappush
 from typing import NamedTuple
 
 from mailflow import mime
+from mailflow.config import ConfigIssue, _dotted
 from mailflow.message import MessageContext
-from mailflow.rules.literals import Search, lowered
-from mailflow.rules.schema import AttachmentMatch, Condition, Rule, RuleSet, TextMatch
+from mailflow.rules.conditions import ConditionCompiler, Evaluation, Need, Test
+from mailflow.rules.fields import Field, Scan, Where
+from mailflow.rules.schema import Rule, RuleSet
 from mailflow.verdict import (
     Action,
     AddHeader,
@@ -44,24 +49,13 @@ from mailflow.verdict import (
     SMTPReply,
 )
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-TextTest = Callable[[Sequence[str]], bool]
 FINAL_ACTIONS = ("reject", "tempfail", "discard")  # a matching rule with one ends evaluation
-
-
-class Evaluation:
-    """Facts gathered while evaluating one rule (which recipients matched)."""
-
-    __slots__ = ("recipients",)
-
-    def __init__(self) -> None:
-        self.recipients: set[str] = set()
 
 
 class Facts:
     """What conditions read from one message, each looked up at most once."""
 
-    __slots__ = ("_address", "_from", "_headers", "_structure", "ctx")
+    __slots__ = ("_address", "_from", "_headers", "_scans", "_structure", "ctx")
 
     def __init__(self, ctx: MessageContext) -> None:
         self.ctx = ctx
@@ -69,6 +63,7 @@ class Facts:
         self._from: list[str] | None = None
         self._address: tuple[int, int] | bool | None = False  # False: not looked up yet
         self._structure: mime.Structure | None = None
+        self._scans: dict[Field, Scan] = {}
 
     def structure(self) -> mime.Structure:
         """The message's MIME structure (walked once per body, see mailflow.mime)."""
@@ -105,223 +100,16 @@ class Facts:
             self._address = found
         return self._address  # type: ignore[return-value]
 
+    def scan(self, field: Field) -> Scan:
+        """Which of ``field``'s atoms hold, per item and over all items (scanned once)."""
+        found = self._scans.get(field)
+        if found is None:
+            found = self._scans[field] = field.scan(self)
+        return found
+
 
 # Client addresses seen lately, parsed (ipaddress.ip_address costs ~2 us a message).
 _ADDRESSES: dict[str, tuple[int, int] | None] = {}
-
-
-Test = Callable[[Facts, Evaluation], bool]
-
-
-class Compiled(NamedTuple):
-    """A compiled condition: the test, a cost rank, and whether it records recipients."""
-
-    test: Test
-    cost: int  # 0 envelope/connection, 1 headers, 2 MIME structure, 3 body text
-    records: bool  # holds a recipient condition outside any `not`
-
-
-# --- text operators ---------------------------------------------------------------------
-
-
-def compile_text(m: TextMatch) -> TextTest:
-    """A function of the values that says whether the operator holds for any of them."""
-    if m.exists is not None:
-        exists = m.exists
-        return lambda values: bool(values) == exists
-    if m.matches is not None:
-        search = Search(m.matches, 0 if m.case_sensitive else re.IGNORECASE)
-        return lambda values: any(search(v) for v in values)
-    sensitive = m.case_sensitive
-    if m.equals is not None:
-        target = m.equals if sensitive else m.equals.casefold()
-        if sensitive:
-            return lambda values: target in values
-        return lambda values: any(_fold(v) == target for v in values)
-    if m.contains is not None:
-        needle = m.contains if sensitive else m.contains.casefold()
-        if sensitive:
-            return lambda values: any(needle in v for v in values)
-        return lambda values: any(needle in _fold(v) for v in values)
-    one_of = m.one_of or []
-    options = frozenset(one_of if sensitive else (o.casefold() for o in one_of))
-    if sensitive:
-        return lambda values: any(v in options for v in values)
-    return lambda values: any(_fold(v) in options for v in values)
-
-
-def _fold(text: str) -> str:
-    """``casefold``; for ASCII text (where both agree) the remembered ``lower``."""
-    return lowered(text) if text.isascii() else text.casefold()
-
-
-def match_text(m: TextMatch, values: list[str]) -> bool:
-    """True when any of ``values`` satisfies the operator (``exists``: any value at all)."""
-    return compile_text(m)(values)
-
-
-# --- conditions -------------------------------------------------------------------------
-
-
-def compile_condition(cond: Condition) -> Compiled:
-    """Turn one condition tree into a :class:`Compiled` test."""
-    if cond.all is not None:
-        return _all([compile_condition(c) for c in cond.all])
-    if cond.any is not None:
-        return _any([compile_condition(c) for c in cond.any])
-    if cond.not_ is not None:
-        return _not(compile_condition(cond.not_))
-    if cond.header is not None:
-        return _header(cond.header.name.lower(), compile_text(cond.header))
-    if cond.subject is not None:
-        return _header("subject", compile_text(cond.subject))
-    if cond.from_ is not None:
-        return _from(compile_text(cond.from_))
-    if cond.sender is not None:
-        return _sender(compile_text(cond.sender))
-    if cond.recipient is not None:
-        return _recipient(compile_text(cond.recipient))
-    if cond.client_ip is not None:
-        return _client_ip([ipaddress.ip_network(n, strict=False) for n in cond.client_ip])
-    if cond.authenticated is not None:
-        want = cond.authenticated
-        return Compiled(lambda f, ev: bool(f.ctx.connection.authenticated_user) == want, 0, False)
-    if cond.size is not None:
-        return _between(lambda f: f.ctx.size, cond.size.over, cond.size.under)
-    if cond.score is not None:
-        return _between(lambda f: f.ctx.score, cond.score.over, cond.score.under)
-    if cond.body is not None:
-        return _body(cond.body)
-    if cond.attachment is not None:
-        return _attachment(cond.attachment)
-    if cond.mime_truncated is not None:
-        truncated = cond.mime_truncated
-        return Compiled(lambda f, ev: f.structure().truncated == truncated, 2, False)
-    raise AssertionError("schema guarantees one condition key")  # pragma: no cover
-
-
-def _all(children: list[Compiled]) -> Compiled:
-    records = any(c.records for c in children)
-    if not records:  # no side effects: cheapest first
-        children = sorted(children, key=lambda c: c.cost)
-    tests = [c.test for c in children]
-
-    def test(f: Facts, ev: Evaluation) -> bool:
-        for t in tests:  # noqa: SIM110 - a plain loop: no generator per evaluation
-            if not t(f, ev):
-                return False
-        return True
-
-    return Compiled(test, max((c.cost for c in children), default=0), records)
-
-
-def _any(children: list[Compiled]) -> Compiled:
-    recording = [c.test for c in children if c.records]
-    plain = [c.test for c in sorted(children, key=lambda c: c.cost) if not c.records]
-
-    def test(f: Facts, ev: Evaluation) -> bool:
-        hit = False
-        for t in recording:  # every one: each matching recipient is remembered
-            if t(f, ev):
-                hit = True
-        if hit:
-            return True
-        for t in plain:  # noqa: SIM110 - a plain loop: no generator per evaluation
-            if t(f, ev):
-                return True
-        return False
-
-    return Compiled(test, max((c.cost for c in children), default=0), bool(recording))
-
-
-def _not(inner: Compiled) -> Compiled:
-    inner_test = inner.test
-    if inner.records:  # recipients matched inside a `not` are not remembered
-        return Compiled(lambda f, ev: not inner_test(f, Evaluation()), inner.cost, False)
-    return Compiled(lambda f, ev: not inner_test(f, ev), inner.cost, False)
-
-
-def _header(lname: str, match: TextTest) -> Compiled:
-    return Compiled(lambda f, ev: match(f.header(lname)), 1, False)
-
-
-def _from(match: TextTest) -> Compiled:
-    return Compiled(lambda f, ev: match(f.from_addresses()), 1, False)
-
-
-def _sender(match: TextTest) -> Compiled:
-    return Compiled(lambda f, ev: match([f.ctx.envelope.mail_from]), 0, False)
-
-
-def _recipient(match: TextTest) -> Compiled:
-    def test(f: Facts, ev: Evaluation) -> bool:
-        hits = {r for r in f.ctx.envelope.rcpt_tos if match([r])}
-        ev.recipients |= hits
-        return bool(hits)
-
-    return Compiled(test, 0, True)
-
-
-def _client_ip(networks: list[Network]) -> Compiled:
-    # `address in network` as integers: same version, same bits under the mask.
-    masks = [(n.version, int(n.netmask), int(n.network_address)) for n in networks]
-
-    def test(f: Facts, ev: Evaluation) -> bool:
-        addr = f.address()
-        if addr is None:
-            return False
-        version, value = addr
-        for net_version, mask, network in masks:
-            if net_version == version and value & mask == network:
-                return True
-        return False
-
-    return Compiled(test, 0, False)
-
-
-def _between(value: Callable[[Facts], float], over: float | None, under: float | None) -> Compiled:
-    def test(f: Facts, ev: Evaluation) -> bool:
-        v = value(f)
-        return (over is None or v > over) and (under is None or v < under)
-
-    return Compiled(test, 0, False)
-
-
-def _body(want: TextMatch) -> Compiled:
-    match = compile_text(want)
-    if want.matches is None:
-        return Compiled(lambda f, ev: match([f.structure().body_text()]), 3, False)
-    search = Search(want.matches, 0 if want.case_sensitive else re.IGNORECASE)
-
-    def test(f: Facts, ev: Evaluation) -> bool:
-        body = f.structure()
-        parts = [(p.text(), p.content_type == "text/html") for p in body.body_parts()]
-        return search.possible_in_parts(parts) and search(body.body_text())
-
-    return Compiled(test, 3, False)
-
-
-def _attachment(want: AttachmentMatch) -> Compiled:
-    name_test = compile_text(want.filename) if want.filename is not None else None
-    type_test = compile_text(want.content_type) if want.content_type is not None else None
-
-    def test(f: Facts, ev: Evaluation) -> bool:
-        for part in f.structure().parts:
-            if not part.is_attachment:
-                continue
-            if name_test is not None and not name_test(part.filenames or ("",)):
-                continue
-            if type_test is not None and not type_test((part.content_type,)):
-                continue
-            return True
-        return False
-
-    return Compiled(test, 2, False)
-
-
-def check(cond: Condition, ctx: MessageContext, ev: Evaluation) -> bool:
-    """Evaluate one condition tree against the message (compiles it each call)."""
-    return compile_condition(cond).test(Facts(ctx), ev)
 
 
 # --- rule sets --------------------------------------------------------------------------
@@ -340,26 +128,94 @@ class CompiledRule(NamedTuple):
     records: bool  # has recipient conditions (outside `not`) whose matches are kept
 
 
-class CompiledRuleSet:
-    """A rule file ready to evaluate: enabled rules only, conditions compiled."""
+class RuleErrors(ValueError):
+    """Patterns of a rule set that the engine refused, as (key path, message)."""
 
-    __slots__ = ("rules", "ruleset")
+    def __init__(self, problems: list[tuple[Where, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(message for _, message in problems))
+
+    def issues(self, filename: str, lines: dict[Where, int]) -> list[ConfigIssue]:
+        """As config issues naming ``filename``, the key path and its line."""
+        out = []
+        for where, message in self.problems:
+            line = next(
+                (lines[where[:n]] for n in range(len(where), -1, -1) if where[:n] in lines), None
+            )
+            out.append(ConfigIssue(filename, _dotted(where), line, message))
+        return sorted(out, key=lambda i: i.line or 0)
+
+
+class _Gate(NamedTuple):
+    """Rules that can only match when one of their atoms on ``field`` holds."""
+
+    first: int  # the first such rule: the field is scanned when evaluation gets there
+    field: Field
+    rules: dict[int, tuple[int, ...]]  # atom -> indexes of the rules it lets through
+
+
+class CompiledRuleSet:
+    """A rule file ready to evaluate: enabled rules only, conditions compiled.
+
+    Most rules' tests fail on a given message. Rather than call every rule,
+    evaluation starts from the rules without a usable need (a `not`, or an `any`
+    whose body branch no earlier rule had read: they are called as they are) and,
+    field by field, adds the rules whose need one of the field's holding atoms
+    satisfies; it takes them in file order. A field is scanned (``_Gate``) when the
+    first rule that opens it comes up (mailflow.rules.conditions.Need), so rules
+    after a final match cost nothing and no field is read earlier than a rule would
+    have read it.
+    """
+
+    __slots__ = ("_always", "_gates", "rules", "ruleset")
 
     def __init__(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
         self.rules: list[CompiledRule] = []
-        for rule in ruleset.rules:
+        compiler = ConditionCompiler()
+        needs: list[Need | None] = []
+        for number, rule in enumerate(ruleset.rules):
             if rule.enabled:
-                when = compile_condition(rule.when)
+                when = compiler.compile(rule.when, ("rules", number, "when"))
                 final = rule.then.stop or rule.then.action in FINAL_ACTIONS
+                needs.append(when.need)
                 self.rules.append(CompiledRule(rule, when.test, final, when.records))
+        problems = compiler.finish()
+        if problems:
+            raise RuleErrors(problems)
+        # A field opens (is scanned) at the first rule it opens for; a rule is skipped
+        # on its need only if all the need's fields are open by the time it comes up.
+        opens: dict[Field, int] = {}
+        for index, need in enumerate(needs):
+            for field in need.opening if need is not None else ():
+                opens.setdefault(field, index)
+        self._always: list[int] = []
+        by_field: dict[Field, dict[int, list[int]]] = {}
+        for index, need in enumerate(needs):
+            if need is None or any(opens.get(f, index + 1) > index for f in need.atoms):
+                self._always.append(index)
+                continue
+            for field, atoms in need.atoms.items():
+                by_atom = by_field.setdefault(field, {})
+                for atom in atoms:
+                    by_atom.setdefault(atom, []).append(index)
+        self._gates = sorted(
+            (
+                _Gate(opens[field], field, {a: tuple(r) for a, r in by_atom.items()})
+                for field, by_atom in by_field.items()
+            ),
+            key=lambda g: g.first,
+        )
 
 
 _compiled: dict[int, CompiledRuleSet] = {}
 
 
 def compile_ruleset(ruleset: RuleSet | CompiledRuleSet) -> CompiledRuleSet:
-    """The compiled form of ``ruleset`` (remembered for the rule sets seen last)."""
+    """The compiled form of ``ruleset`` (remembered for the rule sets seen last).
+
+    Raises :class:`RuleErrors` for patterns the engine refuses.
+    """
     if isinstance(ruleset, CompiledRuleSet):
         return ruleset
     done = _compiled.get(id(ruleset))
@@ -372,9 +228,31 @@ def compile_ruleset(ruleset: RuleSet | CompiledRuleSet) -> CompiledRuleSet:
 
 def evaluate(ruleset: RuleSet | CompiledRuleSet, ctx: MessageContext) -> list[Hit]:
     """The enabled rules that match, in file order, up to the first one with ``stop``."""
+    compiled = compile_ruleset(ruleset)
     facts = Facts(ctx)
+    rules = compiled.rules
+    gates = compiled._gates
     hits: list[Hit] = []
-    for rule, test, final, records in compile_ruleset(ruleset).rules:
+    # Candidates in file order: a heap of rule indexes, fed by the rules without a
+    # need and, as evaluation reaches the first rule a gate opens for, by the rules
+    # the gate's matching atoms let through (see CompiledRuleSet).
+    heap = compiled._always.copy()  # sorted, so already a heap
+    next_gate, last = 0, -1
+    while True:
+        while next_gate < len(gates) and (not heap or gates[next_gate].first <= heap[0]):
+            gate = gates[next_gate]
+            next_gate += 1
+            let_through = gate.rules
+            for atom in facts.scan(gate.field)[1]:
+                for index in let_through.get(atom, ()):
+                    heappush(heap, index)
+        if not heap:
+            break
+        index = heappop(heap)
+        if index == last:  # let through by two atoms
+            continue
+        last = index
+        rule, test, final, records = rules[index]
         ev = Evaluation() if records else _NOTHING_RECORDED
         if test(facts, ev):
             hits.append(Hit(rule, frozenset(ev.recipients) if records else _NO_RECIPIENTS))

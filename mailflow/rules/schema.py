@@ -7,25 +7,18 @@ A rule file is a mapping with one key, ``rules``, a list of rules::
         when: {subject: {contains: invoice}}
         then: {route: {kind: maildir, mailbox: accounting}, add_headers: {X-Dept: accounting}}
 
-See docs/rules.md for every condition and action.
+See docs/rules.md for every condition and action; :mod:`mailflow.rules.loader` reads
+files into these models.
 """
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mailflow.config import (
-    Size,
-    check_networks,
-    first_repeated,
-    load_yaml,
-    read_text_file,
-    validate_model,
-)
+from mailflow.config import Size, check_networks, first_repeated
+from mailflow.rules.patterns import PatternError, translate
 
 
 class _Strict(BaseModel):
@@ -37,7 +30,7 @@ class TextMatch(_Strict):
 
     equals: str | None = None
     contains: str | None = None
-    matches: str | None = None  # a Python regular expression (re.search)
+    matches: str | None = None  # a regular expression, searched (docs/rules.md)
     one_of: list[str] | None = None
     exists: bool | None = None
     case_sensitive: bool = False
@@ -52,16 +45,13 @@ class TextMatch(_Strict):
         if len(given) != 1:
             raise ValueError("give exactly one of: equals, contains, matches, one_of, exists")
         if self.matches is not None:
+            # Only what can be told from the text; whether the engine can run the
+            # pattern is known when the rule set is compiled (mailflow.rules.loader).
             try:
-                re.compile(self.matches)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {self.matches!r}: {exc}") from None
+                translate(self.matches)
+            except PatternError as exc:
+                raise ValueError(str(exc)) from None
         return self
-
-    def compiled(self) -> re.Pattern[str] | None:
-        if self.matches is None:
-            return None
-        return re.compile(self.matches, 0 if self.case_sensitive else re.IGNORECASE)
 
 
 class HeaderMatch(TextMatch):
@@ -161,17 +151,3 @@ class RuleSet(_Strict):
         if twice is not None:
             raise ValueError(f"rule name {twice!r} is used twice")
         return value
-
-
-def parse_rules(text: str, filename: str) -> RuleSet:
-    data, lines = load_yaml(text, filename)
-    return validate_model(RuleSet, data, filename, lines)
-
-
-def load_rules(path: str | Path) -> RuleSet:
-    """Load one rule file; :class:`ConfigError` names the file, key path and line."""
-    return parse_rules(read_text_file(path), str(path))
-
-
-def rules_from_data(data: Any, source: str) -> RuleSet:
-    return validate_model(RuleSet, {"rules": data}, source, {})
