@@ -74,6 +74,8 @@ async def check_message(
         if denied is not None:
             _refuse(ctx, asked, Action.REJECT, denied, denied.text)
             continue
+        if rcpt != asked and rcpt in ctx.envelope.rcpt_tos:
+            continue  # several forms of postmaster: one mailbox, one copy
         result, runs = await pipeline.run_stage(
             "rcpt", connection=conn, sender=sender, recipient=rcpt, options=[]
         )

@@ -233,9 +233,12 @@ class Handler:
             return str(R_TOO_MANY_RCPTS)
         # Relay control; postmaster (RFC 5321 4.5.1) becomes its configured mailbox here,
         # so the plugins, routing and delivery see an ordinary address.
+        asked = address
         address, refusal = admit_recipient(config, conn, address)
         if refusal is not None:
             return str(refusal)
+        if address != asked and address in envelope.rcpt_tos:
+            return "250 2.1.5 Ok"  # <postmaster> and postmaster@ ours: one mailbox, one copy
         maildir = config.delivery.maildir
         if (
             is_local_recipient(config, address)
