@@ -9,6 +9,7 @@ measured after that, Received fields of the header counted.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 
@@ -39,7 +40,7 @@ def scan(raw: bytes, cuts: list[int], size_limit: int = 0) -> tuple[bytes, DataS
     scanner = DataScanner(LIMIT, size_limit, reject_bare_newline=False)
     out = []
     bounds = [0, *sorted(cuts), len(raw)]
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         out.append(scanner.feed(raw[start:end]))
     out.append(scanner.finish())
     return b"".join(out), scanner

@@ -19,7 +19,13 @@ from mailflow.testing import make_message, running_server, send, smtp_sink
 from tests.smtp_support import relay_config
 from tests.test_smtp_badinput import session
 
-FORMS = ["postmaster", "POSTMASTER", "PostMaster", "postmaster@example.org", "Postmaster@EXAMPLE.NET"]
+FORMS = [
+    "postmaster",
+    "POSTMASTER",
+    "PostMaster",
+    "postmaster@example.org",
+    "Postmaster@EXAMPLE.NET",
+]
 
 
 async def deliver_each(port: int, forms: list[str]) -> list[str]:
@@ -136,7 +142,6 @@ def test_an_undeliverable_postmaster_mailbox_is_a_config_error(make_config):
         make_config('local_domains: ["*.example.net"]\n')
     # A relayed postmaster mailbox is fine when relay has a route for it.
     config = make_config(
-        "local_domains: [example.org]\npostmaster: ops@elsewhere.test\n"
-        "relay: {default: mx}\n"
+        "local_domains: [example.org]\npostmaster: ops@elsewhere.test\nrelay: {default: mx}\n"
     )
     assert config.postmaster_mailbox == "ops@elsewhere.test"
