@@ -143,7 +143,7 @@ class ServerConfig(Strict):
     max_received_headers: int = Field(default=50, ge=1)  # loop detection (RFC 5321 6.3)
     bare_newline: Literal["normalize", "reject"] = "normalize"
     # Message data beyond this size goes to a temporary file while it arrives ...
-    large_message_threshold: Size = 1024 * 1024
+    large_message_threshold: Size = 256 * 1024
     # ... and such messages held in memory to be filtered share this many bytes; the
     # next one waits for room (its client for the reply). At least one message fits.
     large_message_memory: Size = Field(default=100 * 1024 * 1024, ge=1)

@@ -298,6 +298,9 @@ class Handler:
             # body line into a broken header field.
             raw = b"\r\n" + raw
         raw = self.received_header(conn, session, envelope, queue_id) + raw
+        # The message lives on as ctx.raw; the envelope's copy (as large as the message)
+        # would only double the memory of a large message while the plugins run.
+        envelope.content = envelope.original_content = None
         ctx = MessageContext(
             raw,
             Envelope(
