@@ -140,8 +140,8 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_text(tmp: Path, port: int, extra: str) -> str:
-    """The embedded default, in ``tmp`` and on ``port``, with ``extra`` YAML merged in."""
+def config_text(tmp: Path, port: int, *extras: str) -> str:
+    """The embedded default, in ``tmp`` and on ``port``, with ``extras`` (YAML) merged in."""
     config = yaml.safe_load(default_config_text())
     local = {
         "server": {"listen": [f"127.0.0.1:{port}"]},
@@ -149,7 +149,9 @@ def config_text(tmp: Path, port: int, extra: str) -> str:
         "queue": {"directory": str(tmp / "spool")},
         "quarantine": {"directory": str(tmp / "quarantine")},
     }
-    config = merged(merged(config, local), yaml.safe_load(textwrap.dedent(extra)) or {})
+    config = merged(config, local)
+    for extra in extras:
+        config = merged(config, yaml.safe_load(textwrap.dedent(extra)) or {})
     return yaml.safe_dump(config)
 
 

@@ -219,10 +219,11 @@ class AuthMechanisms:
         data = LoginPassword(login, password)
         locked = guard.locked(ip, login)
         if locked is not None:
-            # Answered at once and without a password check: nothing to learn here,
-            # and no core spent on it. It still counts against this connection.
+            # Answered without a password check: nothing to learn here, and no core
+            # spent on it. After the longest failure delay, though: a guesser answered
+            # at once would only reconnect (a TLS handshake each time) and ask again.
             log.debug("%s: AUTH refused, %s locked out", ip, locked)
-            return await self._auth_refused(R_AUTH_LOCKED, 0.0)
+            return await self._auth_refused(R_AUTH_LOCKED, guard.lockout_delay)
         if self._authenticator is None:
             result = AuthResult(success=False, handled=False)
         else:

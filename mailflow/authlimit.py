@@ -6,7 +6,7 @@ by its /64, which one host usually has to itself) and per user name, across all
 connections: each failure is answered after a delay that grows with those counts,
 and at ``max_failures_per_ip`` / ``max_failures_per_user`` the address or name is
 locked out for ``lockout_time``: it gets ``454 4.7.0`` at once, without a password
-check (RFC 4954 6).
+check (RFC 4954 6), after the longest failure delay (so a guesser does not spin).
 
 :class:`AuthGuard` is what the SMTP protocol talks to. It keeps the counts in an
 :class:`AuthLimiter` (in memory here; the interface is small so the counts can move
@@ -208,6 +208,11 @@ class AuthGuard:
 
     def locked(self, ip: str, login: bytes) -> Scope | None:
         return self.limiter.locked(*self.keys(ip, login))
+
+    @property
+    def lockout_delay(self) -> float:
+        """How long a locked-out attempt waits for its 454: the longest failure delay."""
+        return self.settings.failure_delay * MAX_DELAY_STEPS
 
     async def check(self, verify: Callable[[], _T]) -> _T:
         """Run the blocking password check ``verify`` in a worker thread, when a slot is free."""

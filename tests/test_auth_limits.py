@@ -271,3 +271,5 @@ def test_delays_grow_with_the_failures_up_to_a_cap():
     assert delays[:3] == [0.5, 1.0, 1.5]
     assert delays[-1] == 5.0  # ten steps at most
     assert guard.failed("192.0.2.99", b"carol", 3) == 1.5  # this connection's own count
+    # A locked-out attempt waits the longest delay for its 454: no fast reconnect loop.
+    assert guard.lockout_delay == 5.0
