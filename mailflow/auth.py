@@ -183,7 +183,7 @@ class AuthMechanisms:
 
     # The protocol sets these per connection (MailflowSMTP takes the guard from its
     # handler); without them a default guard is shared by the class.
-    auth_guard: AuthGuard | None = None
+    mailflow_auth_guard: AuthGuard | None = None
     _default_guard: AuthGuard | None = None
     _authenticator: Any
     session: Any
@@ -202,8 +202,8 @@ class AuthMechanisms:
         ) -> Any: ...
 
     def _auth_guard(self) -> AuthGuard:
-        if self.auth_guard is not None:
-            return self.auth_guard
+        if self.mailflow_auth_guard is not None:
+            return self.mailflow_auth_guard
         cls = type(self)
         if cls._default_guard is None:
             cls._default_guard = AuthGuard(AuthThrottleConfig())
