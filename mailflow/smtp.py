@@ -120,7 +120,8 @@ class Handler:
         # Memory for large messages read back from their files to be filtered.
         self.large_messages = ByteBudget(server.large_message_memory)
         # AUTH failures across this server's connections (mailflow.authlimit).
-        self.auth_guard = AuthGuard(
+        # (Not "auth_...": aiosmtpd takes such members of the handler for SASL mechanisms.)
+        self.login_guard = AuthGuard(
             server.auth or AuthThrottleConfig(),
             on_lockout=self._auth_lockout,
             on_failure=app.metrics.observe_auth_failure,

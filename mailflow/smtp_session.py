@@ -102,7 +102,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
     def __init__(self, handler: Handler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.mailflow_handler = handler
-        self.mailflow_auth_guard = handler.auth_guard
+        self.mailflow_auth_guard = handler.login_guard
         self.mailflow_conn: Connection | None = None
         self.mailflow_connect_runs: list[PluginRun] = []
         self.mailflow_helo_runs: list[PluginRun] = []
