@@ -75,6 +75,24 @@ PIECE_COST = 256  # octets of work charged per piece, on top of its length
 _PROGRESS_CODES = (b"2", b"3")
 
 
+def _buffered_until_end(reader: asyncio.StreamReader, tail: bytes) -> int:
+    """How many buffered octets can be taken without passing a possible end of data.
+
+    That is up to (and with) the CRLF of the first "<CRLF>.<CRLF>" in the buffer, or
+    all but the last four octets (a terminator may be arriving). 0 when the end may
+    start right at the front (after ``tail``, the last two octets taken), which the
+    caller's ``readuntil`` sorts out. StreamReader keeps unread data in ``_buffer``
+    (aiosmtpd uses it too); without it, 0.
+    """
+    buffer = getattr(reader, "_buffer", None)
+    if not buffer or buffer[:1] == b"." or (tail[-1:] == b"\r" and buffer[:2] == b"\n."):
+        return 0
+    end = buffer.find(b"\r\n.\r\n")
+    if end >= 0:
+        return end + 2
+    return max(len(buffer) - 4, 0)
+
+
 _Command = TypeVar("_Command", bound=Callable[..., Any])
 _SYNTAX_ATTRIBUTES = ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__")
 
@@ -489,6 +507,16 @@ class MailflowSMTP(AuthMechanisms, SMTP):
                 break
             tail = (tail + chunk[-2:])[-2:]
             work += len(chunk) + PIECE_COST
+            # ".<CRLF>" that ends nothing ("x.<CRLF>" lines) would cost a readuntil
+            # each: take what is already buffered, up to the next possible end, at once.
+            ahead = _buffered_until_end(reader, tail)
+            if ahead:
+                piece = await reader.read(ahead)  # buffered: returns at once
+                kept = scanner.feed(piece)
+                if kept:
+                    await store.add(kept)
+                tail = (tail + piece[-2:])[-2:]
+                work += len(piece)
             if work >= YIELD_EVERY:
                 # readuntil returns without waiting while data is buffered: let the
                 # other connections have their turn.

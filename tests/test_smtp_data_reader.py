@@ -170,3 +170,42 @@ async def test_message_data_is_read_without_stopping_the_socket_and_limits_come_
     assert transport.pauses == 0
     assert reader._limit == line_limit  # type: ignore[attr-defined]
     assert await reader.readuntil() == b"MAIL FROM:<next@example.org>\r\n"
+
+
+async def test_reader_finds_exactly_the_end_however_the_socket_splits_the_data(tmp_path):
+    """Random data ("x.<CRLF>" lines that end nothing, bare line ends, stuffed dots),
+    the end line, then pipelined commands, fed in random pieces: the reader returns the
+    message the whole-data reference gives and leaves the commands unread."""
+    import random
+
+    from mailflow.normalize import normalize_newlines
+    from mailflow.smtp_data import DataScanner, DataStore
+    from mailflow.smtp_session import MailflowSMTP
+
+    rng = random.Random(5)
+    atoms = [b"x", b".", b"x.\r\n", b"\r\n", b"\r\n..", b"\n", b"\r", b"\n.\n", b"\r.\r", b"ab "]
+    for _ in range(600):
+        body = b"".join(rng.choice(atoms) for _ in range(rng.randrange(0, 150)))
+        if body and not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        if b"\r\n.\r\n" in b"\r\n" + body:
+            continue  # the atoms made an end line: that data would end there
+        wire = body + b".\r\nQUIT\r\n"
+        reader = asyncio.StreamReader(limit=64)  # tiny: LimitOverrunError paths too
+        protocol = object.__new__(MailflowSMTP)
+        protocol._reader = reader
+        scanner = DataScanner(10_000, 0, reject_bare_newline=False)
+        store = DataStore(1 << 20, tmp_path)
+        reading = asyncio.ensure_future(protocol._read_data(scanner, store))
+        position = 0
+        while position < len(wire):
+            step = rng.choice([1, 2, 3, 5, 64, 1000])
+            reader.feed_data(wire[position : position + step])
+            position += step
+            await asyncio.sleep(0)
+        async with asyncio.timeout(5):  # a reader that missed the end would wait forever
+            assert await reading is True
+        unstuffed = body[1:] if body.startswith(b".") else body
+        expected = normalize_newlines(unstuffed.replace(b"\r\n.", b"\r\n"))
+        assert await store.take() == expected, body
+        assert await reader.readuntil() == b"QUIT\r\n"
