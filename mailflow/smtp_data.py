@@ -125,15 +125,14 @@ class DataScanner:
         return self._scan(self._newlines.feed(self._unstuff(block)))
 
     def finish(self) -> bytes:
-        """The end of data was reached: the last bytes to store (a held-back CR)."""
+        """The end of data was reached: the last bytes to store (a held-back CR).
+
+        The data before the end line ends in CRLF (or is empty), so no line is
+        left unfinished here.
+        """
         if self.error is not None:
             return b""
-        out = self._scan(self._newlines.finish())
-        if self.error is None and self._run:
-            # Only an empty message or a final bare CR/LF can get here: the data
-            # before the end line ends in CRLF otherwise.
-            out += self._scan(_CRLF)
-        return out
+        return self._scan(self._newlines.finish())
 
     def _fail(self, error: DataError) -> bytes:
         self.error = error

@@ -32,17 +32,25 @@ async def start_data(port: int) -> SMTPDialog:
     return dialog
 
 
-async def trickle(dialog: SMTPDialog, piece: bytes, every: float) -> None:
-    """Write ``piece`` every ``every`` seconds until the server closes the connection."""
+async def trickle(dialog: SMTPDialog, piece: bytes, every: float, until: float) -> None:
+    """Write ``piece`` every ``every`` seconds for ``until`` seconds, then go quiet.
+
+    Quiet before the server's cut-off: octets still unread when a server closes its
+    socket make the kernel send RST instead of FIN, and the client may then see the
+    reset instead of the 421. (data_timeout is long in these tests: the silence
+    after ``until`` cannot be what cuts the client off.)
+    """
+    loop = asyncio.get_running_loop()
+    stop = loop.time() + until
     with contextlib.suppress(ConnectionError):
         await dialog.write_raw(b"Subject: slow\r\n\r\n")
-        while not dialog.writer.is_closing():
+        while loop.time() < stop and not dialog.writer.is_closing():
             await asyncio.sleep(every)
             await dialog.write_raw(piece)
 
 
-async def cut_off_reply(srv, dialog: SMTPDialog, piece: bytes, every: float) -> str:
-    writing = asyncio.ensure_future(trickle(dialog, piece, every))
+async def cut_off_reply(srv, dialog: SMTPDialog, piece: bytes, every: float, until: float) -> str:
+    writing = asyncio.ensure_future(trickle(dialog, piece, every, until))
     try:
         reply = await dialog.read_reply(timeout=10)
         assert await dialog.reader.read() == b""  # and closed
@@ -66,8 +74,8 @@ async def test_a_client_trickling_data_is_cut_off_at_the_minimum_rate(make_confi
     async with running_server(config) as srv:
         dialog = await start_data(srv.port)
         # 1 octet every 20 ms: each arrives well within data_timeout, so only the
-        # rate can stop it (grace 0.3 s + octets / 1000 per second).
-        reply = await cut_off_reply(srv, dialog, b"x", 0.02)
+        # rate can stop it (grace 0.3 s + octets / 1000 per second: at ~0.31 s).
+        reply = await cut_off_reply(srv, dialog, b"x", 0.02, until=0.2)
         assert reply.startswith("421 4.4.2 Message data arriving too slowly"), reply
         metrics = srv.app.metrics.exposition().decode()
     assert 'mailflow_smtp_timeouts_total{reason="data_rate"} 1.0' in metrics
@@ -77,7 +85,8 @@ async def test_data_has_an_overall_deadline(make_config):
     config = make_config(server_yaml(data_deadline=0.5, data_min_rate=0, data_timeout=30))
     async with running_server(config) as srv:
         dialog = await start_data(srv.port)
-        reply = await cut_off_reply(srv, dialog, b"y" * 1000 + b"\r\n", 0.02)  # 50 KB/s
+        # 50 KB/s for 0.4 s, then quiet; cut at 0.5 s.
+        reply = await cut_off_reply(srv, dialog, b"y" * 1000 + b"\r\n", 0.02, until=0.4)
         assert reply.startswith("421 4.4.2 Message data took too long"), reply
 
 
@@ -108,16 +117,23 @@ async def test_commands_that_move_nothing_do_not_keep_a_connection(make_config, 
         loop = asyncio.get_running_loop()
         start = loop.time()
         reply = ""
-        while loop.time() - start < 5:
-            reply = await dialog.command(keepalive)
-            if reply.startswith("421"):
-                break
-            await asyncio.sleep(0.1)
-        assert reply.startswith("421 4.4.2 Idle too long without progress"), reply
-        assert await dialog.reader.read() == b""
+        try:
+            while loop.time() - start < 5:
+                reply = await dialog.command(keepalive)
+                if reply.startswith("421"):
+                    break
+                await asyncio.sleep(0.1)
+            assert await dialog.reader.read() == b""
+        except ConnectionResetError:
+            # A command written just as the server closed is unread there: the kernel
+            # then resets the connection, and the 421 may be lost on the way.
+            reply = "(reset)"
+        assert reply.startswith("421 4.4.2 Idle too long without progress") or (
+            reply == "(reset)"
+        ), reply
         await dialog.close()
         metrics = srv.app.metrics.exposition().decode()
-    assert 'mailflow_smtp_timeouts_total{reason="no_progress"} 1.0' in metrics
+    assert 'mailflow_smtp_timeouts_total{reason="no_progress"} 1.0' in metrics  # the reason
 
 
 async def test_a_client_sending_mail_makes_progress(make_config):
