@@ -7,7 +7,9 @@ is unreadable or malformed at start-up is a :class:`UsersFileError` naming the f
 and line; a later broken edit is logged and the previous users stay in force.
 
 Password hashing (argon2, ~50 ms by design) runs in a worker thread so one AUTH
-never stalls the other connections on the event loop.
+never stalls the other connections on the event loop; how many checks run at once,
+and how failures are slowed down and locked out across connections, is
+:mod:`mailflow.authlimit`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from mailflow.config import ConfigError, ConfigIssue
+from mailflow.authlimit import AuthGuard
+from mailflow.config import AuthThrottleConfig, ConfigError, ConfigIssue
 
 log = logging.getLogger("mailflow.auth")
 
@@ -37,6 +40,8 @@ log = logging.getLogger("mailflow.auth")
 R_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 # RFC 4954 6: temporary failure, used once a connection has failed too often.
 R_AUTH_TOO_MANY = "421 4.7.0 Too many failed authentication attempts, closing connection"
+# RFC 4954 6: temporary failure, for a client address or user name that is locked out.
+R_AUTH_LOCKED = "454 4.7.0 Too many failed authentication attempts, try again later"
 
 _HASH_PREFIX = "$argon2"
 
@@ -168,14 +173,18 @@ def _stamp_or_error(path: Path) -> _Stamp:
 class AuthMechanisms:
     """PLAIN (RFC 4616) and LOGIN for :class:`mailflow.smtp.MailflowSMTP`.
 
-    Replaces aiosmtpd's built-ins so the (slow) password check runs in a thread,
-    and so repeated failures on one connection are slowed down and then cut off.
-    Class attributes are the knobs (tests shorten the delay).
+    Replaces aiosmtpd's built-ins so the (slow) password check runs in a worker
+    thread under the server's :class:`~mailflow.authlimit.AuthGuard`, and so failures
+    are slowed down, cut off per connection (``MAX_AUTH_FAILURES``, then 421) and
+    locked out per client address and user name across connections (454).
     """
 
-    AUTH_FAILURE_DELAY = 1.0  # seconds before answering 535, times the failure count
-    MAX_AUTH_FAILURES = 3  # then 421 and close
+    MAX_AUTH_FAILURES = 3  # on one connection; then 421 and close
 
+    # The protocol sets these per connection (MailflowSMTP takes the guard from its
+    # handler); without them a default guard is shared by the class.
+    mailflow_auth_guard: AuthGuard | None = None
+    _default_guard: AuthGuard | None = None
     _authenticator: Any
     session: Any
     envelope: Any
@@ -192,29 +201,62 @@ class AuthMechanisms:
             log_client_response: bool = False,
         ) -> Any: ...
 
+    def _auth_guard(self) -> AuthGuard:
+        if self.mailflow_auth_guard is not None:
+            return self.mailflow_auth_guard
+        cls = type(self)
+        if cls._default_guard is None:
+            cls._default_guard = AuthGuard(AuthThrottleConfig())
+        return cls._default_guard
+
+    def _auth_client_ip(self) -> str:
+        peer = getattr(self.session, "peer", None)
+        return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+
     async def _check_password(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        guard = self._auth_guard()
+        ip = self._auth_client_ip()
         data = LoginPassword(login, password)
+        locked = guard.locked(ip, login)
+        if locked is not None:
+            # Answered without a password check: nothing to learn here, and no core
+            # spent on it. After the longest failure delay, though: a guesser answered
+            # at once would only reconnect (a TLS handshake each time) and ask again.
+            log.debug("%s: AUTH refused, %s locked out", ip, locked)
+            return await self._auth_refused(R_AUTH_LOCKED, guard.lockout_delay)
         if self._authenticator is None:
             result = AuthResult(success=False, handled=False)
         else:
-            result = await asyncio.to_thread(
-                self._authenticator, self, self.session, self.envelope, mechanism, data
-            )
+            authenticator, session, envelope = self._authenticator, self.session, self.envelope
+
+            def verify() -> AuthResult:
+                return authenticator(self, session, envelope, mechanism, data)
+
+            result = await guard.check(verify)
         if not result.success:
             failures = getattr(self, "_mailflow_auth_failures", 0) + 1
-            self._mailflow_auth_failures = failures
-            # Slows down password guessing on one connection (RFC 4954 "Security").
-            await asyncio.sleep(self.AUTH_FAILURE_DELAY * failures)
-            if failures >= self.MAX_AUTH_FAILURES:
-                await self.push(R_AUTH_TOO_MANY)
-                if self.transport is not None:
-                    self.transport.close()
-                return AuthResult(success=False, handled=True)
-            return AuthResult(success=False, handled=False, message=R_AUTH_INVALID)
+            # Slows down password guessing (RFC 4954 14), more so the more this
+            # connection, address or user name has failed lately.
+            delay = guard.failed(ip, login, failures)
+            return await self._auth_refused(R_AUTH_INVALID, delay)
+        guard.succeeded(ip, login)
         if result.auth_data is None:
             # The protocol names the user from auth_data.login; keep what was checked.
             return AuthResult(success=True, auth_data=data)
         return result
+
+    async def _auth_refused(self, reply: str, delay: float) -> AuthResult:
+        """Answer a failed or refused attempt; the connection's last one gets 421 and closes."""
+        failures = getattr(self, "_mailflow_auth_failures", 0) + 1
+        self._mailflow_auth_failures = failures
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if failures >= self.MAX_AUTH_FAILURES:
+            await self.push(R_AUTH_TOO_MANY)
+            if self.transport is not None:
+                self.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=reply)
 
     async def _b64_arg(self, value: str) -> bytes | None:
         try:

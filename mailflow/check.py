@@ -9,7 +9,7 @@ from mailflow.app import App
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
-from mailflow.policy import in_networks, relay_refusal
+from mailflow.policy import admit_recipient, in_networks
 from mailflow.verdict import Action, Mutation, SMTPReply
 
 
@@ -68,11 +68,14 @@ async def check_message(
                 ctx.reply = SMTPReply(554, result.reason or "Connection refused", "5.7.1")
             ctx.decided_by = runs[-1].plugin
             return ctx
-    for rcpt in recipients:
-        denied = relay_refusal(app.config, conn, rcpt)
+    for asked in recipients:
+        # Postmaster becomes its configured mailbox here, as at SMTP RCPT (RFC 5321 4.5.1).
+        rcpt, denied = admit_recipient(app.config, conn, asked)
         if denied is not None:
-            _refuse(ctx, rcpt, Action.REJECT, denied, denied.text)
+            _refuse(ctx, asked, Action.REJECT, denied, denied.text)
             continue
+        if rcpt != asked and rcpt in ctx.envelope.rcpt_tos:
+            continue  # several forms of postmaster: one mailbox, one copy
         result, runs = await pipeline.run_stage(
             "rcpt", connection=conn, sender=sender, recipient=rcpt, options=[]
         )
@@ -82,7 +85,7 @@ async def check_message(
             # Like the SMTP front end: a discard at RCPT can only be a refusal.
             reply = result.smtp_reply() or SMTPReply(550, "Recipient rejected", "5.7.1")
             action = Action.REJECT if result.action is Action.DISCARD else result.action
-            _refuse(ctx, rcpt, action, reply, result.reason)
+            _refuse(ctx, asked, action, reply, result.reason)
             continue
         ctx.envelope.rcpt_tos.append(rcpt)
         for run in runs:

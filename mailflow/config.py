@@ -92,7 +92,29 @@ class TLSConfig(Strict):
     require: bool = False  # refuse MAIL before STARTTLS
 
 
-class AuthConfig(Strict):
+class AuthThrottleConfig(Strict):
+    """How failed SMTP AUTH attempts are slowed down and locked out (docs/smtp.md).
+
+    The keys of ``server.auth`` other than the users file; their defaults also apply
+    to an authenticator handed in without ``server.auth`` (embedding, tests).
+    """
+
+    # Before answering a failed attempt: this, times the recent failures of the
+    # connection, client address or user name (whichever has most), at most 10 times.
+    failure_delay: Duration = 1.0
+    # Failures from one client address (an IPv6 /64) that lock it out ...
+    max_failures_per_ip: int = Field(default=10, ge=1)
+    # ... and failures for one user name, from any address, that lock the name out.
+    max_failures_per_user: int = Field(default=20, ge=1)
+    # Failures are forgotten once this long has passed without a new one.
+    failure_window: Duration = Field(default=900.0, gt=0)
+    # How long a locked-out address or user gets 454 4.7.0 without a password check.
+    lockout_time: Duration = Field(default=900.0, gt=0)
+    # Password checks (argon2: ~64 MiB and several cores each) running at once; more wait.
+    max_concurrent_checks: int = Field(default=1, ge=1)
+
+
+class AuthConfig(AuthThrottleConfig):
     users_file: Path  # lines "user:$argon2id$..." (see `mailflow users add`)
     mechanisms: list[Literal["PLAIN", "LOGIN"]] = ["PLAIN", "LOGIN"]
 
@@ -110,9 +132,22 @@ class ServerConfig(Strict):
     # a monitoring host).
     max_connections_per_ip_exempt: list[str] = []
     command_timeout: Duration = 300.0
-    data_timeout: Duration = 600.0
+    # Time without progress (NOOP, RSET, HELP, VRFY and unknown commands are none).
+    idle_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0  # silence during DATA
+    # The whole of the message data, 354 to the final dot; 0: no limit.
+    data_deadline: Duration = 3600.0
+    # Bytes per second, on average since the 354, that DATA must keep up after
+    # data_rate_grace (the client is allowed grace + bytes / rate seconds); 0: off.
+    data_min_rate: Size = 500
+    data_rate_grace: Duration = 30.0
     max_received_headers: int = Field(default=50, ge=1)  # loop detection (RFC 5321 6.3)
     bare_newline: Literal["normalize", "reject"] = "normalize"
+    # Message data beyond this size goes to a temporary file while it arrives ...
+    large_message_threshold: Size = 256 * 1024
+    # ... and such messages held in memory to be filtered share this many bytes; the
+    # next one waits for room (its client for the reply). At least one message fits.
+    large_message_memory: Size = Field(default=100 * 1024 * 1024, ge=1)
     reverse_dns: bool = False
     # Turns of the event loop a message waits at the data stage for messages whose data
     # is still arriving (SMTP or milter); the batch then runs through the plugins back
@@ -310,6 +345,9 @@ class Config(Strict):
     milter: MilterConfig = MilterConfig()
     isolation: IsolationConfig = IsolationConfig()
     authserv_id: str | None = None  # default: server.hostname
+    # Where mail to <postmaster> and postmaster@<local domain> goes (RFC 5321 4.5.1);
+    # default: postmaster@ the first local domain (see postmaster_mailbox).
+    postmaster: str | None = None
     plugins: list[PluginEntry] = []
 
     # Where the config came from, kept so later checks (plugin settings) can name lines.
@@ -336,6 +374,17 @@ class Config(Strict):
             if p == "*" or p == domain or (p.startswith("*.") and domain.endswith(p[1:])):
                 return True
         return False
+
+    @property
+    def postmaster_mailbox(self) -> str:
+        """The mailbox for postmaster: ``postmaster``, else postmaster@ the first local
+        domain that is not a pattern, else postmaster@ ``server.hostname``."""
+        if self.postmaster:
+            return self.postmaster
+        for pattern in self.local_domains:
+            if "*" not in pattern:
+                return f"postmaster@{pattern.lower().rstrip('.')}"
+        return f"postmaster@{self.server.hostname.lower()}"
 
     @property
     def relay_network_objects(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -662,6 +711,10 @@ def _check_references(config: Config, filename: str, lines: dict[tuple[Any, ...]
                     "(targets are defined under relay.targets)",
                 )
             )
+    postmaster_issue = _postmaster_issue(config)
+    if postmaster_issue:
+        where = ("postmaster",) if config.postmaster else ("local_domains",)
+        issues.append(ConfigIssue(filename, where[0], lines.get(where), postmaster_issue))
     if config.delivery.method == "lmtp" and config.delivery.lmtp is None:
         issues.append(
             ConfigIssue(
@@ -673,6 +726,30 @@ def _check_references(config: Config, filename: str, lines: dict[tuple[Any, ...]
         )
     if issues:
         raise ConfigError(issues)
+
+
+_MAILBOX = re.compile(r"[^\s@<>()\[\],;:\\\"]+@[A-Za-z0-9][A-Za-z0-9.-]*")
+
+
+def _postmaster_issue(config: Config) -> str | None:
+    """Why mail for postmaster could not be delivered with this config, or None."""
+    mailbox = config.postmaster_mailbox
+    if not _MAILBOX.fullmatch(mailbox):
+        return f"{mailbox!r} is not a mailbox (expected local@domain)"
+    domain = mailbox.rpartition("@")[2].lower()
+    if config.is_local_domain(domain):
+        return None
+    if config.relay.routes.get(domain, config.relay.default) != "none":
+        return None  # relayed, like any other mail to that domain
+    if config.postmaster:
+        return (
+            f"{mailbox!r} is neither in local_domains nor routed by relay "
+            "(mail to postmaster could not be delivered)"
+        )
+    return (
+        f"mail to postmaster would go to {mailbox!r}, which is not local: "
+        "set postmaster to a mailbox (RFC 5321 4.5.1)"
+    )
 
 
 def default_config_text() -> str:

@@ -80,6 +80,21 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.smtp_timeouts = Counter(
+            "mailflow_smtp_timeouts",
+            "SMTP connections closed with 421 4.4.2, by the limit that ran out",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "mailflow_auth_failures", "Failed SMTP AUTH attempts (wrong credentials)", registry=r
+        )
+        self.auth_lockouts = Counter(
+            "mailflow_auth_lockouts",
+            "Client addresses or user names locked out after failed SMTP AUTH attempts",
+            ["scope"],
+            registry=r,
+        )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def observe_message(self, ctx: MessageContext, elapsed_s: float) -> None:
@@ -98,6 +113,15 @@ class Metrics:
 
     def observe_delivery(self, outcome: str, route: str) -> None:
         self._child(self.deliveries, outcome, route).inc()
+
+    def observe_timeout(self, reason: str) -> None:
+        self._child(self.smtp_timeouts, reason).inc()
+
+    def observe_auth_failure(self) -> None:
+        self.auth_failures.inc()
+
+    def observe_auth_lockout(self, scope: str) -> None:
+        self._child(self.auth_lockouts, scope).inc()
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered (prometheus_client re-validates each call)."""

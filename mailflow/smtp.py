@@ -21,20 +21,23 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_network
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from mailflow.app import App
-from mailflow.config import parse_listen
+from mailflow.authlimit import AuthGuard, Scope
+from mailflow.config import AuthThrottleConfig, parse_listen
 from mailflow.delivery.outcome import RefusedUpstream
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
 from mailflow.msglog import record_after_reply
-from mailflow.normalize import BareNewlineError, normalize_newlines
-from mailflow.policy import in_networks, is_local_recipient, relay_refusal
+from mailflow.normalize import has_bare_newline, normalize_newlines
+from mailflow.policy import admit_recipient, in_networks, is_local_recipient
 from mailflow.quarantine import Quarantine
+from mailflow.smtp_data import ByteBudget, DataFacts, clear_directory
 from mailflow.smtp_session import MailflowSMTP
 from mailflow.verdict import Action, Mutation, Result, SMTPReply
 
@@ -52,6 +55,9 @@ R_SPOOL_FAILED = SMTPReply(451, "Local error storing the message, try again late
 R_BAD_ADDRESS = SMTPReply(553, "Malformed address", "5.1.3")
 R_SENDER_NEEDED = SMTPReply(503, "Need MAIL command first", "5.5.1")
 R_LOCAL_ERROR = SMTPReply(451, "Local error in processing, try again later", "4.3.0")
+
+# Under queue.directory: temporary files of large messages while they arrive.
+INCOMING_DIR = "incoming"
 
 # RFC 5322 2.2 field name (printable ASCII except ":"), with obsolete WSP before ":".
 _HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
@@ -107,6 +113,22 @@ class Handler:
             *self._relay_nets,
             *(ip_network(n, strict=False) for n in app.config.server.max_connections_per_ip_exempt),
         ]
+        server = app.config.server
+        # Large messages arrive into files here; what a crash left behind goes now.
+        self.incoming_dir = Path(app.config.queue.directory) / INCOMING_DIR
+        clear_directory(self.incoming_dir)
+        # Memory for large messages read back from their files to be filtered.
+        self.large_messages = ByteBudget(server.large_message_memory)
+        # AUTH failures across this server's connections (mailflow.authlimit).
+        # (Not "auth_...": aiosmtpd takes such members of the handler for SASL mechanisms.)
+        self.login_guard = AuthGuard(
+            server.auth or AuthThrottleConfig(),
+            on_lockout=self._auth_lockout,
+            on_failure=app.metrics.observe_auth_failure,
+        )
+
+    def _auth_lockout(self, scope: Scope, key: str) -> None:
+        self.app.metrics.observe_auth_lockout(scope)
 
     def new_connection(self, ip: str, port: int) -> Connection:
         conn = Connection(ip=ip, port=port)
@@ -210,9 +232,14 @@ class Handler:
             return str(R_BAD_ADDRESS)
         if len(envelope.rcpt_tos) >= config.server.max_recipients:
             return str(R_TOO_MANY_RCPTS)
-        refusal = relay_refusal(config, conn, address)
+        # Relay control; postmaster (RFC 5321 4.5.1) becomes its configured mailbox here,
+        # so the plugins, routing and delivery see an ordinary address.
+        asked = address
+        address, refusal = admit_recipient(config, conn, address)
         if refusal is not None:
             return str(refusal)
+        if address != asked and address in envelope.rcpt_tos:
+            return "250 2.1.5 Ok"  # <postmaster> and postmaster@ ours: one mailbox, one copy
         maildir = config.delivery.maildir
         if (
             is_local_recipient(config, address)
@@ -250,14 +277,21 @@ class Handler:
         conn = self.conn(session)
         config = self.app.config
         raw = envelope.original_content or b""
-        if b"\x00" in raw:
+        facts: DataFacts | None = getattr(envelope, "mailflow_facts", None)
+        if facts is None:
+            # Not read by MailflowSMTP's block reader: look at the whole message here.
+            facts = DataFacts(len(raw), nul=b"\x00" in raw, bare_newline=has_bare_newline(raw))
+            if facts.bare_newline and config.server.bare_newline == "normalize":
+                raw = normalize_newlines(raw)
+            facts.received = _count_received(raw)
+        # Else the reader did it block by block as the data arrived: the NUL check,
+        # bare line ends made CRLF, Received fields counted (mailflow.smtp_data).
+        if facts.nul:
             return str(R_NUL)
-        try:
-            raw = normalize_newlines(raw, config.server.bare_newline)
-        except BareNewlineError:
+        if facts.bare_newline and config.server.bare_newline == "reject":
             return str(R_BARE_NEWLINE)
         queue_id = new_queue_id()
-        if _count_received(raw) >= config.server.max_received_headers:
+        if facts.received >= config.server.max_received_headers:
             return str(R_LOOP)
         if not raw.startswith(b"\r\n") and not _HEADER_START.match(raw):
             # No header section at all (RFC 5322 3.5 wants a blank line before the
@@ -265,6 +299,9 @@ class Handler:
             # body line into a broken header field.
             raw = b"\r\n" + raw
         raw = self.received_header(conn, session, envelope, queue_id) + raw
+        # The message lives on as ctx.raw; the envelope's copy (as large as the message)
+        # would only double the memory of a large message while the plugins run.
+        envelope.content = envelope.original_content = None
         ctx = MessageContext(
             raw,
             Envelope(

@@ -1,18 +1,23 @@
 """One SMTP connection: aiosmtpd's protocol plus what mailflow adds around the commands.
 
-Connection limits (an exact count), the connect stage before the greeting, 421 on
-timeouts with a per-chunk DATA timer, carrying the :class:`~mailflow.message.Connection`
-across STARTTLS with the TLS facts, and crash-proof address parsing. The per-command
-decisions (relay control, limits, the pipeline) live in :class:`mailflow.smtp.Handler`.
+Connection limits (an exact count), the connect stage before the greeting, the
+timers (RFC 5321 4.5.3.2: per command and per chunk of DATA, plus an overall DATA
+deadline, a minimum transfer rate and a cap on time without progress, each
+answered 421 4.4.2), DATA read in blocks and scanned block by block
+(:mod:`mailflow.smtp_data`), large messages kept in a temporary file, carrying the
+:class:`~mailflow.message.Connection` across STARTTLS with the TLS facts, and
+crash-proof address parsing. The per-command decisions (relay control, limits, the
+pipeline) live in :class:`mailflow.smtp.Handler`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiosmtpd.smtp import MISSING, SMTP
@@ -20,6 +25,7 @@ from aiosmtpd.smtp import MISSING, SMTP
 from mailflow.auth import AuthMechanisms
 from mailflow.message import Connection, PluginRun
 from mailflow.policy import in_networks
+from mailflow.smtp_data import DataScanner, DataStore
 from mailflow.verdict import Action, SMTPReply
 
 if TYPE_CHECKING:
@@ -33,6 +39,17 @@ R_TOO_MANY_FROM_IP = SMTPReply(
     421, "Too many connections from your address, try again later", "4.7.0"
 )
 R_TIMEOUT = SMTPReply(421, "Timeout, closing connection", "4.4.2")
+R_NO_PROGRESS = SMTPReply(421, "Idle too long without progress, closing connection", "4.4.2")
+R_DATA_DEADLINE = SMTPReply(421, "Message data took too long, closing connection", "4.4.2")
+R_DATA_TOO_SLOW = SMTPReply(421, "Message data arriving too slowly, closing connection", "4.4.2")
+
+# Why a connection is cut off: (reply, label of mailflow_smtp_timeouts_total).
+_Cut = tuple[str, str]
+_CUT_COMMAND: _Cut = (f"{R_TIMEOUT} (command)", "command")
+_CUT_DATA: _Cut = (f"{R_TIMEOUT} (data)", "data")
+_CUT_NO_PROGRESS: _Cut = (str(R_NO_PROGRESS), "no_progress")
+_CUT_DATA_DEADLINE: _Cut = (str(R_DATA_DEADLINE), "data_deadline")
+_CUT_DATA_RATE: _Cut = (str(R_DATA_TOO_SLOW), "data_rate")
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # "<local@domain>" with a dot-atom local part and a plain domain: no comments, quotes,
@@ -45,31 +62,35 @@ _DATA_END = b".\r\n"  # the end-of-data line, once a CRLF before it is checked
 # How much message data the stream reader may hold while DATA is read. Its usual limit
 # is the command line length (~1 KB), which makes a few-KB message overrun it (an
 # exception and a second read) and stop and restart reading from the socket (two
-# epoll_ctl calls) every time. The message size is still checked block by block.
+# epoll_ctl calls) every time. The reader stops reading from the socket at twice this.
 DATA_READ_LIMIT = 256 * 1024
+# The DATA reader lets other connections run after this much work without waiting
+# for the socket: data already buffered is read without a pause, and a message made
+# of tiny pieces (many ".<CRLF>" that end nothing) costs per piece, not per octet.
+YIELD_EVERY = DATA_READ_LIMIT
+PIECE_COST = 256  # octets of work charged per piece, on top of its length
+
+# A command moves the session on (RFC 5321 4.5.3.2: a server may close a session that
+# makes none) when answered 2xx or 3xx.
+_PROGRESS_CODES = (b"2", b"3")
 
 
-def _longest_line(data: bytes) -> int:
-    """Length of the longest CRLF-terminated line in ``data``, its CRLF included."""
-    return max(map(len, data.split(b"\r\n")), default=0) + 2
+def _buffered_until_end(reader: asyncio.StreamReader, tail: bytes) -> int:
+    """How many buffered octets can be taken without passing a possible end of data.
 
-
-def _has_line_longer_than(data: bytes, limit: int) -> bool:
-    """``_longest_line(data) > limit``, without splitting typical mail into lines.
-
-    Such a line is more than ``limit - 2`` bytes without a CRLF, so it covers a whole
-    aligned window of ``limit // 2`` bytes: when every window holds a CRLF, no line
-    is that long. A few ``find`` calls instead of one bytes object per line.
+    That is up to (and with) the CRLF of the first "<CRLF>.<CRLF>" in the buffer, or
+    all but the last four octets (a terminator may be arriving). 0 when the end may
+    start right at the front (after ``tail``, the last two octets taken), which the
+    caller's ``readuntil`` sorts out. StreamReader keeps unread data in ``_buffer``
+    (aiosmtpd uses it too); without it, 0.
     """
-    step = limit // 2
-    if step >= 2:
-        find = data.find
-        for start in range(0, len(data), step):
-            if find(b"\r\n", start, start + step) < 0:
-                break  # a long stretch without a line end: measure exactly
-        else:
-            return False
-    return _longest_line(data) > limit
+    buffer = getattr(reader, "_buffer", None)
+    if not buffer or buffer[:1] == b"." or (tail[-1:] == b"\r" and buffer[:2] == b"\n."):
+        return 0
+    end = buffer.find(b"\r\n.\r\n")
+    if end >= 0:
+        return end + 2
+    return max(len(buffer) - 4, 0)
 
 
 _Command = TypeVar("_Command", bound=Callable[..., Any])
@@ -99,20 +120,30 @@ class MailflowSMTP(AuthMechanisms, SMTP):
     def __init__(self, handler: Handler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.mailflow_handler = handler
+        self.mailflow_auth_guard = handler.login_guard
         self.mailflow_conn: Connection | None = None
         self.mailflow_connect_runs: list[PluginRun] = []
         self.mailflow_helo_runs: list[PluginRun] = []
         self._counted = False  # this connection is in handler.active
         self._counted_ip: str | None = None  # ... and in handler.active_by_ip under this
-        self._deadline = 0.0  # loop time after which an idle client is cut off
+        # The timers (see _next_deadline): one loop timer, moved lazily.
+        self._deadline = 0.0  # loop time the timer is set for
+        self._idle_deadline = 0.0  # no command (or no DATA octets) until then: cut off
+        self._progress_at = 0.0  # when the session last made progress
+        self._data_started = 0.0  # when DATA began
+        self._data_octets = 0  # received since then
+        self._timer_paused = False  # while a complete message is being filtered
         self._in_data = False  # between "354" and the end of the message data
         self._in_group_command = False  # running MAIL, RCPT or RSET (see push)
         self._held: list[bytes] = []  # replies not written yet (see push)
+        self._last_code = b""  # the first octets of the last reply
 
     # --- connection bookkeeping -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         after_starttls = self.transport is not None
+        if not after_starttls:
+            self._progress_at = self.loop.time()
         super().connection_made(transport)
         if after_starttls:
             self._after_starttls()
@@ -130,6 +161,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         RFC 3207 4.2: after the handshake the server forgets what the client said
         before it (HELO name, and any AUTH), so ``helo`` is cleared here too.
         """
+        self._mark_progress()
         conn = self.mailflow_conn
         if conn is None or self.session is None:
             return
@@ -174,6 +206,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         """
         if isinstance(status, str):
             status = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+        self._last_code = status[:3]
         self._held.append(status + b"\r\n")
         if self._in_group_command and self._next_line_buffered():
             return
@@ -194,9 +227,18 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         """Run aiosmtpd's handler for a command whose reply may wait for the group's."""
         self._in_group_command = True
         try:
-            await command(arg)
+            await self._progressing(command, arg)
         finally:
             self._in_group_command = False
+
+    async def _progressing(
+        self, command: Callable[[str], Awaitable[None]], arg: str, *, counts: bool = True
+    ) -> None:
+        """Run a command; when ``counts`` and it is answered 2xx/3xx, the session moved on."""
+        self._last_code = b""
+        await command(arg)
+        if counts and self._last_code[:1] in _PROGRESS_CODES:
+            self._mark_progress()
 
     @_help_of(SMTP.smtp_MAIL)
     async def smtp_MAIL(self, arg: str) -> None:
@@ -208,18 +250,50 @@ class MailflowSMTP(AuthMechanisms, SMTP):
 
     @_help_of(SMTP.smtp_RSET)
     async def smtp_RSET(self, arg: str) -> None:
-        await self._as_group_command(super().smtp_RSET, arg)
+        # RSET moves nothing on: a client that only resets makes no progress.
+        self._in_group_command = True
+        try:
+            await super().smtp_RSET(arg)
+        finally:
+            self._in_group_command = False
 
-    # --- timeouts ---------------------------------------------------------------------------
+    @_help_of(SMTP.smtp_HELO)
+    async def smtp_HELO(self, hostname: str) -> None:
+        # Only naming the client counts: HELO after HELO would keep a session alive.
+        first = self.session is not None and self.session.host_name is None
+        await self._progressing(super().smtp_HELO, hostname, counts=first)
+
+    @_help_of(SMTP.smtp_EHLO)
+    async def smtp_EHLO(self, hostname: str) -> None:
+        first = self.session is not None and self.session.host_name is None
+        await self._progressing(super().smtp_EHLO, hostname, counts=first)
+
+    # --- timers (RFC 5321 4.5.3.2) ------------------------------------------------------------
+
+    def _mark_progress(self) -> None:
+        # The no-progress deadline only moves later: the timer checks it when it fires.
+        self._progress_at = self.loop.time()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        """Move the idle deadline; re-arm the timer only when it would fire too late.
+        """Restart the command (or DATA silence) timer; aiosmtpd calls it per command.
 
         aiosmtpd cancels and creates a timer for every command and DATA chunk (six
-        or more per message). Here a timer that fires no later than the new deadline
-        is kept: when it fires early it looks at the deadline and waits the rest.
+        or more per message). Here one timer is kept while it fires no later than
+        the nearest deadline: when it fires early it works out the deadline again
+        and waits the rest.
         """
-        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._timer_paused = False
+        self._arm()
+
+    def _pause_timer(self) -> None:
+        """No timer runs while mailflow works on a complete message (plugins have their own)."""
+        self._timer_paused = True
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+
+    def _arm(self) -> None:
+        deadline, _ = self._next_deadline()
         self._deadline = deadline
         handle = self._timeout_handle
         if handle is not None and not handle.cancelled():
@@ -228,31 +302,73 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             handle.cancel()
         self._timeout_handle = self.loop.call_at(deadline, self._deadline_reached)
 
-    def _deadline_reached(self) -> None:
-        if self.loop.time() < self._deadline:  # moved on since the timer was set
-            self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
-            return
-        self._timeout_cb()
+    def _next_deadline(self) -> tuple[float, _Cut]:
+        """The nearest deadline now, and what to say when it passes.
 
-    def _timeout_cb(self) -> None:
+        Each one only moves later as the session goes on, so the timer may fire
+        early (then it waits again) but never late. Commands: ``command_timeout``
+        after the last command, ``idle_timeout`` after the last progress (NOOP,
+        RSET, HELP, VRFY and unknown commands are none). DATA: ``data_timeout``
+        after the last octets, ``data_deadline`` after the 354, and the minimum
+        rate: by ``data_rate_grace`` + octets / ``data_min_rate`` after the 354.
+        """
+        server = self.mailflow_handler.app.config.server
+        if not self._in_data:
+            best = (self._idle_deadline, _CUT_COMMAND)
+            if server.idle_timeout:
+                best = min(best, (self._progress_at + server.idle_timeout, _CUT_NO_PROGRESS))
+            return best
+        best = (self._idle_deadline, _CUT_DATA)
+        if server.data_deadline:
+            best = min(best, (self._data_started + server.data_deadline, _CUT_DATA_DEADLINE))
+        if server.data_min_rate:
+            allowed = server.data_rate_grace + self._data_octets / server.data_min_rate
+            best = min(best, (self._data_started + allowed, _CUT_DATA_RATE))
+        return best
+
+    def _deadline_reached(self) -> None:
+        if self._timer_paused:
+            return
+        deadline, cut = self._next_deadline()
+        if self.loop.time() < deadline:  # moved on since the timer was set
+            self._deadline = deadline
+            self._timeout_handle = self.loop.call_at(deadline, self._deadline_reached)
+            return
+        self._cut_off(cut)
+
+    def _cut_off(self, cut: _Cut) -> None:
         """Tell the client why before closing (RFC 5321 4.5.3.2: 421 on timeout)."""
+        reply, reason = cut
+        conn = self.mailflow_conn
+        log.info("%s: closing the connection: %s", conn.ip if conn else "?", reply)
+        self.mailflow_handler.app.metrics.observe_timeout(reason)
         if self.transport is not None and not self.transport.is_closing():
-            phase = "data" if self._in_data else "command"
-            self._held.append(f"{R_TIMEOUT} ({phase})\r\n".encode())
+            self._held.append(f"{reply}\r\n".encode())
             self._write_held()
         super()._timeout_cb()
 
+    def _timeout_cb(self) -> None:
+        # aiosmtpd's own timer (it arms one in connection_made before ours runs).
+        self._cut_off(_CUT_DATA if self._in_data else _CUT_COMMAND)
+
     def data_received(self, data: bytes) -> None:
         # RFC 5321 4.5.3.2.5: the DATA timeout is per received chunk, not per message,
-        # so a large message on a slow link is not cut off while it is still flowing.
+        # so a large message on a slow link is not cut off while it is still flowing;
+        # the overall deadline and the minimum rate bound it as a whole.
         if self._in_data:
-            self._reset_timeout(self.mailflow_handler.app.config.server.data_timeout)
+            self._data_octets += len(data)
+            server = self.mailflow_handler.app.config.server
+            self._idle_deadline = self.loop.time() + (server.data_timeout or self._timeout_duration)
         super().data_received(data)
+
+    # --- DATA, read in blocks ---------------------------------------------------------------
 
     @_help_of(SMTP.smtp_DATA)
     async def smtp_DATA(self, arg: str) -> None:
         server = self.mailflow_handler.app.config.server
         self._in_data = True
+        self._data_started = self.loop.time()
+        self._data_octets = 0
         self._reset_timeout(server.data_timeout)
         try:
             if self._decode_data:  # mailflow never asks for str content; keep aiosmtpd's path
@@ -264,16 +380,18 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             if self.transport is not None:
                 self._reset_timeout(server.command_timeout)
 
-    # --- DATA, read in blocks ---------------------------------------------------------------
-
     async def _smtp_data_bulk(self, arg: str) -> None:
         """aiosmtpd's ``smtp_DATA`` with the message read in blocks, not line by line.
 
-        Same replies and checks as aiosmtpd 1.4 (503 without RCPT, 501 with an
-        argument, 552 past ``data_size_limit`` and 500 for a line longer than
-        ``line_length_limit``, both answered only after the whole message is read),
-        at a fraction of the cost: a 5 KB message used to take ~100 ``readuntil``
-        calls and list appends.
+        Same replies as aiosmtpd 1.4 (503 without RCPT, 501 with an argument, 552
+        past ``data_size_limit`` and 500 for a line longer than ``line_length_limit``,
+        both answered only after the whole message is read). Each block is scanned
+        as it arrives (:class:`~mailflow.smtp_data.DataScanner`: dot-stuffing, bare
+        line ends, NUL, line length, trace fields) and kept in a
+        :class:`~mailflow.smtp_data.DataStore`: in memory, or beyond
+        ``large_message_threshold`` in a temporary file that is deleted on every
+        path. A message that went to a file is read back for the plugins within the
+        server's ``large_message_memory`` budget, waiting for room if need be.
         """
         if await self.check_helo_needed():
             return
@@ -286,40 +404,69 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        # Counted as arriving, so that messages already at the data stage wait for it
-        # and go through the plugins together (mailflow.batching).
-        with self.mailflow_handler.app.pipeline.batch.receiving_data():
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            try:
-                data, error = await self._read_data()
-            except asyncio.CancelledError:
-                log.info("Connection lost during DATA")
-                self._writer.close()
-                raise
-        if data is None:
-            if error:
-                await self.push(error)
-            self._set_post_data_state()
+        handler = self.mailflow_handler
+        server = handler.app.config.server
+        scanner = DataScanner(
+            self.line_length_limit,
+            self.data_size_limit or 0,
+            reject_bare_newline=server.bare_newline == "reject",
+        )
+        store = DataStore(server.large_message_threshold, handler.incoming_dir)
+        try:
+            # Counted as arriving, so that messages already at the data stage wait for it
+            # and go through the plugins together (mailflow.batching).
+            with handler.app.pipeline.batch.receiving_data():
+                await self.push("354 End data with <CR><LF>.<CR><LF>")
+                try:
+                    complete = await self._read_data(scanner, store)
+                except asyncio.CancelledError:
+                    log.info("Connection lost during DATA")
+                    self._writer.close()
+                    raise
+            if not complete:
+                return  # the connection closed mid-message
+            # The data is in (RFC 5321 4.5.3.2.6): no timer while we decide.
+            self._in_data = False
+            self._pause_timer()
+            self._mark_progress()
+            if scanner.error is not None:
+                await self.push(scanner.error.value)
+                self._set_post_data_state()
+                return
+            self.envelope.mailflow_facts = scanner.facts
+            async with self._memory_for(store):
+                content = await store.take() if scanner.keep else b""
+                self.envelope.content = content
+                self.envelope.original_content = content
+                del content
+                status = await self._call_handler_hook("DATA")
+                self._set_post_data_state()
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            store.discard()
+
+    @contextlib.asynccontextmanager
+    async def _memory_for(self, store: DataStore) -> AsyncIterator[None]:
+        """Room in the large-message budget for a message read back from its file."""
+        if not store.on_disk:
+            yield
             return
-        self.envelope.content = data
-        self.envelope.original_content = data
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+        async with self.mailflow_handler.large_messages.hold(store.size):
+            yield
 
-    async def _read_data(self) -> tuple[bytes | None, str]:
-        """Read the message up to the end-of-data line; un-dot-stuff it.
+    async def _read_data(self, scanner: DataScanner, store: DataStore) -> bool:
+        """Read the message up to the end-of-data line into ``store``, through ``scanner``.
 
-        Returns ``(data, "")``, or ``(None, reply)`` when it was too large or had
-        too long a line (the rest of it is read and thrown away first, as RFC 5321
-        4.2.5 implies), or ``(None, "")`` when the connection closed.
+        Returns False when the connection closed before the end. A message that is
+        too large or has too long a line is read to its end all the same (RFC 5321
+        4.2.5 implies it), keeping nothing; ``scanner.error`` says which.
 
         RFC 5321 4.5.2: the data ends only at ``<CRLF>.<CRLF>`` (the CRLF ending the
         DATA command counts, so ``.<CRLF>`` right after it is an empty message); a
         "." after a bare CR or LF ends nothing (SMTP smuggling), and bare line ends
-        are dealt with later by :mod:`mailflow.normalize`. The reader is searched
-        for ``.<CRLF>`` and each match checked for a CRLF before it, so the data
-        is consumed in blocks and nothing after the end (pipelined commands) is.
+        become CRLF or refuse the message (``server.bare_newline``). The reader is
+        searched for ``.<CRLF>`` and each match checked for a CRLF before it, so the
+        data is consumed in blocks and nothing after the end (pipelined commands) is.
         """
         reader = self._reader
         # StreamReader keeps its limit in ``_limit`` (CPython 3.7+); aiosmtpd uses the
@@ -328,17 +475,17 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         if isinstance(command_limit, int) and command_limit < DATA_READ_LIMIT:
             reader._limit = DATA_READ_LIMIT  # type: ignore[attr-defined]
             try:
-                return await self._read_data_from(reader)
+                return await self._read_data_from(reader, scanner, store)
             finally:
                 reader._limit = command_limit  # type: ignore[attr-defined]
-        return await self._read_data_from(reader)
+        return await self._read_data_from(reader, scanner, store)
 
-    async def _read_data_from(self, reader: asyncio.StreamReader) -> tuple[bytes | None, str]:
-        size_limit = self.data_size_limit
-        parts: list[bytes] = []
-        size = 0  # bytes before the end line, as aiosmtpd counts them
+    @staticmethod
+    async def _read_data_from(
+        reader: asyncio.StreamReader, scanner: DataScanner, store: DataStore
+    ) -> bool:
         tail = b"\r\n"  # the two bytes before the unread data
-        too_much = too_long = False
+        work = 0  # octets handled since the loop last ran other tasks
         while True:
             try:
                 chunk = await reader.readuntil(_DATA_END)
@@ -347,51 +494,45 @@ class MailflowSMTP(AuthMechanisms, SMTP):
                 chunk = await reader.read(exc.consumed)
                 end = False
             except asyncio.IncompleteReadError:
-                return None, ""  # connection closed mid-message
+                return False  # connection closed mid-message
             else:
                 before = chunk[-5:-3] if len(chunk) >= 5 else (tail + chunk[:-3])[-2:]
                 end = before == b"\r\n"
             if not chunk:
-                return None, ""
-            piece = chunk[:-3] if end else chunk
-            size += len(piece)
-            if not (too_much or too_long):
-                if size_limit and size > size_limit:
-                    # Decide between 552 and 500 as aiosmtpd would (first problem wins),
-                    # then keep reading but stop storing (RFC 5321 4.5.3.1.7).
-                    too_long = _has_line_longer_than(b"".join(parts), self.line_length_limit)
-                    too_much = not too_long
-                    parts.clear()
-                else:
-                    parts.append(piece)
+                return False
+            kept = scanner.feed(chunk[:-3] if end else chunk)
+            if kept:
+                await store.add(kept)
             if end:
                 break
-            tail = (tail + chunk)[-2:]
-        if too_long:
-            return None, "500 Line too long (see RFC5321 4.5.3.1.6)"
-        if too_much:
-            return None, "552 Error: Too much mail data"
-        data = b"".join(parts)
-        # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
-        if len(data) >= self.line_length_limit and _has_line_longer_than(
-            data, self.line_length_limit
-        ):
-            return None, "500 Line too long (see RFC5321 4.5.3.1.6)"
-        # RFC 5321 4.5.2: drop the first "." of every line that starts with one.
-        if data.startswith(b"."):
-            data = data[1:]
-        if b"\r\n." in data:
-            data = data.replace(b"\r\n.", b"\r\n")
-        return data, ""
+            tail = (tail + chunk[-2:])[-2:]
+            work += len(chunk) + PIECE_COST
+            # ".<CRLF>" that ends nothing ("x.<CRLF>" lines) would cost a readuntil
+            # each: take what is already buffered, up to the next possible end, at once.
+            ahead = _buffered_until_end(reader, tail)
+            if ahead:
+                piece = await reader.read(ahead)  # buffered: returns at once
+                kept = scanner.feed(piece)
+                if kept:
+                    await store.add(kept)
+                tail = (tail + piece[-2:])[-2:]
+                work += len(piece)
+            if work >= YIELD_EVERY:
+                # readuntil returns without waiting while data is buffered: let the
+                # other connections have their turn.
+                work = 0
+                await asyncio.sleep(0)
+        last = scanner.finish()
+        if last:
+            await store.add(last)
+        return True
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
-        if command != "DATA":
-            return await super()._call_handler_hook(command, *args)
-        # The data is in; filtering has its own per-plugin timeouts, so the idle
-        # timer must not cut the client off while we decide (RFC 5321 4.5.3.2.6).
-        self._in_data = False
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
+        if command == "DATA":
+            # The data is in; filtering has its own per-plugin timeouts, so the idle
+            # timer must not cut the client off while we decide (RFC 5321 4.5.3.2.6).
+            self._in_data = False
+            self._pause_timer()
         return await super()._call_handler_hook(command, *args)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -419,7 +560,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
 
     @_help_of(SMTP.smtp_AUTH)
     async def smtp_AUTH(self, arg: str) -> None:
-        await super().smtp_AUTH(arg)
+        await self._progressing(super().smtp_AUTH, arg)
         conn = self.mailflow_conn
         if self.session is not None and self.session.authenticated and conn is not None:
             login = getattr(self.session.auth_data, "login", b"") or b""

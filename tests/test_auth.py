@@ -26,11 +26,6 @@ def tls_files(tmp_path_factory):
     return self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture(autouse=True)
-def fast_failures(monkeypatch):
-    monkeypatch.setattr(MailflowSMTP, "AUTH_FAILURE_DELAY", 0.0)
-
-
 @pytest.fixture
 def users_file(tmp_path):
     path = tmp_path / "users"
@@ -46,7 +41,7 @@ def auth_config(make_config, tls_files, users_file):
           listen: ["127.0.0.1:0"]
           hostname: mx.test
           tls: {{cert: {cert}, key: {key}}}
-          auth: {{users_file: {users_file}}}
+          auth: {{users_file: {users_file}, failure_delay: 0}}
         local_domains: [example.com]
         relay:
           default: upstream
@@ -310,7 +305,7 @@ async def test_mechanisms_setting_limits_what_is_offered(make_config, tls_files,
         server:
           listen: ["127.0.0.1:0"]
           tls: {{cert: {cert}, key: {key}}}
-          auth: {{users_file: {users_file}, mechanisms: [PLAIN]}}
+          auth: {{users_file: {users_file}, mechanisms: [PLAIN], failure_delay: 0}}
         """)
     async with running_server(config) as srv:
         dialog, _ = await SMTPDialog.open(srv.port)

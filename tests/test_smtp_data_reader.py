@@ -95,10 +95,10 @@ async def test_long_line_is_refused_after_the_data(make_config):
 
 
 def test_the_long_line_shortcut_agrees_with_measuring_every_line():
-    """_has_line_longer_than skips the split for typical mail; same answer as measuring."""
+    """has_line_longer_than skips the split for typical mail; same answer as measuring."""
     import random
 
-    from mailflow.smtp_session import _has_line_longer_than, _longest_line
+    from mailflow.smtp_data import _longest_line, has_line_longer_than
 
     rng = random.Random(7)
     ends = [b"\r\n", b"\r\n", b"\n", b"\r"]  # bare CR/LF do not end a line here
@@ -109,7 +109,7 @@ def test_the_long_line_shortcut_agrees_with_measuring_every_line():
             pieces.append(b"x" * length + rng.choice(ends))
         data = b"".join(pieces)
         for limit in (1, 2, 3, 5, 100, 999, 1000, 1001):
-            assert _has_line_longer_than(data, limit) == (_longest_line(data) > limit)
+            assert has_line_longer_than(data, limit) == (_longest_line(data) > limit)
 
 
 def test_received_header_text_is_sanitized_character_by_character():
@@ -135,7 +135,7 @@ class _FlowControlledTransport:
         self.paused = False
 
 
-async def test_message_data_is_read_without_stopping_the_socket_and_limits_come_back():
+async def test_message_data_is_read_without_stopping_the_socket_and_limits_come_back(tmp_path):
     """During DATA the reader may buffer DATA_READ_LIMIT bytes, not one command line.
 
     With the command-line limit (~1 KB) a few-KB message overran it and stopped and
@@ -143,6 +143,7 @@ async def test_message_data_is_read_without_stopping_the_socket_and_limits_come_
     applies again, and what the client pipelined after the data is left for the
     command loop.
     """
+    from mailflow.smtp_data import DataScanner, DataStore
     from mailflow.smtp_session import DATA_READ_LIMIT, MailflowSMTP
 
     line_limit = 1001
@@ -151,20 +152,60 @@ async def test_message_data_is_read_without_stopping_the_socket_and_limits_come_
     reader.set_transport(transport)  # type: ignore[arg-type]
     protocol = object.__new__(MailflowSMTP)  # only what _read_data uses
     protocol._reader = reader
-    protocol.data_size_limit = 10 * 1024 * 1024
-    protocol.line_length_limit = line_limit
+    scanner = DataScanner(line_limit, 10 * 1024 * 1024, reject_bare_newline=False)
+    store = DataStore(DATA_READ_LIMIT, tmp_path)
     body = b"Subject: t\r\n\r\n" + b"".join(b"line %d of the body\r\n" % i for i in range(400))
     assert 2 * line_limit < len(body) < DATA_READ_LIMIT
 
-    reading = asyncio.ensure_future(protocol._read_data())
+    reading = asyncio.ensure_future(protocol._read_data(scanner, store))
     await asyncio.sleep(0)  # the reader is waiting for data now
     for start in range(0, len(body), 4096):  # as the socket delivers it
         reader.feed_data(body[start : start + 4096])
         await asyncio.sleep(0)
     reader.feed_data(b".\r\nMAIL FROM:<next@example.org>\r\n")
-    data, error = await reading
+    assert await reading is True
 
-    assert (data, error) == (body, "")
+    assert (scanner.error, await store.take()) == (None, body)
+    assert not store.on_disk
     assert transport.pauses == 0
     assert reader._limit == line_limit  # type: ignore[attr-defined]
     assert await reader.readuntil() == b"MAIL FROM:<next@example.org>\r\n"
+
+
+async def test_reader_finds_exactly_the_end_however_the_socket_splits_the_data(tmp_path):
+    """Random data ("x.<CRLF>" lines that end nothing, bare line ends, stuffed dots),
+    the end line, then pipelined commands, fed in random pieces: the reader returns the
+    message the whole-data reference gives and leaves the commands unread."""
+    import random
+
+    from mailflow.normalize import normalize_newlines
+    from mailflow.smtp_data import DataScanner, DataStore
+    from mailflow.smtp_session import MailflowSMTP
+
+    rng = random.Random(5)
+    atoms = [b"x", b".", b"x.\r\n", b"\r\n", b"\r\n..", b"\n", b"\r", b"\n.\n", b"\r.\r", b"ab "]
+    for _ in range(600):
+        body = b"".join(rng.choice(atoms) for _ in range(rng.randrange(0, 150)))
+        if body and not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        if b"\r\n.\r\n" in b"\r\n" + body:
+            continue  # the atoms made an end line: that data would end there
+        wire = body + b".\r\nQUIT\r\n"
+        reader = asyncio.StreamReader(limit=64)  # tiny: LimitOverrunError paths too
+        protocol = object.__new__(MailflowSMTP)
+        protocol._reader = reader
+        scanner = DataScanner(10_000, 0, reject_bare_newline=False)
+        store = DataStore(1 << 20, tmp_path)
+        reading = asyncio.ensure_future(protocol._read_data(scanner, store))
+        position = 0
+        while position < len(wire):
+            step = rng.choice([1, 2, 3, 5, 64, 1000])
+            reader.feed_data(wire[position : position + step])
+            position += step
+            await asyncio.sleep(0)
+        async with asyncio.timeout(5):  # a reader that missed the end would wait forever
+            assert await reading is True
+        unstuffed = body[1:] if body.startswith(b".") else body
+        expected = normalize_newlines(unstuffed.replace(b"\r\n.", b"\r\n"))
+        assert await store.take() == expected, body
+        assert await reader.readuntil() == b"QUIT\r\n"
