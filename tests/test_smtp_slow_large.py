@@ -221,7 +221,8 @@ class Refuser:
 
 
 async def test_the_temporary_file_goes_when_a_plugin_fails(make_config):
-    async with running_server(make_config(LARGE), extra_plugins={"refuser": Refuser()}) as srv:
+    config = make_config(LARGE + "plugins: [{name: refuser, on_error: tempfail}]\n")
+    async with running_server(config, extra_plugins={"refuser": Refuser()}) as srv:
         dialog = await start_data(srv.port)
         await dialog.write_raw(large_message(300_000))
         assert (await dialog.command(".")).startswith("451")
