@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
@@ -158,7 +159,9 @@ async def test_consecutive_isolated_hooks_see_each_others_changes(make_config):
 async def test_results_do_not_depend_on_where_a_hook_runs(make_config, messages_dir):
     """The same plugins on the same messages: in this process and in a worker."""
     yaml = plugins_yaml("{name: first}", "{name: middle}", "{name: marker}")
-    messages = [make_message(), *(p.read_bytes() for p in sorted(messages_dir.glob("*.eml")))]
+    corpus = sorted((messages_dir / "corpus").glob("*/*"))[:: 40]
+    messages = [make_message(), *(p.read_bytes() for p in corpus if p.name != "README.md")]
+    assert len(messages) > 5
     inline = App(make_config(yaml), available_plugins=FACTORIES)
     isolated = App(make_config(yaml), available_plugins=FACTORIES)
     await inline.startup()
@@ -174,6 +177,37 @@ async def test_results_do_not_depend_on_where_a_hook_runs(make_config, messages_
                 assert a.plugin_report()[name]["action"] == b.plugin_report()[name]["action"]
     finally:
         await isolated.pipeline.stop_isolation()
+
+
+async def test_builtin_content_plugins_give_the_same_verdicts_in_a_worker(
+    make_config, messages_dir
+):
+    """bayes and rules on corpus messages: `check` (this process) and a worker agree."""
+    policy = Path(__file__).resolve().parent.parent / "rules" / "content-policy.yaml"
+    yaml = (
+        "isolation: {processes: 1}\nplugins:\n  - {name: bayes, isolate: true}\n"
+        f"  - {{name: rules, isolate: true, settings: {{files: ['{policy}']}}}}\n"
+    )
+    paths = sorted((messages_dir / "corpus").glob("*/*"))[::10]
+    messages = [p.read_bytes() for p in paths if p.name != "README.md"]
+    inline, isolated = App(make_config(yaml)), App(make_config(yaml))
+    await inline.startup()
+    await isolated.startup()
+    await isolated.pipeline.start_isolation()
+    try:
+        for raw in messages:
+            a = await check_message(inline, raw, recipients=["bob@example.com"])
+            b = await check_message(isolated, raw, recipients=["bob@example.com"])
+            assert "isolation.token" in b.extra and "isolation.token" not in a.extra
+            assert (a.score, a.action, a.raw) == (b.score, b.action, b.raw)
+            for name in ("bayes", "rules"):
+                ran_a, ran_b = a.plugin_report()[name], b.plugin_report()[name]
+                for key in ("probability", "tokens", "matched"):
+                    assert ran_a.get(key) == ran_b.get(key)
+    finally:
+        await isolated.pipeline.stop_isolation()
+        await inline.shutdown()
+        await isolated.shutdown()
 
 
 def _without_pid(raw: bytes) -> bytes:
