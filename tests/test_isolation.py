@@ -25,6 +25,7 @@ from mailflow.isolation import IsolationError
 from mailflow.testing import make_message, running_server, send
 from tests.isolation_plugins import Crasher, First, Marker, Middle, Runaway, Spinner
 
+POLICY = Path(__file__).resolve().parent.parent / "rules" / "content-policy.yaml"
 FACTORIES: dict[str, Any] = {
     "marker": Marker,
     "first": First,
@@ -183,7 +184,7 @@ async def test_builtin_content_plugins_give_the_same_verdicts_in_a_worker(
     make_config, messages_dir
 ):
     """bayes and rules on corpus messages: `check` (this process) and a worker agree."""
-    policy = Path(__file__).resolve().parent.parent / "rules" / "content-policy.yaml"
+    policy = POLICY
     yaml = (
         "isolation: {processes: 1}\nplugins:\n  - {name: bayes, isolate: true}\n"
         f"  - {{name: rules, isolate: true, settings: {{files: ['{policy}']}}}}\n"
