@@ -256,13 +256,13 @@ def test_file_names(headers: list[str], names: tuple[str, ...]):
     assert found.is_attachment == (bool(names) or found.disposition == "attachment")
 
 
-def test_raw_8bit_file_name_is_read_as_utf8():
+def test_raw_8bit_file_name_is_read_by_the_charset_policy():
     part = 'Content-Disposition: attachment; filename="résumé.exe"\r\n\r\nx'.encode()
     [found] = mime.parse(multipart(part)).parts
     assert found.filename == "résumé.exe"
     bad = b'Content-Disposition: attachment; filename="r\xe9sum\xe9.exe"\r\n\r\nx'
     [found] = mime.parse(multipart(bad)).parts
-    assert found.filename == "r\ufffdsum\ufffd.exe"
+    assert found.filename == "résumé.exe"  # not UTF-8: Windows-1252 (mailflow.mime.decode)
 
 
 def test_parameters():
@@ -310,15 +310,31 @@ def test_uuencode_and_unknown_encodings():
         ("utf-8", "é".encode(), "é"),
         ("ISO-8859-1", b"\xe9", "é"),
         ('"windows-1252"', b"\x80", "€"),
-        ("no-such-charset", b"\xc3\xa9\xff", "é\ufffd"),  # unknown: UTF-8, replacement
+        # Unknown, none, or not a charset: UTF-8 where valid, each other byte as
+        # Windows-1252 (the charset policy, mailflow.mime.decode).
+        ("no-such-charset", b"\xc3\xa9\xff", "éÿ"),
         ("rot13", b"abc", "abc"),  # a codec that is not a text encoding
-        ("base64", b"\xff", "\ufffd"),
-        ("", b"plain \xff", "plain \ufffd"),
-        ("utf-8", b"\xff\xfe", "\ufffd\ufffd"),
+        ("base64", b"\xff", "ÿ"),
+        ("unicode_escape", b"\\ud800", "\\ud800"),  # not a charset: never a lone surrogate
+        ("punycode", b"abc-", "abc-"),
+        ("", b"plain \xff", "plain ÿ"),
+        ("", b"caf\xe9 \x93quoted\x94 \x81", "café \u201cquoted\u201d \x81"),
+        ("utf-8", b"\xff\xfe", "ÿþ"),  # declared UTF-8 that is not: the same
+        ("us-ascii", "naïve".encode(), "naïve"),  # 8-bit "ASCII": UTF-8 when valid
+        ("us-ascii", b"na\xefve", "naïve"),
+        ("iso-8859-1", b"\x96", "\u2013"),  # Latin-1 labels read as Windows-1252
+        ("koi8-r", "привет".encode("koi8-r"), "привет"),
+        ("big5", "中文".encode() , "中文"),  # declared charset does not fit, UTF-8 does
+        ("big5", b"\xa4\xa4\xff", "中\ufffd"),  # neither fits: the declared one, U+FFFD
+        ("utf-7", b"+2AA-", "\ufffd"),  # a lone surrogate in UTF-7 becomes U+FFFD
+        ("\udcff\udcfe", b"\xe9", "é"),  # 8-bit bytes in the charset name (finding 4)
+        ("x" * 5000, b"\xe9", "é"),
     ],
 )
 def test_charsets_never_raise(charset: str, data: bytes, text: str):
-    assert mime.decode_charset(data, charset) == text
+    decoded = mime.decode_charset(data, charset)
+    assert decoded == text
+    decoded.encode("utf-8")  # no lone surrogate, whatever the input
 
 
 def test_multipart_without_boundary_is_one_leaf():
@@ -417,7 +433,7 @@ def test_invalid_content_types_are_text_plain():
 
 
 def test_parts_past_the_limit_are_one_opaque_attachment(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(mime, "MAX_PARTS", 10)
+    monkeypatch.setattr(mime.walk, "MAX_PARTS", 10)
     filler = [leaf("text/plain", f"part {i}".encode()) for i in range(12)]
     exe = leaf(
         "application/octet-stream", b"MZ", 'Content-Disposition: attachment; filename="x.exe"'
@@ -432,7 +448,7 @@ def test_parts_past_the_limit_are_one_opaque_attachment(monkeypatch: pytest.Monk
 
 
 def test_nesting_past_the_limit_is_opaque(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(mime, "MAX_DEPTH", 3)
+    monkeypatch.setattr(mime.walk, "MAX_DEPTH", 3)
     raw = leaf(
         "application/x-msdownload", b"MZ", 'Content-Disposition: attachment; filename="x.exe"'
     )
@@ -475,7 +491,7 @@ def test_header_changes_do_not_walk_the_body_again(monkeypatch: pytest.MonkeyPat
     first = mime.structure(ctx)
     text = mime.body_text(ctx)
     walks = []
-    monkeypatch.setattr(mime, "parse_body", lambda *a: walks.append(a) or first)
+    monkeypatch.setattr(mime.context, "parse_body", lambda *a: walks.append(a) or first)
     ctx.apply([AddHeader("X-Spam-Score", "1.5"), ChangeHeader("Subject", "changed")])
     ctx.apply([RemoveHeader("Date"), AddHeader("Received", "from x by y", index=-1)])
     assert mime.structure(ctx) is first

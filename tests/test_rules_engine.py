@@ -384,7 +384,7 @@ def test_body_is_not_decoded_when_a_cheaper_branch_decides(monkeypatch: pytest.M
 
 def test_body_regex_rules_out_html_without_converting_it(monkeypatch: pytest.MonkeyPatch):
     calls: list[str] = []
-    monkeypatch.setattr(mime, "html_to_text", lambda s: calls.append(s) or s)
+    monkeypatch.setattr(mime.walk, "html_to_text", lambda s: calls.append(s) or s)
     ruleset = rules({"name": "r", "when": {"body": {"matches": r"wire transfer"}}, "then": {}})
     assert evaluate(ruleset, ctx_for(message_template())) == []
     assert calls == []
@@ -419,7 +419,7 @@ def test_attachment_matches_any_of_the_names_a_part_carries():
 
 
 def test_mime_truncated_condition(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(mime, "MAX_PARTS", 5)
+    monkeypatch.setattr(mime.walk, "MAX_PARTS", 5)
     parts = b"".join(b"--b\r\n\r\npart\r\n" for _ in range(10))
     raw = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + b"--b--\r\n"
     ruleset = rules({"name": "cut", "when": {"mime_truncated": True}, "then": {"action": "reject"}})

@@ -19,7 +19,6 @@ discard action ends evaluation.
 
 from __future__ import annotations
 
-import email.utils
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
@@ -85,10 +84,11 @@ class Facts:
         return values
 
     def from_addresses(self) -> list[str]:
-        """The addresses in the From header."""
+        """The addresses in the From header (:mod:`mailflow.mime.addresses`: linear,
+        at most MAX_ADDRESSES)."""
         if self._from is None:
-            pairs = email.utils.getaddresses(self.header("from"))
-            self._from = [address for _, address in pairs if address]
+            found = mime.header_addresses(self.ctx, "from")
+            self._from = [a.address for a in found if a.address]
         return self._from
 
     def address(self) -> tuple[int, int] | None:

@@ -1,0 +1,188 @@
+"""Readable text from markup: HTML to text, element names, URL host names.
+
+Regular expressions over the decoded text, written so that no position is scanned
+more than a bounded number of times (measured: ``benchmarks/bench_mime.py``):
+
+* nothing after the last ">" can be part of a tag, so the tag pattern never runs to
+  the end of the text from an unclosed "<" (``'<a ' * n`` was quadratic in the
+  bayes plugin's former converter: 10 s for 300 KB);
+* a ``<script>`` or ``<style>`` block is removed only when its closing tag exists,
+  found by one forward search; an unclosed one is a plain tag (its content stays);
+* numeric character references of more than :data:`MAX_CHARREF_DIGITS` digits are
+  out of Unicode's range anyway: they become U+FFFD without ``int()``, which is not
+  linear in the digits and refuses more than 4,300 of them (``html.unescape`` would
+  raise).
+
+Why regular expressions and not an HTML parser: measured on the corpus and on
+hostile shapes (docs/performance.md, "HTML to text"), selectolax (lexbor) was no
+faster per typical message and grew faster than linearly on ``'<a ' * n``, and
+as a C extension it holds the GIL while it runs.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import TYPE_CHECKING
+
+from mailflow.mime.decode import decode_charset
+
+if TYPE_CHECKING:
+    from email.message import Message
+
+MAX_CHARREF_DIGITS = 10  # "&#" + more digits than this is checked before unescaping
+MAX_HOST_CHARS = 253  # RFC 1035 2.3.4: a longer "host name" is cut here
+
+_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+_RAW_OPEN = re.compile(r"<(script|style)\b", re.IGNORECASE)
+_RAW_CLOSE = re.compile(r"</(script|style)\s*>", re.IGNORECASE)
+_TAG_ONLY = re.compile(r"<[^>]*>")
+_RAW_STARTS = ("<s", "<S", "<\u017f")
+_OTHER_SPACE = ("\t", "\r", "\f", "\v")
+_SPACES = re.compile("  +")  # a literal prefix: 5x faster than " {2,}"
+_LONG_CHARREF = re.compile(
+    rf"&#(?:[xX][0-9a-fA-F]{{{MAX_CHARREF_DIGITS},}}|[0-9]{{{MAX_CHARREF_DIGITS},}});?"
+)
+_MAX_CODE_POINT_DIGITS = {True: 6, False: 7}  # hex / decimal digits of U+10FFFF
+_ELEMENT = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,9})")
+_ELEMENT_LOWER = re.compile(r"<\s*([a-z][a-z0-9]{0,9})")  # _ELEMENT on lower-cased ASCII
+# Both URL patterns start with a literal, so the regex engine can skip ahead quickly;
+# they run on lower-cased text. The scheme before "://" is checked by hand (_SCHEMES).
+_URL = re.compile(r"://([^/\s\"'<>?#\\]+)")
+_WWW = re.compile(r"www\.([a-z0-9-]+(?:\.[a-z0-9-]+)+)")
+_SCHEMES = ("http", "https", "ftp")
+
+
+def html_to_text(markup: str) -> str:
+    """Good-enough HTML to text for matching: drop tags, scripts, styles; unescape;
+    runs of blanks (space, tab, CR, FF, VT) become one space. Linear in the input.
+    """
+    if "<" in markup:
+        markup = _strip_tags(markup)
+    if "&" in markup:
+        markup = unescape(markup)
+    return collapse_blanks(markup)
+
+
+def unescape(text: str) -> str:
+    """``html.unescape`` that cannot raise on (or spend superlinear time in) long
+    numeric character references."""
+    if "&#" in text and _LONG_CHARREF.search(text) is not None:
+        text = _LONG_CHARREF.sub(_short_charref, text)
+    return html.unescape(text)
+
+
+def _short_charref(match: re.Match[str]) -> str:
+    """A numeric reference without leading zeros, or U+FFFD when out of range (what
+    ``html.unescape`` gives for a code point above U+10FFFF)."""
+    ref = match.group(0)
+    hexadecimal = ref[2] in "xX"
+    digits = ref[3 if hexadecimal else 2 :].rstrip(";").lstrip("0") or "0"
+    if len(digits) > _MAX_CODE_POINT_DIGITS[hexadecimal]:
+        return "\ufffd"
+    return ("&#x" if hexadecimal else "&#") + digits + ";"
+
+
+def collapse_blanks(text: str) -> str:
+    """Each run of space, tab, CR, FF and VT -> one space (newlines are kept)."""
+    for char in _OTHER_SPACE:  # one-character replace is a memchr loop: fast
+        if char in text:
+            text = text.replace(char, " ")
+    return _SPACES.sub(" ", text) if "  " in text else text
+
+
+def _strip_tags(markup: str) -> str:
+    # Nothing after the last ">" can be part of a tag (every tag ends with one).
+    last = markup.rfind(">")
+    if last < 0:
+        return markup
+    head, tail = markup[: last + 1], markup[last + 1 :]
+    # "<s" with s, S or U+017F (which IGNORECASE matches to s) can start <script or
+    # <style; without one, two-character searches rule both out faster than the regex.
+    if not any(opening in head for opening in _RAW_STARTS) or _RAW_OPEN.search(head) is None:
+        return _TAG_ONLY.sub(" ", head) + tail
+    if _every_raw_block_closes(head):
+        return _TAG.sub(" ", head) + tail
+    return _strip_tags_slowly(head) + tail
+
+
+def _every_raw_block_closes(markup: str) -> bool:
+    """True when each <script>/<style> opening has a closing tag after it (then the
+    lazy ``.*?`` of the tag pattern never scans to the end of the text in vain)."""
+    last_close: dict[str, int] = {}
+    for m in _RAW_CLOSE.finditer(markup):
+        last_close[m.group(1).lower()] = m.start()
+    last_open: dict[str, int] = {}
+    for m in _RAW_OPEN.finditer(markup):
+        last_open[m.group(1).lower()] = m.end()
+    return all(last_close.get(name, -1) >= pos for name, pos in last_open.items())
+
+
+def _strip_tags_slowly(markup: str) -> str:
+    """What ``_TAG.sub(" ", markup)`` gives, for markup with unclosed script/style
+    blocks, in linear time: a block whose closing tag is missing is a plain tag."""
+    out: list[str] = []
+    pos = 0
+    unclosed: set[str] = set()  # names with no closing tag after the current position
+    while True:
+        lt = markup.find("<", pos)
+        if lt < 0:
+            break
+        out.append(markup[pos:lt])
+        opening = _RAW_OPEN.match(markup, lt)
+        if opening is not None and opening.group(1).lower() not in unclosed:
+            name = opening.group(1).lower()
+            closing = re.compile(rf"</{name}\s*>", re.IGNORECASE).search(markup, opening.end())
+            if closing is not None:
+                out.append(" ")
+                pos = closing.end()
+                continue
+            unclosed.add(name)
+        gt = markup.find(">", lt)
+        if gt < 0:  # pragma: no cover - callers cut the text after its last ">"
+            out.append(markup[lt:])
+            return "".join(out)
+        out.append(" ")
+        pos = gt + 1
+    out.append(markup[pos:])
+    return "".join(out)
+
+
+def element_names(markup: str) -> set[str]:
+    """Lower-case names of the elements used in ``markup`` (``<b>``, ``<a href>``...),
+    names of at most ten characters."""
+    if markup.isascii():  # lower-casing ASCII changes nothing but A-Z: same matches
+        return set(_ELEMENT_LOWER.findall(markup.lower()))
+    return {t.lower() for t in _ELEMENT.findall(markup)}
+
+
+def url_hosts(lowered: str) -> list[str]:
+    """Host names of the URLs in lower-cased text: after ``http://``, ``https://``
+    or ``ftp://``, and ``www.`` names without a scheme (cut at MAX_HOST_CHARS).
+
+    Scans are chosen by cost: a multi-character ``in`` test ("://", "www.") runs
+    CPython's skip-table search at ~0.7 ns per character, slower than the regex's own
+    literal-prefix scan, while a one-character ``find`` is a ``memchr`` (~20x faster).
+    So "://" is looked for only from the first ":" on (prose often has none) and the
+    "www." pattern scans by itself; both find exactly the matches a scan of the whole
+    text finds (the patterns start with their literal and look at nothing before it).
+    """
+    hosts: list[str] = []
+    colon = lowered.find(":")
+    if colon >= 0:
+        for m in _URL.finditer(lowered, colon):
+            if lowered[max(0, m.start() - 5) : m.start()].endswith(_SCHEMES):
+                hosts.append(m.group(1)[:MAX_HOST_CHARS])
+    for m in _WWW.finditer(lowered):
+        hosts.append(("www." + m.group(1))[:MAX_HOST_CHARS])
+    return hosts
+
+
+def decode_part(part: Message) -> str:
+    """The text of one stdlib ``email`` leaf part (for plugins that walk ``ctx.message``
+    themselves): transfer encoding and charset undone, HTML converted to text."""
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    text = decode_charset(payload, part.get_content_charset() or "")
+    return html_to_text(text) if part.get_content_type() == "text/html" else text
