@@ -35,6 +35,13 @@ _TOKEN = re.compile(
       |(?P<other>[\s\S])""",
     re.VERBOSE,
 )
+# One mailbox in the common forms ("Name" <a@b>, Name <a@b>, <a@b>, a@b), with no
+# comment, group, route or escape: what the general reader gives, in one call.
+_ONE_MAILBOX = re.compile(
+    r'\s*+(?:"(?P<quoted>[^"\\]*+)"|(?P<name>[^"<>(),;:\\\[\]]*?))\s*+'
+    r"<(?P<angle>[^<>()\s\",;:\\\[\]]*+)>\s*+"
+    r'|\s*+(?P<bare>[^\s"<>(),;:\\\[\]]++)\s*+'
+)
 _COMMENT_PART = re.compile(r"[^()\\]++|\\[\s\S]?|[()]")
 _ESCAPE = re.compile(r"\\([\s\S])")
 _BLANKS = re.compile(r"\s+")
@@ -96,6 +103,26 @@ class _Mailbox:
 def parse_addresses(value: str, limit: int = MAX_ADDRESSES) -> AddressList:
     """The mailboxes of one address-list header value (raw text; surrogate escapes
     for 8-bit bytes are fine). Linear in the value; never raises."""
+    one = _ONE_MAILBOX.fullmatch(value) if limit > 0 else None
+    if one is not None:  # the usual From: one mailbox, in one regular expression call
+        bare = one.group("bare")
+        out = AddressList()
+        if bare is not None:
+            out.append(Address("", header_text(bare)))
+            return out
+        name = one.group("quoted")
+        if name is None:
+            name = one.group("name")
+        name = " ".join(name.split())
+        angle = one.group("angle")
+        if name or angle:
+            out.append(Address(decode_words(name) if name else "", header_text(angle)))
+        return out
+    return _parse_addresses(value, limit)
+
+
+def _parse_addresses(value: str, limit: int) -> AddressList:
+    """:func:`parse_addresses` for any value: tokens, comments, groups."""
     out = AddressList()
     box = _Mailbox()
     pos, end = 0, len(value)
