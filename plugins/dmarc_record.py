@@ -169,16 +169,15 @@ def author_domains(from_fields: list[str]) -> tuple[list[str], str]:
     addresses = parse_addresses(from_fields[0])  # linear; at most MAX_ADDRESSES
     if addresses.truncated:
         return [], f"From names more than {len(addresses)} addresses"
-    domains: list[str] = []
+    domains: dict[str, None] = {}  # in order, each once (a list's `in` made this quadratic)
     for mailbox in addresses:
         addr = mailbox.address
         domain = _a_label(mailbox.domain)
         if not addr or "@" not in addr or not valid_domain(domain):
             return [], f"From address {addr or from_fields[0][:60]!r} has no usable domain"
-        if domain not in domains:
-            domains.append(domain)
+        domains[domain] = None
     if not domains:
         return [], "From header field holds no address"
     if len(domains) > MAX_FROM_DOMAINS:
         return [], f"From names {len(domains)} domains (limit {MAX_FROM_DOMAINS})"
-    return domains, ""
+    return list(domains), ""

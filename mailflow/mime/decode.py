@@ -17,10 +17,11 @@
 
 Cost: decoding is done by C codecs. Repairing an invalid sequence in mixed text is
 a Python call (~1.5 us), so a codec error handler repairs sparse mixes only (at most
-one 8-bit byte in :data:`REPAIR_DENSITY` and :data:`MAX_REPAIRS` in all); denser
-mixes up to :data:`MAX_MIXED_BYTES` are decoded with surrogate escapes that one
-``str.translate`` maps to Windows-1252 (~0.06 us a character); a larger dense mix
-is read as Windows-1252 entirely. Every path is linear, at most ~0.06 us a byte.
+one 8-bit byte in :data:`REPAIR_DENSITY`); denser mixes are decoded with surrogate
+escapes that one ``str.translate`` maps to Windows-1252 (~0.06 us a character),
+whichever costs less. Above :data:`MAX_MIXED_BYTES` a mix needing more than
+:data:`MAX_REPAIRS` repairs is read as Windows-1252 entirely (one C call), so
+every path is linear, at most ~0.06 us a byte and ~60 ms a text.
 
 Why not UTF-8 with U+FFFD for undeclared 8-bit text: mislabelled or unlabelled
 8-bit mail is common, and nearly all of it is Windows-1252/Latin-1 (6 % of the
@@ -70,9 +71,10 @@ _NOT_CHARSETS = frozenset(
 )
 # Codecs whose decoder can yield lone surrogates: their output is checked.
 _MAY_YIELD_SURROGATES = frozenset({"utf_7"})
-MAX_REPAIRS = 10_000  # 8-bit bytes in mixed UTF-8/other text repaired one call each ...
-REPAIR_DENSITY = 25  # ... when at most one byte in this many is 8-bit (~0.06 us a byte)
-MAX_MIXED_BYTES = 1 << 20  # a denser mix up to this size is mapped by str.translate
+REPAIR_DENSITY = 25  # mixed text is repaired one sequence at a time when at most one
+# byte in this many is 8-bit (then that costs less than str.translate: ~0.06 us a byte)
+MAX_MIXED_BYTES = 1 << 20  # a larger mix is repaired only when it needs ...
+MAX_REPAIRS = 10_000  # ... at most this many repairs (~15 ms); else all Windows-1252
 _HIGH_BYTES = bytes(range(0x80, 0x100))
 _CODEC_CACHE_MAX = 256  # distinct charset labels remembered
 _CHARSET_NAME_MAX = 64  # a longer label is not a charset name (RFC 2978 allows 40)
@@ -106,9 +108,10 @@ def decode_undeclared(data: bytes) -> str:
     if _UTF8_SEQUENCE.search(data) is None:  # no UTF-8 at all: one C call
         return decode_win1252(data)
     high = len(data) - len(data.translate(None, _HIGH_BYTES))
-    if high <= MAX_REPAIRS and high * REPAIR_DENSITY <= len(data):
+    small = len(data) <= MAX_MIXED_BYTES
+    if high * REPAIR_DENSITY <= len(data) and (small or high <= MAX_REPAIRS):
         return data.decode("utf-8", FALLBACK_HANDLER)
-    if len(data) <= MAX_MIXED_BYTES:
+    if small:
         return data.decode("utf-8", "surrogateescape").translate(_ESCAPED_WIN1252)
     return decode_win1252(data)
 

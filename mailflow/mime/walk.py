@@ -72,8 +72,10 @@ class _PartHead:
         self.fields = fields
         self.content_type = content_type
         self.ctype_value = ctype or ""
-        self.cte = cte or ""
-        self.disposition = disposition.split(";", 1)[0].strip().lower() if disposition else ""
+        self.cte = header_text(cte) if cte else ""
+        self.disposition = (
+            header_text(disposition.split(";", 1)[0]).strip().lower() if disposition else ""
+        )
         named = (ctype is not None and "name" in ctype.lower()) or (
             disposition is not None and "name" in disposition.lower()
         )
@@ -85,8 +87,10 @@ class _PartHead:
 
     @property
     def params(self) -> dict[str, str]:
+        """Content-Type parameters as text (8-bit bytes decoded by the charset policy)."""
         if self._params is None:
-            self._params = parse_params(self.ctype_value)
+            raw = parse_params(self.ctype_value)
+            self._params = {header_text(k): header_text(v) for k, v in raw.items()}
         return self._params
 
     @property
@@ -94,7 +98,7 @@ class _PartHead:
         if self._charset is None:
             found = ""
             if "charset" in self.ctype_value.lower():
-                found = header_text(self.params.get("charset", "")).strip().lower()
+                found = self.params.get("charset", "").strip().lower()
             self._charset = found
         return self._charset
 
@@ -344,7 +348,7 @@ class _Walker:
             key = None  # what the headers say depends on where the part is
         else:  # Message.get_content_type: invalid types are text/plain (RFC 2045 5.2)
             ctype = ctype_value.split(";", 1)[0].strip().lower()
-            if ctype.count("/") != 1:
+            if ctype.count("/") != 1 or not ctype.isascii():  # RFC 2045 5.1: ASCII tokens
                 ctype = "text/plain"
         descend = depth < MAX_DEPTH
         inside = f"{container}>{ctype}" if container else ctype
