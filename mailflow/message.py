@@ -291,32 +291,46 @@ class MessageContext:
 
         Header mutations in a row are applied to one list of header fields and the
         message is rebuilt once, not once per mutation (a plugin typically returns
-        a remove-then-add pair per header it owns).
+        a remove-then-add pair per header it owns). The usual batch (remove a header
+        that is not there, prepend new ones) does not split the header block at all:
+        the new fields are put in front of the message bytes.
         """
         fields: list[bytes] | None = None  # header fields being edited, not yet written back
         body = b""
+        prepended: list[bytes] = []  # AddHeader(index=0) lines while no field list is needed
+        head_lower: bytes | None = None
         for m in mutations:
             match m:
                 case AddHeader(name=name, value=value, index=index):
-                    if fields is None:
-                        fields, body = self._fields()
                     line = format_header(name, value)
-                    if index == 0:
-                        fields.insert(0, line)
+                    if fields is None and index == 0:
+                        prepended.insert(0, line)
                     else:
-                        fields.append(line)
+                        if fields is None:
+                            fields, body = self._fields(prepended)
+                        if index == 0:
+                            fields.insert(0, line)
+                        else:
+                            fields.append(line)
                     self.headers_added.append((name, value))
                 case ChangeHeader(name=name, value=value, occurrence=occ):
                     if fields is None:
-                        fields, body = self._fields()
+                        fields, body = self._fields(prepended)
                     fields = _change_field(fields, name, value, occ)
                 case RemoveHeader(name=name):
                     if fields is None:
-                        fields, body = self._fields()
+                        if head_lower is None:
+                            head_lower = self.split()[0].lower()
+                        lname = name.lower().encode("utf-8", "surrogateescape")
+                        if lname not in head_lower and not any(
+                            lname in line.lower() for line in prepended
+                        ):
+                            continue  # nothing to remove (the usual case): one scan in C
+                        fields, body = self._fields(prepended)
                     fields = _change_field(fields, name, None, 0)
                 case ReplaceBody(body=new_body):
                     if fields is None:
-                        fields, _ = self._fields()
+                        fields, _ = self._fields(prepended)
                     body = new_body
                 case AddRecipient(address=addr):
                     if addr not in self.envelope.rcpt_tos:
@@ -334,10 +348,19 @@ class MessageContext:
         if fields is not None:
             self._raw = b"".join(fields) + CRLF + body
             self._invalidate()
+        elif prepended:
+            raw = self._raw
+            if raw.startswith(CRLF) or b"\r\n\r\n" in raw:  # split() keeps it as it is
+                self._raw = b"".join(prepended) + raw
+            else:
+                head, body = self.split()
+                self._raw = b"".join(prepended) + head + CRLF + body
+            self._invalidate()
 
-    def _fields(self) -> tuple[list[bytes], bytes]:
+    def _fields(self, prepended: list[bytes]) -> tuple[list[bytes], bytes]:
+        """The header fields (after the lines prepended so far) and the body."""
         head, body = self.split()
-        return split_header_fields(head), body
+        return prepended + split_header_fields(head), body
 
 
 def _change_field(

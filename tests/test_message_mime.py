@@ -184,3 +184,61 @@ def test_header_mutation_of_a_message_without_headers_keeps_the_body():
     ctx = context(b"\r\nonly body\r\n")
     ctx.apply([AddHeader("X-A", "1"), RemoveHeader("X-B")])
     assert ctx.raw == b"X-A: 1\r\n\r\nonly body\r\n"
+
+
+def _reference_apply(raw: bytes, mutations: list) -> bytes:
+    """Header mutations the plain way: split the block into fields, edit, rebuild."""
+    from mailflow.message import _change_field, format_header
+
+    ctx = context(raw)
+    head, body = ctx.split()
+    fields = mime.split_header_fields(head)
+    for m in mutations:
+        if isinstance(m, AddHeader):
+            line = format_header(m.name, m.value)
+            fields.insert(0, line) if m.index == 0 else fields.append(line)
+        elif isinstance(m, ChangeHeader):
+            fields = _change_field(fields, m.name, m.value, m.occurrence)
+        elif isinstance(m, RemoveHeader):
+            fields = _change_field(fields, m.name, None, 0)
+        else:
+            body = m.body
+    return b"".join(fields) + b"\r\n" + body
+
+
+def test_header_mutations_match_the_plain_rebuild_on_random_batches():
+    """The prepend-only fast path (no field split) gives the bytes a full rebuild gives."""
+    import random
+
+    rng = random.Random(4)
+    raws = [
+        b"Subject: s\r\nX-Spam-Status: old\r\n\r\nbody\r\n",
+        b"\r\nno header section\r\n",
+        b"Subject: no blank line\r\n",
+        b"Subject: no final CRLF",
+        b"X-Note: mentions x-spam-status in a value\r\n\r\nb",
+        message_template(),
+    ]
+    names = ["X-Spam-Status", "X-Spam-Score", "Subject", "X-New"]
+    for _ in range(2000):
+        raw = rng.choice(raws)
+        batch = []
+        for _ in range(rng.randint(1, 4)):
+            kind, name = rng.randrange(5), rng.choice(names)
+            if kind == 0:
+                batch.append(RemoveHeader(name))
+            elif kind == 1:
+                batch.append(AddHeader(name, "v", index=rng.choice([0, 0, -1])))
+            elif kind == 2:
+                batch.append(ChangeHeader(name, "c", occurrence=rng.randint(0, 2)))
+            elif kind == 3:
+                batch.append(AddHeader(name, "w"))
+            else:
+                batch.append(RemoveHeader(name.lower()))
+        ctx = context(raw)
+        ctx.apply(batch)
+        head = context(raw).split()[0].lower()
+        if all(isinstance(m, RemoveHeader) and m.name.lower().encode() not in head for m in batch):
+            assert ctx.raw == raw  # removing what is not there changes no byte
+        else:
+            assert ctx.raw == _reference_apply(raw, batch), (raw, batch)

@@ -198,11 +198,23 @@ class HeaderBlock:
 
     ``block`` is the header block as cut by :func:`head_end` and ``body_start`` where
     the body begins. Values are looked up per name with ``bytes.find`` on the
-    lower-cased block (one C scan a name) while the block has no bare CR; otherwise
-    all fields are read once with :func:`field_pairs`. Both give the same values.
+    lower-cased block (one C scan a name, the cheapest for a few names) while the
+    block has no bare CR; otherwise, and once :meth:`index` was asked for (the
+    cheapest for many names), from all fields read once with :func:`field_pairs`.
+    Both give the same values.
     """
 
-    __slots__ = ("_content", "_fields", "_lower", "_plain", "_values", "block", "body_start", "raw")
+    __slots__ = (
+        "_content",
+        "_fields",
+        "_index",
+        "_lower",
+        "_plain",
+        "_values",
+        "block",
+        "body_start",
+        "raw",
+    )
 
     def __init__(self, raw: bytes) -> None:
         head, self.body_start = head_end(raw, 0, len(raw))
@@ -211,6 +223,7 @@ class HeaderBlock:
         self._lower: bytes | None = None
         self._plain: bool | None = None
         self._fields: Fields | None = None
+        self._index: dict[str, list[str]] | None = None
         self._content: bytes | None = None
         self._values: dict[str, list[str]] = {}
 
@@ -236,8 +249,25 @@ class HeaderBlock:
             self._fields = Fields(field_pairs(self.block))
         return self._fields
 
+    def index(self) -> dict[str, list[str]]:
+        """{lower-case name: raw values} of every field (built once; later lookups of
+        any name use it)."""
+        if self._index is None:
+            index: dict[str, list[str]] = {}
+            for name, value in self.fields()._pairs:
+                key = name.lower()
+                values = index.get(key)
+                if values is None:
+                    index[key] = [value]
+                else:
+                    values.append(value)
+            self._index = index
+        return self._index
+
     def raw_values(self, name: str) -> list[str]:
         """Raw values (surrogate escapes for bytes that are not UTF-8) of ``name``."""
+        if self._index is not None:
+            return list(self._index.get(name.lower(), ()))
         if not self.plain or not name.isascii():
             return self.fields().get_all(name)
         key = b"\n" + name.lower().encode("ascii") + b":"
