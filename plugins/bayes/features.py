@@ -27,6 +27,7 @@ from mailflow.mime import (
     MessageView,
     decode_words,
     element_names,
+    header_text,
     parse_addresses,
     unfold,
     url_hosts,
@@ -191,12 +192,18 @@ def _text_tokens(text: str, out: set[str]) -> None:
 
 
 def _header_tokens(view: MessageView, out: set[str]) -> None:
-    h = view.fields
-    h.index()  # about 15 names are read: one pass over the block beats one scan a name
+    # About 15 names are read: one pass over the block (the index of raw values) costs
+    # less than one scan a name; only the values used are turned into text.
+    h = view.fields.index()
 
     def first(name: str) -> str:
-        value = h.first(name)
-        return "" if value is None else unfold(value).strip()
+        values = h.get(name)
+        if not values:
+            return ""
+        value = values[0]
+        if not value.isascii():
+            value = header_text(value)
+        return unfold(value).strip()
 
     out.update(_cached(_subject_tokens, first("subject")))
     sender, sender_domain = _cached(_sender_tokens, first("from"))
@@ -224,10 +231,10 @@ def _header_tokens(view: MessageView, out: set[str]) -> None:
     if "x-priority" in h or "x-msmail-priority" in h:
         out.add("h:=priority")
 
-    received = h.get_all("received")
+    received = h.get("received", ())
     out.add("rcv:n" + bucket(len(received), 3))
     for value in received:
-        rm = _RCV_FROM.match(unfold(value))
+        rm = _RCV_FROM.match(unfold(value if value.isascii() else header_text(value)))
         if rm is not None:
             helo, comment = rm.group(1), rm.group(2) or ""
             if len(helo) + len(comment) > _VALUE_CACHE_CHARS:
