@@ -557,6 +557,24 @@ def test_html_to_text_matches_the_plain_regex_version(markup: str):
     assert mime.html_to_text(markup) == _old_html_to_text(markup)
 
 
+@pytest.mark.parametrize(
+    ("markup", "text"),
+    [
+        ("a<!-- hidden words -->b", "a b"),
+        ("a<!-- x > still hidden -->b", "a b"),  # a ">" inside does not end a comment
+        ("a<!-->b<!--->c", "a b c"),  # empty comments, as browsers read them
+        ("a<!-- never closed <p>b</p>", "a "),  # hides the rest, as in a browser
+        ("a<p>b<!-- never closed", "a b "),
+        ("<script>if (a<!--b) x()</script>c<!--d-->e", " c e"),  # not a comment in a script
+        ("<!-- <script> -->t<script>x</script>u", " t u"),
+        ("a<!--x-->b<script>y", "a b y"),
+    ],
+)
+def test_html_comments_are_removed_with_their_text(markup: str, text: str):
+    """Words hidden in comments (a hash-buster against spam filters) are not text."""
+    assert mime.html_to_text(markup) == text
+
+
 def test_html_to_text_is_linear_on_unclosed_tags():
     hostile = "<script>" * 20_000 + "<" * 20_000 + "</script" * 1000
     started = time.process_time()

@@ -24,12 +24,13 @@ whichever costs less. Above :data:`MAX_MIXED_BYTES` a mix needing more than
 every path is linear, at most ~0.06 us a byte and ~60 ms a text.
 
 Why not UTF-8 with U+FFFD for undeclared 8-bit text: mislabelled or unlabelled
-8-bit mail is common, and nearly all of it is Windows-1252/Latin-1 (6 % of the
-SpamAssassin corpus' text parts declare us-ascii or nothing and carry 8-bit
-bytes; see docs/mime.md). Replacement would turn "café" into "caf\\ufffd", a
-different word for the spam classifier and for a rule looking for "café", and
-would lose the bytes. A run of bytes that is valid UTF-8 by accident is rare in
-Latin-1 text, so trying UTF-8 first costs little accuracy.
+8-bit mail is common, and it is Windows-1252/Latin-1: in the SpamAssassin corpus,
+188 of the 644 readable text parts with 8-bit bytes (183 of 6,046 messages)
+declare no charset, us-ascii or one Python does not know, and not one of them is
+valid UTF-8. Replacement would turn "café" into "caf\\ufffd", a different word
+for the spam classifier and for a rule looking for "café", and would lose the
+bytes. A run of bytes that is valid UTF-8 by accident is rare in Latin-1 text,
+so trying UTF-8 first costs little accuracy.
 
 Nothing here raises on any input, and no result holds a lone surrogate, so text
 from this module can always be ``.encode()``-d. Work is linear in the input:

@@ -29,6 +29,14 @@ _HEAD = re.compile(rb"(?:(?:From |[\x21-\x39\x3b-\x7e]*+:|[ \t])[^\r\n]*+(?:\r\n
 _FIELD = re.compile(
     rf"(?:^|(?<=[\r\n]))({_NAME}+):[ \t]*+([^\r\n]*+(?:(?:\r\n|\r|\n)[ \t][^\r\n]*+)*+)"
 )
+# The same for text whose every CR is followed by LF, run on "\n" + text: 2.5x as
+# fast (a pattern starting with a literal is searched with memchr, and "[^\n]" is a
+# one-character test); values keep a final CR, which field_pairs removes.
+_FIELD_LF = re.compile(rf"\n({_NAME}+):[ \t]*+([^\n]*+(?:\n[ \t][^\n]*+)*+)")
+# For a header block without bare CR: a line that is not a field, a continuation or
+# an mbox "From " line (it ends the block; see head_end).
+_NOT_A_HEADER_LINE = re.compile(rb"\n(?![ \t]|From |[\x21-\x39\x3b-\x7e]*+:)")
+_HEADER_LINE = re.compile(rb"[ \t]|From |[\x21-\x39\x3b-\x7e]*+:")
 # A header block of one to three CRLF fields in which every line is a field or a
 # continuation: what the general path gives, in one call (part headers look so).
 _ONE_FIELD = rf"({_NAME}+):[ \t]*+([^\r\n]*+(?:\r\n[ \t][^\r\n]*+)*+)\r\n"
@@ -105,6 +113,11 @@ def field_pairs(block: bytes) -> list[tuple[str, str]]:
     few = _FEW_FIELDS.fullmatch(text)
     if few is not None:
         return few_pairs(few)
+    crs = text.count("\r")
+    if crs == 0:
+        return _FIELD_LF.findall("\n" + text)
+    if crs == text.count("\r\n"):  # CRLF line ends: strip the CR each value keeps
+        return [(n, v[:-1] if v[-1:] == "\r" else v) for n, v in _FIELD_LF.findall("\n" + text)]
     return _FIELD.findall(text)
 
 
@@ -143,13 +156,33 @@ def head_end(src: bytes, start: int, end: int) -> tuple[int, int]:
     The header block ends at the first blank line, or at the first line that is
     neither a header field nor a continuation (that line then starts the body).
     """
-    match = _HEAD.match(src, start, end)
-    head = match.end() if match else start
+    head = _plain_head_end(src, start, end)
+    if head < 0:  # a bare CR before the first blank line: the general pattern
+        match = _HEAD.match(src, start, end)
+        head = match.end() if match else start
     if src.startswith(b"\r\n", head, end):
         return head, head + 2
     if src.startswith((b"\n", b"\r"), head, end):
         return head, head + 1
     return head, head
+
+
+def _plain_head_end(src: bytes, start: int, end: int) -> int:
+    """Where the header block in src[start:end] ends, or -1 when a bare CR comes before
+    its first blank line (then ``_HEAD`` decides). What ``_HEAD.match`` gives, with two
+    C-level searches and one memchr-driven pattern instead of a match per line."""
+    if src.startswith((b"\n", b"\r\n"), start, end):
+        return start
+    blank = src.find(b"\n\n", start, end)
+    crlf = src.find(b"\n\r\n", start, blank + 2 if blank >= 0 else end)
+    stop = (crlf if crlf >= 0 else blank) + 1 if (crlf >= 0 or blank >= 0) else end
+    crs = src.count(b"\r", start, stop)
+    if crs and crs != src.count(b"\r\n", start, stop):
+        return -1
+    if _HEADER_LINE.match(src, start, stop) is None:
+        return start
+    bad = _NOT_A_HEADER_LINE.search(src, start, stop)
+    return bad.start() + 1 if bad is not None else stop
 
 
 def split_entity(raw: bytes) -> tuple[bytes, bytes]:
@@ -263,6 +296,28 @@ class HeaderBlock:
                     values.append(value)
             self._index = index
         return self._index
+
+    def unfolded_index(self) -> dict[str, list[str]]:
+        """{lower-case name: raw values unfolded (RFC 5322 2.2.3), without leading
+        blanks} of every field: the block is unfolded once and read with one pattern
+        (for readers of many fields)."""
+        if not self.plain:
+            return {k: [unfold(v).lstrip(" \t") for v in vs] for k, vs in self.index().items()}
+        text = block_text(self.block)
+        if "\n" in text:
+            text = _FOLD.sub("", text)
+        pairs = _FIELD_LF.findall("\n" + text)
+        index: dict[str, list[str]] = {}
+        for name, value in pairs:
+            if value[-1:] == "\r":
+                value = value[:-1]
+            key = name.lower()
+            values = index.get(key)
+            if values is None:
+                index[key] = [value]
+            else:
+                values.append(value)
+        return index
 
     def raw_values(self, name: str) -> list[str]:
         """Raw values (surrogate escapes for bytes that are not UTF-8) of ``name``."""

@@ -8,6 +8,10 @@ more than a bounded number of times (measured: ``benchmarks/bench_mime.py``):
   bayes plugin's former converter: 10 s for 300 KB);
 * a ``<script>`` or ``<style>`` block is removed only when its closing tag exists,
   found by one forward search; an unclosed one is a plain tag (its content stays);
+* a comment ``<!-- ... -->`` is removed with its content (hidden text in comments
+  is an old trick against content filters); one that is never closed hides the
+  rest of the text, as it does in a browser (HTML: the end of the file ends it);
+  ``<!-->`` and ``<!--->`` are empty comments, as browsers read them;
 * numeric character references of more than :data:`MAX_CHARREF_DIGITS` digits are
   out of Unicode's range anyway: they become U+FFFD without ``int()``, which is not
   linear in the digits and refuses more than 4,300 of them (``html.unescape`` would
@@ -33,7 +37,10 @@ if TYPE_CHECKING:
 MAX_CHARREF_DIGITS = 10  # "&#" + more digits than this is checked before unescaping
 MAX_HOST_CHARS = 253  # RFC 1035 2.3.4: a longer "host name" is cut here
 
-_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<!(?=--).*?-->|<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+_COMMENT_OPEN = "<!--"
+_COMMENT_CLOSE = "-->"
+_COMMENT_CLOSE_FROM = 2  # "-->" may overlap the opening's "--": "<!-->" is a comment
 _RAW_OPEN = re.compile(r"<(script|style)\b", re.IGNORECASE)
 _RAW_CLOSE = re.compile(r"</(script|style)\s*>", re.IGNORECASE)
 _TAG_ONLY = re.compile(r"<[^>]*>")
@@ -92,18 +99,32 @@ def collapse_blanks(text: str) -> str:
 
 
 def _strip_tags(markup: str) -> str:
-    # Nothing after the last ">" can be part of a tag (every tag ends with one).
+    # Nothing after the last ">" can be part of a tag (every tag ends with one), but a
+    # comment opened there is never closed: it hides the rest.
     last = markup.rfind(">")
-    if last < 0:
-        return markup
     head, tail = markup[: last + 1], markup[last + 1 :]
+    hidden = tail.find(_COMMENT_OPEN)
+    if hidden >= 0:
+        tail = tail[:hidden] + " "
+    if last < 0:
+        return tail
+    comments = _COMMENT_OPEN in head
     # "<s" with s, S or U+017F (which IGNORECASE matches to s) can start <script or
     # <style; without one, two-character searches rule both out faster than the regex.
-    if not any(opening in head for opening in _RAW_STARTS) or _RAW_OPEN.search(head) is None:
+    raw = any(opening in head for opening in _RAW_STARTS) and _RAW_OPEN.search(head) is not None
+    if not raw and not comments:
         return _TAG_ONLY.sub(" ", head) + tail
-    if _every_raw_block_closes(head):
+    if (not raw or _every_raw_block_closes(head)) and (not comments or _every_comment_closes(head)):
         return _TAG.sub(" ", head) + tail
-    return _strip_tags_slowly(head) + tail
+    text, rest_hidden = _strip_tags_slowly(head)
+    return text if rest_hidden else text + tail
+
+
+def _every_comment_closes(markup: str) -> bool:
+    """True when the last "<!--" has a "-->" after it (then so has every other, and
+    the lazy ``.*?`` of the comment pattern never scans to the end in vain)."""
+    last_open = markup.rfind(_COMMENT_OPEN)
+    return markup.find(_COMMENT_CLOSE, last_open + _COMMENT_CLOSE_FROM) >= 0
 
 
 def _every_raw_block_closes(markup: str) -> bool:
@@ -118,9 +139,11 @@ def _every_raw_block_closes(markup: str) -> bool:
     return all(last_close.get(name, -1) >= pos for name, pos in last_open.items())
 
 
-def _strip_tags_slowly(markup: str) -> str:
+def _strip_tags_slowly(markup: str) -> tuple[str, bool]:
     """What ``_TAG.sub(" ", markup)`` gives, for markup with unclosed script/style
-    blocks, in linear time: a block whose closing tag is missing is a plain tag."""
+    blocks or comments, in linear time: a script/style block whose closing tag is
+    missing is a plain tag; an unclosed comment hides the rest (then the second
+    value is True)."""
     out: list[str] = []
     pos = 0
     unclosed: set[str] = set()  # names with no closing tag after the current position
@@ -129,6 +152,13 @@ def _strip_tags_slowly(markup: str) -> str:
         if lt < 0:
             break
         out.append(markup[pos:lt])
+        if markup.startswith(_COMMENT_OPEN, lt):
+            out.append(" ")
+            end = markup.find(_COMMENT_CLOSE, lt + _COMMENT_CLOSE_FROM)
+            if end < 0:
+                return "".join(out), True
+            pos = end + len(_COMMENT_CLOSE)
+            continue
         opening = _RAW_OPEN.match(markup, lt)
         if opening is not None and opening.group(1).lower() not in unclosed:
             name = opening.group(1).lower()
@@ -141,11 +171,11 @@ def _strip_tags_slowly(markup: str) -> str:
         gt = markup.find(">", lt)
         if gt < 0:  # pragma: no cover - callers cut the text after its last ">"
             out.append(markup[lt:])
-            return "".join(out)
+            return "".join(out), False
         out.append(" ")
         pos = gt + 1
     out.append(markup[pos:])
-    return "".join(out)
+    return "".join(out), False
 
 
 def element_names(markup: str) -> set[str]:

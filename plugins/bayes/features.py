@@ -24,12 +24,12 @@ import numpy as np
 from sklearn.utils import murmurhash3_32
 
 from mailflow.mime import (
+    Address,
     MessageView,
     decode_words,
     element_names,
     header_text,
     parse_addresses,
-    unfold,
     url_hosts,
 )
 from mailflow.mime.text import MAX_HOST_CHARS, html_to_text
@@ -40,7 +40,9 @@ HASH_SEED = 0
 HUGE_BYTES = 512 * 1024  # a message larger than this gets the "m:=huge" token
 MAX_SCAN_CHARS = 512 * 1024  # decoded text tokenised per message, all parts together
 MAX_TEXT_CHARS = 100_000  # text per part that is tokenised
+MAX_MARKUP_CHARS = 256 * 1024  # HTML of one part converted to text (its text is cut above)
 MAX_TOKEN_LEN = 25
+MAILBOXES_READ = 8  # From/Reply-To mailboxes looked at for the first one with a domain
 
 _WORD = re.compile(r"[^\W\d_][^\W_]{1,24}")  # letters first: no bare numbers or dates
 # The same pattern for lower-cased ASCII text, where [^\W\d_] is [a-z] and [^\W_] is
@@ -192,18 +194,16 @@ def _text_tokens(text: str, out: set[str]) -> None:
 
 
 def _header_tokens(view: MessageView, out: set[str]) -> None:
-    # About 15 names are read: one pass over the block (the index of raw values) costs
-    # less than one scan a name; only the values used are turned into text.
-    h = view.fields.index()
+    # About 15 names are read: one pass over the unfolded block (an index of raw
+    # values) costs less than one scan a name; only the values used become text.
+    h = view.fields.unfolded_index()
 
     def first(name: str) -> str:
         values = h.get(name)
         if not values:
             return ""
         value = values[0]
-        if not value.isascii():
-            value = header_text(value)
-        return unfold(value).strip()
+        return (value if value.isascii() else header_text(value)).strip()
 
     out.update(_cached(_subject_tokens, first("subject")))
     sender, sender_domain = _cached(_sender_tokens, first("from"))
@@ -217,9 +217,8 @@ def _header_tokens(view: MessageView, out: set[str]) -> None:
     out.add("to:n" + bucket(to.count("@") + first("cc").count("@")))
     reply_to = first("reply-to")
     if reply_to:
-        found = parse_addresses(reply_to, 1)
-        domain = found[0].domain if found else ""
-        if domain and domain != sender_domain:
+        mailbox = _first_with_domain(reply_to)
+        if mailbox is not None and mailbox.domain != sender_domain:
             out.add("rt:=otherdomain")
     for name in ("message-id", "date", "mime-version"):
         if name not in h:
@@ -234,7 +233,7 @@ def _header_tokens(view: MessageView, out: set[str]) -> None:
     received = h.get("received", ())
     out.add("rcv:n" + bucket(len(received), 3))
     for value in received:
-        rm = _RCV_FROM.match(unfold(value if value.isascii() else header_text(value)))
+        rm = _RCV_FROM.match(value if value.isascii() else header_text(value))
         if rm is not None:
             helo, comment = rm.group(1), rm.group(2) or ""
             if len(helo) + len(comment) > _VALUE_CACHE_CHARS:
@@ -288,21 +287,30 @@ def _subject_tokens(raw: str) -> tuple[str, ...]:
 def _sender_tokens(raw: str) -> tuple[tuple[str, ...], str | None]:
     """Tokens of a From value, and its first address' domain (lower case) if it has one.
 
-    Display-name words are the words before the first "<"; only the first mailbox is
-    read (``parse_addresses`` stops there), so a From of 20,000 addresses costs one.
+    Display-name words are the words before the first "<"; the address is the first
+    of the first few mailboxes that has a domain (spam often puts a name without an
+    address first: "Support team ,_<x@example.com>"); no more are read, so a From of
+    20,000 addresses costs a few.
     """
     sender = decode_words(raw)
     name, _, _ = sender.partition("<")
     out = set(map("fn:".__add__, _words(name.lower())))
-    found = parse_addresses(raw, 1)
-    domain = found[0].domain if found else ""
-    if not domain:
+    mailbox = _first_with_domain(raw)
+    if mailbox is None:
         out.add("f:=noaddr")
         return tuple(out), None
-    out.update(_domain_tokens(domain, "f:"))
-    if sum(c.isdigit() for c in found[0].local_part) >= 3:
+    out.update(_domain_tokens(mailbox.domain, "f:"))
+    if sum(c.isdigit() for c in mailbox.local_part) >= 3:
         out.add("f:=digits")
-    return tuple(out), domain
+    return tuple(out), mailbox.domain
+
+
+def _first_with_domain(value: str) -> Address | None:
+    """The first of the first MAILBOXES_READ mailboxes of ``value`` with a domain."""
+    for mailbox in parse_addresses(value, MAILBOXES_READ):
+        if mailbox.domain:
+            return mailbox
+    return None
 
 
 @functools.lru_cache(maxsize=_VALUE_CACHE_MAX)
@@ -384,8 +392,12 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
                 out.update(map("tag:".__add__, element_names(markup)))
                 # URLs hide in attributes, so take them from the markup, words from the text.
                 _url_tokens(lowered, out)
-                # The part's plain text is shared with the rules plugin when it is whole.
-                text = part.plain_text() if len(text) <= MAX_TEXT_CHARS else html_to_text(markup)
+                # The part's plain text is shared with the rules plugin (converted once);
+                # of a larger part only the first MAX_MARKUP_CHARS are converted.
+                if len(text) <= MAX_MARKUP_CHARS:
+                    text = part.plain_text()
+                else:
+                    text = html_to_text(text[:MAX_MARKUP_CHARS])
             text = text[: min(MAX_TEXT_CHARS, budget)]
             budget -= len(text)
             body_chars += len(text)
