@@ -45,7 +45,14 @@ from mailflow.mime.fields import (
     unfold,
 )
 from mailflow.mime.params import param_values, parse_params, unquote
-from mailflow.mime.text import collapse_blanks, decode_part, element_names, html_to_text, url_hosts
+from mailflow.mime.text import (
+    collapse_blanks,
+    decode_part,
+    element_names,
+    html_to_text,
+    url_hosts,
+    visible_text,
+)
 from mailflow.mime.walk import (
     MAX_DEPTH,
     MAX_PARTS,
@@ -97,4 +104,5 @@ __all__ = [
     "unquote",
     "url_hosts",
     "view",
+    "visible_text",
 ]

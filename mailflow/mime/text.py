@@ -61,14 +61,19 @@ _SCHEMES = ("http", "https", "ftp")
 
 
 def html_to_text(markup: str) -> str:
-    """Good-enough HTML to text for matching: drop tags, scripts, styles; unescape;
-    runs of blanks (space, tab, CR, FF, VT) become one space. Linear in the input.
+    """Good-enough HTML to text for matching: drop tags, scripts, styles, comments;
+    unescape; runs of blanks (space, tab, CR, FF, VT) become one space. Linear.
     """
+    return collapse_blanks(visible_text(markup))
+
+
+def visible_text(markup: str) -> str:
+    """:func:`html_to_text` before runs of blanks are collapsed (each tag a space)."""
     if "<" in markup:
         markup = _strip_tags(markup)
     if "&" in markup:
         markup = unescape(markup)
-    return collapse_blanks(markup)
+    return markup
 
 
 def unescape(text: str) -> str:

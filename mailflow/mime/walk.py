@@ -36,7 +36,7 @@ import re
 from mailflow.mime.decode import decode_charset, decode_transfer, decode_words, header_text
 from mailflow.mime.fields import Fields, block_text, match_few_fields, read_head
 from mailflow.mime.params import param_values, parse_params
-from mailflow.mime.text import html_to_text
+from mailflow.mime.text import collapse_blanks, visible_text
 
 MAX_TEXT_CHARS = 1_000_000  # decoded text kept per message; rules look at no more
 MAX_PARTS = 1000  # MIME parts walked per message, multipart containers included
@@ -133,6 +133,7 @@ class Part:
         "_src",
         "_start",
         "_text",
+        "_visible",
         "container",
         "content_type",
         "depth",
@@ -174,6 +175,7 @@ class Part:
         self._payload: bytes | None = None
         self._text: str | None = None
         self._plain: str | None = None
+        self._visible = -1
 
     @property
     def path(self) -> str:
@@ -218,8 +220,22 @@ class Part:
         """:meth:`text`, converted by :func:`html_to_text` for text/html (cached)."""
         if self._plain is None:
             text = self.text()
-            self._plain = html_to_text(text) if self.content_type == "text/html" else text
+            if self.content_type == "text/html":
+                text = visible_text(text)
+                self._visible = len(text)
+                text = collapse_blanks(text)
+            else:
+                self._visible = len(text)
+            self._plain = text
         return self._plain
+
+    @property
+    def visible_chars(self) -> int:
+        """The length of :meth:`plain_text` before runs of blanks were collapsed (each
+        HTML tag counted as one blank): the amount of text a reader scrolls through."""
+        if self._visible < 0:
+            self.plain_text()
+        return self._visible
 
     def __repr__(self) -> str:
         name = f" {self.filename!r}" if self.filename else ""

@@ -32,7 +32,7 @@ from mailflow.mime import (
     parse_addresses,
     url_hosts,
 )
-from mailflow.mime.text import MAX_HOST_CHARS, html_to_text
+from mailflow.mime.text import MAX_HOST_CHARS, collapse_blanks, visible_text
 
 # 2**20 hashed features: few collisions for a mail vocabulary, 4 MB as float32 weights.
 N_FEATURES = 2**20
@@ -394,13 +394,18 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
                 _url_tokens(lowered, out)
                 # The part's plain text is shared with the rules plugin (converted once);
                 # of a larger part only the first MAX_MARKUP_CHARS are converted.
+                # The length counted is that of the text before blank runs are collapsed.
                 if len(text) <= MAX_MARKUP_CHARS:
                     text = part.plain_text()
+                    body_chars += part.visible_chars
                 else:
-                    text = html_to_text(text[:MAX_MARKUP_CHARS])
+                    text = visible_text(text[:MAX_MARKUP_CHARS])
+                    body_chars += len(text)
+                    text = collapse_blanks(text)
+            else:
+                body_chars += len(text)
             text = text[: min(MAX_TEXT_CHARS, budget)]
             budget -= len(text)
-            body_chars += len(text)
             _text_tokens(text, out)
         else:
             out.add("att:" + ctype[:40])
