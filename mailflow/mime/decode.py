@@ -149,9 +149,10 @@ def codec_name(charset: str) -> str | None:
             found = info.name.replace("-", "_")
             if found in _NOT_CHARSETS:
                 found = None
-    if len(_CODECS) >= _CODEC_CACHE_MAX:
-        _CODECS.clear()
-    _CODECS[charset] = found
+    if len(charset) <= _CHARSET_NAME_MAX:  # the cache holds short labels only
+        if len(_CODECS) >= _CODEC_CACHE_MAX:
+            _CODECS.clear()
+        _CODECS[charset] = found
     return found
 
 

@@ -108,6 +108,7 @@ class _PartHead:
 # multipart headers (unique boundaries) are never kept.
 _PART_HEADS: dict[bytes, _PartHead] = {}
 _PART_HEADS_MAX = 1024
+_PART_HEAD_KEY_MAX = 1024  # bytes: a larger header block is not kept (<= ~1.5 MB in all)
 
 
 class Part:
@@ -390,7 +391,7 @@ class _Walker:
         )
         self.truncated = self.truncated or opaque
         head = _PartHead(fields, ctype, values)
-        if key is not None:
+        if key is not None and len(key) <= _PART_HEAD_KEY_MAX:
             if len(_PART_HEADS) >= _PART_HEADS_MAX:
                 _PART_HEADS.clear()
             _PART_HEADS[key] = head
