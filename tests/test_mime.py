@@ -11,6 +11,7 @@ import email
 import email.policy
 import email.utils
 import html as html_module
+import random
 import re
 import time
 from email.message import Message
@@ -584,3 +585,53 @@ def test_html_to_text_is_linear_on_unclosed_tags():
 
 def test_collapse_blanks():
     assert mime.collapse_blanks(" a \t\t b\r\n\x0b\x0cc  ") == " a b \n c "
+
+
+def _char_loop_strip(markup: str) -> tuple[str, bool]:
+    """The plain reference for markup with unclosed blocks: one step per "<"."""
+    out: list[str] = []
+    pos = 0
+    unclosed: set[str] = set()
+    while True:
+        lt = markup.find("<", pos)
+        if lt < 0:
+            break
+        out.append(markup[pos:lt])
+        if markup.startswith("<!--", lt):
+            out.append(" ")
+            end = markup.find("-->", lt + 2)
+            if end < 0:
+                return "".join(out), True
+            pos = end + 3
+            continue
+        opening = re.compile(r"<(script|style)\b", re.IGNORECASE).match(markup, lt)
+        name = "style" if opening is not None and opening.group(1)[-1] in "eE" else "script"
+        if opening is not None and name not in unclosed:
+            closing = re.compile(rf"</{name}\s*>", re.IGNORECASE).search(markup, opening.end())
+            if closing is not None:
+                out.append(" ")
+                pos = closing.end()
+                continue
+            unclosed.add(name)
+        gt = markup.find(">", lt)
+        if gt < 0:
+            out.append(markup[lt:])
+            return "".join(out), False
+        out.append(" ")
+        pos = gt + 1
+    out.append(markup[pos:])
+    return "".join(out), False
+
+
+def test_html_slow_path_matches_a_step_per_tag_on_random_markup():
+    """The slow path steps only at comment and script/style openings and strips the
+    plain tags between them in C: the same text as one step per "<"."""
+    from mailflow.mime.text import _strip_tags_slowly
+
+    rng = random.Random(11)
+    pieces = ["<script>", "</script>", "<style>", "</STYLE >", "<!--", "-->", "<!-->", "<a "]
+    pieces += [">", "<", "x", " ", "<p>", "<scripts>", "</script", "<\u017fcript>", "<SCRIPT\n>"]
+    for _ in range(20_000):
+        markup = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        head = markup[: markup.rfind(">") + 1]
+        assert _strip_tags_slowly(head) == _char_loop_strip(head), head

@@ -96,6 +96,8 @@ def test_shared_html_to_text_is_linear():
         (hostile.html_unclosed_comment, 20_000),
         (lambda n: b"<!-- x --><p>" * n + b"<script>", 20_000),
         (lambda n: b"<script><!--" * n + b"</script>", 20_000),
+        (lambda n: b"<script>x</script>" * n + b"<style>", 20_000),  # the slow path
+        (lambda n: b"<style><p>" + b"<script>x</script><!-- c -->" * n, 20_000),
     ]
     for build, n in shapes:
         assert_linear(lambda raw: mime.html_to_text(raw.decode()), build, n)

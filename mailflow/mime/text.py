@@ -37,13 +37,27 @@ if TYPE_CHECKING:
 MAX_CHARREF_DIGITS = 10  # "&#" + more digits than this is checked before unescaping
 MAX_HOST_CHARS = 253  # RFC 1035 2.3.4: a longer "host name" is cut here
 
-_TAG = re.compile(r"<!(?=--).*?-->|<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+# Script and style are spelled out rather than matched with a back-reference: under
+# IGNORECASE a literal "s" also matches U+017F, a back-reference does not, and the
+# checks that every block closes (_LAST_OPEN/_LAST_CLOSE) must read names as this does.
+_TAG = re.compile(
+    r"<!(?=--).*?-->|<script\b.*?</script\s*>|<style\b.*?</style\s*>|<[^>]*>",
+    re.IGNORECASE | re.DOTALL,
+)
 _COMMENT_OPEN = "<!--"
 _COMMENT_CLOSE = "-->"
 _COMMENT_CLOSE_FROM = 2  # "-->" may overlap the opening's "--": "<!-->" is a comment
 _RAW_OPEN = re.compile(r"<(script|style)\b", re.IGNORECASE)
 _RAW_CLOSE = re.compile(r"</(script|style)\s*>", re.IGNORECASE)
 _TAG_ONLY = re.compile(r"<[^>]*>")
+_RAW_NAMES = ("script", "style")
+_CLOSE = {n: re.compile(rf"</{n}\s*>", re.IGNORECASE) for n in _RAW_NAMES}
+MAX_SLOW_STEPS = 10_000  # blocks and comments stepped through around an unclosed one
+# The last opening and closing tag of each: a greedy ".*" runs to the end and backs up
+# to the last match, in C (iterating over every match in Python cost 0.3 s for 3 MB).
+_LAST_OPEN = {n: re.compile(rf"(?s:.*)<({n})\b", re.IGNORECASE) for n in _RAW_NAMES}
+_LAST_CLOSE = {n: re.compile(rf"(?s:.*)</({n})\s*>", re.IGNORECASE) for n in _RAW_NAMES}
+_SPECIAL = re.compile(r"<(?:!--|(script|style)\b)", re.IGNORECASE)  # where _TAG differs
 _RAW_STARTS = ("<s", "<S", "<\u017f")
 _OTHER_SPACE = ("\t", "\r", "\f", "\v")
 _SPACES = re.compile("  +")  # a literal prefix: 5x faster than " {2,}"
@@ -135,51 +149,69 @@ def _every_comment_closes(markup: str) -> bool:
 def _every_raw_block_closes(markup: str) -> bool:
     """True when each <script>/<style> opening has a closing tag after it (then the
     lazy ``.*?`` of the tag pattern never scans to the end of the text in vain)."""
-    last_close: dict[str, int] = {}
-    for m in _RAW_CLOSE.finditer(markup):
-        last_close[m.group(1).lower()] = m.start()
-    last_open: dict[str, int] = {}
-    for m in _RAW_OPEN.finditer(markup):
-        last_open[m.group(1).lower()] = m.end()
-    return all(last_close.get(name, -1) >= pos for name, pos in last_open.items())
+    for name in _RAW_NAMES:
+        opening = _LAST_OPEN[name].match(markup)
+        if opening is not None:
+            closing = _LAST_CLOSE[name].match(markup)
+            if closing is None or closing.start(1) - 2 < opening.end():
+                return False
+    return True
 
 
 def _strip_tags_slowly(markup: str) -> tuple[str, bool]:
     """What ``_TAG.sub(" ", markup)`` gives, for markup with unclosed script/style
     blocks or comments, in linear time: a script/style block whose closing tag is
     missing is a plain tag; an unclosed comment hides the rest (then the second
-    value is True)."""
+    value is True).
+
+    Python steps only at comment and script/style openings; the plain tags between
+    them go through ``_TAG_ONLY`` in C, and once no opening that could still start a
+    block or a comment lies ahead, the rest does too. After MAX_SLOW_STEPS steps (a
+    step is a few microseconds) the rest is read as plain tags: script and style
+    contents there stay in the text.
+    """
+    last_opening: dict[str, int] = {}
+    for name in _RAW_NAMES:
+        opening = _LAST_OPEN[name].match(markup)
+        if opening is not None:
+            last_opening[name] = opening.start(1) - 1
+    last_comment = markup.rfind(_COMMENT_OPEN)
     out: list[str] = []
     pos = 0
     unclosed: set[str] = set()  # names with no closing tag after the current position
-    while True:
-        lt = markup.find("<", pos)
-        if lt < 0:
+    for _ in range(MAX_SLOW_STEPS):
+        if last_comment < pos and all(
+            at < pos for name, at in last_opening.items() if name not in unclosed
+        ):
+            break  # only plain tags are left
+        special = _SPECIAL.search(markup, pos)
+        if special is None:
             break
-        out.append(markup[pos:lt])
-        if markup.startswith(_COMMENT_OPEN, lt):
+        at = special.start()
+        chunk = markup[pos:at]
+        lt = chunk.find("<", chunk.rfind(">") + 1)
+        if lt >= 0:  # a tag opened before runs past the opening: it swallows it
+            out.append(_TAG_ONLY.sub(" ", chunk[:lt]))
             out.append(" ")
-            end = markup.find(_COMMENT_CLOSE, lt + _COMMENT_CLOSE_FROM)
+            pos = markup.find(">", pos + lt) + 1  # callers cut the text after its last ">"
+            continue
+        out.append(_TAG_ONLY.sub(" ", chunk))
+        out.append(" ")
+        if markup.startswith(_COMMENT_OPEN, at):
+            end = markup.find(_COMMENT_CLOSE, at + _COMMENT_CLOSE_FROM)
             if end < 0:
                 return "".join(out), True
             pos = end + len(_COMMENT_CLOSE)
             continue
-        opening = _RAW_OPEN.match(markup, lt)
-        if opening is not None and opening.group(1).lower() not in unclosed:
-            name = opening.group(1).lower()
-            closing = re.compile(rf"</{name}\s*>", re.IGNORECASE).search(markup, opening.end())
+        name = "style" if special.group(1)[-1] in "eE" else "script"
+        if name not in unclosed:
+            closing = _CLOSE[name].search(markup, special.end())
             if closing is not None:
-                out.append(" ")
                 pos = closing.end()
                 continue
             unclosed.add(name)
-        gt = markup.find(">", lt)
-        if gt < 0:  # pragma: no cover - callers cut the text after its last ">"
-            out.append(markup[lt:])
-            return "".join(out), False
-        out.append(" ")
-        pos = gt + 1
-    out.append(markup[pos:])
+        pos = markup.find(">", at) + 1  # a plain tag
+    out.append(_TAG_ONLY.sub(" ", markup[pos:]))
     return "".join(out), False
 
 
