@@ -152,7 +152,7 @@ def cross_origin(train_root: Path, test_root: Path) -> dict[str, Any]:
 
 def print_cross_origin(result: dict[str, Any]) -> None:
     print(f"trained on {result['train']}, scored {result['test']}")
-    print(f"{'subset':58s} {'thr':>4s} {'accuracy':>9s} {'FPR':>7s} {'recall':>7s} {'AUC':>7s}")
+    print(f"{'subset':78s} {'thr':>4s} {'accuracy':>9s} {'FPR':>7s} {'recall':>7s} {'AUC':>7s}")
     for name, entry in result.items():
         if not isinstance(entry, dict):
             continue
@@ -160,7 +160,7 @@ def print_cross_origin(result: dict[str, Any]) -> None:
             m = entry[f"at {threshold}"]
             label = f"{name} ({entry['ham']} ham, {entry['spam']} spam)"
             print(
-                f"{label:58s} {threshold:>4} {m['accuracy']:>9.2%} "
+                f"{label:78s} {threshold:>4} {m['accuracy']:>9.2%} "
                 f"{m['false_positive_rate']:>7.2%} {m['recall']:>7.2%} {entry['roc_auc']:>7}"
             )
 
@@ -302,7 +302,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.cross_origin is not None:
         result = cross_origin(args.corpus, args.cross_origin)
-        print(json.dumps(result, indent=2)) if args.json else print_cross_origin(result)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_cross_origin(result)
         return
     results: dict[str, Any] = machine()
     results["load_average_before"] = load_average()
