@@ -325,7 +325,7 @@ def test_uuencode_and_unknown_encodings():
         ("us-ascii", b"na\xefve", "naïve"),
         ("iso-8859-1", b"\x96", "\u2013"),  # Latin-1 labels read as Windows-1252
         ("koi8-r", "привет".encode("koi8-r"), "привет"),
-        ("big5", "中文".encode() , "中文"),  # declared charset does not fit, UTF-8 does
+        ("big5", "中文".encode(), "中文"),  # declared charset does not fit, UTF-8 does
         ("big5", b"\xa4\xa4\xff", "中\ufffd"),  # neither fits: the declared one, U+FFFD
         ("utf-7", b"+2AA-", "\ufffd"),  # a lone surrogate in UTF-7 becomes U+FFFD
         ("\udcff\udcfe", b"\xe9", "é"),  # 8-bit bytes in the charset name (finding 4)
