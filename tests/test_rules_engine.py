@@ -384,7 +384,7 @@ def test_body_is_not_decoded_when_a_cheaper_branch_decides(monkeypatch: pytest.M
 
 def test_body_regex_rules_out_html_without_converting_it(monkeypatch: pytest.MonkeyPatch):
     calls: list[str] = []
-    monkeypatch.setattr(mime.walk, "html_to_text", lambda s: calls.append(s) or s)
+    monkeypatch.setattr(mime.walk, "visible_text", lambda s: calls.append(s) or s)
     ruleset = rules({"name": "r", "when": {"body": {"matches": r"wire transfer"}}, "then": {}})
     assert evaluate(ruleset, ctx_for(message_template())) == []
     assert calls == []
