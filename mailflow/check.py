@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import email.utils
 from typing import Any
 
 from mailflow.app import App
@@ -11,10 +10,6 @@ from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
 from mailflow.policy import admit_recipient, in_networks
 from mailflow.verdict import Action, Mutation, SMTPReply
-
-
-def _addresses(raw_values: list[str]) -> list[str]:
-    return [addr for _, addr in email.utils.getaddresses(raw_values) if addr]
 
 
 async def check_message(
@@ -37,10 +32,11 @@ async def check_message(
     conn.relay_allowed = in_networks(ip, app.config.relay_network_objects)
     ctx = MessageContext(raw, Envelope(), conn, queue_id=new_queue_id())
     if sender is None:
-        found = _addresses(ctx.headers.get_all("From", []))
+        found = [a.address for a in ctx.view.addresses("From") if a.address]
         sender = found[0] if found else ""
     if not recipients:
-        recipients = _addresses(ctx.headers.get_all("To", []) + ctx.headers.get_all("Cc", []))
+        mailboxes = [*ctx.view.addresses("To"), *ctx.view.addresses("Cc")]
+        recipients = [a.address for a in mailboxes if a.address]
     ctx.envelope.mail_from = sender
     pipeline = app.pipeline
     # As in the SMTP front end, MAIL and RCPT mutations are kept and applied together

@@ -108,9 +108,12 @@ def mailflow_rcpt_to(
 def mailflow_data(message: MessageContext) -> Result | None:
     """The whole message has arrived (end of DATA); also what ``mailflow check`` runs.
 
-    ``message`` carries the envelope, connection, raw bytes, lazily parsed headers
-    (``message.headers``) and MIME tree (``message.message``), and the results of the
-    plugins before this one (``message.runs``, ``message.score``).
+    ``message`` carries the envelope, connection, raw bytes, the message as the one
+    MIME/text layer reads it (``message.fields``: header fields; ``message.mime``: parts,
+    file names, decoded text; walked once per body and shared by all plugins; see
+    docs/mime.md), the same as stdlib objects (``message.headers``,
+    ``message.message``), and the results of the plugins before this one
+    (``message.runs``, ``message.score``).
 
     Return a Result with a verdict, a spam score and/or symbols, and mutations:
     ``AddHeader``, ``ChangeHeader``, ``RemoveHeader``, ``ReplaceBody``,

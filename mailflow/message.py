@@ -1,8 +1,10 @@
 """The one message model both front ends (SMTP, milter, `check`) feed the pipeline.
 
-Parsing is lazy and done at most once: ``headers`` parses the header block only
-(cheap, compat32), ``message`` parses the whole MIME tree on first use. Plugins
-never see aiosmtpd or milter types.
+Reading the message is lazy and shared: ``fields`` (the top-level header fields) and
+``mime`` (the MIME structure, walked at most once per body) come from the one
+MIME/text layer, :mod:`mailflow.mime`, cached per version of the message.
+``headers`` and ``message`` give the same as stdlib ``email.message.Message`` objects
+for plugins that want that API. Plugins never see aiosmtpd or milter types.
 """
 
 from __future__ import annotations
@@ -11,13 +13,21 @@ import email
 import email.parser
 import email.policy
 import ipaddress
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
+from mailflow.mime import (
+    HeaderBlock,
+    MessageView,
+    Structure,
+    header_text,
+    split_header_fields,
+    view,
+)
+from mailflow.mime.walk import MAX_DEPTH
 from mailflow.verdict import (
     Action,
     AddHeader,
@@ -172,38 +182,69 @@ class MessageContext:
     def body(self) -> bytes:
         return self.split()[1]
 
-    # --- lazy parsing ---------------------------------------------------------------------
+    # --- reading the message (mailflow.mime) ---------------------------------------------
+
+    @property
+    def view(self) -> MessageView:
+        """This version's header block and MIME structure (:mod:`mailflow.mime.context`)."""
+        return view(self)
+
+    @property
+    def fields(self) -> HeaderBlock:
+        """The top-level header fields: ``get(name)``, ``get_all(name)``, ``names()``
+        (text; 8-bit bytes decoded by the charset policy; no RFC 2047 decoding)."""
+        return view(self).fields
+
+    @property
+    def mime(self) -> Structure:
+        """The MIME structure: ``parts``, ``attachments()``, ``body_text()``,
+        ``truncated``. Walked on first use, at most once per body (header changes by
+        earlier plugins do not cause a second walk)."""
+        return view(self).structure
+
+    def header(self, name: str, default: str = "") -> str:
+        """The first ``name`` field's value as text (``default`` when absent)."""
+        return view(self).fields.get(name, default)
 
     @property
     def headers(self) -> Message:
-        """Headers only, parsed with compat32 (fast). Values are raw strings."""
-        if self._message is not None:
-            return self._message
+        """The header fields as a stdlib compat32 ``Message`` (``.get``, ``.get_all``,
+        iteration over names), built from :attr:`fields`; it has no payload: read
+        ``body`` or :attr:`mime` for that."""
         if self._headers is None:
-            self._headers = fast_header_message(self._raw) or email.parser.BytesHeaderParser(
-                policy=email.policy.compat32
-            ).parsebytes(self._raw)
+            msg = Message()
+            block = view(self).fields
+            for name, value in block.fields().items():
+                msg[name] = header_text(value)
+            self._headers = msg
         return self._headers
 
     @property
     def message(self) -> Message:
-        """The full MIME tree (compat32, parsed on first use, at most once).
+        """The full MIME tree as the stdlib compat32 parser builds it (on first use,
+        at most once). Use ``part.get_payload(decode=True)`` to decode only the parts
+        you need; :attr:`mime` is the faster, bounded way to read parts.
 
-        Use ``part.get_payload(decode=True)`` to decode only the parts you need.
+        The stdlib parser's cost grows with the square of the nesting depth; a message
+        nested deeper than :data:`~mailflow.mime.walk.MAX_DEPTH` levels (already
+        ``mime.truncated``) is parsed with its headers only (the body is one text
+        payload), which keeps the cost linear.
         """
         if self._message is None:
-            self._message = fast_mime_tree(self._raw) or email.message_from_bytes(
-                self._raw, policy=email.policy.compat32
-            )
+            structure = view(self).structure
+            if structure.truncated and any(p.depth >= MAX_DEPTH for p in structure.parts):
+                self._message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(
+                    self._raw, headersonly=True
+                )
+            else:
+                self._message = email.message_from_bytes(self._raw, policy=email.policy.compat32)
         return self._message
 
-    def header(self, name: str, default: str = "") -> str:
-        value = self.headers.get(name)
-        return str(value) if value is not None else default
-
     def _invalidate(self) -> None:
+        """``raw`` changed: drop what was parsed from the old bytes, count the version."""
         self._headers = None
         self._message = None
+        self.raw_version += 1
 
     # --- evidence -------------------------------------------------------------------------
 
@@ -255,32 +296,46 @@ class MessageContext:
 
         Header mutations in a row are applied to one list of header fields and the
         message is rebuilt once, not once per mutation (a plugin typically returns
-        a remove-then-add pair per header it owns).
+        a remove-then-add pair per header it owns). The usual batch (remove a header
+        that is not there, prepend new ones) does not split the header block at all:
+        the new fields are put in front of the message bytes.
         """
         fields: list[bytes] | None = None  # header fields being edited, not yet written back
         body = b""
+        prepended: list[bytes] = []  # AddHeader(index=0) lines while no field list is needed
+        head_lower: bytes | None = None
         for m in mutations:
             match m:
                 case AddHeader(name=name, value=value, index=index):
-                    if fields is None:
-                        fields, body = self._fields()
                     line = format_header(name, value)
-                    if index == 0:
-                        fields.insert(0, line)
+                    if fields is None and index == 0:
+                        prepended.insert(0, line)
                     else:
-                        fields.append(line)
+                        if fields is None:
+                            fields, body = self._fields(prepended)
+                        if index == 0:
+                            fields.insert(0, line)
+                        else:
+                            fields.append(line)
                     self.headers_added.append((name, value))
                 case ChangeHeader(name=name, value=value, occurrence=occ):
                     if fields is None:
-                        fields, body = self._fields()
+                        fields, body = self._fields(prepended)
                     fields = _change_field(fields, name, value, occ)
                 case RemoveHeader(name=name):
                     if fields is None:
-                        fields, body = self._fields()
+                        if head_lower is None:
+                            head_lower = self.split()[0].lower()
+                        lname = name.lower().encode("utf-8", "surrogateescape")
+                        if lname not in head_lower and not any(
+                            lname in line.lower() for line in prepended
+                        ):
+                            continue  # nothing to remove (the usual case): one scan in C
+                        fields, body = self._fields(prepended)
                     fields = _change_field(fields, name, None, 0)
                 case ReplaceBody(body=new_body):
                     if fields is None:
-                        fields, _ = self._fields()
+                        fields, _ = self._fields(prepended)
                     body = new_body
                 case AddRecipient(address=addr):
                     if addr not in self.envelope.rcpt_tos:
@@ -297,12 +352,20 @@ class MessageContext:
                         self.routes[r] = route
         if fields is not None:
             self._raw = b"".join(fields) + CRLF + body
-            self.raw_version += 1
+            self._invalidate()
+        elif prepended:
+            raw = self._raw
+            if raw.startswith(CRLF) or b"\r\n\r\n" in raw:  # split() keeps it as it is
+                self._raw = b"".join(prepended) + raw
+            else:
+                head, body = self.split()
+                self._raw = b"".join(prepended) + head + CRLF + body
             self._invalidate()
 
-    def _fields(self) -> tuple[list[bytes], bytes]:
+    def _fields(self, prepended: list[bytes]) -> tuple[list[bytes], bytes]:
+        """The header fields (after the lines prepended so far) and the body."""
         head, body = self.split()
-        return split_header_fields(head), body
+        return prepended + split_header_fields(head), body
 
 
 def _change_field(
@@ -330,17 +393,6 @@ def _change_field(
     return out
 
 
-def split_header_fields(head: bytes) -> list[bytes]:
-    """Split a header block into fields, each with its continuation lines and CRLF."""
-    fields: list[bytes] = []
-    for line in head.splitlines(keepends=True):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        else:
-            fields.append(line)
-    return fields
-
-
 def format_header(name: str, value: str) -> bytes:
     """One header field as CRLF-terminated bytes, folded at whitespace (RFC 5322 2.2.3)."""
     # Never let a value smuggle extra header lines in.
@@ -361,131 +413,12 @@ def format_header(name: str, value: str) -> bytes:
     return "\r\n".join(lines).encode("utf-8", "surrogateescape") + CRLF
 
 
-# --- a faster MIME tree for well-formed CRLF messages --------------------------------------
-#
-# The stdlib parser reads a message line by line (~0.3 ms for the 5 KB benchmark
-# message). For the common case (CRLF line ends, plain header fields, multiparts
-# with a boundary and a close delimiter, no message/* parts) the tree below is
-# built from string slices, with the same compat32 Message objects, headers,
-# payloads, preambles and epilogues as ``email.message_from_bytes`` gives
-# (tests/test_message_mime.py; checked identical on the 6,046 messages of the
-# SpamAssassin corpus, 77 of which fall back). Anything else (defects, "From "
-# lines, bare CR/LF, digests, missing boundaries) returns None and goes to the
-# stdlib parser, so rules never see a different tree from the one it would build.
-
-MAX_MIME_DEPTH = 20
-_PLAIN_CTE = ("7bit", "8bit", "binary")
-
-
-def fast_mime_tree(raw: bytes) -> Message | None:
-    """The compat32 MIME tree of ``raw``, or None when the stdlib parser must do it."""
-    text = raw.decode("ascii", "surrogateescape")
-    crlf = text.count("\r\n")
-    if text.count("\r") != crlf or text.count("\n") != crlf:
-        return None
-    return _part(text, 0)
-
-
-def fast_header_message(raw: bytes) -> Message | None:
-    """What ``BytesHeaderParser(policy=compat32).parsebytes(raw)`` gives, built from
-    slices for a plain CRLF header block (5x faster); None when the stdlib must do it."""
-    end = raw.find(b"\r\n\r\n")
-    if end <= 0:
-        return None
-    head = raw[:end].decode("ascii", "surrogateescape")
-    crlf = head.count("\r\n")
-    if head.count("\r") != crlf or head.count("\n") != crlf:
-        return None
-    msg = _headers(head)
-    if msg is not None:
-        msg.set_payload(raw[end + 4 :].decode("ascii", "surrogateescape"))
-    return msg
-
-
-_FIELD_NAME = re.compile(r"[\041-\071\073-\176]+:")
-
-
-def _headers(head: str) -> Message | None:
-    """The header block (without its final CRLF) as compat32 would store it, or None
-    for anything the stdlib parser would treat specially (defects, "From " lines)."""
-    fields: list[tuple[str, list[str]]] = []
-    for line in head.split("\r\n"):
-        if line[:1] in (" ", "\t"):
-            if not fields:
-                return None
-            fields[-1][1].append(line)
-            continue
-        match = _FIELD_NAME.match(line)
-        if match is None:
-            return None
-        colon = match.end() - 1
-        fields.append((line[:colon], [line[colon + 1 :].lstrip(" \t")]))
-    msg = Message()
-    msg._headers = [  # type: ignore[attr-defined]
-        (name, "\r\n".join(value).rstrip("\r\n")) for name, value in fields
-    ]
-    return msg
-
-
-def _part(text: str, depth: int) -> Message | None:
-    if depth > MAX_MIME_DEPTH or text.startswith("\r\n"):
-        return None
-    end = text.find("\r\n\r\n")
-    if end < 0:
-        return None
-    msg = _headers(text[:end])
-    if msg is None:
-        return None
-    body = text[end + 4 :]
-    maintype = msg.get_content_maintype()
-    if maintype == "message":
-        return None
-    if maintype != "multipart":
-        msg.set_payload(body)
-        return msg
-    if msg.get_content_subtype() == "digest":
-        return None
-    boundary = msg.get_boundary()
-    if boundary is None:
-        return None
-    if str(msg.get("content-transfer-encoding", "8bit")).lower() not in _PLAIN_CTE:
-        return None
-    lines = re.compile("^--" + re.escape(boundary) + r"(--)?[ \t]*\r?$", re.MULTILINE)
-    starts: list[int] = []  # where each part's text starts
-    bounds: list[int] = []  # where each delimiter line starts
-    close = None
-    for mo in lines.finditer(body):
-        bounds.append(mo.start())
-        if mo.group(1):
-            close = mo
-            break
-        starts.append(mo.end() + 1 if mo.end() < len(body) else mo.end())
-    if close is None or not starts:
-        return None
-    first = bounds[0]
-    msg.preamble = body[: first - 2] if first > 0 else None
-    parts: list[Message] = []
-    for i, start in enumerate(starts):
-        stop = bounds[i + 1]
-        if stop <= start:
-            return None  # adjacent delimiters: leave the oddities to the stdlib parser
-        sub = _part(body[start:stop], depth + 1)
-        if sub is None:
-            return None
-        if sub.get_content_maintype() == "multipart":
-            epilogue = sub.epilogue
-            if epilogue == "":
-                sub.epilogue = None
-            elif epilogue is not None and epilogue.endswith("\r\n"):
-                sub.epilogue = epilogue[:-2]
-        else:
-            payload = sub._payload  # type: ignore[attr-defined]
-            if payload.endswith("\r\n"):
-                sub._payload = payload[:-2]  # type: ignore[attr-defined]
-        parts.append(sub)
-    msg._payload = None  # type: ignore[attr-defined]
-    for sub in parts:
-        msg.attach(sub)
-    rest = close.end()
-    msg.epilogue = body[rest + 1 :] if rest < len(body) else ""
-    return msg
+__all__ = [
+    "CRLF",
+    "Connection",
+    "Envelope",
+    "MessageContext",
+    "PluginRun",
+    "format_header",
+    "split_header_fields",  # re-exported from mailflow.mime (the milter diff uses it)
+]

@@ -33,6 +33,7 @@ from mailflow.config import AuthThrottleConfig, parse_listen
 from mailflow.delivery.outcome import RefusedUpstream
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
+from mailflow.mime import HeaderBlock
 from mailflow.msglog import record_after_reply
 from mailflow.normalize import has_bare_newline, normalize_newlines
 from mailflow.policy import admit_recipient, in_networks, is_local_recipient
@@ -419,9 +420,8 @@ def _sanitize(text: str) -> str:
 
 
 def _count_received(raw: bytes) -> int:
-    end = raw.find(b"\r\n\r\n")
-    head = raw[: end if end >= 0 else len(raw)]
-    return sum(1 for line in head.split(b"\r\n") if line[:9].lower() == b"received:")
+    """Received fields in the header block (mailflow.mime: one C-level count)."""
+    return HeaderBlock(raw).count("received")
 
 
 # --- relay control (pure functions, shared with `mailflow check`) -----------------------------

@@ -16,7 +16,7 @@ import authres as ar
 from pydantic import BaseModel, ConfigDict
 
 from mailflow.hookspecs import hookimpl
-from mailflow.message import split_header_fields
+from mailflow.mime import split_header_fields
 from mailflow.verdict import AddHeader, ChangeHeader, Mutation, RemoveHeader, Result
 
 HEADER = "Authentication-Results"

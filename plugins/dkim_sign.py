@@ -19,7 +19,6 @@ canonicalization (RFC 6376 3.4.1) would not survive.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from mailflow_plugins import dkim_keys
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mailflow.hookspecs import hookimpl
+from mailflow.mime import parse_addresses, unfold
 from mailflow.verdict import AddHeader, Mutation, Result
 
 log = logging.getLogger("mailflow.plugins.dkim_sign")
@@ -168,12 +168,12 @@ class DKIMSign:
     async def mailflow_data(self, message: Any) -> Result | None:
         if not message.connection.trusted:
             return None  # only our own users' mail is ours to sign
-        from_values = message.headers.get_all("From") or []
+        from_values = message.fields.get_all("From")
         if len(from_values) != 1:
             # RFC 5322 3.6: exactly one From; signing an ambiguous author is pointless.
             reason = "no From header" if not from_values else f"{len(from_values)} From headers"
             return Result(details={"signed": [], "reason": f"not signed: {reason}"})
-        addresses = [a for _, a in email.utils.getaddresses([str(from_values[0])]) if a]
+        addresses = [a.address for a in parse_addresses(unfold(from_values[0]), 1) if a.address]
         candidates = [_domain_of(a) for a in addresses[:1]] + [
             _domain_of(message.envelope.mail_from)
         ]

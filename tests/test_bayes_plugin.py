@@ -13,6 +13,7 @@ from mailflow_plugins.bayes.model import Model
 from mailflow.app import App
 from mailflow.check import check_message, report
 from mailflow.config import ConfigError, load_config
+from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.testing import make_message, running_server, send
 from tests.bayes_support import corpus_files, train_model
 
@@ -189,11 +190,8 @@ async def test_odd_messages_are_scored_without_error(raw, slice_model_path, make
     plugin = BayesPlugin(Settings(model=slice_model_path))
     plugin.mailflow_startup(_App(make_config()))
 
-    class Msg:
-        envelope = type("E", (), {"rcpt_tos": ["bob@example.com"]})()
-
-    Msg.raw = raw
-    result = await plugin.mailflow_data(Msg())
+    ctx = MessageContext(raw, Envelope("a@example.org", ["bob@example.com"]), Connection("::1"))
+    result = await plugin.mailflow_data(ctx)
     assert 0.0 <= result.details["probability"] <= 1.0
     assert -2 <= result.score <= 10
 

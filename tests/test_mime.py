@@ -11,6 +11,7 @@ import email
 import email.policy
 import email.utils
 import html as html_module
+import random
 import re
 import time
 from email.message import Message
@@ -256,13 +257,13 @@ def test_file_names(headers: list[str], names: tuple[str, ...]):
     assert found.is_attachment == (bool(names) or found.disposition == "attachment")
 
 
-def test_raw_8bit_file_name_is_read_as_utf8():
+def test_raw_8bit_file_name_is_read_by_the_charset_policy():
     part = 'Content-Disposition: attachment; filename="résumé.exe"\r\n\r\nx'.encode()
     [found] = mime.parse(multipart(part)).parts
     assert found.filename == "résumé.exe"
     bad = b'Content-Disposition: attachment; filename="r\xe9sum\xe9.exe"\r\n\r\nx'
     [found] = mime.parse(multipart(bad)).parts
-    assert found.filename == "r\ufffdsum\ufffd.exe"
+    assert found.filename == "résumé.exe"  # not UTF-8: Windows-1252 (mailflow.mime.decode)
 
 
 def test_parameters():
@@ -310,15 +311,31 @@ def test_uuencode_and_unknown_encodings():
         ("utf-8", "é".encode(), "é"),
         ("ISO-8859-1", b"\xe9", "é"),
         ('"windows-1252"', b"\x80", "€"),
-        ("no-such-charset", b"\xc3\xa9\xff", "é\ufffd"),  # unknown: UTF-8, replacement
+        # Unknown, none, or not a charset: UTF-8 where valid, each other byte as
+        # Windows-1252 (the charset policy, mailflow.mime.decode).
+        ("no-such-charset", b"\xc3\xa9\xff", "éÿ"),
         ("rot13", b"abc", "abc"),  # a codec that is not a text encoding
-        ("base64", b"\xff", "\ufffd"),
-        ("", b"plain \xff", "plain \ufffd"),
-        ("utf-8", b"\xff\xfe", "\ufffd\ufffd"),
+        ("base64", b"\xff", "ÿ"),
+        ("unicode_escape", b"\\ud800", "\\ud800"),  # not a charset: never a lone surrogate
+        ("punycode", b"abc-", "abc-"),
+        ("", b"plain \xff", "plain ÿ"),
+        ("", b"caf\xe9 \x93quoted\x94 \x81", "café \u201cquoted\u201d \x81"),
+        ("utf-8", b"\xff\xfe", "ÿþ"),  # declared UTF-8 that is not: the same
+        ("us-ascii", "naïve".encode(), "naïve"),  # 8-bit "ASCII": UTF-8 when valid
+        ("us-ascii", b"na\xefve", "naïve"),
+        ("iso-8859-1", b"\x96", "\u2013"),  # Latin-1 labels read as Windows-1252
+        ("koi8-r", "привет".encode("koi8-r"), "привет"),
+        ("big5", "中文".encode(), "中文"),  # declared charset does not fit, UTF-8 does
+        ("big5", b"\xa4\xa4\xff", "中\ufffd"),  # neither fits: the declared one, U+FFFD
+        ("utf-7", b"+2AA-", "\ufffd"),  # a lone surrogate in UTF-7 becomes U+FFFD
+        ("\udcff\udcfe", b"\xe9", "é"),  # 8-bit bytes in the charset name (finding 4)
+        ("x" * 5000, b"\xe9", "é"),
     ],
 )
 def test_charsets_never_raise(charset: str, data: bytes, text: str):
-    assert mime.decode_charset(data, charset) == text
+    decoded = mime.decode_charset(data, charset)
+    assert decoded == text
+    decoded.encode("utf-8")  # no lone surrogate, whatever the input
 
 
 def test_multipart_without_boundary_is_one_leaf():
@@ -417,7 +434,7 @@ def test_invalid_content_types_are_text_plain():
 
 
 def test_parts_past_the_limit_are_one_opaque_attachment(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(mime, "MAX_PARTS", 10)
+    monkeypatch.setattr(mime.walk, "MAX_PARTS", 10)
     filler = [leaf("text/plain", f"part {i}".encode()) for i in range(12)]
     exe = leaf(
         "application/octet-stream", b"MZ", 'Content-Disposition: attachment; filename="x.exe"'
@@ -432,7 +449,7 @@ def test_parts_past_the_limit_are_one_opaque_attachment(monkeypatch: pytest.Monk
 
 
 def test_nesting_past_the_limit_is_opaque(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(mime, "MAX_DEPTH", 3)
+    monkeypatch.setattr(mime.walk, "MAX_DEPTH", 3)
     raw = leaf(
         "application/x-msdownload", b"MZ", 'Content-Disposition: attachment; filename="x.exe"'
     )
@@ -475,7 +492,7 @@ def test_header_changes_do_not_walk_the_body_again(monkeypatch: pytest.MonkeyPat
     first = mime.structure(ctx)
     text = mime.body_text(ctx)
     walks = []
-    monkeypatch.setattr(mime, "parse_body", lambda *a: walks.append(a) or first)
+    monkeypatch.setattr(mime.context, "parse_body", lambda *a: walks.append(a) or first)
     ctx.apply([AddHeader("X-Spam-Score", "1.5"), ChangeHeader("Subject", "changed")])
     ctx.apply([RemoveHeader("Date"), AddHeader("Received", "from x by y", index=-1)])
     assert mime.structure(ctx) is first
@@ -541,6 +558,24 @@ def test_html_to_text_matches_the_plain_regex_version(markup: str):
     assert mime.html_to_text(markup) == _old_html_to_text(markup)
 
 
+@pytest.mark.parametrize(
+    ("markup", "text"),
+    [
+        ("a<!-- hidden words -->b", "a b"),
+        ("a<!-- x > still hidden -->b", "a b"),  # a ">" inside does not end a comment
+        ("a<!-->b<!--->c", "a b c"),  # empty comments, as browsers read them
+        ("a<!-- never closed <p>b</p>", "a "),  # hides the rest, as in a browser
+        ("a<p>b<!-- never closed", "a b "),
+        ("<script>if (a<!--b) x()</script>c<!--d-->e", " c e"),  # not a comment in a script
+        ("<!-- <script> -->t<script>x</script>u", " t u"),
+        ("a<!--x-->b<script>y", "a b y"),
+    ],
+)
+def test_html_comments_are_removed_with_their_text(markup: str, text: str):
+    """Words hidden in comments (a hash-buster against spam filters) are not text."""
+    assert mime.html_to_text(markup) == text
+
+
 def test_html_to_text_is_linear_on_unclosed_tags():
     hostile = "<script>" * 20_000 + "<" * 20_000 + "</script" * 1000
     started = time.process_time()
@@ -550,3 +585,53 @@ def test_html_to_text_is_linear_on_unclosed_tags():
 
 def test_collapse_blanks():
     assert mime.collapse_blanks(" a \t\t b\r\n\x0b\x0cc  ") == " a b \n c "
+
+
+def _char_loop_strip(markup: str) -> tuple[str, bool]:
+    """The plain reference for markup with unclosed blocks: one step per "<"."""
+    out: list[str] = []
+    pos = 0
+    unclosed: set[str] = set()
+    while True:
+        lt = markup.find("<", pos)
+        if lt < 0:
+            break
+        out.append(markup[pos:lt])
+        if markup.startswith("<!--", lt):
+            out.append(" ")
+            end = markup.find("-->", lt + 2)
+            if end < 0:
+                return "".join(out), True
+            pos = end + 3
+            continue
+        opening = re.compile(r"<(script|style)\b", re.IGNORECASE).match(markup, lt)
+        name = "style" if opening is not None and opening.group(1)[-1] in "eE" else "script"
+        if opening is not None and name not in unclosed:
+            closing = re.compile(rf"</{name}\s*>", re.IGNORECASE).search(markup, opening.end())
+            if closing is not None:
+                out.append(" ")
+                pos = closing.end()
+                continue
+            unclosed.add(name)
+        gt = markup.find(">", lt)
+        if gt < 0:
+            out.append(markup[lt:])
+            return "".join(out), False
+        out.append(" ")
+        pos = gt + 1
+    out.append(markup[pos:])
+    return "".join(out), False
+
+
+def test_html_slow_path_matches_a_step_per_tag_on_random_markup():
+    """The slow path steps only at comment and script/style openings and strips the
+    plain tags between them in C: the same text as one step per "<"."""
+    from mailflow.mime.text import _strip_tags_slowly
+
+    rng = random.Random(11)
+    pieces = ["<script>", "</script>", "<style>", "</STYLE >", "<!--", "-->", "<!-->", "<a "]
+    pieces += [">", "<", "x", " ", "<p>", "<scripts>", "</script", "<\u017fcript>", "<SCRIPT\n>"]
+    for _ in range(20_000):
+        markup = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        head = markup[: markup.rfind(">") + 1]
+        assert _strip_tags_slowly(head) == _char_loop_strip(head), head

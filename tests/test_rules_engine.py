@@ -409,7 +409,7 @@ def test_attachment_matches_any_of_the_names_a_part_carries():
 
 
 def test_mime_truncated_condition(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(mime, "MAX_PARTS", 5)
+    monkeypatch.setattr(mime.walk, "MAX_PARTS", 5)
     parts = b"".join(b"--b\r\n\r\npart\r\n" for _ in range(10))
     raw = b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n' + parts + b"--b--\r\n"
     ruleset = rules({"name": "cut", "when": {"mime_truncated": True}, "then": {"action": "reject"}})

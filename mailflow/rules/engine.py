@@ -24,7 +24,6 @@ discard action ends evaluation.
 
 from __future__ import annotations
 
-import email.utils
 from dataclasses import dataclass
 from heapq import heappop, heappush
 from typing import NamedTuple
@@ -80,10 +79,11 @@ class Facts:
         return values
 
     def from_addresses(self) -> list[str]:
-        """The addresses in the From header."""
+        """The addresses in the From header (:mod:`mailflow.mime.addresses`: linear,
+        at most MAX_ADDRESSES)."""
         if self._from is None:
-            pairs = email.utils.getaddresses(self.header("from"))
-            self._from = [address for _, address in pairs if address]
+            found = mime.header_addresses(self.ctx, "from")
+            self._from = [a.address for a in found if a.address]
         return self._from
 
     def address(self) -> tuple[int, int] | None:

@@ -24,6 +24,7 @@ from mailflow_plugins.bayes.features import Hasher, extract_tokens
 from mailflow_plugins.bayes.model import Model, ModelError, logistic, score_from_probability
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mailflow import mime
 from mailflow.hookspecs import hookimpl
 from mailflow.verdict import AddHeader, RemoveHeader, Result, Route, RouteKind, SetRoute
 
@@ -176,17 +177,18 @@ class BayesPlugin:
             model.class_counts[1],
         )
 
-    def classify(self, raw: bytes) -> dict[str, Any]:
-        """Spam probability, log-odds and top tokens of one message (thread-safe)."""
+    def classify(self, message: bytes | mime.MessageView) -> dict[str, Any]:
+        """Spam probability, log-odds and top tokens of one message (raw bytes or the
+        shared view of a message in the pipeline; thread-safe)."""
         holder = self.holder
         if holder is None:
             raise RuntimeError("bayes: mailflow_startup has not run")
         holder.maybe_reload()
-        return self._classify(raw, holder.model)
+        return self._classify(message, holder.model)
 
-    def _classify(self, raw: bytes, model: Model) -> dict[str, Any]:
+    def _classify(self, message: bytes | mime.MessageView, model: Model) -> dict[str, Any]:
         """``classify`` with the model given (no reload check)."""
-        tokens = extract_tokens(raw)
+        tokens = extract_tokens(message)
         top = self.settings.top_tokens
         log_odds, contributions = model.score(tokens, self.hasher.column_array(tokens), top)
         details: dict[str, Any] = {
@@ -205,11 +207,13 @@ class BayesPlugin:
         if holder.due():
             # Loading a model takes ~0.1 s: never on the event loop.
             await asyncio.to_thread(holder.maybe_reload)
-        raw = message.raw
-        if len(raw) > INLINE_MAX_BYTES:
-            details = await asyncio.to_thread(self._classify, raw, holder.model)
+        # The view is shared with the other plugins (rules): the message is walked and
+        # its text decoded once, by whichever plugin asks first.
+        view = mime.view(message)
+        if view.size > INLINE_MAX_BYTES:
+            details = await asyncio.to_thread(self._classify, view, holder.model)
         else:
-            details = self._classify(raw, holder.model)
+            details = self._classify(view, holder.model)
         return self.result(details, message.envelope.rcpt_tos)
 
     def _status_headers(self, p: Probability) -> tuple[float, AddHeader, AddHeader]:

@@ -15,22 +15,34 @@ shape: hop count, top-level domains and whether hosts look dynamic or unknown.
 from __future__ import annotations
 
 import functools
-import html
 import re
 import string
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import numpy as np
-from mailflow_plugins.bayes.mime import Parsed, decode_words, parse
 from sklearn.utils import murmurhash3_32
+
+from mailflow.mime import (
+    Address,
+    MessageView,
+    decode_words,
+    element_names,
+    header_text,
+    parse_addresses,
+    url_hosts,
+)
+from mailflow.mime.text import MAX_HOST_CHARS, collapse_blanks, visible_text
 
 # 2**20 hashed features: few collisions for a mail vocabulary, 4 MB as float32 weights.
 N_FEATURES = 2**20
 HASH_SEED = 0
-MAX_SCAN_BYTES = 512 * 1024  # only the head of a huge message is read (as SpamAssassin does)
+HUGE_BYTES = 512 * 1024  # a message larger than this gets the "m:=huge" token
+MAX_SCAN_CHARS = 512 * 1024  # decoded text tokenised per message, all parts together
 MAX_TEXT_CHARS = 100_000  # text per part that is tokenised
+MAX_MARKUP_CHARS = 256 * 1024  # HTML of one part converted to text (its text is cut above)
 MAX_TOKEN_LEN = 25
+MAILBOXES_READ = 8  # From/Reply-To mailboxes looked at for the first one with a domain
 
 _WORD = re.compile(r"[^\W\d_][^\W_]{1,24}")  # letters first: no bare numbers or dates
 # The same pattern for lower-cased ASCII text, where [^\W\d_] is [a-z] and [^\W_] is
@@ -55,21 +67,10 @@ _RUN_TABLE = bytes(c if re.fullmatch(r"[^\W_]", chr(c)) else 0x20 for c in range
 _KNOWN_WORDS: set[str] = set()
 _KNOWN_WORDS_MAX = 32_768
 _MONEY = re.compile(r"[$€£]\s?\d")
-# Both patterns start with a literal, so the regex engine can skip ahead quickly; they
-# run on lower-cased text. The scheme before "://" is checked by hand (_SCHEMES).
-_URL = re.compile(r"://([^/\s\"'<>?#\\]+)")
-_WWW = re.compile(r"www\.([a-z0-9-]+(?:\.[a-z0-9-]+)+)")
-_SCHEMES = ("http", "https", "ftp")
-_TAG = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]{0,9})")
-_TAG_LOWER = re.compile(r"<\s*([a-z][a-z0-9]{0,9})")  # _TAG on lower-cased ASCII markup
-_SCRIPT_STYLE = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
-_ANY_TAG = re.compile(r"<[^>]*>")
 _ASCII_UPPER = string.ascii_uppercase.encode()
 _ASCII_LETTERS = string.ascii_letters.encode()
 _LIST_TAG = re.compile(r"\[[^\]]{1,40}\]")  # "[ILUG]", "[SAtalk]": list names, not content
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
-_ADDRESS = re.compile(r"[\w.+-]+@([\w-]+(?:\.[\w-]+)+)")
 _RCV_FROM = re.compile(r"^\s*from\s+(\S+)(?:\s+\(([^)]*)\))?", re.IGNORECASE)
 # Reverse names of consumer lines ("dsl-1-2-3.isp.net", "pool-...") rather than servers.
 _DYNAMIC = re.compile(r"(dsl|dial|dyn|pool|dhcp|ppp|cable|\d+[-.]\d+[-.]\d+[-.]\d+)")
@@ -93,28 +94,14 @@ def bucket(n: int, cap: int = 6) -> str:
     return _BUCKET_LABELS[n] if 0 <= n <= 1024 else str(n.bit_length())
 
 
-def html_to_text(markup: str) -> str:
-    """Visible text of an HTML part (tags, scripts, styles, comments removed).
-
-    Without a "!" there is no comment to remove, and a one-character test is a
-    ``memchr``, far cheaper than the comment regex's scan of the markup.
-    """
-    markup = _SCRIPT_STYLE.sub(" ", markup)
-    if "!" in markup:
-        markup = _COMMENT.sub(" ", markup)
-    return html.unescape(_ANY_TAG.sub(" ", markup))
-
-
-def _html_tags(markup: str, lowered: str) -> set[str]:
-    """Lower-case names of the elements used in ``markup`` (``lowered`` is its .lower())."""
-    if markup.isascii():  # lower-casing ASCII changes nothing but A-Z: same matches
-        return set(_TAG_LOWER.findall(lowered))
-    return {t.lower() for t in _TAG.findall(markup)}
+def _domain_tokens(host: str, prefix: str) -> tuple[str, ...]:
+    """Tokens of a host name (at most MAX_HOST_CHARS of it: a DNS name is no longer)."""
+    return _domain_tokens_cached(host[:MAX_HOST_CHARS], prefix)
 
 
 @functools.lru_cache(maxsize=4096)
-def _domain_tokens(host: str, prefix: str) -> tuple[str, ...]:
-    """Tokens of a host name (cached: the same hosts come back in message after message)."""
+def _domain_tokens_cached(host: str, prefix: str) -> tuple[str, ...]:
+    """Cached: the same hosts come back in message after message."""
     return tuple(_domain_tokens_uncached(host, prefix))
 
 
@@ -134,22 +121,9 @@ def _domain_tokens_uncached(host: str, prefix: str) -> Iterable[str]:
 
 
 def _url_tokens(lowered: str, out: set[str]) -> None:
-    """Domains of the URLs in (lower-cased) text, with and without a scheme.
-
-    Scans are chosen by cost: a multi-character ``in`` test ("://", "www.") runs
-    CPython's skip-table search at ~0.7 ns per character, slower than the regex's own
-    literal-prefix scan, while a one-character ``find`` is a ``memchr`` (~20x faster).
-    So "://" is looked for only from the first ":" on (prose often has none) and the
-    "www." pattern scans by itself; both find exactly the matches a scan of the whole
-    text finds (the patterns start with their literal and look at nothing before it).
-    """
-    colon = lowered.find(":")
-    if colon >= 0:
-        for m in _URL.finditer(lowered, colon):
-            if lowered[max(0, m.start() - 5) : m.start()].endswith(_SCHEMES):
-                out.update(_domain_tokens(m.group(1), "u:"))
-    for m in _WWW.finditer(lowered):
-        out.update(_domain_tokens("www." + m.group(1), "u:"))
+    """Domains of the URLs in (lower-cased) text, with and without a scheme."""
+    for host in url_hosts(lowered):
+        out.update(_domain_tokens(host, "u:"))
 
 
 def strip_list_footer(text: str) -> str:
@@ -219,12 +193,17 @@ def _text_tokens(text: str, out: set[str]) -> None:
     _url_tokens(lowered, out)
 
 
-def _header_tokens(parsed: Parsed, out: set[str]) -> None:
-    h = parsed.headers
+def _header_tokens(view: MessageView, out: set[str]) -> None:
+    # About 15 names are read: one pass over the unfolded block (an index of raw
+    # values) costs less than one scan a name; only the values used become text.
+    h = view.fields.unfolded_index()
 
     def first(name: str) -> str:
         values = h.get(name)
-        return values[0] if values else ""
+        if not values:
+            return ""
+        value = values[0]
+        return (value if value.isascii() else header_text(value)).strip()
 
     out.update(_cached(_subject_tokens, first("subject")))
     sender, sender_domain = _cached(_sender_tokens, first("from"))
@@ -238,25 +217,29 @@ def _header_tokens(parsed: Parsed, out: set[str]) -> None:
     out.add("to:n" + bucket(to.count("@") + first("cc").count("@")))
     reply_to = first("reply-to")
     if reply_to:
-        rm = _ADDRESS.search(reply_to)
-        if rm and (sender_domain is None or rm.group(1).lower() != sender_domain):
+        mailbox = _first_with_domain(reply_to)
+        if mailbox is not None and mailbox.domain != sender_domain:
             out.add("rt:=otherdomain")
     for name in ("message-id", "date", "mime-version"):
         if name not in h:
             out.add("h:=no-" + name)
     for name in _MAILER_HEADERS:
-        mailer = h.get(name)
+        mailer = first(name)
         if mailer:
-            out.update(_cached(_mailer_tokens, mailer[0]))
+            out.update(_cached(_mailer_tokens, mailer))
     if "x-priority" in h or "x-msmail-priority" in h:
         out.add("h:=priority")
 
-    received = h.get("received", [])
+    received = h.get("received", ())
     out.add("rcv:n" + bucket(len(received), 3))
     for value in received:
-        rm = _RCV_FROM.match(value)
+        rm = _RCV_FROM.match(value if value.isascii() else header_text(value))
         if rm is not None:
-            out.update(_hop_tokens(rm.group(1), rm.group(2)))
+            helo, comment = rm.group(1), rm.group(2) or ""
+            if len(helo) + len(comment) > _VALUE_CACHE_CHARS:
+                out.update(_hop_tokens.__wrapped__(helo, comment))
+            else:
+                out.update(_hop_tokens(helo, comment))
 
 
 _T = TypeVar("_T")
@@ -302,19 +285,32 @@ def _subject_tokens(raw: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=_VALUE_CACHE_MAX)
 def _sender_tokens(raw: str) -> tuple[tuple[str, ...], str | None]:
-    """Tokens of a raw From value, and its address' domain (lower case) if it has one."""
+    """Tokens of a From value, and its first address' domain (lower case) if it has one.
+
+    Display-name words are the words before the first "<"; the address is the first
+    of the first few mailboxes that has a domain (spam often puts a name without an
+    address first: "Support team ,_<x@example.com>"); no more are read, so a From of
+    20,000 addresses costs a few.
+    """
     sender = decode_words(raw)
     name, _, _ = sender.partition("<")
     out = set(map("fn:".__add__, _words(name.lower())))
-    m = _ADDRESS.search(sender)
-    if not m:
+    mailbox = _first_with_domain(raw)
+    if mailbox is None:
         out.add("f:=noaddr")
         return tuple(out), None
-    out.update(_domain_tokens(m.group(1), "f:"))
-    local = sender[: m.start(1)].rsplit("<", 1)[-1]
-    if sum(c.isdigit() for c in local) >= 3:
+    out.update(_domain_tokens(mailbox.domain, "f:"))
+    if sum(c.isdigit() for c in mailbox.local_part) >= 3:
         out.add("f:=digits")
-    return tuple(out), m.group(1).lower()
+    return tuple(out), mailbox.domain
+
+
+def _first_with_domain(value: str) -> Address | None:
+    """The first of the first MAILBOXES_READ mailboxes of ``value`` with a domain."""
+    for mailbox in parse_addresses(value, MAILBOXES_READ):
+        if mailbox.domain:
+            return mailbox
+    return None
 
 
 @functools.lru_cache(maxsize=_VALUE_CACHE_MAX)
@@ -325,9 +321,13 @@ def _mailer_tokens(raw: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _hop_tokens(helo: str, comment: str | None) -> tuple[str, ...]:
-    """Tokens of one "Received: from HELO (COMMENT)" hop (cached: relays repeat)."""
-    helo, comment = helo.lower(), (comment or "").lower()
+def _hop_tokens(helo: str, comment: str) -> tuple[str, ...]:
+    """Tokens of one "Received: from HELO (COMMENT)" hop (cached: relays repeat).
+
+    A reverse name longer than a DNS name can be is no name (and the digit-run
+    pattern below would take time growing with the square of its length).
+    """
+    helo, comment = helo.lower(), comment.lower()
     if helo in _LOCAL_NAMES or ("." not in helo and not helo.startswith("[")):
         return ()  # hops inside the receiving site say nothing about the sender
     out = []
@@ -337,6 +337,8 @@ def _hop_tokens(helo: str, comment: str | None) -> tuple[str, ...]:
         out.append("rcv:=unknown")
     words = comment.split()
     reverse = words[0] if words and not words[0].startswith("[") else ""
+    if len(reverse) > MAX_HOST_CHARS:
+        reverse = ""
     if reverse and _DYNAMIC.search(reverse):
         out.append("rcv:=dynamic")
     tld = (reverse or helo).rstrip(".").rsplit(".", 1)[-1]
@@ -345,41 +347,65 @@ def _hop_tokens(helo: str, comment: str | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def extract_tokens(raw: bytes) -> list[str]:
-    """All feature tokens of one raw message (unique, in no particular order)."""
-    parsed = parse(raw[:MAX_SCAN_BYTES])
+def extract_tokens(message: bytes | MessageView) -> list[str]:
+    """All feature tokens of one message (unique, in no particular order).
+
+    ``message`` is the shared view of a message in the pipeline
+    (``mailflow.mime.view(ctx)``: the walk and decoded text are shared with the other
+    plugins) or raw bytes (training, evaluation): both give the same tokens.
+    """
+    view = MessageView(message) if isinstance(message, bytes) else message
     out: set[str] = set()
-    if len(raw) > MAX_SCAN_BYTES:
+    if view.size > HUGE_BYTES:
         out.add("m:=huge")
-    _header_tokens(parsed, out)
-    top = parsed.headers.get("content-type", ["text/plain"])[0].split(";", 1)[0]
+    _header_tokens(view, out)
+    top = (view.fields.first("content-type") or "text/plain").split(";", 1)[0]
     out.add("ct:" + top.strip().lower()[:40])
-    out.add("m:parts" + bucket(len(parsed.parts)))
+    structure = view.structure
+    if structure.truncated:
+        out.add("m:=truncated")
+    out.add("m:parts" + bucket(len(structure.parts)))
     has_plain = has_html = False
     body_chars = 0
-    for part in parsed.parts:
-        ctype = part.ctype
+    budget = MAX_SCAN_CHARS
+    for part in structure.parts:
+        ctype = part.content_type
         filename = part.filename
         out.add("mime:" + part.path[-80:])
         if ctype.startswith("text/") and not filename:
-            charset = part.params.get("charset", "").strip('"').lower()
+            charset = part.charset
             if charset:
                 out.add("cs:" + charset[:MAX_TOKEN_LEN])
-            cte = part.header("content-transfer-encoding").strip().lower()
+            cte = part.transfer_encoding.strip().lower()
             if cte:
                 out.add(f"cte:{ctype}:{cte[:20]}")
-            text = part.text()
             if ctype == "text/html":
                 has_html = True
-                markup = text[:MAX_TEXT_CHARS]
-                lowered = markup.lower()
-                out.update(map("tag:".__add__, _html_tags(markup, lowered)))
-                # URLs hide in attributes, so take them from the markup, words from the text.
-                _url_tokens(lowered, out)
-                text = html_to_text(text)
             else:
                 has_plain = True
-            body_chars += len(text)
+            if budget <= 0:
+                continue  # MAX_SCAN_CHARS tokenised: the rest of the text is not read
+            text = part.text()
+            if ctype == "text/html":
+                markup = text[:MAX_TEXT_CHARS]
+                lowered = markup.lower()
+                out.update(map("tag:".__add__, element_names(markup)))
+                # URLs hide in attributes, so take them from the markup, words from the text.
+                _url_tokens(lowered, out)
+                # The part's plain text is shared with the rules plugin (converted once);
+                # of a larger part only the first MAX_MARKUP_CHARS are converted.
+                # The length counted is that of the text before blank runs are collapsed.
+                if len(text) <= MAX_MARKUP_CHARS:
+                    text = part.plain_text()
+                    body_chars += part.visible_chars
+                else:
+                    text = visible_text(text[:MAX_MARKUP_CHARS])
+                    body_chars += len(text)
+                    text = collapse_blanks(text)
+            else:
+                body_chars += len(text)
+            text = text[: min(MAX_TEXT_CHARS, budget)]
+            budget -= len(text)
             _text_tokens(text, out)
         else:
             out.add("att:" + ctype[:40])
