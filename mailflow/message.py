@@ -179,6 +179,18 @@ class MessageContext:
         return raw[: end + 2], raw[end + 4 :]
 
     @property
+    def head(self) -> bytes:
+        """The header block with its final CRLF, as ``split()[0]`` (without copying
+        the body: that is most of a large message)."""
+        raw = self._raw
+        if raw.startswith(CRLF):
+            return b""
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            return raw if raw.endswith(CRLF) or not raw else raw + CRLF
+        return raw[: end + 2]
+
+    @property
     def body(self) -> bytes:
         return self.split()[1]
 
@@ -325,7 +337,7 @@ class MessageContext:
                 case RemoveHeader(name=name):
                     if fields is None:
                         if head_lower is None:
-                            head_lower = self.split()[0].lower()
+                            head_lower = self.head.lower()
                         lname = name.lower().encode("utf-8", "surrogateescape")
                         if lname not in head_lower and not any(
                             lname in line.lower() for line in prepended

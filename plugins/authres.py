@@ -278,7 +278,7 @@ class AuthResPlugin:
         mutations: list[Mutation] = []
         removed = 0
         if self.settings.remove_ours:
-            mutations, removed = self._removals(_fields_named(message.split()[0], HEADER))
+            mutations, removed = self._removals(_fields_named(message.head, HEADER))
         value = self.build(message)
         mutations.append(AddHeader(HEADER, value, index=0))
         return Result(mutations=mutations, details={"header": value, "removed": removed})

@@ -157,7 +157,7 @@ class DMARCPlugin:
         if message.connection.trusted:
             return Result(details={"result": "none", "policy": "none", "disposition": "none",
                                    "skipped": "trusted client"})  # fmt: skip
-        domains, problem = author_domains(from_fields(message.split()[0]))
+        domains, problem = author_domains(from_fields(message.head))
         if problem:
             return self._invalid_from(problem)
         spf = _details(message, "spf")

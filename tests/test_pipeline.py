@@ -796,6 +796,16 @@ def test_split_of_a_message_without_headers_keeps_the_whole_body():
     assert ctx.split() == (b"A: 1\r\n", b"body\r\n")
 
 
+@pytest.mark.parametrize(
+    "raw", [b"\r\nbody\r\n", b"A: 1\r\n\r\nbody\r\n", b"A: 1\r\nB: 2", b"A: 1\r\n", b""]
+)
+def test_head_is_the_first_part_of_split(raw):
+    from mailflow.message import Connection, Envelope, MessageContext
+
+    ctx = MessageContext(raw, Envelope(), Connection(ip="127.0.0.1"))
+    assert ctx.head == ctx.split()[0]
+
+
 def test_the_log_summary_has_the_plugin_report_fields():
     """msglog's lean per-plugin summary agrees with plugin_report on what it shows."""
     from mailflow.msglog import plugin_summary

@@ -17,6 +17,7 @@ is the server's to deal with: it kills this process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -26,6 +27,8 @@ import sys
 from mailflow.isolation.wire import Init, Job, Ready, Reply, encode, read_frame
 from mailflow.message import MessageContext
 
+WORKER_NICENESS = 10  # added to the server's nice value; the kernel caps it at 19
+
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
@@ -33,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C on `mailflow serve` reaches the whole process group; the server stops
     # its workers itself (closing the socket), so a worker never dies half-way.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The server process answers SMTP commands; bulk content analysis may wait for the
+    # CPU when both want it, so one core busy with a large message does not slow every
+    # client's replies (docs/performance.md, "Hostile mix").
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
     sock = socket.socket(fileno=fd)
     stream = sock.makefile("rb")
     try:
