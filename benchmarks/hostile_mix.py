@@ -166,12 +166,26 @@ class Client:
 # --- the probe --------------------------------------------------------------------------
 
 
+# The probe's replies in the order a transaction gets them.
+STEPS = ("greeting", "ehlo", "mail", "rcpt", "data", "end of data", "quit")
+
+
 @dataclass
 class ProbeResult:
     replies: int = 0
     messages: int = 0
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
+    by_step: dict[str, list[float]] = field(default_factory=dict)
+
+    def step_p99_ms(self) -> dict[str, float]:
+        """p99 of each kind of reply, to tell a busy event loop (every kind slow)
+        from slow filtering or storage of the probe's own message ("end of data")."""
+        out = {}
+        for step, values in self.by_step.items():
+            ordered = sorted(values)
+            out[step] = round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 1)
+        return out
 
     def percentile(self, q: float) -> float | None:
         if not self.latencies:
@@ -197,6 +211,8 @@ async def probe(port: int, until: Callable[[], bool]) -> ProbeResult:
         finally:
             if client is not None:
                 result.latencies.extend(client.latencies)
+                for step, value in zip(STEPS, client.latencies, strict=False):
+                    result.by_step.setdefault(step, []).append(value)
                 client.close()
         await asyncio.sleep(PROBE_PAUSE)
     result.replies = len(result.latencies)
@@ -398,7 +414,7 @@ def write_tls(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def server_config(directory: Path) -> dict[str, Any]:
+def server_config(directory: Path, sync: str = "auto") -> dict[str, Any]:
     from argon2 import PasswordHasher
 
     cert, key = write_tls(directory)
@@ -430,6 +446,7 @@ def server_config(directory: Path) -> dict[str, Any]:
         "quarantine": {"directory": str(directory / "quarantine")},
         "dns": {"nameservers": ["127.0.0.1"], "port": 9, "timeout": 0.2},
         "log": {"level": "WARNING"},
+        "storage": {"sync": sync},
         "plugins": plugins,
     }
 
@@ -476,6 +493,7 @@ class Row:
     max_ms: float | None
     peak_rss_mb: float
     attacker: Any
+    step_p99_ms: dict[str, float] = field(default_factory=dict)
 
 
 def row_for(name: str, result: ProbeResult, rss: int, attacker: Any) -> Row:
@@ -492,6 +510,7 @@ def row_for(name: str, result: ProbeResult, rss: int, attacker: Any) -> Row:
         ms(max(result.latencies)) if result.latencies else None,
         round(rss / MB, 1),
         attacker,
+        result.step_p99_ms(),
     )
 
 
@@ -541,11 +560,14 @@ async def measure(port: int, pid: int, name: str | None, seconds: float) -> Row:
     return row_for(name or "(none: baseline)", result, rss, outcome)
 
 
-async def run(names: list[str], seconds: float) -> tuple[list[Row], dict[str, Any]]:
+async def run(
+    names: list[str], seconds: float, sync: str = "auto"
+) -> tuple[list[Row], dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="mailflow-hostile-") as tmp:
         directory = Path(tmp)
         config_path = directory / "mailflow.yaml"
-        config_path.write_text(yaml.safe_dump(server_config(directory), sort_keys=False))
+        config = server_config(directory, sync)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         serve = Process(
             [sys.executable, "-m", "benchmarks.run_serve", "--", "-c", str(config_path)],
             directory / "serve.log",
@@ -576,6 +598,11 @@ def print_rows(rows: list[Row], info: dict[str, Any]) -> None:
             f"{r.p50_ms!s:>7s} {r.p99_ms!s:>7s} {r.max_ms!s:>8s} {r.peak_rss_mb:7.1f}  "
             f"{json.dumps(r.attacker)[:160]}"
         )
+    print("\np99 ms per kind of probe reply:")
+    print(f"{'attack':22s} " + " ".join(f"{step:>11s}" for step in STEPS))
+    for r in rows:
+        cells = " ".join(f"{r.step_p99_ms.get(step, '-')!s:>11s}" for step in STEPS)
+        print(f"{r.attack:22s} {cells}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -583,6 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attacks", default="all", help=f"comma-separated: {', '.join(ATTACKS)}")
     parser.add_argument("--seconds", type=float, default=8.0, help="probe window per attack")
     parser.add_argument("--json", action="store_true", help="one JSON object")
+    parser.add_argument(
+        "--sync", default="auto", choices=["auto", "syncfs", "fsync"], help="storage.sync"
+    )
     parser.add_argument("--attacker", help=argparse.SUPPRESS)  # internal: run one attack
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -594,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in ATTACKS]
     if unknown:
         raise SystemExit(f"unknown attacks {unknown}; choose from {', '.join(ATTACKS)}")
-    rows, info = asyncio.run(run(names, args.seconds))
+    rows, info = asyncio.run(run(names, args.seconds, args.sync))
     if args.json:
         print(json.dumps({"machine": info, "rows": [asdict(r) for r in rows]}, default=str))
     else:

@@ -148,6 +148,10 @@ class ServerConfig(Strict):
     # ... and such messages held in memory to be filtered share this many bytes; the
     # next one waits for room (its client for the reply). At least one message fits.
     large_message_memory: Size = Field(default=100 * 1024 * 1024, ge=1)
+    # Octets per second of large messages (past large_message_threshold) the server
+    # reads, all connections together, so that a flood of them leaves the event loop
+    # time for everyone else's replies (docs/smtp.md, "Memory"); 0: no limit.
+    large_message_rate: Size = 64 * 1024 * 1024
     reverse_dns: bool = False
     # Turns of the event loop a message waits at the data stage for messages whose data
     # is still arriving (SMTP or milter); the batch then runs through the plugins back

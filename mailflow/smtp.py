@@ -38,7 +38,7 @@ from mailflow.msglog import record_after_reply
 from mailflow.normalize import has_bare_newline, normalize_newlines
 from mailflow.policy import admit_recipient, in_networks, is_local_recipient
 from mailflow.quarantine import Quarantine
-from mailflow.smtp_data import ByteBudget, DataFacts, clear_directory
+from mailflow.smtp_data import BulkPacer, ByteBudget, DataFacts, clear_directory
 from mailflow.smtp_session import MailflowSMTP
 from mailflow.verdict import Action, Mutation, Result, SMTPReply
 
@@ -120,6 +120,7 @@ class Handler:
         clear_directory(self.incoming_dir)
         # Memory for large messages read back from their files to be filtered.
         self.large_messages = ByteBudget(server.large_message_memory)
+        self.bulk = BulkPacer(server.large_message_rate)
         # AUTH failures across this server's connections (mailflow.authlimit).
         # (Not "auth_...": aiosmtpd takes such members of the handler for SASL mechanisms.)
         self.login_guard = AuthGuard(

@@ -334,6 +334,35 @@ def clear_directory(directory: Path) -> int:
     return removed
 
 
+# --- pacing the bulk of large messages ---------------------------------------------------------
+
+
+class BulkPacer:
+    """At most ``rate`` octets per second of large-message data, all connections together.
+
+    Reading and scanning data costs the event loop time in proportion to the octets
+    (a few ms per MB). A few clients sending large messages as fast as loopback allows
+    would take all of it, and every other client's replies would wait in line behind
+    their blocks. Each connection, past its message's large threshold, reports the
+    octets it handled and sleeps until the time those take at ``rate`` (shared: the
+    reservations of all connections follow one another); meanwhile its socket buffer
+    fills and TCP slows the sender down. Legitimate large mail still flows at ``rate``
+    in total, far above any minimum transfer rate. ``rate`` 0: no pacing.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._free_at = 0.0  # loop time when the octets reserved so far are done
+
+    async def pace(self, octets: int) -> None:
+        if self.rate <= 0:
+            await asyncio.sleep(0)
+            return
+        now = asyncio.get_running_loop().time()
+        self._free_at = max(now, self._free_at) + octets / self.rate
+        await asyncio.sleep(self._free_at - now)
+
+
 # --- the memory budget for large messages -------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from aiosmtpd.smtp import MISSING, SMTP
 from mailflow.auth import AuthMechanisms
 from mailflow.message import Connection, PluginRun
 from mailflow.policy import in_networks
-from mailflow.smtp_data import DataScanner, DataStore
+from mailflow.smtp_data import BulkPacer, DataScanner, DataStore
 from mailflow.verdict import Action, SMTPReply
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ DATA_READ_LIMIT = 256 * 1024
 # for the socket: data already buffered is read without a pause, and a message made
 # of tiny pieces (many ".<CRLF>" that end nothing) costs per piece, not per octet.
 YIELD_EVERY = DATA_READ_LIMIT
+_UNPACED = BulkPacer(0)
 PIECE_COST = 256  # octets of work charged per piece, on top of its length
 
 # A command moves the session on (RFC 5321 4.5.3.2: a server may close a session that
@@ -418,7 +419,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             with handler.app.pipeline.batch.receiving_data():
                 await self.push("354 End data with <CR><LF>.<CR><LF>")
                 try:
-                    complete = await self._read_data(scanner, store)
+                    complete = await self._read_data(scanner, store, handler.bulk)
                 except asyncio.CancelledError:
                     log.info("Connection lost during DATA")
                     self._writer.close()
@@ -454,7 +455,9 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         async with self.mailflow_handler.large_messages.hold(store.size):
             yield
 
-    async def _read_data(self, scanner: DataScanner, store: DataStore) -> bool:
+    async def _read_data(
+        self, scanner: DataScanner, store: DataStore, bulk: BulkPacer | None = None
+    ) -> bool:
         """Read the message up to the end-of-data line into ``store``, through ``scanner``.
 
         Returns False when the connection closed before the end. A message that is
@@ -469,20 +472,21 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         data is consumed in blocks and nothing after the end (pipelined commands) is.
         """
         reader = self._reader
+        bulk = bulk or _UNPACED
         # StreamReader keeps its limit in ``_limit`` (CPython 3.7+); aiosmtpd uses the
         # reader's internals too. Without it, the data is read with the usual limit.
         command_limit = getattr(reader, "_limit", None)
         if isinstance(command_limit, int) and command_limit < DATA_READ_LIMIT:
             reader._limit = DATA_READ_LIMIT  # type: ignore[attr-defined]
             try:
-                return await self._read_data_from(reader, scanner, store)
+                return await self._read_data_from(reader, scanner, store, bulk)
             finally:
                 reader._limit = command_limit  # type: ignore[attr-defined]
-        return await self._read_data_from(reader, scanner, store)
+        return await self._read_data_from(reader, scanner, store, bulk)
 
     @staticmethod
     async def _read_data_from(
-        reader: asyncio.StreamReader, scanner: DataScanner, store: DataStore
+        reader: asyncio.StreamReader, scanner: DataScanner, store: DataStore, bulk: BulkPacer
     ) -> bool:
         tail = b"\r\n"  # the two bytes before the unread data
         work = 0  # octets handled since the loop last ran other tasks
@@ -519,9 +523,13 @@ class MailflowSMTP(AuthMechanisms, SMTP):
                 work += len(piece)
             if work >= YIELD_EVERY:
                 # readuntil returns without waiting while data is buffered: let the
-                # other connections have their turn.
+                # other connections have their turn; past the large threshold, only as
+                # much as the shared large-message rate allows.
+                if store.on_disk:
+                    await bulk.pace(work)
+                else:
+                    await asyncio.sleep(0)
                 work = 0
-                await asyncio.sleep(0)
         last = scanner.finish()
         if last:
             await store.add(last)

@@ -215,6 +215,19 @@ def _without_pid(raw: bytes) -> bytes:
     return re.sub(rb"X-Worker-Pid: \d+\r\n", b"", raw, count=1)
 
 
+async def test_a_message_of_megabytes_reaches_the_worker_intact(make_config):
+    """Sent to the worker a slice at a time (SEND_CHUNK); the worker reads it whole."""
+    body = "".join(f"line {i:07d} of a long message\r\n" for i in range(100_000))  # 3.4 MB
+    config = make_config(plugins_yaml("{name: marker}"))
+    async with running_server(config, plugin_factories=FACTORIES) as srv:
+        sent = make_message("big", body=body)
+        await send(srv.port, "a@example.org", ["bob@example.com"], sent)
+        [msg] = await srv.wait_delivered("bob@example.com", timeout=30)
+    pid, _, rest = msg.partition(b"X-Worker-Pid: ")[2].partition(b"\r\n")
+    assert int(pid) != os.getpid()
+    assert rest.endswith(sent.split(b"\r\n\r\n", 1)[1]) and len(msg) > 3_000_000
+
+
 async def test_isolate_large_keeps_small_messages_in_the_server(make_config):
     config = make_config(
         "isolation: {processes: 1, large_message: 2000}\n"

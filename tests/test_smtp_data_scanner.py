@@ -242,3 +242,36 @@ async def test_budget_cancelled_waiter_gives_way():
     budget.release(30)
     assert await second == 20
     assert budget.available == 10 and budget.waiting == 0
+
+
+# --- the shared pace of large-message data --------------------------------------------
+
+
+async def test_the_bulk_pacer_shares_one_rate_among_all_connections():
+    """Two connections pacing 3 x 64 KiB each at 1 MiB/s take at least 0.375 s together:
+    the second one's reservations follow the first one's (lower bound only: a loaded
+    machine can only make it slower)."""
+    import time
+
+    from mailflow.smtp_data import BulkPacer
+
+    pacer = BulkPacer(1024 * 1024)
+    finished: list[float] = []
+
+    async def connection() -> None:
+        for _ in range(3):
+            await pacer.pace(64 * 1024)
+        finished.append(time.monotonic())
+
+    started = time.monotonic()
+    await asyncio.gather(connection(), connection())
+    assert max(finished) - started >= 0.37
+
+
+async def test_a_zero_rate_does_not_pace():
+    from mailflow.smtp_data import BulkPacer
+
+    pacer = BulkPacer(0)
+    async with asyncio.timeout(5):  # generous: only a bug sleeps here
+        for _ in range(1000):
+            await pacer.pace(10**9)

@@ -310,3 +310,18 @@ async def test_small_messages_do_not_wait_for_the_budget(make_config):
         assert (await big_reply).startswith("250") and (await small_reply).startswith("250")
         for dialog in (big, small):
             await dialog.close()
+
+
+async def test_large_message_data_is_read_at_the_shared_rate(make_config):
+    """server.large_message_rate paces the reading past the threshold (lower bound only)."""
+    import time
+
+    config = make_config(server_yaml(large_message_threshold="64K", large_message_rate="1M"))
+    async with running_server(config) as srv:
+        dialog = await start_data(srv.port)
+        started = time.monotonic()
+        await dialog.write_raw(large_message(1_600_000))
+        assert (await dialog.command(".")).startswith("250")
+        elapsed = time.monotonic() - started
+        await dialog.close()
+    assert elapsed >= 1.2  # about 1.5 MB past the threshold at 1 MiB/s

@@ -38,6 +38,7 @@ log = logging.getLogger("mailflow.isolation")
 
 _TOKEN_KEY = "isolation.token"  # ctx.extra: which message this is, for the workers
 _tokens = itertools.count(1)
+SEND_CHUNK = 1024 * 1024  # message bytes handed to the transport at a time
 STOP_GRACE = 5.0  # seconds a worker gets to exit after its socket closes
 RESPAWN_DELAYS = (0.0, 1.0, 5.0, 30.0)  # between failed attempts to start a replacement
 
@@ -82,8 +83,19 @@ class _Worker:
         await self.send_frame(encode(obj, raw))
 
     async def send_frame(self, pieces: list[bytes]) -> None:
-        self.writer.writelines(pieces)
-        await self.writer.drain()
+        writer = self.writer
+        for piece in pieces:
+            if len(piece) <= SEND_CHUNK:
+                writer.write(piece)
+                continue
+            # A large message goes out a slice at a time: the transport copies what the
+            # socket does not take at once, and one copy of many megabytes would hold
+            # up the event loop (and every client's replies) for milliseconds.
+            view = memoryview(piece)
+            for start in range(0, len(piece), SEND_CHUNK):
+                writer.write(view[start : start + SEND_CHUNK])
+                await writer.drain()
+        await writer.drain()
 
     async def receive(self) -> Any:
         head = await self.reader.readexactly(HEADER.size)
