@@ -12,6 +12,14 @@ TESTS = Path(__file__).parent
 MESSAGES = TESTS / "messages"
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and key for 127.0.0.1 (STARTTLS tests)."""
+    from tests.smtp_support import self_signed_cert
+
+    return self_signed_cert(tmp_path_factory.mktemp("tls"))
+
+
 @pytest.fixture
 def messages_dir() -> Path:
     return MESSAGES

@@ -112,3 +112,14 @@ def relay_config(
         {extra}
         """
     )
+
+
+def _cheap_hash(password: str) -> str:
+    from argon2 import PasswordHasher
+
+    # Cheap parameters keep the tests quick; verification reads them from the hash.
+    return PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash(password)
+
+
+TEST_PASSWORD = "s3cret"
+TEST_PASSWORD_HASH = _cheap_hash(TEST_PASSWORD)

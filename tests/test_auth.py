@@ -7,7 +7,6 @@ import os
 
 import aiosmtplib
 import pytest
-from argon2 import PasswordHasher
 from click.testing import CliRunner
 
 from mailflow.auth import UsersFileAuthenticator, UsersFileError, parse_users
@@ -15,15 +14,9 @@ from mailflow.cli import main
 from mailflow.config import ConfigError
 from mailflow.smtp import MailflowSMTP
 from mailflow.testing import SMTPDialog, make_message, running_server
-from tests.smtp_support import Recorder, client_context, self_signed_cert
+from tests.smtp_support import TEST_PASSWORD_HASH, Recorder, client_context
 
-# Cheap parameters keep the tests quick; verification reads them from the hash.
-HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash("s3cret")
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    return self_signed_cert(tmp_path_factory.mktemp("tls"))
+HASH = TEST_PASSWORD_HASH
 
 
 @pytest.fixture

@@ -17,20 +17,14 @@ import time
 from typing import Any
 
 import pytest
-from argon2 import PasswordHasher
 
 from mailflow.auth import UsersFileAuthenticator
 from mailflow.authlimit import AuthGuard, MemoryAuthLimiter, address_key
 from mailflow.config import AuthThrottleConfig
 from mailflow.testing import SMTPDialog, make_message, running_server
-from tests.smtp_support import client_context, self_signed_cert
+from tests.smtp_support import TEST_PASSWORD_HASH, client_context
 
-HASH = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash("s3cret")
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    return self_signed_cert(tmp_path_factory.mktemp("tls"))
+HASH = TEST_PASSWORD_HASH
 
 
 @pytest.fixture

@@ -12,11 +12,6 @@ from mailflow.testing import SMTPDialog, make_message, running_server, send
 from tests.smtp_support import Recorder, client_context, self_signed_cert
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    return self_signed_cert(tmp_path_factory.mktemp("tls"))
-
-
 def tls_yaml(tls_files, require: bool = False, extra: str = "") -> str:
     cert, key = tls_files
     return f"""
