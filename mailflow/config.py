@@ -322,7 +322,10 @@ class IsolationConfig(Strict):
     # How many; None: one per CPU core; 0: every plugin runs in the server process,
     # where a timeout cannot stop work that never yields.
     processes: int | None = Field(default=None, ge=0, le=256)
-    start_timeout: Duration = 60.0  # seconds a worker may take to load its plugins
+    start_timeout: Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)] = 60.0
+    # How long a message waits for a free worker before it is answered 451 (the
+    # workers are all busy, or being restarted). 0: no limit.
+    queue_timeout: Duration = 60.0
     # Where `isolate: large` hooks (the builtins: linear in the message size, so a
     # smaller message cannot keep them busy for long) start running in a worker.
     large_message: Size = 64 * 1024

@@ -34,6 +34,8 @@ log = logging.getLogger("mailflow.pipeline")
 _NO_STRONGER = (Action.ACCEPT, Action.QUARANTINE)
 
 PLUGIN_FAILURE_REPLY = SMTPReply(451, "Temporary local problem, please try again later", "4.3.0")
+# No content-analysis worker free in time, or the server is stopping (RFC 3463 4.3.2).
+BUSY_REPLY = SMTPReply(451, "Too busy to check this message now, please try again later", "4.3.2")
 
 
 def available_plugins() -> dict[str, importlib.metadata.EntryPoint]:
@@ -169,6 +171,12 @@ class Pipeline:
                 continue
             if entry.name in extra:
                 obj = extra[entry.name]
+                if entry.isolate:
+                    log.warning(
+                        "plugin %s is given as an object (not built from an entry point): "
+                        "its data hook runs in the server process, isolate is ignored",
+                        entry.name,
+                    )
             else:
                 factory = factories.get(entry.name)
                 if factory is None:
@@ -203,6 +211,12 @@ class Pipeline:
                 wants = getattr(obj, "isolate", False) if entry.isolate is None else entry.isolate
                 if wants is True or wants == "large":
                     isolated[entry.name] = "always" if wants is True else "large"
+                elif wants is not False:
+                    log.warning(
+                        "plugin %s: isolate = %r is not True, 'large' or False; not isolated",
+                        entry.name,
+                        wants,
+                    )
             self.pm.register(obj, name=entry.name)
             self.entries[entry.name] = entry
         # Objects handed in directly but not listed in the config run last, with defaults.
@@ -266,6 +280,7 @@ class Pipeline:
             self._available,
             processes=processes,
             start_timeout=self.config.isolation.start_timeout,
+            queue_timeout=self.config.isolation.queue_timeout,
             on_restart=on_restart,
         )
         await pool.start()
@@ -346,22 +361,34 @@ class Pipeline:
         return await self._guarded(impl, stage, {"message": ctx})
 
     async def _run_isolated(
-        self, pool: WorkerPool, segment: list[_Impl], ctx: MessageContext
+        self, pool: WorkerPool, segment: list[_Impl], ctx: MessageContext, keep: bool
     ) -> bool:
         """Run ``segment`` in a worker; True when a verdict ends the data stage.
 
         A hook that fails there (timeout, dead worker) is answered per its
-        ``on_error``; the hooks after it then run in another worker.
+        ``on_error``; the hooks after it then run in another worker. No free worker in
+        time, or a server shutting down, is no plugin's fault: 451, whatever
+        ``on_error`` says (the sender retries).
         """
         while segment:
             start = time.perf_counter()
             plugins = [(impl.plugin, impl.entry.timeout) for impl in segment]
-            stopped, done, failure = await pool.run(plugins, ctx, self.take_data_run)
+            stopped, done, failure = await pool.run(plugins, ctx, self.take_data_run, keep)
             if stopped:
                 return True
             if failure is None:
                 return False
             impl = segment[done]
+            if not failure.plugins_fault:
+                log.warning("plugin %s not run: %s; answering 451", impl.plugin, failure)
+                run = PluginRun(
+                    impl.plugin,
+                    "data",
+                    Result(Action.TEMPFAIL, BUSY_REPLY, reason=str(failure)),
+                    (time.perf_counter() - start) * 1000,
+                    error=str(failure),
+                )
+                return self.take_data_run(ctx, impl.plugin, run)
             log.error(
                 "plugin %s %s at data (on_error=%s)", impl.plugin, failure, impl.entry.on_error
             )
@@ -434,7 +461,8 @@ class Pipeline:
                 end = at + 1
                 while end < len(impls) and impls[end].isolated_for(size, large):
                     end += 1
-                if await self._run_isolated(pool, impls[at:end], ctx):
+                keep = any(i.isolated_for(size, large) for i in impls[end:])
+                if await self._run_isolated(pool, impls[at:end], ctx, keep):
                     break
                 at = end
                 continue

@@ -85,3 +85,38 @@ class Crasher:
         if "evil" in message.header("Subject"):
             os._exit(3)
         return Result()
+
+
+class Sleeper:
+    """Takes ``seconds`` (default 1) of wall time on every message, then says so."""
+
+    isolate = True
+
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        self.seconds = float((settings or {}).get("seconds", 1.0))
+
+    @hookimpl
+    def mailflow_data(self, message: Any) -> Result:
+        time.sleep(self.seconds)
+        return Result(mutations=[AddHeader("X-Slept", str(self.seconds))])
+
+
+class Unpicklable:
+    """Leaves something that cannot be pickled in its details."""
+
+    isolate = True
+
+    @hookimpl
+    def mailflow_data(self, message: Any) -> Result:
+        return Result(score=1.0, details={"callback": lambda: None})
+
+
+class InPlace:
+    """Changes the message itself instead of returning mutations (a plugin bug)."""
+
+    isolate = True
+
+    @hookimpl
+    def mailflow_data(self, message: Any) -> Result:
+        message.apply([AddHeader("X-In-Place", "1")])
+        return Result(score=0.5)

@@ -12,6 +12,11 @@ import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,18 @@ from mailflow.app import App
 from mailflow.check import check_message
 from mailflow.config import ConfigError
 from mailflow.isolation import IsolationError
-from mailflow.testing import make_message, running_server, send
-from tests.isolation_plugins import Crasher, First, Marker, Middle, Runaway, Spinner
+from mailflow.testing import SMTPDialog, make_message, running_server, send
+from tests.isolation_plugins import (
+    Crasher,
+    First,
+    InPlace,
+    Marker,
+    Middle,
+    Runaway,
+    Sleeper,
+    Spinner,
+    Unpicklable,
+)
 
 POLICY = Path(__file__).resolve().parent.parent / "rules" / "content-policy.yaml"
 FACTORIES: dict[str, Any] = {
@@ -33,6 +48,9 @@ FACTORIES: dict[str, Any] = {
     "runaway": Runaway,
     "spinner": Spinner,
     "crasher": Crasher,
+    "sleeper": Sleeper,
+    "unpicklable": Unpicklable,
+    "in_place": InPlace,
 }
 
 
@@ -160,7 +178,7 @@ async def test_consecutive_isolated_hooks_see_each_others_changes(make_config):
 async def test_results_do_not_depend_on_where_a_hook_runs(make_config, messages_dir):
     """The same plugins on the same messages: in this process and in a worker."""
     yaml = plugins_yaml("{name: first}", "{name: middle}", "{name: marker}")
-    corpus = sorted((messages_dir / "corpus").glob("*/*"))[:: 40]
+    corpus = sorted((messages_dir / "corpus").glob("*/*"))[::40]
     messages = [make_message(), *(p.read_bytes() for p in corpus if p.name != "README.md")]
     assert len(messages) > 5
     inline = App(make_config(yaml), available_plugins=FACTORIES)
@@ -267,3 +285,163 @@ async def test_a_worker_that_cannot_start_stops_start_up_with_the_reason(make_co
         async with running_server(config, plugin_factories=factories):
             pass
     assert "cannot start here" in str(failed.value)
+
+
+# --- what the review of the pool found ----------------------------------------------------
+
+
+async def test_waiting_for_a_busy_worker_is_not_the_plugins_time(make_config):
+    """One worker, a hook of 1 s with a 1.5 s timeout, two messages at once: the second
+    waits ~1 s for the worker, then runs its full second; nobody is killed."""
+    config = make_config(plugins_yaml("{name: sleeper, timeout: 1.5s, on_error: tempfail}"))
+    async with running_server(config, plugin_factories=FACTORIES) as srv:
+        results = await asyncio.gather(
+            *(
+                send(srv.port, "a@example.org", ["bob@example.com"], make_message(f"m{i}"))
+                for i in range(2)
+            )
+        )
+        assert results == [{}, {}]
+        assert restarts(srv, "timeout") == 0
+        await srv.wait_delivered("bob@example.com", count=2)
+
+
+async def test_no_free_worker_in_time_is_a_temporary_failure(make_config):
+    config = make_config(
+        "isolation: {processes: 1, queue_timeout: 0.3s}\n"
+        "plugins:\n  - {name: sleeper, timeout: 5s}\n"
+    )
+    async with running_server(config, plugin_factories=FACTORIES) as srv:
+        first = asyncio.create_task(
+            send(srv.port, "a@example.org", ["bob@example.com"], make_message("first"))
+        )
+        await asyncio.sleep(0.2)
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await send(srv.port, "a@example.org", ["bob@example.com"], make_message("second"))
+        assert refused.value.code == 451  # not quarantined: the default on_error is not used
+        assert "4.3.2" in refused.value.message
+        assert await first == {}
+        assert quarantined(srv) == [] and restarts(srv, "timeout") == 0
+
+
+async def test_a_client_that_hangs_up_does_not_cost_a_worker(make_config):
+    config = make_config(plugins_yaml("{name: sleeper, timeout: 5s}"))
+    async with running_server(config, plugin_factories=FACTORIES) as srv:
+        pool = srv.app.pipeline.isolation
+        assert pool is not None
+        [pid] = [w.pid for w in pool._workers]
+        dialog, _ = await SMTPDialog.open(srv.port)
+        for line in (
+            "EHLO client.example",
+            "MAIL FROM:<a@example.org>",
+            "RCPT TO:<bob@example.com>",
+        ):
+            assert (await dialog.command(line)).startswith("250")
+        assert (await dialog.command("DATA")).startswith("354")
+        await dialog.write_raw(make_message("abandoned") + b".\r\n")
+        await asyncio.sleep(0.3)  # the job is in the worker
+        dialog.writer.transport.abort()
+        await send(srv.port, "a@example.org", ["carol@example.com"], make_message("next"))
+        await srv.wait_delivered("carol@example.com")
+        assert srv.delivered("bob@example.com") == []  # the hang-up abandoned it
+        assert [w.pid for w in pool._workers] == [pid]
+        assert restarts(srv, "cancelled") == 0 and restarts(srv, "died") == 0
+
+
+async def test_a_worker_killed_while_idle_is_replaced_before_the_next_message(make_config):
+    config = make_config(plugins_yaml("{name: marker}"))
+    async with running_server(config, plugin_factories=FACTORIES) as srv:
+        pool = srv.app.pipeline.isolation
+        assert pool is not None
+        [old] = [w.pid for w in pool._workers]
+        os.kill(old, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            while restarts(srv, "died") < 1 or pool.size < 1:
+                await asyncio.sleep(0.05)
+        await send(srv.port, "a@example.org", ["bob@example.com"], make_message())
+        [msg] = await srv.wait_delivered("bob@example.com")
+        assert quarantined(srv) == []
+    assert f"X-Worker-Pid: {old}".encode() not in msg
+
+
+async def test_unpicklable_details_do_not_kill_the_worker(make_config):
+    config = make_config(plugins_yaml("{name: unpicklable}"))
+    async with running_server(config, plugin_factories=FACTORIES) as srv:
+        for subject in ("one", "two"):
+            await send(srv.port, "a@example.org", ["bob@example.com"], make_message(subject))
+        await srv.wait_delivered("bob@example.com", count=2)
+        assert restarts(srv, "died") == 0 and quarantined(srv) == []
+
+
+async def test_a_hook_that_changes_the_message_in_place_does_not_desynchronise(make_config):
+    """The worker's copy changed, the server's did not: the next job is sent the bytes."""
+    config = make_config(plugins_yaml("{name: in_place}", "{name: middle}", "{name: marker}"))
+    async with running_server(config, plugin_factories=FACTORIES) as srv:
+        await send(srv.port, "a@example.org", ["bob@example.com"], make_message())
+        [msg] = await srv.wait_delivered("bob@example.com")
+        assert restarts(srv, "died") == 0
+    assert b"X-In-Place" not in msg  # only returned mutations count
+    assert b"X-Middle: 1" in msg and b"X-Worker-Pid: " in msg
+
+
+async def test_a_stopped_pool_answers_shutdown_at_once(make_config):
+    app = App(make_config(plugins_yaml("{name: marker}")), available_plugins=FACTORIES)
+    await app.startup()
+    await app.pipeline.start_isolation()
+    pool = app.pipeline.isolation
+    assert pool is not None
+    await app.pipeline.stop_isolation()
+    ctx = await check_message(App(make_config()), make_message())
+    stopped, index, failure = await pool.run([("marker", 0)], ctx, lambda *a: False)
+    assert (stopped, index) == (False, 0)
+    assert failure is not None and failure.kind == "shutdown" and not failure.plugins_fault
+    await app.shutdown()
+
+
+def test_a_runaway_worker_dies_with_a_killed_server(tmp_path):
+    """PR_SET_PDEATHSIG: after kill -9 of the server, a hook that never yields does not
+    go on burning a CPU."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, sys
+            sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+            from mailflow.app import App
+            from mailflow.check import check_message
+            from mailflow.testing import config_for, make_message
+            from pathlib import Path
+            from tests.isolation_plugins import Spinner
+
+            async def main():
+                config = config_for(Path({str(tmp_path)!r}),
+                    "isolation: {{processes: 1}}\\nplugins: [{{name: spinner, timeout: 0}}]\\n")
+                app = App(config, available_plugins={{"spinner": Spinner}})
+                await app.startup()
+                await app.pipeline.start_isolation()
+                [worker] = app.pipeline.isolation._workers
+                print(worker.pid, flush=True)
+                await check_message(app, make_message("evil"))
+
+            asyncio.run(main())
+            """
+        )
+    )
+    server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    try:
+        worker = int(server.stdout.readline())
+        time.sleep(0.5)  # the job is spinning in the worker
+        os.kill(worker, 0)
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived the server")

@@ -1,18 +1,21 @@
 """The server side of content-analysis isolation: a pool of worker processes.
 
 A plugin whose data hook is isolated (``isolate`` in its config entry, or the
-plugin's own ``isolate = True``) runs in one of ``isolation.processes`` worker
-processes instead of on the server's event loop. The server waits for the answer
-for at most the plugin's ``timeout``; past it the worker is killed (SIGKILL: pure
-Python or regular-expression work that never yields cannot be interrupted any
-other way), a new one is started in the background, and the message is answered
-as the plugin's ``on_error`` says. A worker that dies (a crash in a C extension,
-the kernel's OOM killer) is treated the same way.
+plugin's own ``isolate`` attribute) runs in one of ``isolation.processes`` worker
+processes instead of on the server's event loop. The server waits for each hook's
+answer for at most the plugin's ``timeout``; past it the worker is killed (SIGKILL:
+pure Python or regular-expression work that never yields cannot be interrupted any
+other way), a new one is started in the background, and the message is answered as
+the plugin's ``on_error`` says. A worker that dies (a crash in a C extension, the
+kernel's OOM killer) is noticed at once, even while idle, and replaced.
 
-Each worker runs one job at a time. A message's next isolated plugin goes to the
-worker that already holds that message when it is free (no second copy of the
-bytes, one MIME walk for bayes and rules); otherwise to any free worker, which
-is then sent the bytes.
+Each worker runs one job at a time. A message's next isolated hooks go to the worker
+that already holds that message when it is free (no second copy of the bytes, one
+MIME walk for bayes and rules); otherwise to any free worker, which is then sent the
+bytes. Waiting for a free worker is not the plugin's time: it has its own limit
+(``isolation.queue_timeout``), and running out of it (or a server that is shutting
+down) is a :class:`PluginFailure` of kind ``busy`` (``shutdown``), which the
+pipeline answers with a temporary failure whatever the plugin's ``on_error``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import itertools
 import logging
 import os
 import pickle
+import signal
 import socket
 import sys
 import time
@@ -31,7 +35,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from mailflow.isolation.wire import HEADER, Init, Job, Ready, Reply, decode_header, encode
+from mailflow.isolation.wire import (
+    HEADER,
+    Init,
+    Job,
+    Ready,
+    Reply,
+    decode_header,
+    encode,
+    without_details,
+)
 from mailflow.message import MessageContext, PluginRun
 
 log = logging.getLogger("mailflow.isolation")
@@ -39,8 +52,11 @@ log = logging.getLogger("mailflow.isolation")
 _TOKEN_KEY = "isolation.token"  # ctx.extra: which message this is, for the workers
 _tokens = itertools.count(1)
 SEND_CHUNK = 1024 * 1024  # message bytes handed to the transport at a time
-STOP_GRACE = 5.0  # seconds a worker gets to exit after its socket closes
+STOP_GRACE = 5.0  # seconds running jobs get to finish, then workers to exit, at shutdown
 RESPAWN_DELAYS = (0.0, 1.0, 5.0, 30.0)  # between failed attempts to start a replacement
+_FRAME_ERRORS = (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError, EOFError)
+
+Take = Callable[[MessageContext, str, PluginRun], bool]
 
 
 class IsolationError(Exception):
@@ -48,18 +64,28 @@ class IsolationError(Exception):
 
 
 class PluginFailure(Exception):
-    """An isolated run gave no result; ``str()`` says why, as the log and
-    ``PluginRun.error`` show it (``timed_out`` for a deadline)."""
+    """An isolated hook gave no run; ``str()`` says why, as the log and
+    ``PluginRun.error`` show it. ``kind``: ``timeout`` and ``died`` are the
+    plugin's (its ``on_error`` applies); ``busy`` (no free worker in time) and
+    ``shutdown`` are the server's (a temporary failure)."""
 
-    def __init__(self, what: str, timed_out: bool = False) -> None:
+    def __init__(self, what: str, kind: str) -> None:
         super().__init__(what)
-        self.timed_out = timed_out
+        self.kind = kind
+
+    @property
+    def plugins_fault(self) -> bool:
+        return self.kind in ("timeout", "died")
+
+
+class _Disagreement(Exception):
+    """The worker's replies do not fit the job (a bug): the worker is not trusted."""
 
 
 class _Worker:
     """One worker process and the socket to it."""
 
-    __slots__ = ("expired", "holds", "pid", "process", "reader", "writer")
+    __slots__ = ("expired", "holds", "pid", "process", "reader", "watcher", "writer")
 
     def __init__(
         self,
@@ -73,11 +99,7 @@ class _Worker:
         self.pid = process.pid
         self.holds: tuple[int, int] | None = None  # (message token, raw version)
         self.expired = False  # killed because a hook ran past its timeout
-
-    def expire(self) -> None:
-        """A hook ran past its timeout: kill the process (its answer will never come)."""
-        self.expired = True
-        self.kill()
+        self.watcher: asyncio.Task[None] | None = None  # notices the process's exit
 
     async def send(self, obj: object, raw: bytes | None = None) -> None:
         await self.send_frame(encode(obj, raw))
@@ -105,9 +127,27 @@ class _Worker:
             await self.reader.readexactly(raw_len)  # workers send none; keep the framing
         return pickle.loads(meta)
 
+    def answer_arriving(self) -> bool:
+        """Part of an answer is already buffered (StreamReader keeps it in ``_buffer``,
+        which aiosmtpd and mailflow's SMTP reader use too)."""
+        return bool(getattr(self.reader, "_buffer", b""))
+
+    def expire(self) -> None:
+        """A hook's timeout ran out. Unless its answer is already arriving (it came in
+        the same turn of the event loop as the timer), kill the process: an answer
+        that is not there now will never come from a hook that does not yield."""
+        if self.answer_arriving():
+            return
+        self.expired = True
+        self.kill()
+
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
+        """SIGKILL the worker and whatever its plugins started (its process group)."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
         self.writer.close()
 
     def status(self) -> str:
@@ -128,21 +168,24 @@ class WorkerPool:
         *,
         processes: int,
         start_timeout: float,
+        queue_timeout: float,
         on_restart: Callable[[str], None] | None = None,
     ) -> None:
         self.plugins = list(plugins)
         self.processes = processes
         self.start_timeout = start_timeout
+        self.queue_timeout = queue_timeout
         self._init = Init(
             config=config,
             plugins=self.plugins,
             available=available,
             log_level=logging.getLogger().getEffectiveLevel(),
-            json_log=False,
+            log_file=str(config.log.file) if config.log.file else None,
         )
         self._on_restart = on_restart
         self._workers: set[_Worker] = set()
         self._idle: list[_Worker] = []
+        self._busy: set[_Worker] = set()
         self._waiters: deque[asyncio.Future[_Worker]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -157,7 +200,7 @@ class WorkerPool:
         errors = [r for r in results if isinstance(r, BaseException)]
         for result in results:
             if isinstance(result, _Worker):
-                self._workers.add(result)
+                self._add(result)
                 self._idle.append(result)
         if errors:
             await self.stop()
@@ -173,16 +216,23 @@ class WorkerPool:
         )
 
     async def stop(self) -> None:
-        """Close every worker (they exit when their socket closes), then reap them."""
+        """Take no new jobs, let the running ones finish (for STOP_GRACE at most), then
+        close every worker (they exit when their socket closes) and reap them."""
         self._stopping = True
         for task in list(self._tasks):
             task.cancel()
-        workers, self._workers, self._idle = list(self._workers), set(), []
         for waiter in self._waiters:
             if not waiter.done():
-                waiter.set_exception(PluginFailure("the worker pool is shutting down"))
+                waiter.set_exception(PluginFailure("the server is shutting down", "shutdown"))
         self._waiters.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_GRACE):
+                while self._busy:
+                    await asyncio.sleep(0.05)
+        workers, self._workers, self._idle = list(self._workers), set(), []
         for worker in workers:
+            if worker.watcher is not None:
+                worker.watcher.cancel()
             worker.writer.close()
         for worker in workers:
             try:
@@ -201,14 +251,17 @@ class WorkerPool:
         parent, child = socket.socketpair()
         env = dict(os.environ)
         # The worker imports what this process imports (tests, embedding: plugins and
-        # factories may live outside site-packages).
+        # factories may live outside site-packages), and nothing else: -P keeps the
+        # current directory off its path.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",
                 "-m",
                 "mailflow.isolation.worker",
                 str(child.fileno()),
+                str(os.getpid()),
                 pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 env=env,
@@ -225,7 +278,7 @@ class WorkerPool:
             async with asyncio.timeout(self.start_timeout):
                 await worker.send(self._init)
                 ready = await worker.receive()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        except (TimeoutError, *_FRAME_ERRORS) as exc:
             worker.kill()
             await process.wait()
             why = "no answer" if isinstance(exc, TimeoutError) else worker.status()
@@ -239,19 +292,38 @@ class WorkerPool:
             raise IsolationError(getattr(ready, "error", "") or "unexpected answer")
         return worker
 
+    def _add(self, worker: _Worker) -> None:
+        self._workers.add(worker)
+        worker.watcher = self._background(self._watch(worker))
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Replace a worker as soon as its process ends, even while it is idle (the OOM
+        killer, a signal): the next message must not be the one to find out."""
+        await worker.process.wait()
+        if worker in self._workers:
+            self._replace(worker, "died")
+
+    def _background(self, coroutine: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     def _replace(self, worker: _Worker, why: str) -> None:
-        """Kill ``worker`` and start a new one in the background."""
+        """Kill ``worker`` and start a new one in the background (once per worker)."""
+        if worker not in self._workers:
+            return
         worker.kill()
         self._workers.discard(worker)
+        self._busy.discard(worker)
         if worker in self._idle:
             self._idle.remove(worker)
+        if self._stopping:
+            return
         log.warning("content-analysis worker %d stopped (%s); starting a new one", worker.pid, why)
         if self._on_restart is not None:
             self._on_restart(why)
-        if not self._stopping:
-            task = asyncio.get_running_loop().create_task(self._respawn(worker))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._background(self._respawn(worker))
 
     async def _respawn(self, old: _Worker) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -263,13 +335,21 @@ class WorkerPool:
             try:
                 worker = await self._spawn()
             except Exception as exc:
-                log.error("content-analysis worker could not be restarted: %s", exc)
+                # Each worker loads its plugins afresh (rule files, models): a file
+                # broken since start-up keeps it from starting, and isolated hooks
+                # then wait for a worker until isolation.queue_timeout (451).
+                log.error(
+                    "content-analysis worker could not be restarted (%d of %d running): %s",
+                    len(self._workers),
+                    self.processes,
+                    exc,
+                )
                 continue
             if self._stopping:
                 worker.writer.close()
                 await worker.process.wait()
                 return
-            self._workers.add(worker)
+            self._add(worker)
             self._release(worker)
             return
 
@@ -279,79 +359,106 @@ class WorkerPool:
         self,
         plugins: list[tuple[str, float]],
         ctx: MessageContext,
-        take: Callable[[MessageContext, str, PluginRun], bool],
+        take: Take,
+        keep: bool = False,
     ) -> tuple[bool, int, PluginFailure | None]:
         """Run the data hooks of ``plugins`` ((name, timeout) pairs, in order) on
         ``ctx`` in one worker; each run is handed to ``take`` as it arrives, which
-        records it on ``ctx`` and says whether the data stage ends there.
+        records it on ``ctx`` and says whether the data stage ends there. ``keep``:
+        the message has isolated hooks after these (the worker keeps its copy).
 
-        Each hook gets its own timeout (0: none), counted from when the previous one
-        answered; the first one's includes waiting for a free worker. Returns
-        (stopped, index, failure): ``take`` ended the stage at ``index``; or
-        ``failure`` is why the hook at ``index`` gave no run (its worker is gone);
-        or every hook ran (failure None, index = len(plugins)).
+        Each hook gets its own timeout (0: none), counted from when the job was sent or
+        the previous hook answered. Returns (stopped, index, failure): ``take`` ended
+        the stage at ``index``; or ``failure`` is why the hook at ``index`` gave no
+        run; or every hook ran (failure None, index = len(plugins)).
         """
-        loop = asyncio.get_running_loop()
-        timeout = plugins[0][1]
         token = ctx.extra.get(_TOKEN_KEY)
         if token is None:
             token = ctx.extra[_TOKEN_KEY] = next(_tokens)
-        started = time.perf_counter()
-        try:
-            worker = await self._acquire(token, loop.time() + timeout if timeout else None)
-        except TimeoutError:
-            return (
-                False,
-                0,
-                PluginFailure(
-                    f"timed out after {timeout:g}s waiting for a free worker process", True
-                ),
+        for attempt in (1, 2):
+            worker = await self._acquire(token)
+            if isinstance(worker, PluginFailure):
+                return False, 0, worker
+            job = Job(
+                token,
+                ctx.raw_version,
+                [name for name, _ in plugins],
+                ctx.queue_id,
+                ctx.envelope,
+                _portable(ctx),
+                ctx.score,
+                ctx.runs,
+                ctx.routes,
+                ctx.action,
+                ctx.received_at,
+                keep,
             )
-        names = [name for name, _ in plugins]
-        job = Job(
-            token,
-            ctx.raw_version,
-            names,
-            ctx.queue_id,
-            ctx.envelope,
-            _portable(ctx),
-            ctx.score,
-            ctx.runs,
-            ctx.routes,
-            ctx.action,
-            ctx.received_at,
-        )
-        raw = None if worker.holds == (token, ctx.raw_version) else ctx.raw
+            raw = None if worker.holds == (token, ctx.raw_version) else ctx.raw
+            frame = _encode_job(job, raw)
+            sent = False
+            try:
+                await worker.send_frame(frame)
+                sent = True
+            except (ConnectionError, OSError):
+                # Gone before this job started (it is not this message's doing): once
+                # more with another worker.
+                self._replace(worker, "died")
+                if attempt == 1:
+                    continue
+                return False, 0, PluginFailure("no worker process could take the job", "busy")
+            except BaseException:  # cancelled half-way through the frame: state unknown
+                self._replace(worker, "cancelled")
+                raise
+            finally:
+                if not sent and worker in self._busy:
+                    self._busy.discard(worker)
+            return await self._replies(worker, plugins, ctx, take, token)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _replies(
+        self,
+        worker: _Worker,
+        plugins: list[tuple[str, float]],
+        ctx: MessageContext,
+        take: Take,
+        token: int,
+    ) -> tuple[bool, int, PluginFailure | None]:
+        """Read the job's replies as the hooks finish, each within its timeout."""
+        loop = asyncio.get_running_loop()
         index = 0
         stopped = False
+        started = time.perf_counter()
         # One timer per hook: when it fires, the worker is killed, which ends the wait
         # for its answer (cheaper than a timeout context around each await).
         expiry: asyncio.TimerHandle | None = None
         try:
-            if timeout:
-                expiry = loop.call_at(started_at(loop, started) + timeout, worker.expire)
-            await worker.send_frame(_encode_job(job, raw))
             while True:
                 name, timeout = plugins[index]
+                if timeout:
+                    expiry = loop.call_at(loop.time() + timeout, worker.expire)
                 reply = await worker.receive()
                 if expiry is not None:
                     expiry.cancel()
                     expiry = None
                 if not isinstance(reply, Reply) or reply.run.plugin != name:
-                    raise pickle.UnpicklingError(f"unexpected answer {reply!r}")
+                    raise _Disagreement(f"unexpected answer {reply!r}")
                 now = time.perf_counter()
                 reply.run.elapsed_ms = (now - started) * 1000
+                started = now
                 stopped = take(ctx, name, reply.run)
                 index += 1
-                if reply.last or stopped:
+                if reply.version != ctx.raw_version:
+                    # A hook changed its copy of the message other than by returning
+                    # mutations: what the worker holds is not what the server has.
+                    log.warning("plugin %s changed the message in place; ignored", name)
+                    worker.holds = None
+                else:
+                    worker.holds = (token, ctx.raw_version)
+                if stopped or reply.last:
                     if reply.last != (stopped or index == len(plugins)):
-                        raise pickle.UnpicklingError("the worker and the server disagree")
+                        raise _Disagreement("the worker and the server stopped apart")
                     break
-                started = now
-                next_timeout = plugins[index][1]
-                if next_timeout:
-                    expiry = loop.call_at(loop.time() + next_timeout, worker.expire)
-        except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError, EOFError):
+        except _FRAME_ERRORS:
             if worker.expired:
                 self._replace(worker, "timeout")
                 return (
@@ -360,7 +467,7 @@ class WorkerPool:
                     PluginFailure(
                         f"timed out after {plugins[index][1]:g}s "
                         f"(worker process {worker.pid} stopped)",
-                        True,
+                        "timeout",
                     ),
                 )
             with contextlib.suppress(TimeoutError):
@@ -368,41 +475,98 @@ class WorkerPool:
                     await worker.process.wait()
             status = worker.status()
             self._replace(worker, "died")
-            return False, index, PluginFailure(f"worker process {worker.pid} died ({status})")
-        except BaseException:  # cancelled half-way: the worker's state is unknown
-            self._replace(worker, "cancelled")
+            return (
+                False,
+                index,
+                PluginFailure(f"worker process {worker.pid} died ({status})", "died"),
+            )
+        except _Disagreement as exc:
+            log.error("content-analysis worker %d: %s", worker.pid, exc)
+            self._replace(worker, "died")
+            if stopped:
+                return True, index - 1, None  # the server's verdict stands
+            return False, index, PluginFailure(f"worker process {worker.pid}: {exc}", "died")
+        except asyncio.CancelledError:
+            # The message is abandoned (its client hung up, say), not the worker: read
+            # what it still sends for this job in the background, then free it.
+            self._background(self._drain(worker, plugins[index:]))
             raise
         finally:
             if expiry is not None:
                 expiry.cancel()
-        worker.holds = (token, ctx.raw_version)
-        self._release(worker)
-        return stopped, index if stopped else len(plugins), None
+        if worker.expired:  # its last answer arrived as its timer fired: use it, not it
+            self._replace(worker, "timeout")
+        else:
+            self._release(worker)
+        return stopped, index - 1 if stopped else len(plugins), None
 
-    async def _acquire(self, token: int, deadline: float | None) -> _Worker:
-        """A free worker, the one holding message ``token`` if it is free; waits (until
-        loop time ``deadline``, then TimeoutError) when every worker is busy."""
+    async def _drain(self, worker: _Worker, plugins: list[tuple[str, float]]) -> None:
+        """Read and drop the rest of an abandoned job's replies, each within its hook's
+        timeout, then give the worker back (holding nothing); kill it if one overruns."""
+        loop = asyncio.get_running_loop()
+        worker.holds = None
+        try:
+            for _, timeout in plugins:
+                expiry = loop.call_at(loop.time() + timeout, worker.expire) if timeout else None
+                try:
+                    reply = await worker.receive()
+                finally:
+                    if expiry is not None:
+                        expiry.cancel()
+                if not isinstance(reply, Reply) or reply.last:
+                    break
+        except _FRAME_ERRORS:
+            self._replace(worker, "timeout" if worker.expired else "died")
+            return
+        except asyncio.CancelledError:  # the pool is stopping
+            worker.kill()
+            raise
+        if worker.expired:
+            self._replace(worker, "timeout")
+        else:
+            self._release(worker)
+
+    async def _acquire(self, token: int) -> _Worker | PluginFailure:
+        """A free worker, the one holding message ``token`` if it is free; waits up to
+        ``queue_timeout`` when every worker is busy (or being replaced)."""
+        if self._stopping:
+            return PluginFailure("the server is shutting down", "shutdown")
         idle = self._idle
         if idle:
-            for i, worker in enumerate(idle):
-                if worker.holds is not None and worker.holds[0] == token:
-                    return idle.pop(i)
-            return idle.pop()
+            for i, candidate in enumerate(idle):
+                if candidate.holds is not None and candidate.holds[0] == token:
+                    worker = idle.pop(i)
+                    break
+            else:
+                worker = idle.pop()
+            self._busy.add(worker)
+            return worker
         waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await waiter
+            async with asyncio.timeout(self.queue_timeout or None):
+                worker = await waiter
+        except TimeoutError:
+            return PluginFailure(
+                f"no content-analysis worker free within {self.queue_timeout:g}s", "busy"
+            )
+        except PluginFailure as failure:
+            return failure
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release(waiter.result())  # handed over just as we gave up
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
             raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+        self._busy.add(worker)
+        return worker
 
     def _release(self, worker: _Worker) -> None:
-        if worker not in self._workers:
+        self._busy.discard(worker)
+        if worker not in self._workers or self._stopping:
             return
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -410,11 +574,6 @@ class WorkerPool:
                 waiter.set_result(worker)
                 return
         self._idle.append(worker)
-
-
-def started_at(loop: asyncio.AbstractEventLoop, perf_start: float) -> float:
-    """The loop time of a ``time.perf_counter()`` reading taken a moment ago."""
-    return loop.time() - (time.perf_counter() - perf_start)
 
 
 def _portable(ctx: MessageContext) -> Any:
@@ -430,12 +589,5 @@ def _encode_job(job: Job, raw: bytes | None) -> list[bytes]:
     try:
         return encode(job, raw)
     except Exception:
-        job.runs = [_without_details(run) for run in job.runs]
+        job.runs = [without_details(run) for run in job.runs]
         return encode(job, raw)
-
-
-def _without_details(run: PluginRun) -> PluginRun:
-    result = run.result
-    if result is not None:
-        result = dataclasses.replace(result, details={})
-    return dataclasses.replace(run, result=result)

@@ -12,6 +12,7 @@ sent at all.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import struct
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ class Init:
     plugins: list[str]  # the plugin names whose data hook this worker runs
     available: dict[str, Any] | None  # name -> factory, or None for entry points
     log_level: int
-    json_log: bool
+    log_file: str | None  # the server's log.file; None: standard error
 
 
 @dataclass(slots=True)
@@ -63,6 +64,7 @@ class Job:
     routes: dict[str, Route] = field(default_factory=dict)
     action: Action = Action.CONTINUE
     received_at: float = 0.0
+    keep: bool = False  # more isolated hooks of this message follow: keep the copy
 
 
 @dataclass(slots=True)
@@ -99,3 +101,11 @@ def read_frame(stream: BinaryIO) -> tuple[Any, bytes | None] | None:
     if len(meta) < meta_len or (raw_len is not None and (raw is None or len(raw) < raw_len)):
         return None
     return pickle.loads(meta), raw
+
+
+def without_details(run: PluginRun) -> PluginRun:
+    """``run`` with its result's details dropped (when they cannot be pickled)."""
+    result = run.result
+    if result is not None:
+        result = dataclasses.replace(result, details={})
+    return dataclasses.replace(run, result=result)

@@ -18,24 +18,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
 import sys
 
-from mailflow.isolation.wire import Init, Job, Ready, Reply, encode, read_frame
+from mailflow.isolation.wire import Init, Job, Ready, Reply, encode, read_frame, without_details
 from mailflow.message import MessageContext
 
 WORKER_NICENESS = 10  # added to the server's nice value; the kernel caps it at 19
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    fd = int(args[0])
-    # Ctrl-C on `mailflow serve` reaches the whole process group; the server stops
-    # its workers itself (closing the socket), so a worker never dies half-way.
+    fd, server_pid = int(args[0]), int(args[1])
+    # Ctrl-C on `mailflow serve`, or systemd stopping the whole control group, must
+    # not kill a worker half-way through a job: the server finishes the running jobs
+    # and then closes its workers' sockets, which ends them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with(server_pid)
     # The server process answers SMTP commands; bulk content analysis may wait for the
     # CPU when both want it, so one core busy with a large message does not slow every
     # client's replies (docs/performance.md, "Hostile mix").
@@ -64,8 +69,24 @@ def main(argv: list[str] | None = None) -> int:
         runner.run(job, raw, sock)
 
 
+def _die_with(server_pid: int) -> None:
+    """Get SIGKILL when the server dies (Linux ``PR_SET_PDEATHSIG``): a hook that never
+    yields would otherwise run on forever after a ``kill -9`` of the server, as the
+    socket is only looked at between jobs."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server_pid:  # the server was gone before the call above
+        os._exit(1)
+
+
 def _configure_logging(init: Init) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler
+    if init.log_file:
+        handler = logging.FileHandler(init.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s")
     )
@@ -75,7 +96,15 @@ def _configure_logging(init: Init) -> None:
 
 
 def _send(sock: socket.socket, obj: object) -> None:
-    sock.sendall(b"".join(encode(obj)))
+    try:
+        frame = encode(obj)
+    except Exception:
+        if not isinstance(obj, Reply):
+            raise
+        # Details a plugin put in its result that cannot be pickled are for the log
+        # only: send the verdict, score and mutations without them.
+        frame = encode(Reply(without_details(obj.run), obj.version, obj.last))
+    sock.sendall(b"".join(frame))
 
 
 class _Runner:
@@ -115,9 +144,11 @@ class _Runner:
         ctx.routes = job.routes
         ctx.action = job.action
         ctx.received_at = job.received_at
-        self.loop.run_until_complete(self._segment(job.plugins, ctx, sock))
+        self.loop.run_until_complete(self._segment(job.plugins, ctx, sock, job.keep))
 
-    async def _segment(self, names: list[str], ctx: MessageContext, sock: socket.socket) -> None:
+    async def _segment(
+        self, names: list[str], ctx: MessageContext, sock: socket.socket, keep: bool
+    ) -> None:
         pipeline = self.app.pipeline
         for index, name in enumerate(names):
             run = await pipeline.run_hook(self.impls[name], "data", ctx)
@@ -125,7 +156,9 @@ class _Runner:
             last = stop or index == len(names) - 1
             _send(sock, Reply(run, ctx.raw_version, last))
             if last:
-                return
+                break
+        if not keep:
+            self.held = None  # a large message is not kept in memory while idle
 
     def close(self) -> None:
         try:
