@@ -139,6 +139,25 @@ def test_addresses_are_linear():
     )
     assert_linear(parse, lambda n: b'"<(' * n, 20_000)
     assert_linear(parse, lambda n: b"(" * n + b"a@b", 20_000)
+    # A display name followed by a long run of blanks (unfolded continuation lines):
+    # the one-mailbox fast path had a lazy name that rescanned the blanks per length.
+    assert_linear(parse, lambda n: b"a" + b" \t" * n + b" x@example.org", 20_000)
+
+
+def test_made_up_charset_labels_cost_a_bounded_lookup_and_no_memory():
+    """Each unknown label went to codecs.lookup, whose standard-library cache keeps
+    every miss forever; labels no codec has are now ruled out before that."""
+    import encodings
+
+    before = len(encodings._cache)  # type: ignore[attr-defined]
+    words = " ".join(f"=?x-made-up-{i}?q?a?=" for i in range(3000))
+    assert mime.decode_words(words) == "a" * 3000
+    assert len(encodings._cache) == before  # type: ignore[attr-defined]
+    assert_linear(
+        lambda raw: mime.decode_words(raw.decode()),
+        lambda n: b" ".join(b"=?y%d?q?a?=" % i for i in range(n)),
+        3_000,
+    )
 
 
 def test_encoded_words_and_parameters_are_linear():
@@ -158,6 +177,36 @@ def test_walk_is_linear_in_parts_and_nesting():
 
     assert_linear(walk, hostile.many_parts, 500)
     assert_linear(walk, hostile.nested_multiparts, 2_000)
+
+
+def _nested_encoded_messages(depth: int, body: bytes) -> bytes:
+    """message/rfc822 parts sent quoted-printable, one inside the other: each decodes
+    to about its own size (no "=" in the text)."""
+    raw = b"Subject: inner\r\n\r\n" + body
+    for _ in range(depth):
+        raw = (
+            b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: quoted-printable"
+            b"\r\n\r\n" + raw
+        )
+    return b"Subject: outer\r\n" + raw
+
+
+def test_nested_encoded_messages_decode_at_most_one_message_size():
+    """Every level's decoded copy stayed alive through the walk (29 copies of a 25 MB
+    message would be 750 MB); past one message size of decoding the rest is opaque."""
+    import tracemalloc
+
+    raw = _nested_encoded_messages(25, b"plain text line\r\n" * 20_000)  # ~340 KB
+    tracemalloc.start()
+    try:
+        structure = mime.parse(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert structure.truncated and structure.parts[-1].opaque
+    assert peak < 4 * len(raw)  # before: a decoded copy per level, 25 here
+    shallow = mime.parse(_nested_encoded_messages(1, b"text\r\n"))
+    assert not shallow.truncated and shallow.parts[0].text() == "text\r\n"
 
 
 def test_undeclared_8bit_text_is_linear():

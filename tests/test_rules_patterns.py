@@ -305,3 +305,17 @@ def test_evaluation_from_several_threads() -> None:
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(names, range(400)))
     assert results == [[f"r{i % 20}"] for i in range(400)]
+
+
+def test_a_disabled_rule_with_a_refused_pattern_is_refused_too(tmp_path: Path) -> None:
+    """Found by `rules validate` now, not when someone enables the rule."""
+    path = tmp_path / "disabled.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - name: fine\n    when: {subject: {matches: 'ok'}}\n    then: {score: 1}\n"
+        "  - name: later\n    enabled: false\n"
+        "    when: {subject: {matches: '(\\w+) \\1'}}\n    then: {score: 1}\n"
+    )
+    result = CliRunner().invoke(main, ["rules", "validate", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:7: rules[1].when.subject: invalid regular expression" in result.output

@@ -37,8 +37,11 @@ _TOKEN = re.compile(
 )
 # One mailbox in the common forms ("Name" <a@b>, Name <a@b>, <a@b>, a@b), with no
 # comment, group, route or escape: what the general reader gives, in one call.
+# The name is words separated by blanks, matched possessively: a lazy name followed by
+# blanks rescanned a long run of blanks once per length it tried (quadratic).
 _ONE_MAILBOX = re.compile(
-    r'\s*+(?:"(?P<quoted>[^"\\]*+)"|(?P<name>[^"<>(),;:\\\[\]]*?))\s*+'
+    r'\s*+(?:"(?P<quoted>[^"\\]*+)"'
+    r'|(?P<name>[^"<>(),;:\\\[\]\s]*+(?:\s++[^"<>(),;:\\\[\]\s]++)*+))\s*+'
     r"<(?P<angle>[^<>()\s\",;:\\\[\]]*+)>\s*+"
     r'|\s*+(?P<bare>[^\s"<>(),;:\\\[\]]++)\s*+'
 )

@@ -41,6 +41,9 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import encodings
+import encodings.aliases
+import pkgutil
 import re
 
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]+")
@@ -130,6 +133,25 @@ def _repair_all(data: bytes) -> str:
 _CODECS: dict[str, str | None] = {}
 
 
+def _codec_names() -> frozenset[str]:
+    """The names the standard library's codec search finds: its aliases and modules."""
+    names = set(encodings.aliases.aliases) | set(encodings.aliases.aliases.values())
+    names.update(module.name for module in pkgutil.iter_modules(encodings.__path__))
+    return frozenset(names)
+
+
+_KNOWN_CODECS = _codec_names()
+
+
+def _may_be_codec(name: str) -> bool:
+    """Whether ``codecs.lookup`` could know ``name``. Asked about any other label, the
+    standard library tries an import and remembers the miss forever (its own cache has
+    no bound): a message with thousands of made-up charset labels would grow it and
+    cost ~40 us each."""
+    key = encodings.normalize_encoding(name)
+    return key in _KNOWN_CODECS or key.replace(".", "_") in _KNOWN_CODECS
+
+
 def codec_name(charset: str) -> str | None:
     """Python's codec name for a MIME charset label; None when unknown or not a charset.
 
@@ -140,7 +162,7 @@ def codec_name(charset: str) -> str | None:
         return known  # type: ignore[return-value]
     name = charset.strip().strip('"').strip().lower()
     found: str | None = None
-    if name and len(name) <= _CHARSET_NAME_MAX and name.isascii():
+    if name and len(name) <= _CHARSET_NAME_MAX and name.isascii() and _may_be_codec(name):
         try:
             info = codecs.lookup(name)
         except (LookupError, ValueError):

@@ -19,7 +19,9 @@ nesting are walked. Past a limit the rest is kept as *opaque* parts
 is set, so a rule can refuse what it could not inspect (``mime_truncated: true``)
 instead of missing an attachment hidden past the limit. Each container's body is
 searched for its own delimiter lines, so the walk reads each byte at most
-MAX_DEPTH times.
+MAX_DEPTH times. message/* parts sent base64 or quoted-printable encoded are decoded
+to be walked, all of them together at most as many bytes as the message itself
+(nested ones would otherwise keep a copy per level alive); past that they are opaque.
 
 What differs from the stdlib tree (on purpose): file names have RFC 2047 encoded
 words decoded and raw 8-bit names read by the charset policy; every name a part
@@ -319,10 +321,12 @@ class Structure:
 class _Walker:
     """Walks one message into its leaf parts, within MAX_PARTS and MAX_DEPTH."""
 
-    def __init__(self) -> None:
+    def __init__(self, decode_budget: int) -> None:
         self.parts: list[Part] = []
         self.seen = 0  # parts walked, containers included
         self.truncated = False
+        # Bytes of encoded message/* parts that may still be decoded to walk them.
+        self.decode_budget = decode_budget
 
     def entity(
         self, src: bytes, start: int, end: int, default_type: str, depth: int, container: str
@@ -377,9 +381,13 @@ class _Walker:
                     return
             key = None
         elif ctype.startswith("message/"):
+            encoding = (values[2] or "").strip().lower()
+            encoded = encoding in ("base64", "quoted-printable")
+            if encoded and end - start > self.decode_budget:
+                descend = False  # opaque: decoding it would pass the budget
             if ctype != "message/delivery-status" and descend and self.seen < MAX_PARTS:
-                encoding = (values[2] or "").strip().lower()
-                if encoding in ("base64", "quoted-printable"):
+                if encoded:
+                    self.decode_budget -= end - start
                     inner_src = decode_transfer(src[start:end], encoding)
                     self.entity(inner_src, 0, len(inner_src), "text/plain", depth + 1, inside)
                 else:
@@ -482,13 +490,13 @@ def _body_parts(
 
 def parse(raw: bytes) -> Structure:
     """Walk a whole message (headers and body) into its leaf parts. Never raises."""
-    walker = _Walker()
+    walker = _Walker(len(raw))
     walker.entity(raw, 0, len(raw), "text/plain", 0, "")
     return Structure(walker.parts, walker.truncated)
 
 
 def parse_body(fields: Fields, src: bytes, start: int = 0, end: int | None = None) -> Structure:
     """Walk a body (src[start:end]) whose top-level header fields are ``fields``."""
-    walker = _Walker()
+    walker = _Walker(len(src))
     walker.body(fields, src, start, len(src) if end is None else end, "text/plain", 0)
     return Structure(walker.parts, walker.truncated)

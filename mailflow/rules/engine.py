@@ -173,14 +173,19 @@ class CompiledRuleSet:
         self.ruleset = ruleset
         self.rules: list[CompiledRule] = []
         compiler = ConditionCompiler()
+        # Disabled rules are compiled too, apart, so that a pattern the engine cannot
+        # run is refused now (`rules validate`), not when someone enables the rule.
+        disabled = ConditionCompiler()
         needs: list[Need | None] = []
         for number, rule in enumerate(ruleset.rules):
-            if rule.enabled:
-                when = compiler.compile(rule.when, ("rules", number, "when"))
-                final = rule.then.stop or rule.then.action in FINAL_ACTIONS
-                needs.append(when.need)
-                self.rules.append(CompiledRule(rule, when.test, final, when.records))
-        problems = compiler.finish()
+            if not rule.enabled:
+                disabled.compile(rule.when, ("rules", number, "when"))
+                continue
+            when = compiler.compile(rule.when, ("rules", number, "when"))
+            final = rule.then.stop or rule.then.action in FINAL_ACTIONS
+            needs.append(when.need)
+            self.rules.append(CompiledRule(rule, when.test, final, when.records))
+        problems = [*compiler.finish(), *disabled.finish()]
         if problems:
             raise RuleErrors(problems)
         # A field opens (is scanned) at the first rule it opens for; a rule is skipped
