@@ -232,12 +232,17 @@ class DataStore:
     on every path (it is idempotent). When the task is cancelled while a thread
     still works on the file (a client gone mid-DATA), the file is closed and
     deleted once that thread is done, never under its feet.
+
+    A storage error while the data arrives (disk full, an I/O error) does not stop
+    the reader, which must still find the end of the data: :meth:`add` records it
+    in :attr:`failed`, deletes the file at once and keeps nothing more.
     """
 
     def __init__(self, threshold: int, directory: Path) -> None:
         self.threshold = max(threshold, 1)
         self.directory = directory
         self.size = 0
+        self.failed: OSError | None = None  # the storage error that lost the data
         self._parts: list[bytes] = []
         self._buffered = 0
         self._file: _File | None = None
@@ -252,13 +257,18 @@ class DataStore:
         return self._file[1] if self._file is not None else None
 
     async def add(self, data: bytes) -> None:
-        if not data:
+        """Keep ``data``; a storage error is kept in :attr:`failed`, not raised."""
+        if not data or self.failed is not None:
             return
         self._parts.append(data)
         self._buffered += len(data)
         self.size += len(data)
         if self._buffered > self.threshold:
-            await self._flush()
+            try:
+                await self._flush()
+            except OSError as error:
+                self.failed = error
+                self.discard()
 
     async def _flush(self) -> None:
         chunk = b"".join(self._parts)
@@ -289,7 +299,13 @@ class DataStore:
         return result
 
     async def take(self) -> bytes:
-        """All the bytes, as one object (read back from the file, which is then deleted)."""
+        """All the bytes, as one object (read back from the file, which is then deleted).
+
+        Raises :attr:`failed` when a storage error lost some of them, and OSError
+        when the file cannot be written or read back now.
+        """
+        if self.failed is not None:
+            raise self.failed
         if self._file is None:
             data = b"".join(self._parts)
             self._parts.clear()

@@ -18,7 +18,7 @@ import logging
 import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from aiosmtpd.smtp import MISSING, SMTP
 
@@ -42,6 +42,13 @@ R_TIMEOUT = SMTPReply(421, "Timeout, closing connection", "4.4.2")
 R_NO_PROGRESS = SMTPReply(421, "Idle too long without progress, closing connection", "4.4.2")
 R_DATA_DEADLINE = SMTPReply(421, "Message data took too long, closing connection", "4.4.2")
 R_DATA_TOO_SLOW = SMTPReply(421, "Message data arriving too slowly, closing connection", "4.4.2")
+# RFC 3463 4.3.0: a local error, temporary. The message was read to its end first, so
+# the session goes on in step with the client ...
+R_DATA_NOT_STORED = SMTPReply(451, "Local error storing the message data, try again later", "4.3.0")
+# ... unlike after an error of the reader itself, which leaves it nowhere to resume.
+R_DATA_READ_FAILED = SMTPReply(
+    421, "Local error receiving the message data, closing connection", "4.3.0"
+)
 
 # Why a connection is cut off: (reply, label of mailflow_smtp_timeouts_total).
 _Cut = tuple[str, str]
@@ -424,6 +431,12 @@ class MailflowSMTP(AuthMechanisms, SMTP):
                     log.info("Connection lost during DATA")
                     self._writer.close()
                     raise
+                except ConnectionError:
+                    raise  # the client is gone: aiosmtpd closes the session
+                except Exception:
+                    # Where the data ends is unknown now: say so and close.
+                    log.exception("%s: error reading message data", self._client_ip())
+                    self._abandon(R_DATA_READ_FAILED)
             if not complete:
                 return  # the connection closed mid-message
             # The data is in (RFC 5321 4.5.3.2.6): no timer while we decide.
@@ -434,9 +447,20 @@ class MailflowSMTP(AuthMechanisms, SMTP):
                 await self.push(scanner.error.value)
                 self._set_post_data_state()
                 return
+            if store.failed is not None:
+                self._log_not_stored(store.failed)
+                await self.push(str(R_DATA_NOT_STORED))
+                self._set_post_data_state()
+                return
             self.envelope.mailflow_facts = scanner.facts
             async with self._memory_for(store):
-                content = await store.take() if scanner.keep else b""
+                try:
+                    content = await store.take() if scanner.keep else b""
+                except OSError as error:
+                    self._log_not_stored(error)
+                    await self.push(str(R_DATA_NOT_STORED))
+                    self._set_post_data_state()
+                    return
                 self.envelope.content = content
                 self.envelope.original_content = content
                 del content
@@ -445,6 +469,24 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             await self.push("250 OK" if status is MISSING else status)
         finally:
             store.discard()
+
+    def _client_ip(self) -> str:
+        conn = self.mailflow_conn
+        return conn.ip if conn is not None else "?"
+
+    def _log_not_stored(self, error: OSError) -> None:
+        log.error("%s: message data not stored (answered 451): %s", self._client_ip(), error)
+
+    def _abandon(self, reply: SMTPReply) -> NoReturn:
+        """Answer ``reply``, close the connection and end the session here.
+
+        The session's task is cancelled like aiosmtpd's QUIT does, and right away:
+        command lines already buffered (the rest of a message) are never run.
+        """
+        if self.transport is not None and not self.transport.is_closing():
+            self._held.append(f"{reply}\r\n".encode())
+        self._close()
+        raise asyncio.CancelledError
 
     @contextlib.asynccontextmanager
     async def _memory_for(self, store: DataStore) -> AsyncIterator[None]:

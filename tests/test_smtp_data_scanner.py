@@ -207,6 +207,31 @@ async def test_store_removes_its_file_when_cancelled_mid_write(tmp_path):
             await asyncio.sleep(0.01)
 
 
+async def test_a_storage_error_is_kept_and_the_file_goes_at_once(tmp_path, monkeypatch):
+    """Disk full mid-DATA: add() does not raise (the reader must still find the end of
+    the data), keeps nothing more, and the half-written file is deleted right away."""
+    import errno
+
+    import mailflow.smtp_data as smtp_data
+
+    store = DataStore(10, tmp_path)
+    await store.add(b"x" * 100)
+    assert store.on_disk and len(list(tmp_path.iterdir())) == 1
+
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(smtp_data, "_write_all", disk_full)
+    await store.add(b"y" * 100)
+    assert isinstance(store.failed, OSError) and store.failed.errno == errno.ENOSPC
+    assert not store.on_disk and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    await store.add(b"z" * 100)  # nothing more is kept, and no new file made
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError):
+        await store.take()
+
+
 # --- ByteBudget --------------------------------------------------------------------------------
 
 
