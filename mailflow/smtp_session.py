@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import socket
@@ -75,8 +76,13 @@ DATA_READ_LIMIT = 256 * 1024
 # for the socket: data already buffered is read without a pause, and a message made
 # of tiny pieces (many ".<CRLF>" that end nothing) costs per piece, not per octet.
 YIELD_EVERY = DATA_READ_LIMIT
-_UNPACED = BulkPacer(0)
 PIECE_COST = 256  # octets of work charged per piece, on top of its length
+# Paces the octets of a message's data past its large threshold (see _read_data_from).
+Pace = Callable[[int], Awaitable[None]]
+
+
+async def _unpaced(octets: int) -> None:
+    await asyncio.sleep(0)
 
 # A command moves the session on (RFC 5321 4.5.3.2: a server may close a session that
 # makes none) when answered 2xx or 3xx.
@@ -140,6 +146,10 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         self._progress_at = 0.0  # when the session last made progress
         self._data_started = 0.0  # when DATA began
         self._data_octets = 0  # received since then
+        # Time this DATA spent in the large-message pacer: the server's own doing, so
+        # the DATA timers do not count it against the client (see _pace).
+        self._paced = 0.0  # in pauses that are over
+        self._pacing_since: float | None = None  # when the current pause began
         self._timer_paused = False  # while a complete message is being filtered
         self._in_data = False  # between "354" and the end of the message data
         self._in_group_command = False  # running MAIL, RCPT or RSET (see push)
@@ -326,12 +336,16 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             if server.idle_timeout:
                 best = min(best, (self._progress_at + server.idle_timeout, _CUT_NO_PROGRESS))
             return best
-        best = (self._idle_deadline, _CUT_DATA)
+        # Time in the pacer is not the client's: each DATA deadline is later by it (the
+        # pause going on now included, so a deadline keeps moving while it lasts).
+        pausing = 0.0 if self._pacing_since is None else self.loop.time() - self._pacing_since
+        started = self._data_started + self._paced + pausing
+        best = (self._idle_deadline + pausing, _CUT_DATA)
         if server.data_deadline:
-            best = min(best, (self._data_started + server.data_deadline, _CUT_DATA_DEADLINE))
+            best = min(best, (started + server.data_deadline, _CUT_DATA_DEADLINE))
         if server.data_min_rate:
             allowed = server.data_rate_grace + self._data_octets / server.data_min_rate
-            best = min(best, (self._data_started + allowed, _CUT_DATA_RATE))
+            best = min(best, (started + allowed, _CUT_DATA_RATE))
         return best
 
     def _deadline_reached(self) -> None:
@@ -377,6 +391,8 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         self._in_data = True
         self._data_started = self.loop.time()
         self._data_octets = 0
+        self._paced = 0.0
+        self._pacing_since = None
         self._reset_timeout(server.data_timeout)
         try:
             if self._decode_data:  # mailflow never asks for str content; keep aiosmtpd's path
@@ -497,6 +513,26 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         async with self.mailflow_handler.large_messages.hold(store.size):
             yield
 
+    async def _pace(self, bulk: BulkPacer, octets: int) -> None:
+        """Wait for ``octets``' share of the large-message rate, off the client's clock.
+
+        The pause delays reading (and, through TCP, the sender), so the DATA timeout,
+        deadline and minimum rate are moved later by it (:meth:`_next_deadline`):
+        a sender that keeps up is never cut off for mailflow's own pacing.
+        """
+        if octets <= 0 or bulk.rate <= 0:
+            await asyncio.sleep(0)
+            return
+        began = self.loop.time()
+        self._pacing_since = began
+        try:
+            await bulk.pace(octets)
+        finally:
+            paused = self.loop.time() - began
+            self._pacing_since = None
+            self._paced += paused
+            self._idle_deadline += paused
+
     async def _read_data(
         self, scanner: DataScanner, store: DataStore, bulk: BulkPacer | None = None
     ) -> bool:
@@ -514,24 +550,34 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         data is consumed in blocks and nothing after the end (pipelined commands) is.
         """
         reader = self._reader
-        bulk = bulk or _UNPACED
+        pace: Pace = _unpaced if bulk is None else functools.partial(self._pace, bulk)
         # StreamReader keeps its limit in ``_limit`` (CPython 3.7+); aiosmtpd uses the
         # reader's internals too. Without it, the data is read with the usual limit.
         command_limit = getattr(reader, "_limit", None)
         if isinstance(command_limit, int) and command_limit < DATA_READ_LIMIT:
             reader._limit = DATA_READ_LIMIT  # type: ignore[attr-defined]
             try:
-                return await self._read_data_from(reader, scanner, store, bulk)
+                return await self._read_data_from(reader, scanner, store, pace)
             finally:
                 reader._limit = command_limit  # type: ignore[attr-defined]
-        return await self._read_data_from(reader, scanner, store, bulk)
+        return await self._read_data_from(reader, scanner, store, pace)
 
     @staticmethod
     async def _read_data_from(
-        reader: asyncio.StreamReader, scanner: DataScanner, store: DataStore, bulk: BulkPacer
+        reader: asyncio.StreamReader, scanner: DataScanner, store: DataStore, pace: Pace
     ) -> bool:
+        """The reading loop of :meth:`_read_data`.
+
+        After every ``YIELD_EVERY`` of work the other connections get their turn:
+        ``pace(n)`` is awaited with the octets read since, as far as they lie past
+        the message's large threshold (``store.threshold``). Those are all octets
+        read off the socket, kept or not: data refused for its size, after a NUL or
+        a storage error costs the loop as much as data kept, and is paced alike.
+        """
         tail = b"\r\n"  # the two bytes before the unread data
-        work = 0  # octets handled since the loop last ran other tasks
+        work = 0  # octets handled since the loop last ran other tasks (plus piece costs)
+        octets = 0  # octets read since then
+        unpaced = store.threshold  # octets still to be read before pacing begins
         while True:
             try:
                 chunk = await reader.readuntil(_DATA_END)
@@ -553,6 +599,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
                 break
             tail = (tail + chunk[-2:])[-2:]
             work += len(chunk) + PIECE_COST
+            octets += len(chunk)
             # ".<CRLF>" that ends nothing ("x.<CRLF>" lines) would cost a readuntil
             # each: take what is already buffered, up to the next possible end, at once.
             ahead = _buffered_until_end(reader, tail)
@@ -563,15 +610,15 @@ class MailflowSMTP(AuthMechanisms, SMTP):
                     await store.add(kept)
                 tail = (tail + piece[-2:])[-2:]
                 work += len(piece)
+                octets += len(piece)
             if work >= YIELD_EVERY:
                 # readuntil returns without waiting while data is buffered: let the
                 # other connections have their turn; past the large threshold, only as
                 # much as the shared large-message rate allows.
-                if store.on_disk:
-                    await bulk.pace(work)
-                else:
-                    await asyncio.sleep(0)
-                work = 0
+                large = max(octets - unpaced, 0)
+                unpaced = max(unpaced - octets, 0)
+                await pace(large)
+                work = octets = 0
         last = scanner.finish()
         if last:
             await store.add(last)

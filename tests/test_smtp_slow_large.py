@@ -325,3 +325,93 @@ async def test_large_message_data_is_read_at_the_shared_rate(make_config):
         elapsed = time.monotonic() - started
         await dialog.close()
     assert elapsed >= 1.2  # about 1.5 MB past the threshold at 1 MiB/s
+
+
+def nul_first(size: int) -> bytes:
+    return b"Subject: a NUL \x00 at once\r\n" + large_message(size)
+
+
+def disk_full(monkeypatch) -> None:
+    import errno
+
+    import mailflow.smtp_data as smtp_data
+
+    def write_all(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(smtp_data, "_write_all", write_all)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message", "expected"),
+    [
+        # Refused from the first line: nothing is kept, nothing goes to a file.
+        ({}, nul_first(1_200_000), "550 5.6.0"),
+        # Over the size limit before the large threshold: the rest is read to be dropped.
+        ({"large_message_threshold": "256K", "max_message_size": "100K"}, None, "552"),
+        # Disk full: the file is gone at once, the rest is read to be dropped.
+        ({}, None, "451 4.3.0"),
+    ],
+    ids=["nul", "too-big", "storage-error"],
+)
+async def test_refused_data_is_read_at_the_shared_rate_too(
+    make_config, monkeypatch, settings, message, expected
+):
+    """Octets read past the threshold are paced whether they are kept or not: a client
+    cannot push refused data at full speed (lower bound only, as above)."""
+    import time
+
+    from mailflow.smtp_session import DATA_READ_LIMIT
+
+    if expected.startswith("451"):
+        disk_full(monkeypatch)
+    rate = 512 * 1024
+    settings = {"large_message_threshold": 64 * 1024, "large_message_rate": rate, **settings}
+    message = message or large_message(1_200_000)
+    async with running_server(make_config(server_yaml(**settings))) as srv:
+        threshold = srv.app.config.server.large_message_threshold
+        dialog = await start_data(srv.port)
+        started = time.monotonic()
+        await dialog.write_raw(message)
+        reply = await dialog.command(".")
+        elapsed = time.monotonic() - started
+        assert reply.startswith(expected), reply
+        assert temp_files(srv) == []
+        await dialog.close()
+    # Paced: all but the threshold and the last blocks read (less than 2 x the read
+    # limit); unpaced, the same data takes a few ms on loopback.
+    assert elapsed >= (len(message) - threshold - 2 * DATA_READ_LIMIT - 1024) / rate
+
+
+@pytest.mark.parametrize(
+    "timer",
+    [
+        {"data_deadline": 0.8},
+        {"data_min_rate": "2M", "data_rate_grace": 0.3},
+        {"data_timeout": 0.3},
+    ],
+    ids=["data_deadline", "data_min_rate", "data_timeout"],
+)
+async def test_time_in_the_pacer_does_not_count_against_the_sender(make_config, timer):
+    """The client writes the whole message at once; only mailflow's own pacing makes
+    the data take ~1.8 s (600 KB at 300 KiB/s), longer than each timer allows. It is
+    the server's pause, not the client's slowness: the message goes through."""
+    settings = {"data_deadline": 0, "data_min_rate": 0, "data_timeout": 30, **timer}
+    config = make_config(
+        server_yaml(large_message_threshold="64K", large_message_rate="300K", **settings)
+    )
+    message = large_message(600_000)
+    async with running_server(config) as srv:
+        loop = asyncio.get_running_loop()
+        dialog = await start_data(srv.port)
+        started = loop.time()
+        await dialog.write_raw(message)
+        reply = await dialog.command(".")
+        paced = loop.time() - started
+        assert reply.startswith("250"), reply
+        await dialog.close()
+        [msg] = await srv.wait_delivered(RCPT)
+        assert body_after_trace(msg) == message
+        metrics = srv.app.metrics.exposition().decode()
+    assert paced >= 1.5  # it was paced: longer than each timer
+    assert "mailflow_smtp_timeouts_total{" not in metrics
