@@ -54,6 +54,25 @@ async def test_terminator_split_between_its_crlf_and_dot(make_config):
         assert body_after_trace(msg) == b"Subject: t\r\n\r\nbody\r\n"
 
 
+@pytest.mark.parametrize("cut", [0, 1, 2, 3, 4])  # inside "<CRLF>.<CRLF>"
+@pytest.mark.parametrize("before", [-6, -3, -2, 0, 1, 3])  # around DATA_READ_LIMIT
+async def test_end_of_data_split_at_the_read_limit(make_config, before, cut):
+    """The end line arriving in two writes, where the reader's limit falls (its
+    LimitOverrunError paths): found exactly there, not before and not later."""
+    from mailflow.smtp_session import DATA_READ_LIMIT
+
+    head = b"Subject: t\r\n\r\n"
+    filler = DATA_READ_LIMIT + before - len(head) - 2
+    message = head + b"x" * (filler % 900) + b"\r\n" + (b"y" * 898 + b"\r\n") * (filler // 900)
+    data = message[:-2] + b"\r\n.\r\n"  # the CRLF of the last line starts the end line
+    at = len(message) - 2 + cut
+    async with running_server(make_config()) as srv:
+        reply, _ = await send_data(srv.port, [data[:at], data[at:]])
+        assert reply.startswith("250"), reply
+        [msg] = await srv.wait_delivered(RCPT)
+        assert body_after_trace(msg) == message
+
+
 async def test_dot_stuffing_is_undone_once_per_line(make_config):
     sent = b"..first\r\nSubject: t\r\n\r\n..\r\n...\r\n.x\r\nend.\r\n.. \r\n"
     async with running_server(make_config()) as srv:
@@ -180,7 +199,7 @@ async def test_reader_finds_exactly_the_end_however_the_socket_splits_the_data(t
 
     from mailflow.normalize import normalize_newlines
     from mailflow.smtp_data import DataScanner, DataStore
-    from mailflow.smtp_session import MailflowSMTP
+    from mailflow.smtp_session import MailflowSMTP, _unpaced
 
     rng = random.Random(5)
     atoms = [b"x", b".", b"x.\r\n", b"\r\n", b"\r\n..", b"\n", b"\r", b"\n.\n", b"\r.\r", b"ab "]
@@ -191,12 +210,14 @@ async def test_reader_finds_exactly_the_end_however_the_socket_splits_the_data(t
         if b"\r\n.\r\n" in b"\r\n" + body:
             continue  # the atoms made an end line: that data would end there
         wire = body + b".\r\nQUIT\r\n"
-        reader = asyncio.StreamReader(limit=64)  # tiny: LimitOverrunError paths too
-        protocol = object.__new__(MailflowSMTP)
-        protocol._reader = reader
+        # A tiny limit, so the LimitOverrunError paths run too (the reading loop itself:
+        # _read_data would raise the limit to DATA_READ_LIMIT first).
+        reader = asyncio.StreamReader(limit=rng.choice([4, 5, 8, 64]))
         scanner = DataScanner(10_000, 0, reject_bare_newline=False)
         store = DataStore(1 << 20, tmp_path)
-        reading = asyncio.ensure_future(protocol._read_data(scanner, store))
+        reading = asyncio.ensure_future(
+            MailflowSMTP._read_data_from(reader, scanner, store, _unpaced)
+        )
         position = 0
         while position < len(wire):
             step = rng.choice([1, 2, 3, 5, 64, 1000])
@@ -208,4 +229,5 @@ async def test_reader_finds_exactly_the_end_however_the_socket_splits_the_data(t
         unstuffed = body[1:] if body.startswith(b".") else body
         expected = normalize_newlines(unstuffed.replace(b"\r\n.", b"\r\n"))
         assert await store.take() == expected, body
-        assert await reader.readuntil() == b"QUIT\r\n"
+        reader.feed_eof()
+        assert await reader.read() == b"QUIT\r\n"
