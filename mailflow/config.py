@@ -132,7 +132,8 @@ class ServerConfig(Strict):
     # a monitoring host).
     max_connections_per_ip_exempt: list[str] = []
     command_timeout: Duration = 300.0
-    # Time without progress (NOOP, RSET, HELP, VRFY and unknown commands are none).
+    # Time without progress: a finished DATA, AUTH, STARTTLS, the first HELO/EHLO (NOOP,
+    # RSET, HELP, VRFY, unknown commands, and MAIL/RCPT without their DATA are none).
     idle_timeout: Duration = 300.0
     data_timeout: Duration = 600.0  # silence during DATA
     # The whole of the message data, 354 to the final dot; 0: no limit.

@@ -242,10 +242,15 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             self._writer.write(b"".join(held))
 
     async def _as_group_command(self, command: Callable[[str], Awaitable[None]], arg: str) -> None:
-        """Run aiosmtpd's handler for a command whose reply may wait for the group's."""
+        """Run aiosmtpd's handler for a command whose reply may wait for the group's.
+
+        MAIL, RCPT and RSET are no progress: a transaction counts once its DATA is
+        answered (see :meth:`smtp_DATA`), so MAIL, RCPT, RSET over and over does not
+        keep a session alive.
+        """
         self._in_group_command = True
         try:
-            await self._progressing(command, arg)
+            await command(arg)
         finally:
             self._in_group_command = False
 
@@ -268,12 +273,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
 
     @_help_of(SMTP.smtp_RSET)
     async def smtp_RSET(self, arg: str) -> None:
-        # RSET moves nothing on: a client that only resets makes no progress.
-        self._in_group_command = True
-        try:
-            await super().smtp_RSET(arg)
-        finally:
-            self._in_group_command = False
+        await self._as_group_command(super().smtp_RSET, arg)
 
     @_help_of(SMTP.smtp_HELO)
     async def smtp_HELO(self, hostname: str) -> None:
@@ -326,7 +326,8 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         Each one only moves later as the session goes on, so the timer may fire
         early (then it waits again) but never late. Commands: ``command_timeout``
         after the last command, ``idle_timeout`` after the last progress (NOOP,
-        RSET, HELP, VRFY and unknown commands are none). DATA: ``data_timeout``
+        RSET, HELP, VRFY, unknown commands and MAIL/RCPT until their DATA is
+        answered are none). DATA: ``data_timeout``
         after the last octets, ``data_deadline`` after the 354, and the minimum
         rate: by ``data_rate_grace`` + octets / ``data_min_rate`` after the 354.
         """
@@ -397,14 +398,17 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         try:
             if self._decode_data:  # mailflow never asks for str content; keep aiosmtpd's path
                 await super().smtp_DATA(arg)
-            else:
-                await self._smtp_data_bulk(arg)
+            elif await self._smtp_data_bulk(arg):
+                # A transaction is progress once its data is answered, whatever the
+                # answer; counted from the reply, not from the end of the data, so
+                # the time spent filtering is not taken from the client's idle time.
+                self._mark_progress()
         finally:
             self._in_data = False
             if self.transport is not None:
                 self._reset_timeout(server.command_timeout)
 
-    async def _smtp_data_bulk(self, arg: str) -> None:
+    async def _smtp_data_bulk(self, arg: str) -> bool:
         """aiosmtpd's ``smtp_DATA`` with the message read in blocks, not line by line.
 
         Same replies as aiosmtpd 1.4 (503 without RCPT, 501 with an argument, 552
@@ -416,18 +420,20 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         ``large_message_threshold`` in a temporary file that is deleted on every
         path. A message that went to a file is read back for the plugins within the
         server's ``large_message_memory`` budget, waiting for room if need be.
+
+        Returns True when the message data was read to its end and answered.
         """
         if await self.check_helo_needed():
-            return
+            return False
         if await self.check_auth_needed("DATA"):
-            return
+            return False
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
             await self.push("503 Error: need RCPT command")
-            return
+            return False
         if arg:
             await self.push("501 Syntax: DATA")
-            return
+            return False
         handler = self.mailflow_handler
         server = handler.app.config.server
         scanner = DataScanner(
@@ -454,20 +460,19 @@ class MailflowSMTP(AuthMechanisms, SMTP):
                     log.exception("%s: error reading message data", self._client_ip())
                     self._abandon(R_DATA_READ_FAILED)
             if not complete:
-                return  # the connection closed mid-message
+                return False  # the connection closed mid-message
             # The data is in (RFC 5321 4.5.3.2.6): no timer while we decide.
             self._in_data = False
             self._pause_timer()
-            self._mark_progress()
             if scanner.error is not None:
                 await self.push(scanner.error.value)
                 self._set_post_data_state()
-                return
+                return True
             if store.failed is not None:
                 self._log_not_stored(store.failed)
                 await self.push(str(R_DATA_NOT_STORED))
                 self._set_post_data_state()
-                return
+                return True
             self.envelope.mailflow_facts = scanner.facts
             async with self._memory_for(store):
                 try:
@@ -476,13 +481,14 @@ class MailflowSMTP(AuthMechanisms, SMTP):
                     self._log_not_stored(error)
                     await self.push(str(R_DATA_NOT_STORED))
                     self._set_post_data_state()
-                    return
+                    return True
                 self.envelope.content = content
                 self.envelope.original_content = content
                 del content
                 status = await self._call_handler_hook("DATA")
                 self._set_post_data_state()
             await self.push("250 OK" if status is MISSING else status)
+            return True
         finally:
             store.discard()
 

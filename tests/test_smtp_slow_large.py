@@ -136,6 +136,61 @@ async def test_commands_that_move_nothing_do_not_keep_a_connection(make_config, 
     assert 'mailflow_smtp_timeouts_total{reason="no_progress"} 1.0' in metrics  # the reason
 
 
+async def keep_alive_until_cut(dialog: SMTPDialog, commands: list[str], limit: float) -> str:
+    """Send ``commands`` round after round for up to ``limit`` seconds; the reply that
+    ended it (``"(reset)"`` when the 421 was lost to a reset, see above)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        while loop.time() - start < limit:
+            for command in commands:
+                reply = await dialog.command(command)
+                if not reply.startswith(("2", "3")):
+                    assert await dialog.reader.read() == b""
+                    return reply
+            await asyncio.sleep(0.1)
+    except ConnectionResetError:
+        return "(reset)"
+    return "(still open)"
+
+
+async def test_an_abandoned_transaction_is_no_progress(make_config):
+    """MAIL and RCPT answered 250, then RSET, over and over: no message ever comes, so
+    the session is cut off like one sending NOOPs."""
+    config = make_config(server_yaml(idle_timeout=0.5, command_timeout=30))
+    async with running_server(config) as srv:
+        dialog = await session(srv.port)
+        cycle = ["MAIL FROM:<a@example.org>", f"RCPT TO:<{RCPT}>", "RSET"]
+        reply = await keep_alive_until_cut(dialog, cycle, limit=5)
+        assert reply.startswith("421 4.4.2 Idle too long") or reply == "(reset)", reply
+        await dialog.close()
+        metrics = srv.app.metrics.exposition().decode()
+    assert 'mailflow_smtp_timeouts_total{reason="no_progress"} 1.0' in metrics
+
+
+class Slow:
+    """A data-stage plugin that takes its time."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @hookimpl
+    async def mailflow_data(self, message: MessageContext) -> None:
+        await asyncio.sleep(self.seconds)
+
+
+async def test_progress_counts_from_the_data_reply_not_from_the_end_of_the_data(make_config):
+    """The time the plugins take is the server's: the idle clock starts at the reply."""
+    config = make_config(server_yaml(idle_timeout=1.0, command_timeout=30, data_batch_rounds=0))
+    async with running_server(config, extra_plugins={"slow": Slow(0.8)}) as srv:
+        dialog = await start_data(srv.port)
+        await dialog.write_raw(make_message())
+        assert (await dialog.command(".")).startswith("250")  # ~0.8 s after the data
+        await asyncio.sleep(0.3)  # 1.1 s after the data, 0.3 s after the reply
+        assert (await dialog.command("NOOP")).startswith("250")
+        await dialog.close()
+
+
 async def test_a_client_sending_mail_makes_progress(make_config):
     config = make_config(server_yaml(idle_timeout=0.4, command_timeout=30))
     async with running_server(config) as srv:
