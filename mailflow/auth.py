@@ -31,7 +31,7 @@ from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from mailflow.authlimit import AuthGuard
+from mailflow.authlimit import AuthGuard, LockedOut
 from mailflow.config import AuthThrottleConfig, ConfigError, ConfigIssue
 
 log = logging.getLogger("mailflow.auth")
@@ -217,22 +217,14 @@ class AuthMechanisms:
         guard = self._auth_guard()
         ip = self._auth_client_ip()
         data = LoginPassword(login, password)
-        locked = guard.locked(ip, login)
-        if locked is not None:
+        try:
+            result = await self._verify(guard, ip, mechanism, data)
+        except LockedOut as locked:
             # Answered without a password check: nothing to learn here, and no core
             # spent on it. After the longest failure delay, though: a guesser answered
             # at once would only reconnect (a TLS handshake each time) and ask again.
-            log.debug("%s: AUTH refused, %s locked out", ip, locked)
+            log.debug("%s: AUTH refused, %s locked out", ip, locked.scope)
             return await self._auth_refused(R_AUTH_LOCKED, guard.lockout_delay)
-        if self._authenticator is None:
-            result = AuthResult(success=False, handled=False)
-        else:
-            authenticator, session, envelope = self._authenticator, self.session, self.envelope
-
-            def verify() -> AuthResult:
-                return authenticator(self, session, envelope, mechanism, data)
-
-            result = await guard.check(verify)
         if not result.success:
             failures = getattr(self, "_mailflow_auth_failures", 0) + 1
             # Slows down password guessing (RFC 4954 14), more so the more this
@@ -244,6 +236,23 @@ class AuthMechanisms:
             # The protocol names the user from auth_data.login; keep what was checked.
             return AuthResult(success=True, auth_data=data)
         return result
+
+    async def _verify(
+        self, guard: AuthGuard, ip: str, mechanism: str, data: LoginPassword
+    ) -> AuthResult:
+        """The password check under ``guard``; LockedOut when the address or user name
+        is locked out, before this attempt waits for its turn or once it has it."""
+        scope = guard.locked(ip, data.login)
+        if scope is not None:
+            raise LockedOut(scope)
+        if self._authenticator is None:
+            return AuthResult(success=False, handled=False)
+        authenticator, session, envelope = self._authenticator, self.session, self.envelope
+
+        def verify() -> AuthResult:
+            return authenticator(self, session, envelope, mechanism, data)
+
+        return await guard.check(ip, data.login, verify)
 
     async def _auth_refused(self, reply: str, delay: float) -> AuthResult:
         """Answer a failed or refused attempt; the connection's last one gets 421 and closes."""

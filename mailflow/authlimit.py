@@ -182,6 +182,14 @@ class MemoryAuthLimiter:
 LockoutListener = Callable[[Scope, str], None]
 
 
+class LockedOut(Exception):
+    """The client address or the user name was locked out while the check waited."""
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__(scope)
+        self.scope = scope
+
+
 class AuthGuard:
     """The AUTH failure policy of one server: counts, delays, lockouts, password checks."""
 
@@ -214,9 +222,18 @@ class AuthGuard:
         """How long a locked-out attempt waits for its 454: the longest failure delay."""
         return self.settings.failure_delay * MAX_DELAY_STEPS
 
-    async def check(self, verify: Callable[[], _T]) -> _T:
-        """Run the blocking password check ``verify`` in a worker thread, when a slot is free."""
+    async def check(self, ip: str, login: bytes, verify: Callable[[], _T]) -> _T:
+        """Run the blocking password check ``verify`` in a worker thread, when a slot is free.
+
+        The lockout is looked at again once the slot is ours: guesses that queued up
+        before the address or name was locked out are refused then (:class:`LockedOut`),
+        not checked one after the other. (A failure is counted right after its check,
+        before the next one in line runs: see ``AuthMechanisms._check_password``.)
+        """
         async with self._checks:
+            scope = self.locked(ip, login)
+            if scope is not None:
+                raise LockedOut(scope)
             return await asyncio.to_thread(verify)
 
     def failed(self, ip: str, login: bytes, connection_failures: int) -> float:

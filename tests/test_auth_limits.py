@@ -202,6 +202,24 @@ async def test_password_checks_are_bounded_and_other_clients_are_served_meanwhil
             await d.close()
 
 
+async def test_guesses_queued_before_a_lockout_are_refused_when_their_turn_comes(
+    limited, tls_files, users_file
+):
+    """Six guesses from one address arrive at once, before any has failed, and queue for
+    the one check slot. The lockout comes after the second failure: the four still in
+    line are refused (454) when they get the slot, not checked one after the other."""
+    cert = tls_files[0]
+    auth = Counting(users_file, delay=0.1)
+    config = limited(max_failures_per_ip=2, max_failures_per_user=100, max_concurrent_checks=1)
+    async with running_server(config, authenticator=auth) as srv:
+        guessers = [await tls_dialog(srv.port, cert) for _ in range(6)]
+        replies = await asyncio.gather(*(d.command(plain("alice", "guess")) for d in guessers))
+        for d in guessers:
+            await d.close()
+    assert auth.calls == 2
+    assert sorted(r[:9] for r in replies) == ["454 4.7.0"] * 4 + ["535 5.7.8"] * 2, replies
+
+
 # --- the limiter itself ------------------------------------------------------------------------
 
 
