@@ -125,9 +125,14 @@ class _Table:
         self._trim(now)
         return (self.limit if newly_locked else entry.failures), newly_locked
 
-    def forget(self, key: str) -> None:
+    def forget(self, key: str, now: float) -> None:
+        """Start ``key``'s count over, unless it is locked out right now.
+
+        A lockout that is over is no reason to keep counting: the login just proved
+        the user knows the password.
+        """
         entry = self._entries.get(key)
-        if entry is not None and entry.locked_until == 0.0:
+        if entry is not None and now >= entry.locked_until:
             del self._entries[key]
 
     def _trim(self, now: float) -> None:
@@ -176,7 +181,7 @@ class MemoryAuthLimiter:
         return Failure(max(by_address, by_user), locked)
 
     def succeeded(self, address: str, user: str) -> None:
-        self.users.forget(user)
+        self.users.forget(user, self._clock())
 
 
 LockoutListener = Callable[[Scope, str], None]

@@ -259,6 +259,43 @@ def test_limiter_success_clears_the_user_but_not_the_address():
     assert limiter.failed("192.0.2.1", "alice").locked == ["address"]  # 3rd from the address
 
 
+def test_limiter_success_after_an_expired_lockout_clears_the_user():
+    clock = Clock()
+    settings = AuthThrottleConfig(
+        max_failures_per_ip=100, max_failures_per_user=3, failure_window=900, lockout_time=60
+    )
+    limiter = MemoryAuthLimiter(settings, clock=clock)
+    addresses = (f"192.0.2.{i}" for i in range(1, 100))  # a new one each time: users only
+    for _ in range(3):
+        limiter.failed(next(addresses), "alice")
+    assert limiter.locked(next(addresses), "alice") == "user"
+    limiter.succeeded(next(addresses), "alice")  # cannot happen now, but must not unlock
+    assert limiter.locked(next(addresses), "alice") == "user"
+    clock.now += 61  # the lockout is over; the failures are still within the window
+    assert limiter.failed(next(addresses), "alice").count == 1
+    limiter.succeeded(next(addresses), "alice")
+    assert limiter.failed(next(addresses), "alice").count == 1  # counted from 0 again
+    assert limiter.failed(next(addresses), "alice").locked == []
+
+
+async def test_a_login_after_a_lockout_ends_starts_the_user_count_over(limited, tls_files):
+    cert = tls_files[0]
+    config = limited(
+        max_failures_per_ip=100, max_failures_per_user=2, lockout_time=0.4, failure_window=60
+    )
+    async with running_server(config) as srv:
+        for _ in range(2):
+            assert (await attempt(srv.port, cert, "alice", "guess")).startswith("535")
+        assert (await attempt(srv.port, cert, "alice", "s3cret")).startswith("454")
+        await asyncio.sleep(0.5)
+        assert (await attempt(srv.port, cert, "alice", "guess")).startswith("535")
+        assert (await attempt(srv.port, cert, "alice", "s3cret")).startswith("235")
+        # The failure before the login is forgotten: one more is not the second.
+        assert (await attempt(srv.port, cert, "alice", "guess")).startswith("535")
+        reply = await attempt(srv.port, cert, "alice", "s3cret")
+        assert reply.startswith("235"), reply
+
+
 def test_limiter_memory_is_bounded():
     clock = Clock()
     limiter = MemoryAuthLimiter(AuthThrottleConfig(), capacity=100, clock=clock)
