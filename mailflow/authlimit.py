@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
 from mailflow.config import AuthThrottleConfig
+from mailflow.policy import in_networks
 
 log = logging.getLogger("mailflow.auth")
 
@@ -68,17 +69,18 @@ class Failure:
 
 
 class AuthLimiter(Protocol):
-    """Where failure counts live. Keys are already normalized (:func:`address_key`)."""
+    """Where failure counts live. Keys are already normalized (:func:`address_key`);
+    ``address`` is None for a client exempt from the per-address limit."""
 
-    def locked(self, address: str, user: str) -> Scope | None:
+    def locked(self, address: str | None, user: str) -> Scope | None:
         """The scope (address before user) that is locked out now, or None."""
         ...
 
-    def failed(self, address: str, user: str) -> Failure:
+    def failed(self, address: str | None, user: str) -> Failure:
         """Count a failed attempt of ``user`` from ``address``."""
         ...
 
-    def succeeded(self, address: str, user: str) -> None:
+    def succeeded(self, address: str | None, user: str) -> None:
         """A successful login: the user's count starts over (the address's does not)."""
         ...
 
@@ -161,17 +163,19 @@ class MemoryAuthLimiter:
         self.users = _Table(settings.max_failures_per_user, window, lockout, capacity)
         self._clock = clock
 
-    def locked(self, address: str, user: str) -> Scope | None:
+    def locked(self, address: str | None, user: str) -> Scope | None:
         now = self._clock()
-        if self.addresses.locked(address, now):
+        if address is not None and self.addresses.locked(address, now):
             return "address"
         if self.users.locked(user, now):
             return "user"
         return None
 
-    def failed(self, address: str, user: str) -> Failure:
+    def failed(self, address: str | None, user: str) -> Failure:
         now = self._clock()
-        by_address, address_locked = self.addresses.fail(address, now)
+        by_address, address_locked = 0, False
+        if address is not None:
+            by_address, address_locked = self.addresses.fail(address, now)
         by_user, user_locked = self.users.fail(user, now)
         locked: list[Scope] = []
         if address_locked:
@@ -180,7 +184,7 @@ class MemoryAuthLimiter:
             locked.append("user")
         return Failure(max(by_address, by_user), locked)
 
-    def succeeded(self, address: str, user: str) -> None:
+    def succeeded(self, address: str | None, user: str) -> None:
         self.users.forget(user, self._clock())
 
 
@@ -211,12 +215,17 @@ class AuthGuard:
         self._on_lockout = on_lockout
         self._on_failure = on_failure
         self._checks = asyncio.Semaphore(settings.max_concurrent_checks)
+        self._exempt = [
+            ipaddress.ip_network(net, strict=False) for net in settings.max_failures_per_ip_exempt
+        ]
 
-    @staticmethod
-    def keys(ip: str, login: bytes) -> tuple[str, str]:
-        """The (address, user) keys counted for a client address and a login name."""
+    def keys(self, ip: str, login: bytes) -> tuple[str | None, str]:
+        """The (address, user) keys counted for a client address and a login name;
+        the address None when ``max_failures_per_ip_exempt`` exempts it."""
         # At most 4 octets per character in UTF-8: decode no more than the key keeps.
         user = login[: 4 * MAX_USER_KEY].decode("utf-8", "replace")[:MAX_USER_KEY]
+        if self._exempt and in_networks(ip, self._exempt):
+            return None, user
         return address_key(ip), user
 
     def locked(self, ip: str, login: bytes) -> Scope | None:
@@ -248,7 +257,7 @@ class AuthGuard:
         if self._on_failure is not None:
             self._on_failure()
         for scope in failure.locked:
-            key = address if scope == "address" else user
+            key = (address or "") if scope == "address" else user
             limit = (
                 self.settings.max_failures_per_ip
                 if scope == "address"

@@ -104,6 +104,9 @@ class AuthThrottleConfig(Strict):
     failure_delay: Duration = 1.0
     # Failures from one client address (an IPv6 /64) that lock it out ...
     max_failures_per_ip: int = Field(default=10, ge=1)
+    # Networks whose addresses are not counted or locked out per address (a webmail
+    # or submission proxy that logs in for many users); the per-user limit still applies.
+    max_failures_per_ip_exempt: list[str] = []
     # ... and failures for one user name, from any address, that lock the name out.
     max_failures_per_user: int = Field(default=20, ge=1)
     # Failures are forgotten once this long has passed without a new one.
@@ -112,6 +115,11 @@ class AuthThrottleConfig(Strict):
     lockout_time: Duration = Field(default=900.0, gt=0)
     # Password checks (argon2: ~64 MiB and several cores each) running at once; more wait.
     max_concurrent_checks: int = Field(default=1, ge=1)
+
+    @field_validator("max_failures_per_ip_exempt")
+    @classmethod
+    def _check_exempt(cls, value: list[str]) -> list[str]:
+        return check_networks(value)
 
 
 class AuthConfig(AuthThrottleConfig):

@@ -220,6 +220,37 @@ async def test_guesses_queued_before_a_lockout_are_refused_when_their_turn_comes
     assert sorted(r[:9] for r in replies) == ["454 4.7.0"] * 4 + ["535 5.7.8"] * 2, replies
 
 
+async def test_exempt_addresses_are_not_locked_out_per_address_but_per_user(
+    limited, tls_files, users_file
+):
+    """max_failures_per_ip_exempt: a proxy logging in for many users is not locked out
+    as an address; each user name still is."""
+    cert = tls_files[0]
+    auth = Counting(users_file)
+    config = limited(
+        max_failures_per_ip=2,
+        max_failures_per_user=3,
+        max_failures_per_ip_exempt='["127.0.0.1/32"]',
+    )
+    async with running_server(config, authenticator=auth) as srv:
+        # Four failures from the exempt address, for two users: twice the address limit.
+        for user in ("alice", "alice", "bob", "bob"):
+            assert (await attempt(srv.port, cert, user, "guess")).startswith("535")
+        assert (await attempt(srv.port, cert, "bob", "s3cret")).startswith("235")
+        # The per-user limit still counts from there: alice's third failure locks her.
+        assert (await attempt(srv.port, cert, "alice", "guess")).startswith("535")
+        assert (await attempt(srv.port, cert, "alice", "s3cret")).startswith("454")
+        # An address outside the networks is locked out as before.
+        for user in ("bob", "carol"):
+            reply = await attempt(srv.port, cert, user, "guess", source="127.0.0.2")
+            assert reply.startswith("535"), reply
+        reply = await attempt(srv.port, cert, "bob", "s3cret", source="127.0.0.2")
+        assert reply.startswith("454"), reply
+        metrics = srv.app.metrics.exposition().decode()
+    assert 'mailflow_auth_lockouts_total{scope="address"} 1.0' in metrics
+    assert 'mailflow_auth_lockouts_total{scope="user"} 1.0' in metrics
+
+
 # --- the limiter itself ------------------------------------------------------------------------
 
 

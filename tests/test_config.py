@@ -245,6 +245,27 @@ def test_bad_relay_network():
     assert "relay_networks: 'office' is not a network (expected CIDR such as 10.0.0.0/8)" in error
 
 
+def test_bad_auth_exempt_network():
+    [error] = errors(
+        """\
+        server:
+          auth:
+            users_file: /etc/mailflow/users
+            max_failures_per_ip_exempt: [127.0.0.1/32, webmail]
+        """
+    )
+    assert error == (
+        "mailflow.yaml:4: server.auth.max_failures_per_ip_exempt: "
+        "'webmail' is not a network (expected CIDR such as 10.0.0.0/8)"
+    )
+    config = parse_config(
+        "server: {auth: {users_file: u, max_failures_per_ip_exempt: ['::1', 10.0.0.0/8]}}\n",
+        "mailflow.yaml",
+    )
+    assert config.server.auth is not None
+    assert config.server.auth.max_failures_per_ip_exempt == ["::1", "10.0.0.0/8"]
+
+
 def test_plugin_listed_twice():
     [error] = errors("plugins:\n  - name: a\n  - name: a\n")
     assert error == "mailflow.yaml:1: plugins: plugin 'a' is listed twice"
