@@ -305,6 +305,35 @@ async def test_leftover_temporary_files_are_removed_at_start(make_config):
         assert temp_files(srv) == []
 
 
+async def test_a_large_message_arriving_holds_what_docs_smtp_md_says(make_config):
+    """docs/smtp.md, "Memory": a connection receiving a large message holds about
+    T + 3D (its reader's buffer, the block in hand, the batch on its way to the file),
+    however large the message. Traced while one client sends 8 MB as fast as it can;
+    the NUL at the end refuses it after the data, so no read-back is counted."""
+    import tracemalloc
+
+    from mailflow.smtp_session import DATA_READ_LIMIT
+
+    message = large_message(8_000_000) + b"NUL \x00\r\n"
+    pieces = [message[i : i + 65536] for i in range(0, len(message), 65536)]
+    async with running_server(make_config(server_yaml(large_message_rate=0))) as srv:
+        threshold = srv.app.config.server.large_message_threshold
+        dialog = await start_data(srv.port)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for piece in pieces:
+                await dialog.write_raw(piece)
+            reply = await dialog.command(".")
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert reply.startswith("550 5.6.0"), reply
+        await dialog.close()
+    most_at_once = 2 * DATA_READ_LIMIT + 256 * 1024  # the reader's buffer: D
+    assert peak < 1.2 * (threshold + 3 * most_at_once), peak  # ~2.5 MiB, not 8 MB
+
+
 # --- the memory budget for large messages ------------------------------------------------------
 
 
