@@ -84,6 +84,7 @@ Pace = Callable[[int], Awaitable[None]]
 async def _unpaced(octets: int) -> None:
     await asyncio.sleep(0)
 
+
 # A command moves the session on (RFC 5321 4.5.3.2: a server may close a session that
 # makes none) when answered 2xx or 3xx.
 _PROGRESS_CODES = (b"2", b"3")
