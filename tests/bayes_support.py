@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from mailflow_plugins.bayes.features import Hasher
 from mailflow_plugins.bayes.model import HAM, SPAM, Model
-from mailflow_plugins.bayes.training import featurize
+from mailflow_plugins.bayes.training import featurize, train
 
 CORPUS = Path(__file__).parent / "messages" / "corpus"
 
@@ -37,8 +37,7 @@ def label_of(path: Path) -> int:
 
 def train_model(files: list[Path]) -> Model:
     rows = featurize((p.read_bytes() for p in files), Hasher())
-    model = Model.empty()
-    model.learn(rows, np.array([label_of(p) for p in files]))
+    model, _ = train(rows, np.array([label_of(p) for p in files]), folds=3)
     return model
 
 

@@ -7,6 +7,7 @@ import json
 import mailbox
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -130,7 +131,7 @@ def test_learn_from_a_maildir_moves_scores(trained, tmp_path):
         main, ["learn", "--spam", str(tmp_path / ".Junk"), "--model", str(model_path)]
     )
     assert result.exit_code == 0, result.output
-    assert "learned 1 message(s) as spam" in result.stdout
+    assert "learned 0 ham and 1 spam message(s)" in result.stdout
     after = Model.load(model_path)
     assert after.log_odds(x) > before
     assert list(after.class_counts) == [150, 151]
@@ -142,14 +143,72 @@ def test_learn_from_a_maildir_moves_scores(trained, tmp_path):
 
 def test_learn_needs_a_label_and_starts_from_the_shipped_model(tmp_path):
     msg = corpus_files("spam")[0]
+    result = CliRunner().invoke(main, ["learn", "--model", str(tmp_path / "m.npz")])
+    assert result.exit_code == 2 and "--spam PATH and/or --ham PATH" in result.stderr
+    # Paths belong to the options: a bare path is an error, not a guess at its class.
     result = CliRunner().invoke(main, ["learn", str(msg), "--model", str(tmp_path / "m.npz")])
-    assert result.exit_code == 2 and "--spam or --ham" in result.stderr
+    assert result.exit_code == 2 and not (tmp_path / "m.npz").exists()
     result = CliRunner().invoke(
         main, ["learn", "--spam", str(msg), "--model", str(tmp_path / "m.npz")]
     )
     assert result.exit_code == 0, result.output
     assert "starting from the shipped model" in result.stderr
     assert Model.load(tmp_path / "m.npz").class_counts[1] > 1000
+
+
+def test_learn_takes_spam_and_ham_at_once_like_train(trained, tmp_path):
+    _, trained_model = trained
+    model_path = tmp_path / "model.npz"
+    shutil.copy(trained_model, model_path)
+    ham, spam = corpus_files("ham")[0], corpus_files("spam")[0]
+    before = Model.load(model_path)
+    hasher = Hasher()
+    x_ham, x_spam = (hasher.index(extract_tokens(p.read_bytes())) for p in (ham, spam))
+    # Each taught as the other class, in one call: neither may be learned as the other's.
+    result = CliRunner().invoke(
+        main,
+        ["learn", "--spam", str(ham), "--ham", str(spam), "--model", str(model_path)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "learned 1 ham and 1 spam message(s)" in result.stdout
+    after = Model.load(model_path)
+    assert after.log_odds(x_ham) > before.log_odds(x_ham)
+    assert after.log_odds(x_spam) < before.log_odds(x_spam)
+    assert list(after.class_counts) == [151, 151]
+
+
+@pytest.mark.parametrize("empty", ["dev_null", "empty_file", "empty_dir", "blank_file"])
+def test_learn_refuses_empty_input_and_leaves_the_model_alone(trained, tmp_path, empty):
+    _, trained_model = trained
+    model_path = tmp_path / "model.npz"
+    shutil.copy(trained_model, model_path)
+    original = model_path.read_bytes()
+    paths = {
+        "dev_null": Path("/dev/null"),
+        "empty_file": tmp_path / "empty.eml",
+        "empty_dir": tmp_path / "nothing",
+        "blank_file": tmp_path / "blank.eml",
+    }
+    (tmp_path / "empty.eml").write_bytes(b"")
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "blank.eml").write_bytes(b"\r\n\n  \n")
+    path = paths[empty]
+    result = CliRunner().invoke(
+        main,
+        [
+            "learn",
+            "--ham",
+            str(corpus_files("ham")[0]),
+            "--ham",
+            str(path),
+            "--model",
+            str(model_path),
+        ],
+    )
+    assert result.exit_code == 2
+    assert str(path) in result.stderr
+    assert "empty message" in result.stderr or "no messages found" in result.stderr
+    assert model_path.read_bytes() == original  # nothing half-learned was saved
 
 
 def test_learn_refuses_a_corrupt_model_without_touching_it(tmp_path):

@@ -148,8 +148,8 @@ def test_hot_reload_keeps_the_last_good_model(tmp_path, make_config, slice_model
 
     # A model that learned the opposite: the reload must take effect.
     flipped = Model.load(slice_model_path)
-    flipped.feature_counts = flipped.feature_counts[::-1].copy()
-    flipped.class_counts = flipped.class_counts[::-1].copy()
+    flipped.weights = -flipped.weights
+    flipped.bias = -flipped.bias
     flipped.save(path)
     _touch_later(path)
     time.sleep(0.002)

@@ -76,18 +76,20 @@ def test_header_paths_match_on_the_corpus_slice():
 def test_hasher_columns_with_and_without_cache_misses():
     hasher = Hasher(n_features=2**10)
     tokens = ["a", "b", "s:c", "a", "ünï"]
-    expected = [murmurhash3_32(t, 0, positive=True) & (2**10 - 1) for t in tokens]
+    # Body words in the lower half of the columns, prefixed tokens in the upper half.
+    expected = [
+        (murmurhash3_32(t, 0, positive=True) & (2**9 - 1)) + (2**9 if ":" in t else 0)
+        for t in tokens
+    ]
     assert hasher.columns(tokens) == expected  # all misses
     assert hasher.columns(tokens) == expected  # all cached
-    zz = murmurhash3_32("zz", 0, positive=True) & (2**10 - 1)
+    zz = murmurhash3_32("zz", 0, positive=True) & (2**9 - 1)
     assert hasher.columns(iter(["zz", *tokens])) == [zz, *expected]  # one miss, an iterator
 
 
 def test_log_odds_of_columns_equals_log_odds_of_unique_columns():
     rng = np.random.default_rng(0)
-    model = Model.empty(n_features=64)
-    rows = [rng.choice(64, size=10, replace=False) for _ in range(20)]
-    model.learn(rows, [i % 2 for i in range(20)])
+    model = Model(rng.normal(size=64).astype(np.float32), bias=0.1, scale=1.5, n_features=64)
     for _ in range(50):
         columns = rng.integers(0, 64, size=int(rng.integers(0, 30)))  # repeats likely
         assert model.log_odds_of_columns(columns) == model.log_odds(np.unique(columns))
@@ -111,7 +113,10 @@ def test_hash_cache_stays_bounded_and_correct_under_threads(monkeypatch):
         try:
             for i in range(300):
                 tokens = [f"t{k}-{i}-{j}" for j in range(20)] + ["shared", "s:common"]
-                expected = [murmurhash3_32(t, 0, positive=True) & (2**12 - 1) for t in tokens]
+                expected = [
+                    (murmurhash3_32(t, 0, positive=True) & (2**11 - 1)) + (2**11 if ":" in t else 0)
+                    for t in tokens
+                ]
                 assert hasher.columns(tokens) == expected
                 assert hasher.column_array(tokens).tolist() == expected
         except BaseException as exc:
@@ -271,7 +276,11 @@ def test_url_tokens_match_the_plain_scan():
 def test_hasher_hashes_misses_inside_one_lookup_pass():
     hasher = Hasher(n_features=2**10)
     tokens = ["new", "b", "new", "ünï", "s:c"]
-    expected = [murmurhash3_32(t, 0, positive=True) & (2**10 - 1) for t in tokens]
+    # Body words in the lower half of the columns, prefixed tokens in the upper half.
+    expected = [
+        (murmurhash3_32(t, 0, positive=True) & (2**9 - 1)) + (2**9 if ":" in t else 0)
+        for t in tokens
+    ]
     hasher.columns(["b"])
     assert hasher.column_array(tokens).tolist() == expected  # hits and misses mixed
     assert hasher.column_array(tokens).tolist() == expected  # all cached

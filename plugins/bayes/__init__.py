@@ -1,4 +1,4 @@
-"""Bayesian spam scoring: naive Bayes over hashed, email-aware features.
+"""Statistical spam scoring: logistic regression over hashed, email-aware features.
 
 The plugin loads its model once at start-up (the one shipped in ``data/`` unless
 ``model`` names another file), scores every message at end of DATA in a worker
@@ -91,7 +91,6 @@ class ModelHolder:
         self.path = path
         self.reload_interval = reload_interval
         self.model = Model.load(path)  # at start-up a bad model is an error, not a warning
-        self.model.weights()  # derive the scoring weights now, not on the first message
         self._stamp = self._file_stamp()
         self._checked = time.monotonic()
         self._lock = threading.Lock()
@@ -124,7 +123,6 @@ class ModelHolder:
             self._stamp = stamp
             try:
                 model = Model.load(self.path)
-                model.weights()
             except ModelError as exc:
                 self.last_error = str(exc)
                 log.error("bayes: keeping the previous model: %s", exc)

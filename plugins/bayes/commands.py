@@ -15,15 +15,24 @@ from typing import Any
 import click
 import numpy as np
 from mailflow_plugins.bayes.features import Hasher
-from mailflow_plugins.bayes.model import DEFAULT_ALPHA, HAM, SPAM, Model, ModelError, now
+from mailflow_plugins.bayes.model import (
+    DEFAULT_C,
+    HAM,
+    SPAM,
+    Model,
+    ModelError,
+    design_matrix,
+    now,
+)
 from mailflow_plugins.bayes.sources import SourceError, count_messages, iter_messages
 from mailflow_plugins.bayes.training import (
     CV_FOLDS,
     compute_metrics,
-    cross_validate,
     featurize,
+    folds_for,
     format_report,
     plot,
+    train,
 )
 
 DEFAULT_MODEL = "bayes-model.npz"
@@ -46,7 +55,14 @@ def _read(paths: tuple[str, ...], label: str, hasher: Hasher) -> list[np.ndarray
 
     def messages() -> Iterator[bytes]:
         for path in paths:
-            yield from iter_messages(path)
+            found = 0
+            for raw in iter_messages(path):
+                if not raw.strip():
+                    _fail(f"{path}: an empty message (nothing to learn from)")
+                found += 1
+                yield raw
+            if not found:
+                _fail(f"{path}: no messages found")
 
     with click.progressbar(
         length=total, label=f"reading {label:<4}", file=sys.stderr, show_pos=True
@@ -75,10 +91,22 @@ def _load_model(path: Path) -> Model:
     show_default=True,
     help=MODEL_HELP.format("write (atomically)."),
 )
-@click.option("--folds", default=CV_FOLDS, show_default=True, help="CV folds; 0 skips.")
-@click.option("--alpha", default=DEFAULT_ALPHA, show_default=True, help="Naive Bayes smoothing.")
+@click.option(
+    "--folds",
+    default=CV_FOLDS,
+    show_default=True,
+    help="Cross-validation folds, which also calibrate the model; 0 skips both.",
+)
+@click.option(
+    "--C",
+    "C",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_C,
+    show_default=True,
+    help="Inverse regularisation strength of the logistic regression.",
+)
 def train_command(
-    spam: tuple[str, ...], ham: tuple[str, ...], model_path: str, folds: int, alpha: float
+    spam: tuple[str, ...], ham: tuple[str, ...], model_path: str, folds: int, C: float
 ) -> None:
     """Train a new spam model from labelled mail and report its cross-validated accuracy."""
     hasher = Hasher()
@@ -89,20 +117,20 @@ def train_command(
         _fail("training needs at least one ham and one spam message")
     rows = ham_rows + spam_rows
     labels = np.array([HAM] * len(ham_rows) + [SPAM] * len(spam_rows))
-    if folds >= 2 and min(len(ham_rows), len(spam_rows)) >= 2:
-        metrics, _ = cross_validate(rows, labels, alpha=alpha, folds=folds)
-        click.echo(format_report(metrics, f"{folds}-fold cross-validation:"))
-    model = Model.empty(alpha=alpha)
-    model.learn(rows, labels)
+    model, metrics = train(rows, labels, C=C, folds=folds)
+    if metrics is not None:
+        used = folds_for(labels, folds)
+        click.echo(format_report(metrics, f"{used}-fold cross-validation (calibrated):"))
+    else:
+        click.echo("not calibrated: too few messages for cross-validation", err=True)
     model.info = {"trained": now(), "sources": {"ham": list(ham), "spam": list(spam)}}
     model.save(model_path)
     click.echo(f"wrote {model_path}; enable it with the bayes plugin setting `model: {model_path}`")
 
 
 @click.command("learn")
-@click.argument("paths", nargs=-1, required=True)
-@click.option("--spam", "label", flag_value="spam", help="The messages are spam.")
-@click.option("--ham", "label", flag_value="ham", help="The messages are ham (not spam).")
+@click.option("--spam", "spam", multiple=True, help=SOURCE_HELP.format("Spam"))
+@click.option("--ham", "ham", multiple=True, help=SOURCE_HELP.format("Ham"))
 @click.option(
     "--model",
     "model_path",
@@ -111,14 +139,15 @@ def train_command(
     show_default=True,
     help=MODEL_HELP.format("update; created from the shipped model if missing."),
 )
-def learn_command(paths: tuple[str, ...], label: str | None, model_path: str) -> None:
-    """Teach the model that PATHS (files, mboxes, Maildir folders) are spam or ham.
+def learn_command(spam: tuple[str, ...], ham: tuple[str, ...], model_path: str) -> None:
+    """Teach the model that some mail is spam and some is ham, as `train` takes them.
 
-    Like sa-learn: run it on a folder users drag misclassified mail into. A running
-    `mailflow serve` whose `model` setting names the same file picks up the change.
+    Like sa-learn: run it on folders users move misclassified mail into. Every path
+    must hold at least one non-empty message. A running `mailflow serve` whose
+    `model` setting names the same file picks up the change.
     """
-    if label is None:
-        _fail("say what the messages are: --spam or --ham")
+    if not spam and not ham:
+        _fail("say what to learn: --spam PATH and/or --ham PATH")
     path = Path(model_path)
     if path.exists():
         model = _load_model(path)
@@ -127,14 +156,17 @@ def learn_command(paths: tuple[str, ...], label: str | None, model_path: str) ->
 
         model = _load_model(shipped_model_path())
         click.echo(f"{path} does not exist: starting from the shipped model", err=True)
-    rows = _read(paths, str(label), Hasher(model.n_features, model.seed))
-    if not rows:
-        _fail("no messages found")
-    model.learn(rows, [SPAM if label == "spam" else HAM] * len(rows))
+    hasher = Hasher(model.n_features, model.seed)
+    ham_rows = _read(ham, "ham", hasher) if ham else []
+    spam_rows = _read(spam, "spam", hasher) if spam else []
+    model.learn(ham_rows + spam_rows, [HAM] * len(ham_rows) + [SPAM] * len(spam_rows))
     model.info = {**model.info, "updated": now()}
     model.save(path)
-    ham, spam = (int(c) for c in model.class_counts)
-    click.echo(f"learned {len(rows)} message(s) as {label}; {path} now has {ham} ham, {spam} spam")
+    total_ham, total_spam = (int(c) for c in model.class_counts)
+    click.echo(
+        f"learned {len(ham_rows)} ham and {len(spam_rows)} spam message(s); "
+        f"{path} has now seen {total_ham} ham, {total_spam} spam"
+    )
 
 
 @click.command("evaluate")
@@ -168,9 +200,7 @@ def evaluate_command(
     labels = np.array([HAM] * len(ham_rows) + [SPAM] * len(spam_rows), dtype=np.int64)
     if not rows:
         _fail("no messages found")
-    from mailflow_plugins.bayes.model import matrix
-
-    probabilities = model.probabilities(matrix(rows, model.n_features))
+    probabilities = model.probabilities(design_matrix(rows, model.n_features))
     metrics = compute_metrics(labels, probabilities)
     if plot_path:
         try:

@@ -359,8 +359,6 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
     if view.size > HUGE_BYTES:
         out.add("m:=huge")
     _header_tokens(view, out)
-    top = (view.fields.first("content-type") or "text/plain").split(";", 1)[0]
-    out.add("ct:" + top.strip().lower()[:40])
     structure = view.structure
     if structure.truncated:
         out.add("m:=truncated")
@@ -371,7 +369,6 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
     for part in structure.parts:
         ctype = part.content_type
         filename = part.filename
-        out.add("mime:" + part.path[-80:])
         if ctype.startswith("text/") and not filename:
             charset = part.charset
             if charset:
@@ -427,15 +424,18 @@ class _Columns(dict[str, int]):
     instead of a failed pass, a set difference and a second pass.
     """
 
-    __slots__ = ("mask", "seed")
+    __slots__ = ("half", "mask", "seed")
 
     def __init__(self, seed: int, mask: int) -> None:
         super().__init__()
         self.seed = seed
-        self.mask = mask
+        self.half = (mask + 1) // 2
+        self.mask = self.half - 1
 
     def __missing__(self, token: str) -> int:
         column: int = murmurhash3_32(token, self.seed, positive=True) & self.mask
+        if ":" in token:  # a prefixed (structure, header, URL) token: the upper half
+            column += self.half
         self[token] = column
         return column
 
@@ -445,11 +445,15 @@ class Hasher:
 
     The same function is used for training and scoring, so a model is valid for
     any vocabulary with no stored dictionary; ``n_features`` fixes the model size.
+    Body words (tokens without a prefix) take the lower half of the columns and
+    prefixed tokens (subject, sender, URLs, structure, ...) the upper half, so the
+    model tells the two blocks apart by column alone (it weighs each block by its
+    own size: see ``model.design_matrix``).
     """
 
     def __init__(self, n_features: int = N_FEATURES, seed: int = HASH_SEED) -> None:
-        if n_features & (n_features - 1):
-            raise ValueError("n_features must be a power of two")
+        if n_features < 2 or n_features & (n_features - 1):
+            raise ValueError("n_features must be a power of two, at least 2")
         self.n_features = n_features
         self.seed = seed
         self._mask = n_features - 1

@@ -1,18 +1,28 @@
-"""The naive Bayes model: counts, scoring, and a safe, versioned file format.
+"""The spam model: logistic regression over hashed features, and a safe file format.
 
-The model keeps naive Bayes' sufficient statistics (how many ham and spam
-messages contain each hashed feature, and how many messages of each class were
-seen), so learning one more message is an addition and the file has a fixed size
-whatever the vocabulary. scikit-learn's :class:`~sklearn.naive_bayes.MultinomialNB`
-turns the counts into per-feature log probabilities; scoring then needs only one
-weight per feature (the spam/ham log-likelihood ratio), a gather and a sum.
+A message is a binary vector of hashed feature tokens in two blocks: body words
+(the lower half of the columns) and prefixed tokens (subject, sender, URLs,
+structure: the upper half, see ``features.Hasher``). Each block is scaled to unit
+length, so 400 words of poisoned filler weigh as much as 40 words and cannot
+drown the few structural tokens that give spam away, and a short message is not
+judged on a handful of words as if they were certain.
+
+The model is one weight per column and a bias, fitted by scikit-learn's
+:class:`~sklearn.linear_model.LogisticRegression` (L2-regularised, classes
+balanced, so a message with no evidence either way scores about 0.5), and a
+``scale`` that calibrates the log-odds: fitted by Platt scaling, without an
+intercept, on out-of-fold scores of the training mail (``training.train``).
+Learning one more message (``learn``) is a few gradient steps on that message
+alone, from the current weights.
 
 File format (``.npz``, read with ``allow_pickle=False`` so loading can never run
 code): a ``header`` array holding UTF-8 JSON (format name, version, hashing
-parameters, class counts, provenance, and the SHA-256 of the count arrays) plus
-``feature_counts`` (float32, 2 x n_features) and ``class_counts`` (float64, 2).
-A file whose digest does not match is refused, so a truncated copy or a
-half-written file is never half-used.
+parameters, bias, scale, message counts, provenance, and the SHA-256 of the
+arrays) plus ``weights`` (float32, n_features) and ``class_counts`` (float64, 2:
+ham and spam messages it was trained and taught on). A file whose digest does not
+match is refused, so a truncated copy or a half-written file is never half-used.
+Version 1 files (the naive Bayes model of earlier releases) are refused with a
+message saying to retrain.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +43,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 from mailflow_plugins.bayes.features import HASH_SEED, N_FEATURES
-from sklearn.naive_bayes import MultinomialNB
 
 FORMAT = "mailflow-bayes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HAM, SPAM = 0, 1
-# Additive smoothing. Small because the hashed space is large: with alpha=1 the
-# 2**20 pseudo-counts would outweigh the real ones and every unseen feature would
-# push towards whichever class has fewer tokens.
-DEFAULT_ALPHA = 0.01
+# Inverse L2 regularisation strength of the logistic regression, chosen by the
+# cross-origin figures (docs/plugins/bayes.md, "How the model was chosen").
+DEFAULT_C = 3.0
+# Learning one message: at most this many gradient steps of this size on it.
+LEARN_STEPS = 8
+LEARN_RATE = 0.5
 MODEL_FILE_MODE = 0o644
 
 
@@ -48,100 +60,98 @@ class ModelError(Exception):
     """A model file is missing, corrupt, of another version, or not a model at all."""
 
 
-def _digest(feature_counts: np.ndarray, class_counts: np.ndarray) -> str:
+def _digest(weights: np.ndarray, class_counts: np.ndarray) -> str:
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(feature_counts).tobytes())
+    h.update(np.ascontiguousarray(weights).tobytes())
     h.update(np.ascontiguousarray(class_counts).tobytes())
     return h.hexdigest()
 
 
+def block_values(cols: np.ndarray, half: int) -> np.ndarray:
+    """The value of each of a message's sorted unique columns: 1/sqrt(block size)."""
+    n_body = int(np.searchsorted(cols, half))
+    n_meta = len(cols) - n_body
+    values = np.empty(len(cols), dtype=np.float64)
+    if n_body:
+        values[:n_body] = 1.0 / math.sqrt(n_body)
+    if n_meta:
+        values[n_body:] = 1.0 / math.sqrt(n_meta)
+    return values
+
+
+def design_matrix(rows: Sequence[np.ndarray], n_features: int) -> sp.csr_matrix:
+    """The model's input: one row per message (sorted unique columns), blocks scaled."""
+    half = n_features // 2
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=indptr[1:])
+    if rows:
+        indices = np.concatenate(rows).astype(np.int64, copy=False)
+        data = np.concatenate([block_values(r, half) for r in rows])
+    else:
+        indices, data = np.zeros(0, dtype=np.int64), np.zeros(0)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(rows), n_features))
+
+
 @dataclass
 class Model:
-    """Per-class document frequencies of hashed features, and what follows from them."""
+    """Per-column weights, bias and calibration scale; see the module docstring."""
 
-    feature_counts: np.ndarray  # float32 (2, n_features): messages of each class with a feature
-    class_counts: np.ndarray  # float64 (2,): messages of each class
+    weights: np.ndarray  # float32 (n_features,)
+    bias: float = 0.0
+    scale: float = 1.0
+    class_counts: np.ndarray = field(default_factory=lambda: np.zeros(2))  # messages seen
     n_features: int = N_FEATURES
     seed: int = HASH_SEED
-    alpha: float = DEFAULT_ALPHA
+    C: float = DEFAULT_C
     info: dict[str, Any] = field(default_factory=dict)  # provenance: corpus, dates, counts
-    _weights: np.ndarray | None = field(default=None, repr=False)
-    _bias: float = 0.0
 
-    @classmethod
-    def empty(cls, n_features: int = N_FEATURES, alpha: float = DEFAULT_ALPHA) -> Model:
-        return cls(
-            np.zeros((2, n_features), dtype=np.float32),
-            np.zeros(2, dtype=np.float64),
-            n_features=n_features,
-            alpha=alpha,
-        )
+    @property
+    def half(self) -> int:
+        return self.n_features // 2
 
     # --- learning -------------------------------------------------------------------------
 
-    def learn(self, rows: list[np.ndarray], labels: list[int] | np.ndarray) -> None:
-        """Add messages (hashed feature indices, one array per message) to the counts.
+    def learn(self, rows: Sequence[np.ndarray], labels: Sequence[int] | np.ndarray) -> None:
+        """Teach the model these messages (sorted unique columns each), one at a time.
 
-        Uses ``MultinomialNB.partial_fit`` so the counting is scikit-learn's own.
+        Gradient steps of the logistic loss on each message alone, from the current
+        weights, until it is on the right side with some margin (at most LEARN_STEPS).
+        The bias is left alone, so teaching many messages of one class does not shift
+        the verdict on everything else.
         """
-        if not rows:
-            return
-        X = matrix(rows, self.n_features)
-        nb = MultinomialNB(alpha=self.alpha)
-        nb.partial_fit(X, np.asarray(labels), classes=[HAM, SPAM])
-        self.feature_counts += nb.feature_count_.astype(np.float32)
-        self.class_counts += nb.class_count_
-        self._weights = None
-
-    def estimator(self) -> MultinomialNB:
-        """A fitted scikit-learn MultinomialNB equivalent to this model.
-
-        Rebuilt through the public ``partial_fit``: row c is class c's counts divided
-        by its message count, weighted by that count, which reproduces both.
-        """
-        nb = MultinomialNB(alpha=self.alpha)
-        counts = np.maximum(self.class_counts, 1.0)
-        X = sp.csr_matrix(self.feature_counts.astype(np.float64) / counts[:, None])
-        nb.partial_fit(X, [HAM, SPAM], classes=[HAM, SPAM], sample_weight=counts)
-        return nb
-
-    def weights(self) -> np.ndarray:
-        """Per-feature spam/ham log-likelihood ratios (computed once, then cached)."""
-        if self._weights is None:
-            if min(self.class_counts) <= 0:
-                raise ModelError("the model needs at least one ham and one spam message")
-            nb = self.estimator()
-            flp = nb.feature_log_prob_
-            self._weights = (flp[SPAM] - flp[HAM]).astype(np.float32)
-            self._bias = float(nb.class_log_prior_[SPAM] - nb.class_log_prior_[HAM])
-        return self._weights
+        labels = np.asarray(labels)
+        weights = self.weights.astype(np.float64)
+        for cols, label in zip(rows, labels, strict=True):
+            if not len(cols):
+                continue
+            values = block_values(cols, self.half)
+            for _ in range(LEARN_STEPS):
+                z = self.scale * (self.bias + float(weights[cols] @ values))
+                error = logistic(z) - float(label)
+                if abs(error) < 0.05:
+                    break
+                weights[cols] -= LEARN_RATE * error * values
+            self.class_counts[int(label)] += 1
+        self.weights = weights.astype(np.float32)
 
     # --- scoring --------------------------------------------------------------------------
 
-    def log_odds(self, indices: np.ndarray) -> float:
-        """log P(spam | x) / P(ham | x) for a binary feature vector given by its indices."""
-        weights = self.weights()
-        return self._bias + float(weights[indices].sum(dtype=np.float64))
+    def log_odds(self, cols: np.ndarray) -> float:
+        """Calibrated log P(spam | x) / P(ham | x) for sorted unique columns ``cols``."""
+        values = block_values(cols, self.half)
+        total = float(self.weights[cols].astype(np.float64) @ values)
+        return self.scale * (self.bias + total)
 
     def log_odds_of_columns(self, columns: np.ndarray) -> float:
-        """``log_odds(np.unique(columns))`` for hashed columns that may repeat, faster.
+        """``log_odds`` for hashed columns that may repeat and are in any order."""
+        return self.log_odds(np.unique(columns))
 
-        Sorts a copy and drops repeats only when there are any (two tokens of one
-        message rarely share a column), so the sum runs in the same order as
-        ``log_odds`` over ``np.unique`` and gives the same float.
-        """
-        cols = np.sort(columns)
-        if len(cols) > 1 and (cols[1:] == cols[:-1]).any():
-            cols = np.unique(cols)
-        return self.log_odds(cols)
-
-    def probability(self, indices: np.ndarray) -> float:
-        return logistic(self.log_odds(indices))
+    def probability(self, cols: np.ndarray) -> float:
+        return logistic(self.log_odds(cols))
 
     def probabilities(self, X: sp.csr_matrix) -> np.ndarray:
-        """Spam probability of each row of a (binary) feature matrix."""
-        weights = self.weights()
-        z = X @ weights.astype(np.float64) + self._bias
+        """Spam probability of each row of a ``design_matrix``."""
+        z = self.scale * (X @ self.weights.astype(np.float64) + self.bias)
         return 1.0 / (1.0 + np.exp(-np.clip(z, -700, 700)))
 
     def contributions(
@@ -156,36 +166,41 @@ class Model:
     def score(
         self, tokens: list[str], columns: np.ndarray, top: int
     ) -> tuple[float, list[dict[str, Any]]]:
-        """``log_odds_of_columns(columns)`` and ``contributions(tokens, columns, top)`` at once.
+        """The calibrated log-odds and the ``top`` tokens' contributions to it.
 
-        The message's weights are gathered once, in column order: the log-odds sum runs
-        over the sorted unique columns exactly as :meth:`log_odds` does over
-        ``np.unique`` (same values, same order, so the same float), and the top tokens
-        are the first ``top`` of a stable sort of the same array by ``-|weight|``, so
-        tokens tied on ``|weight|`` come in column order (the same on every machine; a
-        stable sort of a message's few hundred weights costs no more than a partial
-        sort and a sort of the chosen ones).
+        A token's ``weight`` is what it added to the log-odds: its column's weight
+        times its block's scale times the calibration scale, so the listed weights
+        and the bias add up to the log-odds. Two tokens of one message that share a
+        column count once (the first one is listed). Ties on ``|weight|`` come in
+        column order, so the list is the same on every run.
         """
-        weights = self.weights()
         n = len(columns)
-        order = columns.argsort()
+        order = columns.argsort(kind="stable")
         cols = columns[order]
-        w = weights[cols]  # float32, column order
         if n > 1 and np.count_nonzero(cols[1:] == cols[:-1]):
-            # Two tokens of the message share a column (rare): the sum counts it once.
             keep = np.empty(n, dtype=bool)
             keep[0] = True
             np.not_equal(cols[1:], cols[:-1], out=keep[1:])
-            total = np.add.reduce(w[keep], dtype=np.float64)
-        else:
-            total = np.add.reduce(w, dtype=np.float64)
-        log_odds = self._bias + float(total)
+            cols, order = cols[keep], order[keep]
+        w = self.weights[cols]  # float32, column order: body words first
+        n = len(cols)
+        n_body = int(cols.searchsorted(self.half))
+        body_factor = self.scale / math.sqrt(n_body) if n_body else 0.0
+        meta_factor = self.scale / math.sqrt(n - n_body) if n > n_body else 0.0
+        log_odds = (
+            self.scale * self.bias
+            + body_factor * float(np.add.reduce(w[:n_body], dtype=np.float64))
+            + meta_factor * float(np.add.reduce(w[n_body:], dtype=np.float64))
+        )
         if top <= 0 or not n:
             return log_odds, []
-        best = np.negative(np.abs(w)).argsort(kind="stable")[:top]
+        contrib = w.astype(np.float64)
+        contrib[:n_body] *= body_factor
+        contrib[n_body:] *= meta_factor
+        best = np.negative(np.abs(contrib)).argsort(kind="stable")[:top]
         return log_odds, [
-            {"token": tokens[i], "weight": _round3(v)}
-            for i, v in zip(order[best].tolist(), w[best].tolist(), strict=True)
+            {"token": tokens[i], "weight": round(v, 3)}
+            for i, v in zip(order[best].tolist(), contrib[best].tolist(), strict=True)
         ]
 
     # --- files ----------------------------------------------------------------------------
@@ -194,13 +209,16 @@ class Model:
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
+            "kind": "logistic",
             "n_features": self.n_features,
             "hash": "murmurhash3_32",
             "seed": self.seed,
-            "alpha": self.alpha,
+            "bias": self.bias,
+            "scale": self.scale,
+            "C": self.C,
             "ham_messages": int(self.class_counts[HAM]),
             "spam_messages": int(self.class_counts[SPAM]),
-            "sha256": _digest(self.feature_counts, self.class_counts),
+            "sha256": _digest(self.weights, self.class_counts),
             "info": self.info,
         }
 
@@ -216,7 +234,7 @@ class Model:
                 np.savez_compressed(
                     fh,
                     header=np.frombuffer(header, dtype=np.uint8),
-                    feature_counts=self.feature_counts,
+                    weights=self.weights,
                     class_counts=self.class_counts,
                 )
                 fh.flush()
@@ -239,68 +257,51 @@ class Model:
         try:
             # Open the file ourselves: np.load leaks its handle when the zip is corrupt.
             with path.open("rb") as fh, np.load(fh, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in ("header", "feature_counts", "class_counts")}
+                header_bytes = data["header"]
+                try:
+                    header = json.loads(header_bytes.tobytes().decode())
+                except (UnicodeDecodeError, ValueError):
+                    raise ModelError(f"{path}: corrupt model header") from None
+                if not isinstance(header, dict) or header.get("format") != FORMAT:
+                    raise ModelError(f"{path}: not a mailflow bayes model")
+                if header.get("version") != FORMAT_VERSION:
+                    raise ModelError(
+                        f"{path}: model format version {header.get('version')} is not "
+                        f"supported (this mailflow reads version {FORMAT_VERSION}); "
+                        "retrain with `mailflow train`"
+                    )
+                arrays = {key: data[key] for key in ("weights", "class_counts")}
         except FileNotFoundError:
             raise ModelError(f"{path}: no such model file") from None
         except KeyError as exc:
             raise ModelError(f"{path}: not a mailflow bayes model (missing {exc})") from None
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise ModelError(f"{path}: unreadable or corrupt model file ({exc})") from None
-        try:
-            header = json.loads(arrays["header"].tobytes().decode())
-        except (UnicodeDecodeError, ValueError):
-            raise ModelError(f"{path}: corrupt model header") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ModelError(f"{path}: not a mailflow bayes model")
-        if header.get("version") != FORMAT_VERSION:
-            raise ModelError(
-                f"{path}: model format version {header.get('version')} is not supported "
-                f"(this mailflow reads version {FORMAT_VERSION}); retrain with `mailflow train`"
-            )
-        fc, cc = arrays["feature_counts"], arrays["class_counts"]
+        weights, cc = arrays["weights"], arrays["class_counts"]
         n = header.get("n_features")
-        if not isinstance(n, int) or n <= 0:
+        if not isinstance(n, int) or n < 2 or n & (n - 1):
             raise ModelError(f"{path}: model header has no valid n_features")
-        shapes_ok = fc.shape == (2, n) and cc.shape == (2,)
-        if not shapes_ok or fc.dtype != np.float32 or cc.dtype != np.float64:
-            raise ModelError(f"{path}: model arrays have the wrong shape or type")
-        if _digest(fc, cc) != header.get("sha256"):
+        if weights.shape != (n,) or cc.shape != (2,):
+            raise ModelError(f"{path}: model arrays have the wrong shape")
+        if weights.dtype != np.float32 or cc.dtype != np.float64:
+            raise ModelError(f"{path}: model arrays have the wrong type")
+        if _digest(weights, cc) != header.get("sha256"):
             raise ModelError(f"{path}: checksum mismatch (corrupt or modified model file)")
+        numbers = {key: header.get(key) for key in ("bias", "scale", "C")}
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers.values()):
+            raise ModelError(f"{path}: model header has no valid bias, scale and C")
+        if not np.isfinite(weights).all():
+            raise ModelError(f"{path}: model weights are not all finite numbers")
         return cls(
-            fc.copy(),
-            cc.copy(),
-            n_features=int(n),
+            weights.copy(),
+            bias=float(header["bias"]),
+            scale=float(header["scale"]),
+            class_counts=cc.copy(),
+            n_features=n,
             seed=int(header.get("seed", HASH_SEED)),
-            alpha=float(header.get("alpha", DEFAULT_ALPHA)),
+            C=float(header["C"]),
             info=dict(header.get("info") or {}),
         )
-
-
-def matrix(rows: list[np.ndarray], n_features: int) -> sp.csr_matrix:
-    """Binary CSR matrix from per-message feature index arrays."""
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum([len(r) for r in rows], out=indptr[1:])
-    indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    data = np.ones(len(indices), dtype=np.float64)
-    return sp.csr_matrix((data, indices, indptr), shape=(len(rows), n_features))
-
-
-_ROUNDED: dict[float, float] = {}
-_ROUNDED_MAX = 8192  # distinct weights remembered (a dict of floats: well under 1 MB)
-
-
-def _round3(value: float) -> float:
-    """``round(value, 3)``, memoised: ``round`` with digits formats the float (slow), and
-    a model has a limited set of distinct weights. Zero is not memoised (0.0 and -0.0 are
-    one dict key but round to different floats)."""
-    if not value:
-        return round(value, 3)
-    rounded = _ROUNDED.get(value)
-    if rounded is None:
-        if len(_ROUNDED) >= _ROUNDED_MAX:
-            _ROUNDED.clear()
-        rounded = _ROUNDED[value] = round(value, 3)
-    return rounded
 
 
 def logistic(z: float) -> float:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
-from mailflow_plugins.bayes.features import Hasher, extract_tokens
-from mailflow_plugins.bayes.model import DEFAULT_ALPHA, HAM, SPAM, Model, matrix
+from mailflow_plugins.bayes.features import N_FEATURES, Hasher, extract_tokens
+from mailflow_plugins.bayes.model import DEFAULT_C, HAM, SPAM, Model, design_matrix
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.model_selection import StratifiedKFold
 
@@ -28,10 +30,80 @@ def featurize(
     return rows
 
 
-def train(rows: list[np.ndarray], labels: np.ndarray, alpha: float = DEFAULT_ALPHA) -> Model:
-    model = Model.empty(alpha=alpha)
-    model.learn(rows, labels)
-    return model
+def _fit(X: Any, labels: np.ndarray, C: float) -> tuple[np.ndarray, float]:
+    """Weights and bias of an L2 logistic regression with balanced classes.
+
+    No intercept is fitted (the bias is 0): with the classes weighted equally, a
+    message whose tokens the model has never seen scores exactly 0.5.
+    """
+    # The dual problem: far fewer messages than columns, so about 5x as fast as the
+    # primal for the same optimum (log-odds within 0.01 on the corpus).
+    lr = LogisticRegression(
+        C=C,
+        solver="liblinear",
+        dual=True,
+        class_weight="balanced",
+        fit_intercept=False,
+        max_iter=5000,
+    )
+    lr.fit(X, labels)
+    return lr.coef_[0].astype(np.float32), float(np.ravel(lr.intercept_)[0])
+
+
+def _out_of_fold(X: Any, labels: np.ndarray, C: float, folds: int) -> np.ndarray:
+    """Each message's uncalibrated log-odds from a model fitted without it."""
+    scores = np.zeros(len(labels))
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=CV_SEED)
+    for train_idx, test_idx in skf.split(np.zeros(len(labels)), labels):
+        weights, bias = _fit(X[train_idx], labels[train_idx], C)
+        scores[test_idx] = X[test_idx] @ weights.astype(np.float64) + bias
+    return scores
+
+
+def platt_scale(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The factor that calibrates log-odds: Platt scaling without an intercept.
+
+    Without an intercept a log-odds of 0 stays a probability of 0.5, so a message
+    with no evidence either way is never pushed to a verdict by the calibration.
+    """
+    platt = LogisticRegression(C=1e6, fit_intercept=False, class_weight="balanced")
+    platt.fit(scores.reshape(-1, 1), labels)
+    return max(float(platt.coef_[0, 0]), 1e-3)
+
+
+def folds_for(labels: np.ndarray, folds: int) -> int:
+    """``folds``, at most the smaller class' size; 0 when that is below 2."""
+    folds = min(folds, int(np.bincount(labels, minlength=2).min()))
+    return folds if folds >= 2 else 0
+
+
+def train(
+    rows: list[np.ndarray],
+    labels: np.ndarray,
+    C: float = DEFAULT_C,
+    folds: int = CV_FOLDS,
+    n_features: int = N_FEATURES,
+) -> tuple[Model, Metrics | None]:
+    """Fit a model on all ``rows`` and calibrate it on out-of-fold scores.
+
+    Returns the model and the cross-validated metrics of the calibrated
+    out-of-fold probabilities (``None`` when there are too few messages for
+    ``folds``, or ``folds`` < 2: the model then keeps a scale of 1).
+    """
+    labels = np.asarray(labels)
+    if int(np.bincount(labels, minlength=2).min()) < 1:
+        raise ValueError("training needs at least one ham and one spam message")
+    X = design_matrix(rows, n_features)
+    weights, bias = _fit(X, labels, C)
+    model = Model(weights, bias=bias, C=C, n_features=n_features)
+    model.class_counts = np.bincount(labels, minlength=2).astype(np.float64)
+    folds = folds_for(labels, folds)
+    if not folds:
+        return model, None
+    scores = _out_of_fold(X, labels, C, folds)
+    model.scale = platt_scale(scores, labels)
+    probs = 1.0 / (1.0 + np.exp(-np.clip(model.scale * scores, -700, 700)))
+    return model, compute_metrics(labels, probs)
 
 
 @dataclass
@@ -88,30 +160,6 @@ def compute_metrics(
         threshold=threshold,
         roc_auc=auc,
     )
-
-
-def cross_validate(
-    rows: list[np.ndarray],
-    labels: np.ndarray,
-    alpha: float = DEFAULT_ALPHA,
-    folds: int = CV_FOLDS,
-    n_features: int | None = None,
-) -> tuple[Metrics, np.ndarray]:
-    """Stratified k-fold: each message is scored by a model that never saw it.
-
-    Returns the pooled metrics and the out-of-fold probabilities.
-    """
-    labels = np.asarray(labels)
-    folds = min(folds, int(np.bincount(labels, minlength=2).min()))
-    if folds < 2:
-        raise ValueError("cross-validation needs at least two messages of each class")
-    probs = np.zeros(len(labels))
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=CV_SEED)
-    for train_idx, test_idx in skf.split(np.zeros(len(labels)), labels):
-        model = Model.empty(alpha=alpha, **({"n_features": n_features} if n_features else {}))
-        model.learn([rows[i] for i in train_idx], labels[train_idx])
-        probs[test_idx] = model.probabilities(matrix([rows[i] for i in test_idx], model.n_features))
-    return compute_metrics(labels, probs), probs
 
 
 def format_report(m: Metrics, title: str) -> str:
