@@ -20,6 +20,13 @@ from tests.bayes_support import corpus_files, train_model
 SPAM_TEXT = (
     "Dear friend, CLICK HERE to claim your FREE prize! Lowest mortgage rates, "
     "guaranteed income, act now, limited time offer, no credit check. "
+    "Earn extra cash from home, work only two hours a day and make thousands of "
+    "dollars every week. Our amazing program has helped millions of people get out "
+    "of debt, lose weight, and save money on insurance, vacations and prescription "
+    "drugs. This is a one time opportunity: order today and receive a bonus gift, "
+    "absolutely risk free with our money back guarantee. Call our toll free number "
+    "or visit our website now, satisfaction guaranteed, unbelievable savings, "
+    "special promotion for selected customers only, confidential offer. "
     "To be removed from our mailing list reply with REMOVE. "
     '<a href="http://cheap-meds.example.biz/">order now</a>'
 )

@@ -230,8 +230,9 @@ def _header_tokens(view: MessageView, out: set[str]) -> None:
     if "x-priority" in h or "x-msmail-priority" in h:
         out.add("h:=priority")
 
+    # Not the number of hops: it says where a corpus was collected (and every
+    # relay, mailflow included, adds one), not whether the mail is spam.
     received = h.get("received", ())
-    out.add("rcv:n" + bucket(len(received), 3))
     for value in received:
         rm = _RCV_FROM.match(value if value.isascii() else header_text(value))
         if rm is not None:
@@ -373,9 +374,6 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
             charset = part.charset
             if charset:
                 out.add("cs:" + charset[:MAX_TOKEN_LEN])
-            cte = part.transfer_encoding.strip().lower()
-            if cte:
-                out.add(f"cte:{ctype}:{cte[:20]}")
             if ctype == "text/html":
                 has_html = True
             else:

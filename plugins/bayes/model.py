@@ -3,9 +3,10 @@
 A message is a binary vector of hashed feature tokens in two blocks: body words
 (the lower half of the columns) and prefixed tokens (subject, sender, URLs,
 structure: the upper half, see ``features.Hasher``). Each block is scaled to unit
-length, so 400 words of poisoned filler weigh as much as 40 words and cannot
-drown the few structural tokens that give spam away, and a short message is not
-judged on a handful of words as if they were certain.
+length, so 400 words of poisoned filler weigh as much as 100 words and cannot
+drown the few structural tokens that give spam away; a block shorter than its
+floor (BODY_FLOOR, META_FLOOR) is scaled as if it had that many tokens, so a short
+message is not judged on a handful of words as if they were certain.
 
 The model is one weight per column and a bias, fitted by scikit-learn's
 :class:`~sklearn.linear_model.LogisticRegression` (L2-regularised, classes
@@ -50,6 +51,11 @@ HAM, SPAM = 0, 1
 # Inverse L2 regularisation strength of the logistic regression, chosen by the
 # cross-origin figures (docs/plugins/bayes.md, "How the model was chosen").
 DEFAULT_C = 3.0
+# A block counts as at least this many tokens when it is scaled: a short message
+# carries less evidence than a long one, so its few words must not weigh as much
+# as a whole letter's (docs/plugins/bayes.md, "How the model was chosen").
+BODY_FLOOR = 100
+META_FLOOR = 20
 # Learning one message: at most this many gradient steps of this size on it.
 LEARN_STEPS = 8
 LEARN_RATE = 0.5
@@ -67,15 +73,18 @@ def _digest(weights: np.ndarray, class_counts: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def block_factors(n_body: int, n_meta: int) -> tuple[float, float]:
+    """The value of a body word and of a prefixed token in a message with these counts."""
+    return 1.0 / math.sqrt(max(n_body, BODY_FLOOR)), 1.0 / math.sqrt(max(n_meta, META_FLOOR))
+
+
 def block_values(cols: np.ndarray, half: int) -> np.ndarray:
-    """The value of each of a message's sorted unique columns: 1/sqrt(block size)."""
+    """The value of each of a message's sorted unique columns (see ``block_factors``)."""
     n_body = int(np.searchsorted(cols, half))
-    n_meta = len(cols) - n_body
+    body, meta = block_factors(n_body, len(cols) - n_body)
     values = np.empty(len(cols), dtype=np.float64)
-    if n_body:
-        values[:n_body] = 1.0 / math.sqrt(n_body)
-    if n_meta:
-        values[n_body:] = 1.0 / math.sqrt(n_meta)
+    values[:n_body] = body
+    values[n_body:] = meta
     return values
 
 
@@ -185,8 +194,9 @@ class Model:
         w = self.weights[cols]  # float32, column order: body words first
         n = len(cols)
         n_body = int(cols.searchsorted(self.half))
-        body_factor = self.scale / math.sqrt(n_body) if n_body else 0.0
-        meta_factor = self.scale / math.sqrt(n - n_body) if n > n_body else 0.0
+        body_factor, meta_factor = block_factors(n_body, n - n_body)
+        body_factor *= self.scale
+        meta_factor *= self.scale
         log_odds = (
             self.scale * self.bias
             + body_factor * float(np.add.reduce(w[:n_body], dtype=np.float64))
@@ -216,6 +226,8 @@ class Model:
             "bias": self.bias,
             "scale": self.scale,
             "C": self.C,
+            "body_floor": BODY_FLOOR,
+            "meta_floor": META_FLOOR,
             "ham_messages": int(self.class_counts[HAM]),
             "spam_messages": int(self.class_counts[SPAM]),
             "sha256": _digest(self.weights, self.class_counts),
@@ -290,6 +302,11 @@ class Model:
         numbers = {key: header.get(key) for key in ("bias", "scale", "C")}
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers.values()):
             raise ModelError(f"{path}: model header has no valid bias, scale and C")
+        if (header.get("body_floor"), header.get("meta_floor")) != (BODY_FLOOR, META_FLOOR):
+            raise ModelError(
+                f"{path}: model was trained with other block floors than this mailflow "
+                "uses; retrain with `mailflow train`"
+            )
         if not np.isfinite(weights).all():
             raise ModelError(f"{path}: model weights are not all finite numbers")
         return cls(

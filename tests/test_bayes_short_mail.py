@@ -1,0 +1,62 @@
+"""Ordinary short business mail, sent through a real ``serve`` with the embedded
+default config, is delivered to the inbox: none of it lands in ``.Junk``.
+
+The messages (``tests/messages/short_business/``) were written for this test:
+meetings, replies, invoices and delivery notes with a PDF, notifications, plain
+text, HTML only and multipart/alternative. The embedded default config files mail
+with a score of 8 or more (bayes probability >= 0.9) into ``.Junk``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+import mailflow
+from mailflow.config import parse_config
+from mailflow.testing import running_server, send
+
+MESSAGES = Path(__file__).parent / "messages" / "short_business"
+
+
+def _default_config(tmp_path: Path):
+    """The embedded default config, listening on a free port, writing under tmp_path."""
+    data = yaml.safe_load((Path(mailflow.__file__).parent / "default.yaml").read_text())
+    data["server"]["listen"] = ["127.0.0.1:0"]
+    data["delivery"]["maildir"]["root"] = str(tmp_path / "mail")
+    data["queue"]["directory"] = str(tmp_path / "spool")
+    data.setdefault("quarantine", {})["directory"] = str(tmp_path / "quarantine")
+    return parse_config(yaml.safe_dump(data), "default.yaml")
+
+
+def test_the_set_covers_plain_html_and_attachments():
+    raws = [p.read_bytes() for p in MESSAGES.glob("*.eml")]
+    assert len(raws) >= 15
+    assert any(b"text/html" in r and b"multipart/alternative" not in r for r in raws)
+    assert any(b"multipart/alternative" in r for r in raws)
+    assert any(b"application/pdf" in r for r in raws)
+    assert any(b"text/html" not in r and b"multipart" not in r for r in raws)
+
+
+async def test_short_business_mail_is_not_filed_as_junk(tmp_path):
+    config = _default_config(tmp_path)
+    assert [p.name for p in config.plugins] == ["bayes"]  # the default chain scores it
+    files = sorted(MESSAGES.glob("*.eml"))
+    async with running_server(config) as srv:
+        for i, path in enumerate(files):
+            raw = path.read_bytes().replace(b"\n", b"\r\n")
+            # One mailbox per message, so each copy is found where it was filed.
+            assert await send(srv.port, "sender@example.net", [f"u{i}@example.org"], raw) == {}
+    statuses = {}
+    for i, path in enumerate(files):
+        box = tmp_path / "mail" / f"u{i}@example.org"
+        inbox = [f for sub in ("new", "cur") for f in (box / sub).glob("*")]
+        junk = [f for sub in ("new", "cur") for f in (box / ".Junk" / sub).glob("*")]
+        assert len(inbox) + len(junk) == 1, (path.name, inbox, junk)
+        copy = (inbox or junk)[0].read_bytes()
+        status = next(x for x in copy.splitlines() if x.startswith(b"X-Spam-Status:"))
+        statuses[path.name] = ("junk" if junk else "inbox", status.decode())
+    filed_as_junk = {name: s for name, s in statuses.items() if s[0] == "junk"}
+    assert not filed_as_junk
+    assert all(s[1].startswith("X-Spam-Status: No") for s in statuses.values()), statuses
