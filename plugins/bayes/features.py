@@ -410,7 +410,27 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
         out.add("m:=html-only")
     out.add("m:len" + bucket(body_chars // 256, 10))
     out -= ARTEFACTS
+    _summary_tokens(out)
     return list(out)
+
+
+def _summary_tokens(out: set[str]) -> None:
+    """Tokens about the message as a whole: how many link domains and top-level
+    domains it has, and images in HTML with little or no text (image spam)."""
+    hosts = tlds = 0
+    for token in out:
+        if token.startswith("u:"):
+            if token.startswith("u:tld:"):
+                tlds += 1
+            else:
+                hosts += 1
+    out.add(f"u:n{min(hosts, 6)}")
+    out.add(f"u:ntld{min(tlds, 4)}")
+    if "tag:img" in out:
+        if "m:=html-only" in out:
+            out.add("m:=html-img")
+        if "m:len0" in out or "m:len1" in out:
+            out.add("m:=img-short")
 
 
 class _Columns(dict[str, int]):
