@@ -208,9 +208,10 @@ class Model:
         contrib[:n_body] *= body_factor
         contrib[n_body:] *= meta_factor
         best = np.negative(np.abs(contrib)).argsort(kind="stable")[:top]
+        weights = np.round(contrib[best], 3).tolist()  # one call, not one round() each
         return log_odds, [
-            {"token": tokens[i], "weight": round(v, 3)}
-            for i, v in zip(order[best].tolist(), contrib[best].tolist(), strict=True)
+            {"token": tokens[i], "weight": v}
+            for i, v in zip(order[best].tolist(), weights, strict=True)
         ]
 
     # --- files ----------------------------------------------------------------------------
