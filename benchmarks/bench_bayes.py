@@ -49,7 +49,7 @@ import numpy as np
 from mailflow_plugins.bayes import BayesPlugin, Settings, shipped_model_path
 from mailflow_plugins.bayes.features import Hasher
 from mailflow_plugins.bayes.model import Model, design_matrix
-from mailflow_plugins.bayes.training import compute_metrics, featurize, train
+from mailflow_plugins.bayes.training import calibration, compute_metrics, featurize, train
 from sklearn.model_selection import train_test_split
 
 from benchmarks.report import cpu_model
@@ -63,7 +63,6 @@ CROSS_SUBSETS = {
     "modern (usrp-users + phishing_pot)": ("usrp-users", "phishing_pot"),
 }
 CROSS_THRESHOLDS = (0.5, 0.9)  # 0.9: score 8, where the default config files into .Junk
-CALIBRATION_BINS = np.linspace(0.0, 1.0, 11)
 # Token prefixes that come from header fields (docs/plugins/bayes.md, Features).
 HEADER_PREFIXES = ("s:", "fn:", "f:", "to:", "rt:", "h:", "xm:", "rcv:")
 TYPICAL = (4 * 1024, 6 * 1024)  # "typical 5 KB messages"
@@ -109,24 +108,6 @@ def accuracy_and_training(raws: list[bytes], labels: np.ndarray) -> dict[str, An
         "false_positive_rate_at_0.9": at_junk.false_positive_rate,
         "recall_at_0.9": at_junk.recall,
     }
-
-
-def calibration(labels: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
-    """Per probability band: how many messages, and what share of them is spam."""
-    out = []
-    bands = np.clip(np.digitize(probs, CALIBRATION_BINS[1:-1]), 0, len(CALIBRATION_BINS) - 2)
-    for band in range(len(CALIBRATION_BINS) - 1):
-        pick = bands == band
-        n = int(pick.sum())
-        lo, hi = CALIBRATION_BINS[band], CALIBRATION_BINS[band + 1]
-        out.append(
-            {
-                "band": f"{lo:.1f}-{hi:.1f}",
-                "messages": n,
-                "spam_share": round(float(labels[pick].mean()), 4) if n else None,
-            }
-        )
-    return out
 
 
 def _evaluate(model: Model, rows: list[np.ndarray], labels: np.ndarray) -> dict[str, Any]:

@@ -81,6 +81,25 @@ def test_evaluate_json_is_one_object_with_the_metrics(trained):
     assert report["ham"] == report["spam"] == 150
     assert report["true_positives"] + report["false_negatives"] == 150
     assert report["accuracy"] >= 0.97  # evaluated on its own training data
+    assert report["threshold"] == 0.5
+    bands = report["calibration"]
+    assert [b["band"] for b in bands][:2] == ["0.0-0.1", "0.1-0.2"] and len(bands) == 10
+    assert sum(b["messages"] for b in bands) == 300
+    assert bands[0]["spam_share"] < 0.5 < bands[-1]["spam_share"]
+
+
+def test_evaluate_at_the_junk_threshold_counts_fewer_as_spam(trained):
+    _, model = trained
+    at = {}
+    for threshold in ("0.5", "0.9"):
+        result = CliRunner().invoke(
+            main, [*EVALUATE, "--model", str(model), "--json", "--threshold", threshold]
+        )
+        assert result.exit_code == 0, result.output
+        at[threshold] = json.loads(result.stdout)
+    flagged = {t: r["true_positives"] + r["false_positives"] for t, r in at.items()}
+    assert flagged["0.9"] <= flagged["0.5"]
+    assert at["0.9"]["calibration"] == at["0.5"]["calibration"]  # the threshold changes counts only
 
 
 def test_evaluate_table_and_confusion_matrix(trained):
@@ -91,6 +110,7 @@ def test_evaluate_table_and_confusion_matrix(trained):
     )
     assert result.exit_code == 0, result.output
     assert "confusion matrix" in result.stdout and "actual ham" in result.stdout
+    assert "calibration" in result.stdout and "0.9-1.0" in result.stdout
 
 
 def test_evaluate_plot_without_matplotlib_says_how_to_install_it(trained, tmp_path, monkeypatch):

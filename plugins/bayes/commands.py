@@ -27,9 +27,11 @@ from mailflow_plugins.bayes.model import (
 from mailflow_plugins.bayes.sources import SourceError, count_messages, iter_messages
 from mailflow_plugins.bayes.training import (
     CV_FOLDS,
+    calibration,
     compute_metrics,
     featurize,
     folds_for,
+    format_calibration,
     format_report,
     plot,
     train,
@@ -180,15 +182,23 @@ def learn_command(spam: tuple[str, ...], ham: tuple[str, ...], model_path: str) 
     help=MODEL_HELP.format("evaluate (default: the shipped model)."),
 )
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG.")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Probability at which a message counts as spam (0.9: the default Junk threshold).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate_command(
     spam: tuple[str, ...],
     ham: tuple[str, ...],
     model_path: str | None,
     plot_path: str | None,
+    threshold: float,
     as_json: bool,
 ) -> None:
-    """Score labelled mail with a model: metrics table, confusion matrix, optional plot."""
+    """Score labelled mail with a model: metrics, confusion matrix, calibration, plot."""
     from mailflow_plugins.bayes import shipped_model_path
 
     path = Path(model_path) if model_path else shipped_model_path()
@@ -201,7 +211,8 @@ def evaluate_command(
     if not rows:
         _fail("no messages found")
     probabilities = model.probabilities(design_matrix(rows, model.n_features))
-    metrics = compute_metrics(labels, probabilities)
+    metrics = compute_metrics(labels, probabilities, threshold)
+    table = calibration(labels, probabilities)
     if plot_path:
         try:
             plot(labels, probabilities, plot_path)
@@ -209,10 +220,11 @@ def evaluate_command(
             _fail(str(exc))
         click.echo(f"wrote {plot_path}", err=True)
     if as_json:
-        out: dict[str, Any] = {"model": str(path), **metrics.as_dict()}
+        out: dict[str, Any] = {"model": str(path), **metrics.as_dict(), "calibration": table}
         click.echo(json.dumps(out))
     else:
-        click.echo(format_report(metrics, f"model {path}:"))
+        click.echo(format_report(metrics, f"model {path}, spam at probability >= {threshold}:"))
+        click.echo(format_calibration(table))
 
 
 def register(cli: click.Group) -> None:

@@ -162,6 +162,36 @@ def compute_metrics(
     )
 
 
+CALIBRATION_BANDS = 10
+
+
+def calibration(labels: np.ndarray, probabilities: np.ndarray) -> list[dict[str, Any]]:
+    """Per probability band (0-0.1, ..., 0.9-1.0): how many messages, and what
+    share of them is spam (None for an empty band)."""
+    labels = np.asarray(labels)
+    bands = np.minimum((np.asarray(probabilities) * CALIBRATION_BANDS).astype(int), 9)
+    out: list[dict[str, Any]] = []
+    for band in range(CALIBRATION_BANDS):
+        pick = bands == band
+        n = int(pick.sum())
+        out.append(
+            {
+                "band": f"{band / CALIBRATION_BANDS:.1f}-{(band + 1) / CALIBRATION_BANDS:.1f}",
+                "messages": n,
+                "spam_share": round(float(labels[pick].mean()), 4) if n else None,
+            }
+        )
+    return out
+
+
+def format_calibration(table: list[dict[str, Any]]) -> str:
+    lines = ["  calibration     messages  spam share"]
+    for row in table:
+        share = f"{row['spam_share']:.1%}" if row["spam_share"] is not None else "-"
+        lines.append(f"    {row['band']:<12} {row['messages']:>8}  {share:>10}")
+    return "\n".join(lines)
+
+
 def format_report(m: Metrics, title: str) -> str:
     """The metrics table and confusion matrix as aligned text."""
     auc = f"{m.roc_auc:.4f}" if m.roc_auc is not None else "n/a"
