@@ -601,6 +601,19 @@ def quarantine_delete(
     sys.exit(1 if missing else 0)
 
 
+def _run_coroutine(factory: Any) -> Any:
+    """``asyncio.run(factory())``; in a thread of its own when this one already runs an
+    event loop (the CLI called in-process, as tests and embeddings do)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(factory())
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(factory())).result()
+
+
 def teach(config: Config, messages: list[tuple[str, bytes]], label: str, source: str) -> int:
     """Tell the enabled plugins what these messages are (hook ``mailflow_learn``).
 
@@ -622,10 +635,7 @@ def teach(config: Config, messages: list[tuple[str, bytes]], label: str, source:
     if logger.getEffectiveLevel() > logging.WARNING:
         logger.setLevel(logging.WARNING)
 
-    async def run() -> int:
-        app = App(config)
-        if not app.pipeline.has("mailflow_learn"):
-            return 0
+    async def run(app: App) -> int:
         await app.startup()
         failures = 0
         try:
@@ -648,7 +658,10 @@ def teach(config: Config, messages: list[tuple[str, bytes]], label: str, source:
         return failures
 
     try:
-        return asyncio.run(run())
+        app = App(config)
+        if not app.pipeline.has("mailflow_learn"):
+            return 0
+        return _run_coroutine(lambda: run(app))
     except Exception as exc:  # an invalid plugin config, a plugin that cannot start
         ids = ", ".join(queue_id for queue_id, _ in messages)
         text = str(exc).strip().replace("\n", "\n  ")
