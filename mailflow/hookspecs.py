@@ -161,8 +161,9 @@ def mailflow_learn(message: bytes, label: str, source: str) -> None:
     ``label`` is ``"spam"`` or ``"ham"``; ``message`` the raw message as it was
     delivered or quarantined (with the headers mailflow added); ``source`` says where
     the judgement came from: ``"quarantine-release"`` (an admin released it: ham),
-    ``"quarantine-delete"`` (deleted as spam) or ``"junk-folder"`` (a user moved it
-    into or out of the Junk folder). Called by the CLI (``mailflow quarantine
+    ``"quarantine-delete"`` (deleted as spam), or ``"junk-folder"`` for a tool that
+    reports users moving mail into or out of their Junk folder (bayes' own ``learn
+    --maildir`` updates its model directly). Called by the CLI (``mailflow quarantine
     release`` / ``delete --spam``, after the message has been released or deleted)
     with the plugins the config enables, after ``mailflow_startup``; never while
     mail is being received. May be async. Return value ignored. An exception is
