@@ -523,48 +523,153 @@ def quarantine_show(queue_id: str, config_path: str | None, body: bool) -> None:
         sys.exit(1)
 
 
+NO_LEARN_HELP = "Do not tell the plugins what the messages are (hook mailflow_learn)."
+
+
 @quarantine_group.command("release")
 @click.argument("queue_ids", nargs=-1, required=True)
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def quarantine_release(queue_ids: tuple[str, ...], config_path: str | None) -> None:
-    """Deliver quarantined messages to their recipients (the running server sends them)."""
+@click.option("--no-learn", is_flag=True, help=NO_LEARN_HELP)
+def quarantine_release(queue_ids: tuple[str, ...], config_path: str | None, no_learn: bool) -> None:
+    """Deliver quarantined messages to their recipients (the running server sends them).
+
+    Unless --no-learn or `quarantine.learn_on_release: false`, the plugins then learn
+    that the messages are ham (hook mailflow_learn); a failure there is reported on
+    stderr and does not change the exit status: 0 all released, 1 some were not found.
+    """
     from mailflow.delivery.queue import FLUSH_TRIGGER
     from mailflow.delivery.spool import Spool
     from mailflow.quarantine import NotQuarantined
 
     config, quarantine = _quarantine(config_path)
     spool = Spool(Path(config.queue.directory), config.storage.sync)
+    learn = config.quarantine.learn_on_release and not no_learn
+    released: list[tuple[str, bytes]] = []
     missing = 0
     for queue_id in queue_ids:
         try:
+            raw = quarantine.read_message(queue_id) if learn else b""
             entry = quarantine.release(queue_id, config, spool)
         except NotQuarantined:
             click.echo(f"mailflow: no quarantined message {queue_id}", err=True)
             missing += 1
             continue
+        released.append((queue_id, raw))
         click.echo(f"released {queue_id} to {', '.join(r.address for r in entry.recipients)}")
     (spool.root / FLUSH_TRIGGER).touch()  # a running server picks the entries up now
+    if learn:
+        teach(config, released, "ham", "quarantine-release")
     sys.exit(1 if missing else 0)
 
 
 @quarantine_group.command("delete")
 @click.argument("queue_ids", nargs=-1, required=True)
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def quarantine_delete(queue_ids: tuple[str, ...], config_path: str | None) -> None:
-    """Delete quarantined messages for good."""
+@click.option("--spam", is_flag=True, help="They are spam: the plugins learn it (mailflow_learn).")
+@click.option("--no-learn", is_flag=True, help=NO_LEARN_HELP)
+def quarantine_delete(
+    queue_ids: tuple[str, ...], config_path: str | None, spam: bool, no_learn: bool
+) -> None:
+    """Delete quarantined messages for good.
+
+    With --spam (and unless --no-learn or `quarantine.learn_on_delete_spam: false`)
+    the plugins then learn that the messages are spam; a failure there is reported
+    on stderr and does not change the exit status: 0 all deleted, 1 some were not found.
+    """
     from mailflow.quarantine import NotQuarantined
 
-    _, quarantine = _quarantine(config_path)
+    config, quarantine = _quarantine(config_path)
+    learn = spam and config.quarantine.learn_on_delete_spam and not no_learn
+    deleted: list[tuple[str, bytes]] = []
     missing = 0
     for queue_id in queue_ids:
+        try:
+            raw = quarantine.read_message(queue_id) if learn else b""
+        except NotQuarantined:
+            raw = b""  # a .json without its .eml: deleted below, nothing to learn from
         try:
             quarantine.delete(queue_id)
         except NotQuarantined:
             click.echo(f"mailflow: no quarantined message {queue_id}", err=True)
             missing += 1
             continue
+        if raw:
+            deleted.append((queue_id, raw))
         click.echo(f"deleted {queue_id}")
+    if learn:
+        teach(config, deleted, "spam", "quarantine-delete")
     sys.exit(1 if missing else 0)
+
+
+def _run_coroutine(factory: Any) -> Any:
+    """``asyncio.run(factory())``; in a thread of its own when this one already runs an
+    event loop (the CLI called in-process, as tests and embeddings do)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(factory())
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(factory())).result()
+
+
+def teach(config: Config, messages: list[tuple[str, bytes]], label: str, source: str) -> int:
+    """Tell the enabled plugins what these messages are (hook ``mailflow_learn``).
+
+    Called after the quarantine operation is done, so nothing here can undo or block
+    it: a config the plugins refuse, a plugin that cannot start or fails to learn is
+    reported on stderr. The plugins' warnings (and what they learned, at INFO) are
+    shown on stderr while they learn. Returns the number of failures.
+    """
+    if not messages:
+        return 0
+    from mailflow.app import App
+
+    logger = logging.getLogger("mailflow")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mailflow: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    saved_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+
+    async def run(app: App) -> int:
+        await app.startup()
+        failures = 0
+        try:
+            handler.setLevel(logging.INFO)
+            logger.setLevel(logging.INFO)
+            for queue_id, raw in messages:
+                for plugin, exc in await app.pipeline.notify_each(
+                    "mailflow_learn", message=raw, label=label, source=source
+                ):
+                    failures += 1
+                    click.echo(
+                        f"mailflow: learning from {queue_id} failed in plugin {plugin}: "
+                        f"{exc.__class__.__name__}: {exc}",
+                        err=True,
+                    )
+        finally:
+            handler.setLevel(logging.WARNING)
+            logger.setLevel(saved_level)
+            await app.shutdown()
+        return failures
+
+    try:
+        app = App(config)
+        if not app.pipeline.has("mailflow_learn"):
+            return 0
+        return _run_coroutine(lambda: run(app))
+    except Exception as exc:  # an invalid plugin config, a plugin that cannot start
+        ids = ", ".join(queue_id for queue_id, _ in messages)
+        text = str(exc).strip().replace("\n", "\n  ")
+        click.echo(f"mailflow: not learned from {ids} (as {label}): {text}", err=True)
+        return len(messages)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
 
 
 # --- plugins -------------------------------------------------------------------------------

@@ -271,6 +271,10 @@ class ActionThresholds(Strict):
 
 class QuarantineConfig(Strict):
     directory: Path = Path("./quarantine")
+    # Feedback (hook mailflow_learn): `quarantine release` teaches the plugins that the
+    # message is ham, `quarantine delete --spam` that it is spam. --no-learn skips it.
+    learn_on_release: bool = True
+    learn_on_delete_spam: bool = True
 
 
 class DNSConfig(Strict):

@@ -155,6 +155,24 @@ def mailflow_delivered(
 
 
 @hookspec
+def mailflow_learn(message: bytes, label: str, source: str) -> None:
+    """A person said what a message is: learn from it (spam filters' feedback).
+
+    ``label`` is ``"spam"`` or ``"ham"``; ``message`` the raw message as it was
+    delivered or quarantined (with the headers mailflow added); ``source`` says where
+    the judgement came from: ``"quarantine-release"`` (an admin released it: ham),
+    ``"quarantine-delete"`` (deleted as spam), or ``"junk-folder"`` for a tool that
+    reports users moving mail into or out of their Junk folder (bayes' own ``learn
+    --maildir`` updates its model directly). Called by the CLI (``mailflow quarantine
+    release`` / ``delete --spam``, after the message has been released or deleted)
+    with the plugins the config enables, after ``mailflow_startup``; never while
+    mail is being received. May be async. Return value ignored. An exception is
+    reported on stderr and never undoes or blocks the quarantine operation; a plugin
+    that is not set up to learn should log a warning and return.
+    """
+
+
+@hookspec
 def mailflow_register_commands(cli: click.Group) -> None:
     """Add sub-commands to the ``mailflow`` CLI (e.g. ``mailflow train``).
 

@@ -523,6 +523,18 @@ class Pipeline:
                     raise
                 log.exception("plugin %s failed in %s", impl.plugin, hook_name)
 
+    async def notify_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Exception]]:
+        """Call an informational hook on every plugin, like ``notify``, but return the
+        failures as (plugin name, exception) instead of logging them, for a caller
+        that reports them itself (the CLI: ``mailflow_learn``)."""
+        failures: list[tuple[str, Exception]] = []
+        for impl in self._impls[hook_name]:
+            try:
+                await self._call(impl, kwargs)
+            except Exception as exc:
+                failures.append((impl.plugin, exc))
+        return failures
+
     def register_commands(self, cli: Any) -> None:
         self.pm.hook.mailflow_register_commands(cli=cli)
 

@@ -164,7 +164,8 @@ def test_learn_from_a_maildir_moves_scores(trained, tmp_path):
 def test_learn_needs_a_label_and_starts_from_the_shipped_model(tmp_path):
     msg = corpus_files("spam")[0]
     result = CliRunner().invoke(main, ["learn", "--model", str(tmp_path / "m.npz")])
-    assert result.exit_code == 2 and "--spam PATH and/or --ham PATH" in result.stderr
+    assert result.exit_code == 2
+    assert "--spam PATH, --ham PATH and/or --maildir ROOT" in result.stderr
     # Paths belong to the options: a bare path is an error, not a guess at its class.
     result = CliRunner().invoke(main, ["learn", str(msg), "--model", str(tmp_path / "m.npz")])
     assert result.exit_code == 2 and not (tmp_path / "m.npz").exists()

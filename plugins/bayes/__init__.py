@@ -52,6 +52,12 @@ class BayesSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: Path | None = None  # None: the model shipped with mailflow
+    # Where feedback (hook mailflow_learn) is learned into. None: into `model` when
+    # that is set; with neither, nothing is learned (the shipped model is read-only).
+    # With `model` unset the plugin scores with this file as soon as it exists (until
+    # then with the shipped model, which learning starts from); with `model` set it
+    # must name the same file, so what is learned is what is scored with.
+    learn_model: Path | None = None
     reload_interval: float = Field(
         default=5.0, ge=0
     )  # seconds between mtime checks; 0: never reload
@@ -66,6 +72,20 @@ class BayesSettings(BaseModel):
     quarantine: Probability | None = Field(default=None, ge=0, le=1)
     reject: Probability | None = Field(default=None, ge=0, le=1)
     top_tokens: int = Field(default=10, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _learn_model_is_scored(self) -> BayesSettings:
+        model, learn = self.model, self.learn_model
+        if model is not None and learn is not None and model.resolve() != learn.resolve():
+            raise ValueError(
+                f"learn_model ({learn}) is not model ({model}): what is learned would never "
+                "be scored with; set model to the same file, or only one of the two"
+            )
+        return self
+
+    def learning_target(self) -> Path | None:
+        """The model file feedback is learned into; None: learning is not configured."""
+        return self.learn_model or self.model
 
     @model_validator(mode="after")
     def _ordered(self) -> BayesSettings:
@@ -87,10 +107,17 @@ class ModelHolder:
     model stays in service, so a bad file never stops mail.
     """
 
-    def __init__(self, path: Path, reload_interval: float) -> None:
+    def __init__(self, path: Path, reload_interval: float, fallback: Path | None = None) -> None:
+        """``fallback``: the model to score with while ``path`` does not exist (the
+        shipped one, until learning creates ``learn_model``); then ``path`` is loaded
+        as soon as it appears, like a changed file."""
         self.path = path
         self.reload_interval = reload_interval
-        self.model = Model.load(path)  # at start-up a bad model is an error, not a warning
+        self.loaded_from = path
+        if fallback is not None and not path.exists():
+            self.loaded_from = fallback
+        # At start-up a bad model is an error, not a warning.
+        self.model = Model.load(self.loaded_from)
         self._stamp = self._file_stamp()
         self._checked = time.monotonic()
         self._lock = threading.Lock()
@@ -128,6 +155,7 @@ class ModelHolder:
                 log.error("bayes: keeping the previous model: %s", exc)
                 return
             self.model = model
+            self.loaded_from = self.path
             self.reloads += 1
             self.last_error = ""
             log.info("bayes: reloaded model %s", self.path)
@@ -152,14 +180,18 @@ class BayesPlugin:
         # additions once per distinct probability (see _status_headers).
         self._remove_headers = (RemoveHeader(s.score_header), RemoveHeader(s.status_header))
         self._headers_by_p: dict[float, tuple[float, AddHeader, AddHeader]] = {}
+        self._warned_not_learning = False
 
     @hookimpl
     def mailflow_startup(self, app: Any) -> None:
-        path = self.settings.model or shipped_model_path()
+        s = self.settings
+        fallback = shipped_model_path() if s.model is None and s.learn_model else None
+        path = s.model or s.learn_model or shipped_model_path()
         try:
-            self.holder = ModelHolder(Path(path), self.settings.reload_interval)
+            self.holder = ModelHolder(Path(path), s.reload_interval, fallback)
         except ModelError as exc:
             raise ModelError(f"bayes: cannot load model: {exc}") from None
+        path = self.holder.loaded_from
         config = app.config
         maildir = config.delivery.method == "maildir"
 
@@ -258,6 +290,34 @@ class BayesPlugin:
             verdict.score, verdict.details, verdict.mutations = score, details, result.mutations
             return verdict
         return result
+
+    @hookimpl
+    def mailflow_learn(self, message: bytes, label: str, source: str) -> None:
+        """Learn a message a person labelled into ``learning_target()`` (load, learn,
+        save atomically, under the file's lock); a warning, once, when there is none."""
+        target = self.settings.learning_target()
+        if target is None:
+            if not self._warned_not_learning:
+                self._warned_not_learning = True
+                log.warning(
+                    "bayes: not learning from feedback: the shipped model is read-only; "
+                    "set the bayes setting learn_model: PATH (scored with once it exists)"
+                )
+            return
+        from mailflow_plugins.bayes.learning import LABELS, learn_messages
+
+        if label not in LABELS:
+            raise ValueError(f"label {label!r} is neither 'spam' nor 'ham'")
+        start = self.holder.loaded_from if self.holder is not None else shipped_model_path()
+        model = learn_messages(target, [message], [LABELS[label]], start)
+        log.info(
+            "bayes: learned %s (%s) into %s; it has now seen %d ham, %d spam",
+            label,
+            source,
+            target,
+            int(model.class_counts[0]),
+            int(model.class_counts[1]),
+        )
 
     @staticmethod
     def mailflow_register_commands(cli: Any) -> None:

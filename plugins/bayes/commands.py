@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 import numpy as np
+from mailflow_plugins.bayes import JUNK_FOLDER
 from mailflow_plugins.bayes.features import Hasher
 from mailflow_plugins.bayes.model import (
     DEFAULT_C,
@@ -134,6 +135,21 @@ def train_command(
 @click.option("--spam", "spam", multiple=True, help=SOURCE_HELP.format("Spam"))
 @click.option("--ham", "ham", multiple=True, help=SOURCE_HELP.format("Ham"))
 @click.option(
+    "--maildir",
+    "maildirs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="A user's Maildir: learn what the user moved into or out of its .Junk folder "
+    "since the last run (repeatable).",
+)
+@click.option(
+    "--status-header",
+    default="X-Spam-Status",
+    show_default=True,
+    help="With --maildir: the plugin's status_header, which says whether mailflow "
+    "itself filed a message as spam.",
+)
+@click.option(
     "--model",
     "model_path",
     type=click.Path(dir_okay=False),
@@ -141,29 +157,73 @@ def train_command(
     show_default=True,
     help=MODEL_HELP.format("update; created from the shipped model if missing."),
 )
-def learn_command(spam: tuple[str, ...], ham: tuple[str, ...], model_path: str) -> None:
+def learn_command(
+    spam: tuple[str, ...],
+    ham: tuple[str, ...],
+    maildirs: tuple[str, ...],
+    status_header: str,
+    model_path: str,
+) -> None:
     """Teach the model that some mail is spam and some is ham, as `train` takes them.
 
     Like sa-learn: run it on folders users move misclassified mail into. Every path
     must hold at least one non-empty message. A running `mailflow serve` whose
-    `model` setting names the same file picks up the change.
-    """
-    if not spam and not ham:
-        _fail("say what to learn: --spam PATH and/or --ham PATH")
-    path = Path(model_path)
-    if path.exists():
-        model = _load_model(path)
-    else:
-        from mailflow_plugins.bayes import shipped_model_path
+    `model` (or `learn_model`) setting names the same file picks up the change.
 
-        model = _load_model(shipped_model_path())
-        click.echo(f"{path} does not exist: starting from the shipped model", err=True)
-    hasher = Hasher(model.n_features, model.seed)
-    ham_rows = _read(ham, "ham", hasher) if ham else []
-    spam_rows = _read(spam, "spam", hasher) if spam else []
-    model.learn(ham_rows + spam_rows, [HAM] * len(ham_rows) + [SPAM] * len(spam_rows))
-    model.info = {**model.info, "updated": now()}
-    model.save(path)
+    --maildir ROOT (from cron) learns a user's own corrections only: a message in
+    ROOT/.Junk that mailflow did not mark spam (the status header does not say Yes:
+    the user moved it in) as spam, a message in the inbox that mailflow marked spam
+    (the user moved it out of .Junk) as ham; everything else is where mailflow put
+    it and is skipped. Only messages not seen at the last run are looked at (kept
+    in ROOT/mailflow-learned), so a second run with no changes learns nothing.
+    """
+    from mailflow_plugins.bayes.learning import (
+        check_maildir,
+        model_lock,
+        read_state,
+        scan_maildir,
+        write_state,
+    )
+
+    if not spam and not ham and not maildirs:
+        _fail("say what to learn: --spam PATH, --ham PATH and/or --maildir ROOT")
+    roots = [Path(root) for root in maildirs]
+    for root in roots:
+        problem = check_maildir(root)
+        if problem:
+            _fail(problem)
+    path = Path(model_path)
+    with model_lock(path):  # another learner (quarantine feedback) waits for this one
+        if path.exists():
+            model = _load_model(path)
+        else:
+            from mailflow_plugins.bayes import shipped_model_path
+
+            model = _load_model(shipped_model_path())
+            click.echo(f"{path} does not exist: starting from the shipped model", err=True)
+        hasher = Hasher(model.n_features, model.seed)
+        ham_rows = _read(ham, "ham", hasher) if ham else []
+        spam_rows = _read(spam, "spam", hasher) if spam else []
+        scans = [scan_maildir(root, status_header, read_state(root)) for root in roots]
+        for found in scans:
+            click.echo(
+                f"{found.root}: {found.new} new message(s): {len(found.spam)} moved into "
+                f"{JUNK_FOLDER} (spam), {len(found.ham)} moved out of it (ham), "
+                f"{found.skipped} where mailflow put them (skipped)"
+            )
+            spam_rows += featurize(found.spam, hasher)
+            ham_rows += featurize(found.ham, hasher)
+        if ham_rows or spam_rows:  # else the file is left alone (no needless reload)
+            model.learn(ham_rows + spam_rows, [HAM] * len(ham_rows) + [SPAM] * len(spam_rows))
+            model.info = {**model.info, "updated": now()}
+            model.save(path)
+    # Only once the model is saved: a crash in between learns them again next time
+    # rather than marking them seen without having learned them.
+    for found in scans:
+        write_state(found.root, found.present)
+    if not ham_rows and not spam_rows:
+        click.echo(f"learned 0 ham and 0 spam message(s); {path} left as it was")
+        return
     total_ham, total_spam = (int(c) for c in model.class_counts)
     click.echo(
         f"learned {len(ham_rows)} ham and {len(spam_rows)} spam message(s); "
