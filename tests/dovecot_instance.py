@@ -21,10 +21,15 @@ def dovecot_available() -> bool:
     return shutil.which("dovecot") is not None and Path("/usr/lib/dovecot/lmtp").exists()
 
 
+def dovecot_imap_available() -> bool:
+    return dovecot_available() and Path("/usr/lib/dovecot/imap").exists()
+
+
 @dataclass
 class DovecotInstance:
     root: Path
     port: int
+    imap_port: int | None = None
 
     @property
     def config(self) -> Path:
@@ -65,8 +70,13 @@ class DovecotInstance:
         )
 
 
-def create_instance(port: int, users: dict[str, str]) -> DovecotInstance:
-    """``users``: name -> quota rule ("" for none), e.g. {"bob": "*:storage=1K"}."""
+def create_instance(
+    port: int, users: dict[str, str], imap_port: int | None = None, password: str = ""
+) -> DovecotInstance:
+    """``users``: name -> quota rule ("" for none), e.g. {"bob": "*:storage=1K"}.
+
+    With ``imap_port``, IMAP (plain text login on loopback, every user's password
+    ``password``) listens there too, so a test can act as a user's mail client."""
     root = Path(tempfile.mkdtemp(prefix="mailflow-dovecot-"))
     root.chmod(0o755)
     for sub in ("run", "state", "mail"):
@@ -75,12 +85,28 @@ def create_instance(port: int, users: dict[str, str]) -> DovecotInstance:
     lines = []
     for name, quota in users.items():
         extra = f"userdb_quota_rule={quota}" if quota else ""
-        lines.append(f"{name}::{NOBODY_UID}:{NOBODY_UID}::{root}/mail/{name}::{extra}")
+        secret = f"{{PLAIN}}{password}" if password else ""
+        lines.append(f"{name}:{secret}:{NOBODY_UID}:{NOBODY_UID}::{root}/mail/{name}::{extra}")
     (root / "users").write_text("\n".join(lines) + "\n")
+    imap = ""
+    if imap_port is not None:
+        imap = f"""
+disable_plaintext_auth = no
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+"""
     (root / "dovecot.conf").write_text(f"""\
 base_dir = {root}/run
 state_dir = {root}/state
-protocols = lmtp
+protocols = lmtp{" imap" if imap_port is not None else ""}
 listen = 127.0.0.1
 log_path = {root}/dovecot.log
 ssl = no
@@ -121,8 +147,8 @@ service stats {{
     mode = 0666
   }}
 }}
-""")
-    return DovecotInstance(root, port)
+{imap}""")
+    return DovecotInstance(root, port, imap_port)
 
 
 def destroy(instance: DovecotInstance) -> None:
