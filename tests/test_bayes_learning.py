@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -401,3 +402,78 @@ async def test_a_running_server_scores_with_what_a_release_taught(tmp_path):
     assert holder.loaded_from == learned
     assert any(b"X-Spam-Status: No" in m for m in delivered)
     assert srv.server.handler.quarantine.list() == []
+
+
+def test_learn_maildir_needs_the_model_named(mailbox):
+    result = CliRunner().invoke(main, ["learn", "--maildir", str(mailbox.root)])
+    assert result.exit_code == 2 and "--maildir needs --model" in result.stderr
+    assert not (mailbox.root / STATE_FILE).exists()
+
+
+def test_odd_file_names_are_remembered_exactly(mailbox, tmp_path):
+    """Any byte may be in a Maildir file name: not UTF-8, a newline. Each is learned
+    once and recognised at the next run."""
+    model = tmp_path / "learned.npz"
+    odd = [os.fsdecode(b"1700000010.\xff\xfe.mx:2,S"), "1700000011.a\nb.mx:2,S"]
+    for name in odd:
+        deliver(mailbox.junk, name, mailbox.moved_in)
+    first = learn_maildir(mailbox.root, model)
+    assert first.exit_code == 0, first.output
+    assert "learned 1 ham and 4 spam message(s)" in first.stdout
+    second = learn_maildir(mailbox.root, model)
+    assert second.exit_code == 0, second.output
+    assert ": 0 new message(s)" in second.stdout
+    state = (mailbox.root / STATE_FILE).read_bytes()
+    assert state.isascii() and len(state.splitlines()) == 1 + 9  # header + 9 messages
+
+
+def test_links_fifos_and_unreadable_entries_are_skipped_not_fatal(mailbox, tmp_path):
+    model = tmp_path / "learned.npz"
+    secret = tmp_path / "not-mail.txt"
+    secret.write_bytes(b"Subject: root's file\n\nmust never be read through a link\n")
+    os.symlink(secret, mailbox.junk / "cur" / "1700000020.link.mx:2,S")
+    os.mkfifo(mailbox.junk / "cur" / "1700000021.fifo.mx:2,S")  # a plain open() would block
+    result = learn_maildir(mailbox.root, model)
+    assert result.exit_code == 0, result.output
+    # The link and the FIFO are not listed as messages (not regular files); the rest is.
+    assert "learned 1 ham and 2 spam message(s)" in result.stdout
+
+
+def test_a_symlink_swapped_in_after_listing_is_not_followed(mailbox, tmp_path, monkeypatch):
+    from mailflow_plugins.bayes import learning
+
+    secret = tmp_path / "not-mail.txt"
+    secret.write_bytes(b"X-Spam-Status: No\n\nsecret\n")
+    target = mailbox.moved_in_path
+    listed = learning._messages
+
+    def swap_after_listing(folder):
+        for ident, path in listed(folder):
+            if path == target:
+                path.unlink()
+                os.symlink(secret, path)  # the race the O_NOFOLLOW open closes
+            yield ident, path
+
+    monkeypatch.setattr(learning, "_messages", swap_after_listing)
+    result = learn_maildir(mailbox.root, tmp_path / "learned.npz")
+    assert result.exit_code == 0, result.output
+    assert "1 unreadable" in result.stdout and "not learned from" in result.stderr
+    assert "learned 1 ham and 1 spam message(s)" in result.stdout
+
+
+def test_a_damaged_state_file_is_a_warning_not_a_crash(mailbox, tmp_path):
+    (mailbox.root / STATE_FILE).write_bytes(b"\xff\xfe garbage\njunk \x80\x81\n")
+    result = learn_maildir(mailbox.root, tmp_path / "learned.npz")
+    assert result.exit_code == 0, result.output
+    assert "learned 1 ham and 2 spam message(s)" in result.stdout
+    assert len(read_state(mailbox.root)) == 7  # rewritten whole
+
+
+def test_a_state_file_that_cannot_be_written_is_reported(mailbox, tmp_path):
+    model = tmp_path / "learned.npz"
+    (mailbox.root / STATE_FILE).mkdir()  # os.replace onto a directory fails, even for root
+    result = learn_maildir(mailbox.root, model)
+    assert result.exit_code == 1
+    assert "cannot write it" in result.stderr
+    assert "learned 1 ham and 2 spam message(s)" in result.stdout
+    assert model.exists()  # what was learned is saved; those messages come back next run

@@ -175,6 +175,21 @@ def test_corrupt_model_files_give_clear_errors(tmp_path, held_out):
     header["version"] = 1
     _rewrite(version1, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8))
     cases[version1] = "retrain with `mailflow train`"
+    for name, change in {
+        "seed": {"seed": "x"},
+        "bigseed": {"seed": 2**40},
+        "info": {"info": ["not", "an", "object"]},
+    }.items():
+        bad = tmp_path / f"{name}.npz"
+        bad.write_bytes(raw)
+        with np.load(good) as data:
+            changed = {**json.loads(data["header"].tobytes()), **change}
+        _rewrite(bad, header=np.frombuffer(json.dumps(changed).encode(), dtype=np.uint8))
+        cases[bad] = "seed" if "seed" in name else "info is not an object"
+    deep = tmp_path / "deep.npz"
+    deep.write_bytes(raw)
+    _rewrite(deep, header=np.frombuffer(b"[" * 100_000 + b"]" * 100_000, dtype=np.uint8))
+    cases[deep] = "corrupt model header"
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, header=np.array([{"evil": True}], dtype=object))
     cases[pickled] = "corrupt"  # object arrays need pickle, which is refused

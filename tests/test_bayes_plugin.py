@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from mailflow_plugins.bayes import BayesPlugin, Settings, shipped_model_path
+from mailflow_plugins.bayes.features import Hasher, extract_tokens
 from mailflow_plugins.bayes.model import Model
+from mailflow_plugins.bayes.training import featurize, train
 
 from mailflow.app import App
 from mailflow.check import check_message, report
 from mailflow.config import ConfigError, load_config
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.testing import make_message, running_server, send
-from tests.bayes_support import corpus_files, train_model
+from tests.bayes_support import corpus_files, label_of, train_model
 
 SPAM_TEXT = (
     "Dear friend, CLICK HERE to claim your FREE prize! Lowest mortgage rates, "
@@ -236,3 +240,27 @@ async def test_embedded_default_config_scores_with_the_shipped_model_and_accepts
     assert result["action"] == "accept"  # the default never rejects
     assert result["plugins"]["bayes"]["probability"] > 0.5
     assert shipped_model_path().exists()
+
+
+async def test_a_model_with_other_hashing_parameters_is_scored_with_them(make_config, tmp_path):
+    """A model file trained with a smaller column space or another seed is valid: the
+    plugin hashes tokens with the model's own parameters (not the defaults)."""
+    files = corpus_files("ham") + corpus_files("spam")
+    labels = np.array([label_of(p) for p in files])
+    hasher = Hasher(n_features=2**12, seed=7)
+    rows = featurize((p.read_bytes() for p in files), hasher)
+    model, _ = train(rows, labels, folds=3, n_features=2**12)
+    model.seed = 7
+    path = tmp_path / "small.npz"
+    model.save(path)
+    result = await _check(
+        bayes_config(make_config, path), make_message(subject="FREE money!!!", body=SPAM_TEXT)
+    )
+    details = result["plugins"]["bayes"]
+    assert details["probability"] > 0.5
+    raw = files[-1].read_bytes()  # a spam of the slice: the same score as the model's own
+    plugin = BayesPlugin(Settings(model=path, reload_interval=0))
+    plugin.mailflow_startup(SimpleNamespace(config=make_config("")))
+    assert plugin.classify(raw)["probability"] == pytest.approx(
+        model.probability(hasher.index(extract_tokens(raw))), abs=1e-6
+    )

@@ -172,7 +172,7 @@ class BayesPlugin:
 
     def __init__(self, settings: BayesSettings | None = None) -> None:
         self.settings = settings or BayesSettings()
-        self.hasher = Hasher()
+        self._hashers: dict[tuple[int, int], Hasher] = {}  # per (n_features, seed)
         self.holder: ModelHolder | None = None
         self.local_maildir: Any = None  # callable: recipient -> True when filed locally
         s = self.settings
@@ -220,7 +220,7 @@ class BayesPlugin:
         """``classify`` with the model given (no reload check)."""
         tokens = extract_tokens(message)
         top = self.settings.top_tokens
-        log_odds, contributions = model.score(tokens, self.hasher.column_array(tokens), top)
+        log_odds, contributions = model.score(tokens, self.hasher(model).column_array(tokens), top)
         details: dict[str, Any] = {
             "probability": round(logistic(log_odds), 6),
             "log_odds": round(log_odds, 3),
@@ -228,6 +228,15 @@ class BayesPlugin:
         if top:
             details["tokens"] = contributions
         return details
+
+    def hasher(self, model: Model) -> Hasher:
+        """The token hasher of ``model``'s hashing parameters (a model file may have
+        been trained with others than the defaults; its columns must match)."""
+        key = (model.n_features, model.seed)
+        hasher = self._hashers.get(key)
+        if hasher is None:
+            hasher = self._hashers[key] = Hasher(model.n_features, model.seed)
+        return hasher
 
     @hookimpl
     async def mailflow_data(self, message: Any) -> Result:

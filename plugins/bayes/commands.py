@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 import numpy as np
+from click.core import ParameterSource
 from mailflow_plugins.bayes import JUNK_FOLDER
 from mailflow_plugins.bayes.features import Hasher
 from mailflow_plugins.bayes.model import (
@@ -178,6 +179,7 @@ def learn_command(
     in ROOT/mailflow-learned), so a second run with no changes learns nothing.
     """
     from mailflow_plugins.bayes.learning import (
+        STATE_FILE,
         check_maildir,
         model_lock,
         read_state,
@@ -187,12 +189,18 @@ def learn_command(
 
     if not spam and not ham and not maildirs:
         _fail("say what to learn: --spam PATH, --ham PATH and/or --maildir ROOT")
+    ctx = click.get_current_context()
+    if maildirs and ctx.get_parameter_source("model_path") is ParameterSource.DEFAULT:
+        # From cron a default file in the current directory would be learned into
+        # and never scored with: say which file, the plugin's learn_model.
+        _fail("--maildir needs --model: the file the bayes plugin's learn_model names")
     roots = [Path(root) for root in maildirs]
     for root in roots:
         problem = check_maildir(root)
         if problem:
             _fail(problem)
     path = Path(model_path)
+    failed = False
     with model_lock(path):  # another learner (quarantine feedback) waits for this one
         if path.exists():
             model = _load_model(path)
@@ -204,31 +212,46 @@ def learn_command(
         hasher = Hasher(model.n_features, model.seed)
         ham_rows = _read(ham, "ham", hasher) if ham else []
         spam_rows = _read(spam, "spam", hasher) if spam else []
-        scans = [scan_maildir(root, status_header, read_state(root)) for root in roots]
-        for found in scans:
+        scans = []
+        for root in roots:
+            found = scan_maildir(root, status_header, read_state(root), hasher)
+            scans.append(found)
+            unreadable = f", {found.unreadable} unreadable" if found.unreadable else ""
             click.echo(
                 f"{found.root}: {found.new} new message(s): {len(found.spam)} moved into "
                 f"{JUNK_FOLDER} (spam), {len(found.ham)} moved out of it (ham), "
-                f"{found.skipped} where mailflow put them (skipped)"
+                f"{found.skipped} where mailflow put them (skipped){unreadable}"
             )
-            spam_rows += featurize(found.spam, hasher)
-            ham_rows += featurize(found.ham, hasher)
+            spam_rows += found.spam
+            ham_rows += found.ham
         if ham_rows or spam_rows:  # else the file is left alone (no needless reload)
             model.learn(ham_rows + spam_rows, [HAM] * len(ham_rows) + [SPAM] * len(spam_rows))
             model.info = {**model.info, "updated": now()}
             model.save(path)
-    # Only once the model is saved: a crash in between learns them again next time
-    # rather than marking them seen without having learned them.
-    for found in scans:
-        write_state(found.root, found.present)
+        # Once the model is saved, and before the lock is released (a run that starts
+        # meanwhile must see what this one learned). A state that cannot be written
+        # is reported; those messages are looked at again next run, where learning
+        # one that is already on the right side changes (almost) nothing.
+        for found in scans:
+            try:
+                write_state(found.root, found.present)
+            except OSError as exc:
+                click.echo(
+                    f"mailflow: {found.root / STATE_FILE}: cannot write it ({exc}); "
+                    "its messages will be looked at again",
+                    err=True,
+                )
+                failed = True
     if not ham_rows and not spam_rows:
         click.echo(f"learned 0 ham and 0 spam message(s); {path} left as it was")
-        return
-    total_ham, total_spam = (int(c) for c in model.class_counts)
-    click.echo(
-        f"learned {len(ham_rows)} ham and {len(spam_rows)} spam message(s); "
-        f"{path} has now seen {total_ham} ham, {total_spam} spam"
-    )
+    else:
+        total_ham, total_spam = (int(c) for c in model.class_counts)
+        click.echo(
+            f"learned {len(ham_rows)} ham and {len(spam_rows)} spam message(s); "
+            f"{path} has now seen {total_ham} ham, {total_spam} spam"
+        )
+    if failed:
+        sys.exit(1)
 
 
 @click.command("evaluate")

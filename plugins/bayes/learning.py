@@ -25,7 +25,13 @@ Only messages not seen at the previous run are looked at. A message's identity i
 its folder plus its Maildir unique name without the ``:2,flags`` info (``new/`` ->
 ``cur/`` and flag changes keep it; a move to another folder is a new identity there).
 The identities present at a run are written to ``ROOT/mailflow-learned``: one line
-each, and only those still present, so the file never outgrows the mailbox.
+each, the file name's bytes percent-encoded (any byte, a newline too, round-trips),
+and only those still present, so the file never outgrows the mailbox.
+
+A Maildir belongs to a user and ``learn --maildir`` often runs as root: a message
+is opened without following symbolic links and without blocking, and read only if
+it is a regular file of at most MAX_MESSAGE_BYTES; anything else, or a file that
+cannot be read, is skipped with a warning (and looked at again next run).
 """
 
 from __future__ import annotations
@@ -33,13 +39,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
+import sys
 import tempfile
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
 
+import numpy as np
 from mailflow_plugins.bayes import JUNK_FOLDER
 from mailflow_plugins.bayes.features import Hasher
 from mailflow_plugins.bayes.model import HAM, SPAM, Model, now
@@ -50,6 +60,7 @@ LABELS = {"ham": HAM, "spam": SPAM}
 STATE_FILE = "mailflow-learned"
 STATE_HEADER = "# mailflow learn --maildir: messages seen at the last run (folder unique-name)"
 HEAD_BYTES = 64 * 1024  # read this much to find the status header; more if needed
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # larger files in a Maildir are not learned from
 
 
 @contextlib.contextmanager
@@ -57,7 +68,9 @@ def model_lock(path: str | Path) -> Iterator[None]:
     """Hold the exclusive lock of model file ``path`` (created next to it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    # Read-only is enough for flock, so a lock file another user created (cron as
+    # root, the quarantine commands as the mailflow user) locks for everyone.
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -87,18 +100,29 @@ def learn_messages(
 
 
 def identity(name: str) -> str:
-    """A Maildir file name without its info (``:2,FLAGS``): the same while flags change."""
-    return name.split(":", 1)[0]
+    """A Maildir file name without its info (``:2,FLAGS``): the same while flags change,
+    percent-encoded so that any file name (undecodable bytes, a newline) is one safe
+    line of the state file."""
+    return urllib.parse.quote(os.fsencode(name.split(":", 1)[0]), safe="")
+
+
+def warn(message: str) -> None:
+    print(f"mailflow: {message}", file=sys.stderr)
 
 
 @dataclass
 class Feedback:
-    """What one scan of a Maildir found among the messages not seen before."""
+    """What one scan of a Maildir found among the messages not seen before.
+
+    The messages are kept as feature rows (hashed as they are read), not as bytes,
+    so a large Junk folder costs a few KB per message, not its size.
+    """
 
     root: Path
-    spam: list[bytes] = field(default_factory=list)  # moved into .Junk by the user
-    ham: list[bytes] = field(default_factory=list)  # moved out of .Junk by the user
+    spam: list[np.ndarray] = field(default_factory=list)  # moved into .Junk by the user
+    ham: list[np.ndarray] = field(default_factory=list)  # moved out of .Junk by the user
     skipped: int = 0  # new, but where mailflow put them: nothing to learn
+    unreadable: int = 0  # not a regular file, too large, or could not be read: next run
     present: set[str] = field(default_factory=set)  # identities to remember
 
     @property
@@ -112,6 +136,9 @@ def _messages(folder: Path) -> Iterator[tuple[str, Path]]:
         try:
             entries = list(os.scandir(folder / sub))
         except FileNotFoundError:
+            continue
+        except OSError as exc:
+            warn(f"{folder / sub}: cannot list it ({exc.strerror}); skipped")
             continue
         for entry in entries:
             if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
@@ -127,26 +154,55 @@ def spam_status(raw_head: bytes, status_header: str) -> bool | None:
     return {"yes": True, "no": False}.get(verdict)
 
 
-def _read(path: Path, status_header: str) -> tuple[bytes, bool | None] | None:
-    """The message and its status; None when it is gone (moved meanwhile)."""
+class Unreadable(Exception):
+    """A Maildir entry that is not a regular file, too large, or cannot be read."""
+
+
+def _read(path: Path, status_header: str) -> tuple[bytes, bool | None, int] | None:
+    """The message's head (or all of it), its status, and its size; None when it is
+    gone (moved meanwhile). Raises Unreadable for what must not or cannot be read."""
     try:
-        with path.open("rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a symbolic link (ELOOP), no permission, ...
+        raise Unreadable(exc.strerror or str(exc)) from None
+    with open(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise Unreadable("not a regular file")
+        if info.st_size > MAX_MESSAGE_BYTES:
+            raise Unreadable(f"larger than {MAX_MESSAGE_BYTES} bytes")
+        try:
             raw = fh.read(HEAD_BYTES)
             if len(raw) == HEAD_BYTES and b"\n\n" not in raw and b"\r\n\r\n" not in raw:
-                raw += fh.read()  # a header block longer than HEAD_BYTES
-            status = spam_status(raw, status_header)
-            return raw, status
-    except FileNotFoundError:
-        return None
+                raw += fh.read(MAX_MESSAGE_BYTES)  # a header block longer than HEAD_BYTES
+        except OSError as exc:
+            raise Unreadable(exc.strerror or str(exc)) from None
+    return raw, spam_status(raw, status_header), info.st_size
 
 
-def _read_rest(path: Path, head: bytes) -> bytes | None:
-    if len(head) < HEAD_BYTES:
-        return head
+def _read_rest(path: Path, head: bytes, size: int) -> bytes | None:
+    """The whole message, given what ``_read`` got of it."""
+    return head if len(head) >= size else _whole(path)
+
+
+def _whole(path: Path) -> bytes | None:
+    """All of a message (already checked to be a regular file of a bounded size)."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise Unreadable(exc.strerror or str(exc)) from None
+    with open(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_MESSAGE_BYTES:
+            raise Unreadable("changed while it was read")
+        try:
+            return fh.read(MAX_MESSAGE_BYTES + 1)[:MAX_MESSAGE_BYTES]
+        except OSError as exc:
+            raise Unreadable(exc.strerror or str(exc)) from None
 
 
 def check_maildir(root: Path) -> str | None:
@@ -158,8 +214,9 @@ def check_maildir(root: Path) -> str | None:
     return None
 
 
-def scan_maildir(root: Path, status_header: str, seen: set[str]) -> Feedback:
-    """The user's feedback in Maildir ``root`` among the messages not in ``seen``."""
+def scan_maildir(root: Path, status_header: str, seen: set[str], hasher: Hasher) -> Feedback:
+    """The user's feedback in Maildir ``root`` among the messages not in ``seen``,
+    hashed into feature rows with ``hasher`` as it is read."""
     found = Feedback(root)
     for folder, junk in ((root, False), (root / JUNK_FOLDER, True)):
         prefix = "junk" if junk else "inbox"
@@ -168,13 +225,18 @@ def scan_maildir(root: Path, status_header: str, seen: set[str]) -> Feedback:
             if key in seen:
                 found.present.add(key)
                 continue
-            read = _read(path, status_header)
-            if read is None:
-                continue  # moved while we looked: seen in its new place next time
-            head, status = read
-            # In .Junk without our Yes: moved in. In the inbox with our Yes: moved out.
-            signal = (junk and status is not True) or (not junk and status is True)
-            raw = _read_rest(path, head) if signal else head
+            try:
+                read = _read(path, status_header)
+                if read is None:
+                    continue  # moved while we looked: seen in its new place next time
+                head, status, size = read
+                # In .Junk without our Yes: moved in. In the inbox with our Yes: moved out.
+                signal = (junk and status is not True) or (not junk and status is True)
+                raw = _read_rest(path, head, size) if signal else head
+            except Unreadable as exc:
+                warn(f"{path}: not learned from ({exc}); tried again next run")
+                found.unreadable += 1
+                continue
             if raw is None:
                 continue
             found.present.add(key)
@@ -182,17 +244,20 @@ def scan_maildir(root: Path, status_header: str, seen: set[str]) -> Feedback:
                 found.skipped += 1
             elif not raw.strip():
                 found.skipped += 1  # an empty file: nothing to learn from
-            elif junk:
-                found.spam.append(raw)
             else:
-                found.ham.append(raw)
+                (found.spam if junk else found.ham).extend(featurize([raw], hasher))
     return found
 
 
 def read_state(root: Path) -> set[str]:
+    """The identities seen at the last run (an unreadable or damaged file: a warning,
+    and the lines that can be read; what is lost is looked at again, once)."""
     try:
-        text = (root / STATE_FILE).read_text("utf-8")
+        text = (root / STATE_FILE).read_bytes().decode("ascii", errors="replace")
     except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        warn(f"{root / STATE_FILE}: cannot read it ({exc.strerror}); every message is new")
         return set()
     return {line for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -202,7 +267,7 @@ def write_state(root: Path, keys: Iterable[str]) -> None:
     text = "\n".join([STATE_HEADER, *sorted(keys)]) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=root)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:  # identities are percent-encoded
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

@@ -275,7 +275,7 @@ class Model:
                 header_bytes = data["header"]
                 try:
                     header = json.loads(header_bytes.tobytes().decode())
-                except (UnicodeDecodeError, ValueError):
+                except (UnicodeDecodeError, ValueError, RecursionError):
                     raise ModelError(f"{path}: corrupt model header") from None
                 if not isinstance(header, dict) or header.get("format") != FORMAT:
                     raise ModelError(f"{path}: not a mailflow bayes model")
@@ -302,6 +302,11 @@ class Model:
             raise ModelError(f"{path}: model arrays have the wrong type")
         if _digest(weights, cc) != header.get("sha256"):
             raise ModelError(f"{path}: checksum mismatch (corrupt or modified model file)")
+        seed = header.get("seed", HASH_SEED)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise ModelError(f"{path}: model header has no valid hash seed")
+        if not isinstance(header.get("info", {}), dict):
+            raise ModelError(f"{path}: model header's info is not an object")
         numbers = {key: header.get(key) for key in ("bias", "scale", "C")}
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers.values()):
             raise ModelError(f"{path}: model header has no valid bias, scale and C")
@@ -318,7 +323,7 @@ class Model:
             scale=float(header["scale"]),
             class_counts=cc.copy(),
             n_features=n,
-            seed=int(header.get("seed", HASH_SEED)),
+            seed=seed,
             C=float(header["C"]),
             info=dict(header.get("info") or {}),
         )
