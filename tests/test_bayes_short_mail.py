@@ -1,10 +1,12 @@
 """Ordinary short business mail, sent through a real ``serve`` with the embedded
 default config, is delivered to the inbox: none of it lands in ``.Junk``.
 
-The messages (``tests/messages/short_business/``) were written for this test:
-meetings, replies, invoices and delivery notes with a PDF, notifications, plain
-text, HTML only and multipart/alternative. The embedded default config files mail
-with a score of 8 or more (bayes probability >= 0.9) into ``.Junk``.
+The messages were written for this test: meetings, replies, invoices and delivery
+notes with a PDF, notifications, plain text, HTML only and multipart/alternative.
+``short_business/`` was looked at while the model's block floors were chosen;
+``short_business_heldout/`` was written afterwards and never used to choose anything.
+The embedded default config files mail with a score of 8 or more (bayes probability
+>= 0.9) into ``.Junk``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import mailflow
 from mailflow.config import parse_config
 from mailflow.testing import running_server, send
 
-MESSAGES = Path(__file__).parent / "messages" / "short_business"
+MESSAGE_DIRS = [
+    Path(__file__).parent / "messages" / "short_business",
+    Path(__file__).parent / "messages" / "short_business_heldout",
+]
 
 
 def _default_config(tmp_path: Path):
@@ -31,8 +36,8 @@ def _default_config(tmp_path: Path):
 
 
 def test_the_set_covers_plain_html_and_attachments():
-    raws = [p.read_bytes() for p in MESSAGES.glob("*.eml")]
-    assert len(raws) >= 15
+    raws = [p.read_bytes() for d in MESSAGE_DIRS for p in d.glob("*.eml")]
+    assert len(raws) >= 25
     assert any(b"text/html" in r and b"multipart/alternative" not in r for r in raws)
     assert any(b"multipart/alternative" in r for r in raws)
     assert any(b"application/pdf" in r for r in raws)
@@ -42,7 +47,7 @@ def test_the_set_covers_plain_html_and_attachments():
 async def test_short_business_mail_is_not_filed_as_junk(tmp_path):
     config = _default_config(tmp_path)
     assert [p.name for p in config.plugins] == ["bayes"]  # the default chain scores it
-    files = sorted(MESSAGES.glob("*.eml"))
+    files = sorted(p for d in MESSAGE_DIRS for p in d.glob("*.eml"))
     async with running_server(config) as srv:
         for i, path in enumerate(files):
             raw = path.read_bytes().replace(b"\n", b"\r\n")
@@ -56,7 +61,7 @@ async def test_short_business_mail_is_not_filed_as_junk(tmp_path):
         assert len(inbox) + len(junk) == 1, (path.name, inbox, junk)
         copy = (inbox or junk)[0].read_bytes()
         status = next(x for x in copy.splitlines() if x.startswith(b"X-Spam-Status:"))
-        statuses[path.name] = ("junk" if junk else "inbox", status.decode())
+        statuses[f"{path.parent.name}/{path.name}"] = ("junk" if junk else "inbox", status.decode())
     filed_as_junk = {name: s for name, s in statuses.items() if s[0] == "junk"}
     assert not filed_as_junk
     assert all(s[1].startswith("X-Spam-Status: No") for s in statuses.values()), statuses
