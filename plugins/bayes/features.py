@@ -183,14 +183,14 @@ def _add_words(lowered: str, out: set[str]) -> None:
     out.update(runs)
 
 
-def _text_tokens(text: str, out: set[str]) -> None:
-    """Body words (no prefix), a money flag and URL domains."""
+def _text_tokens(text: str, out: set[str], urls: set[str]) -> None:
+    """Body words (no prefix) and a money flag into ``out``, URL domains into ``urls``."""
     lowered = strip_list_footer(text[:MAX_TEXT_CHARS]).lower()
     _add_words(lowered, out)
     # Substring tests first: a scan with a leading character class is much slower.
     if ("$" in lowered or "€" in lowered or "£" in lowered) and _MONEY.search(lowered):
         out.add("$money")
-    _url_tokens(lowered, out)
+    _url_tokens(lowered, urls)
 
 
 def _header_tokens(view: MessageView, out: set[str]) -> None:
@@ -357,6 +357,7 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
     """
     view = MessageView(message) if isinstance(message, bytes) else message
     out: set[str] = set()
+    urls: set[str] = set()  # the u: tokens, kept apart until the summary counts them
     if view.size > HUGE_BYTES:
         out.add("m:=huge")
     _header_tokens(view, out)
@@ -386,7 +387,7 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
                 lowered = markup.lower()
                 out.update(map("tag:".__add__, element_names(markup)))
                 # URLs hide in attributes, so take them from the markup, words from the text.
-                _url_tokens(lowered, out)
+                _url_tokens(lowered, urls)
                 # The part's plain text is shared with the rules plugin (converted once);
                 # of a larger part only the first MAX_MARKUP_CHARS are converted.
                 # The length counted is that of the text before blank runs are collapsed.
@@ -401,7 +402,7 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
                 body_chars += len(text)
             text = text[: min(MAX_TEXT_CHARS, budget)]
             budget -= len(text)
-            _text_tokens(text, out)
+            _text_tokens(text, out, urls)
         else:
             out.add("att:" + ctype[:40])
             if "." in filename:
@@ -409,21 +410,19 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
     if has_html and not has_plain:
         out.add("m:=html-only")
     out.add("m:len" + bucket(body_chars // 256, 10))
+    urls -= ARTEFACTS
     out -= ARTEFACTS
-    _summary_tokens(out)
+    _summary_tokens(out, urls)
+    out |= urls
     return list(out)
 
 
-def _summary_tokens(out: set[str]) -> None:
+def _summary_tokens(out: set[str], urls: set[str]) -> None:
     """Tokens about the message as a whole: how many link domains and top-level
-    domains it has, and images in HTML with little or no text (image spam)."""
-    hosts = tlds = 0
-    for token in out:
-        if token.startswith("u:"):
-            if token.startswith("u:tld:"):
-                tlds += 1
-            else:
-                hosts += 1
+    domains it has (``urls``: its ``u:`` tokens), and images in HTML with little or
+    no text (image spam)."""
+    tlds = sum(1 for token in urls if token.startswith("u:tld:"))
+    hosts = len(urls) - tlds
     out.add(f"u:n{min(hosts, 6)}")
     out.add(f"u:ntld{min(tlds, 4)}")
     if "tag:img" in out:
