@@ -87,12 +87,14 @@ def test_hasher_columns_with_and_without_cache_misses():
     assert hasher.columns(iter(["zz", *tokens])) == [zz, *expected]  # one miss, an iterator
 
 
-def test_log_odds_of_columns_equals_log_odds_of_unique_columns():
+def test_score_counts_a_repeated_column_once():
     rng = np.random.default_rng(0)
     model = Model(rng.normal(size=64).astype(np.float32), bias=0.1, scale=1.5, n_features=64)
     for _ in range(50):
         columns = rng.integers(0, 64, size=int(rng.integers(0, 30)))  # repeats likely
-        assert model.log_odds_of_columns(columns) == model.log_odds(np.unique(columns))
+        tokens = [f"t{c}" for c in columns]
+        log_odds, _ = model.score(tokens, columns, 5)  # repeats count once
+        assert log_odds == pytest.approx(model.log_odds(np.unique(columns)), abs=1e-9)
 
 
 def test_column_array_matches_columns():

@@ -151,10 +151,6 @@ class Model:
         total = float(self.weights[cols].astype(np.float64) @ values)
         return self.scale * (self.bias + total)
 
-    def log_odds_of_columns(self, columns: np.ndarray) -> float:
-        """``log_odds`` for hashed columns that may repeat and are in any order."""
-        return self.log_odds(np.unique(columns))
-
     def probability(self, cols: np.ndarray) -> float:
         return logistic(self.log_odds(cols))
 
@@ -162,15 +158,6 @@ class Model:
         """Spam probability of each row of a ``design_matrix``."""
         z = self.scale * (X @ self.weights.astype(np.float64) + self.bias)
         return 1.0 / (1.0 + np.exp(-np.clip(z, -700, 700)))
-
-    def contributions(
-        self, tokens: list[str], columns: np.ndarray, top: int
-    ) -> list[dict[str, Any]]:
-        """The ``top`` tokens that moved the score most (positive: towards spam).
-
-        ``columns[i]`` is the hashed column of ``tokens[i]`` (see ``Hasher.columns``).
-        """
-        return self.score(tokens, columns, top)[1]
 
     def score(
         self, tokens: list[str], columns: np.ndarray, top: int
