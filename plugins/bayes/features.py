@@ -7,9 +7,8 @@ counts once per message, which keeps long messages from drowning short ones.
 
 Deliberately left out, because they identify the training corpus rather than
 spam (and would not generalise to other sites or years): dates and times, message
-IDs, host names and IP addresses in Received headers, list headers, plain numbers,
-and mailing-list subject tags such as ``[ILUG]``. Relay-path features keep only
-shape: hop count, top-level domains and whether hosts look dynamic or unknown.
+IDs, the relay path (Received headers), list headers, plain numbers, and
+mailing-list subject tags such as ``[ILUG]``.
 """
 
 from __future__ import annotations
@@ -71,10 +70,7 @@ _ASCII_UPPER = string.ascii_uppercase.encode()
 _ASCII_LETTERS = string.ascii_letters.encode()
 _LIST_TAG = re.compile(r"\[[^\]]{1,40}\]")  # "[ILUG]", "[SAtalk]": list names, not content
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
-_RCV_FROM = re.compile(r"^\s*from\s+(\S+)(?:\s+\(([^)]*)\))?", re.IGNORECASE)
 # Reverse names of consumer lines ("dsl-1-2-3.isp.net", "pool-...") rather than servers.
-_DYNAMIC = re.compile(r"(dsl|dial|dyn|pool|dhcp|ppp|cable|\d+[-.]\d+[-.]\d+[-.]\d+)")
-_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "[127.0.0.1]"})
 # Placeholders the SpamAssassin corpus put in place of its owners' addresses (see the
 # corpus README): as features they would only teach the model that corpus.
 ARTEFACTS = frozenset({"zzzz", "taint", "s:zzzz", "s:taint", "u:taint.org", "f:taint.org"})
@@ -229,18 +225,9 @@ def _header_tokens(view: MessageView, out: set[str]) -> None:
             out.update(_cached(_mailer_tokens, mailer))
     if "x-priority" in h or "x-msmail-priority" in h:
         out.add("h:=priority")
-
-    # Not the number of hops: it says where a corpus was collected (and every
-    # relay, mailflow included, adds one), not whether the mail is spam.
-    received = h.get("received", ())
-    for value in received:
-        rm = _RCV_FROM.match(value if value.isascii() else header_text(value))
-        if rm is not None:
-            helo, comment = rm.group(1), rm.group(2) or ""
-            if len(helo) + len(comment) > _VALUE_CACHE_CHARS:
-                out.update(_hop_tokens.__wrapped__(helo, comment))
-            else:
-                out.update(_hop_tokens(helo, comment))
+    # No Received tokens: the relay path says where a corpus was collected and how
+    # the sender's site is built (every relay, mailflow too, adds a hop; people send
+    # from home addresses that look dynamic), not whether the mail is spam.
 
 
 _T = TypeVar("_T")
@@ -319,33 +306,6 @@ def _mailer_tokens(raw: str) -> tuple[str, ...]:
     """``xm:`` + the first word (the product) of an X-Mailer or User-Agent value."""
     product = _words(raw.lower())
     return (f"xm:{product[0]}",) if product else ()
-
-
-@functools.lru_cache(maxsize=4096)
-def _hop_tokens(helo: str, comment: str) -> tuple[str, ...]:
-    """Tokens of one "Received: from HELO (COMMENT)" hop (cached: relays repeat).
-
-    A reverse name longer than a DNS name can be is no name (and the digit-run
-    pattern below would take time growing with the square of its length).
-    """
-    helo, comment = helo.lower(), comment.lower()
-    if helo in _LOCAL_NAMES or ("." not in helo and not helo.startswith("[")):
-        return ()  # hops inside the receiving site say nothing about the sender
-    out = []
-    if helo.startswith("[") or _IPV4.match(helo):
-        out.append("rcv:=ip-helo")
-    if "unknown" in comment:
-        out.append("rcv:=unknown")
-    words = comment.split()
-    reverse = words[0] if words and not words[0].startswith("[") else ""
-    if len(reverse) > MAX_HOST_CHARS:
-        reverse = ""
-    if reverse and _DYNAMIC.search(reverse):
-        out.append("rcv:=dynamic")
-    tld = (reverse or helo).rstrip(".").rsplit(".", 1)[-1]
-    if tld.isalpha() and 2 <= len(tld) <= 6:
-        out.append("rcv:tld:" + tld)
-    return tuple(out)
 
 
 def extract_tokens(message: bytes | MessageView) -> list[str]:

@@ -55,7 +55,7 @@ DEFAULT_C = 3.0
 # carries less evidence than a long one, so its few words must not weigh as much
 # as a whole letter's (docs/plugins/bayes.md, "How the model was chosen").
 BODY_FLOOR = 100
-META_FLOOR = 20
+META_FLOOR = 30
 # Learning one message: at most this many gradient steps of this size on it.
 LEARN_STEPS = 8
 LEARN_RATE = 0.5
