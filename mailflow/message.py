@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import Message
+from enum import StrEnum
 from typing import Any
 
 from mailflow.mime import (
@@ -116,6 +117,26 @@ class PluginRun:
         return out
 
 
+class Delivery(StrEnum):
+    """What became of an accepted message as a whole (``ctx.delivery``; the
+    ``delivery`` field of the message log line, as its string value).
+
+    Set by the front end that answered (discarded, quarantined, refused, ...) and by
+    the dispatcher (``mailflow.delivery.dispatch``) for what it stored or handed on.
+    """
+
+    DELIVERED = "delivered"  # every copy delivered or handed on before the reply
+    DELIVERED_QUEUED = "delivered+queued"  # some copies delivered, the others spooled
+    QUEUED = "queued"  # spooled; the queue delivers it
+    QUARANTINED = "quarantined"
+    DISCARDED = "discarded"
+    NO_RECIPIENTS = "no recipients left"  # plugins removed every recipient
+    REFUSED_UPSTREAM = "refused upstream"  # the next hop refused every copy for good
+    STORE_FAILED = "store failed"  # could not be stored: the client was told 451
+    REFUSED = "refused"  # milter: the MTA was told to reject or tempfail
+    MILTER = "milter"  # milter: handed back to the MTA, which delivers
+
+
 @dataclass(slots=True)
 class Envelope:
     mail_from: str = ""  # "" is the null sender <>
@@ -155,6 +176,8 @@ class MessageContext:
         self.reply: SMTPReply | None = None
         self.reason: str = ""
         self.decided_by: str = ""
+        # What became of the message (None until a front end or delivery decides).
+        self.delivery: Delivery | None = None
         self.extra: dict[str, Any] = {}  # free space for plugins to share data
 
     # --- raw access -----------------------------------------------------------------------

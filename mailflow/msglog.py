@@ -33,7 +33,7 @@ def message_record(ctx: MessageContext, reply: str, elapsed_ms: float) -> dict[s
         "score": round(ctx.score, 3),
         "reply": reply,
         "reason": ctx.reason or None,
-        "delivery": ctx.extra.get("delivery", ""),
+        "delivery": ctx.delivery.value if ctx.delivery is not None else "",
         "plugins": plugin_summary(ctx),
         "time_ms": round(elapsed_ms, 2),
     }

@@ -32,7 +32,14 @@ from mailflow.authlimit import AuthGuard, Scope
 from mailflow.config import AuthThrottleConfig, parse_listen
 from mailflow.delivery.outcome import RefusedUpstream
 from mailflow.delivery.spool import new_queue_id
-from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
+from mailflow.message import (
+    Connection,
+    Delivery,
+    Envelope,
+    MessageContext,
+    PluginRun,
+    format_header,
+)
 from mailflow.mime import HeaderBlock
 from mailflow.msglog import record_after_reply
 from mailflow.normalize import has_bare_newline, normalize_newlines
@@ -339,25 +346,26 @@ class Handler:
             )
             return str(reply)
         if action is Action.DISCARD:
-            ctx.extra["delivery"] = "discarded"
+            ctx.delivery = Delivery.DISCARDED
             return f"250 2.0.0 Ok: {ctx.queue_id} discarded"
         try:
             if action is Action.QUARANTINE:
                 await self.quarantine.store(ctx)
-                ctx.extra["delivery"] = "quarantined"
+                ctx.delivery = Delivery.QUARANTINED
                 return f"250 2.0.0 Ok: queued as {ctx.queue_id}"
             if not ctx.envelope.rcpt_tos:
-                ctx.extra["delivery"] = "no recipients left"
+                ctx.delivery = Delivery.NO_RECIPIENTS
                 return f"250 2.0.0 Ok: {ctx.queue_id} (no recipients left)"
             await self.enqueue(ctx)
         except RefusedUpstream as refused:
-            ctx.extra["delivery"] = "refused upstream"
+            ctx.delivery = Delivery.REFUSED_UPSTREAM
             return refused.reply()
         except Exception:
             log.exception("queue %s: could not store message", ctx.queue_id)
-            ctx.extra["delivery"] = "store failed"
+            ctx.delivery = Delivery.STORE_FAILED
             return str(R_SPOOL_FAILED)
-        ctx.extra.setdefault("delivery", "queued")
+        if ctx.delivery is None:
+            ctx.delivery = Delivery.QUEUED
         return f"250 2.0.0 Ok: queued as {ctx.queue_id}"
 
     def received_header(

@@ -13,8 +13,7 @@ import aiosmtplib
 import pytest
 from aiosmtpd.lmtp import LMTP
 
-from mailflow.app import App
-from mailflow.delivery.lmtp import LMTPTransport, dot_stuff
+from mailflow.delivery.lmtp import LMTPTransport
 from mailflow.delivery.outcome import Outcome
 from mailflow.delivery.spool import QueueEntry, RecipientState
 from mailflow.testing import (
@@ -50,24 +49,12 @@ def entry_for(rcpts: list[str], sender: str = "alice@example.org") -> QueueEntry
 
 async def deliver(config, rcpts: list[str], message: bytes) -> dict[str, tuple[int, str]]:
     entry = entry_for(rcpts)
-    transport = LMTPTransport(App(config))
+    transport = LMTPTransport(config)
     try:
         outcomes = await transport(entry, message, entry.recipients, ROUTE)
     finally:
         await transport.aclose()  # it keeps the session for the next delivery
     return {k: (v.code, v.text) for k, v in outcomes.items()}
-
-
-# --- dot-stuffing -------------------------------------------------------------------------------
-
-
-def test_dot_stuffing_doubles_leading_dots_and_terminates():
-    assert dot_stuff(b".a\r\nb\r\n..c\r\n") == b"..a\r\nb\r\n...c\r\n.\r\n"
-
-
-def test_dot_stuffing_fixes_bare_newlines_and_a_missing_final_crlf():
-    assert dot_stuff(b"a\nb") == b"a\r\nb\r\n.\r\n"
-    assert dot_stuff(b"a\r\n.") == b"a\r\n..\r\n.\r\n"
 
 
 # --- one reply per recipient --------------------------------------------------------------------
@@ -162,7 +149,7 @@ async def test_server_closing_after_data_leaves_recipients_to_retry(make_config)
 async def test_deliveries_reuse_one_session_and_it_is_closed_at_shutdown(make_config):
     async with smtp_sink(SinkBehaviour(), lmtp=True) as sink:
         config = lmtp_config(make_config, f"host: 127.0.0.1, port: {sink.port}")
-        transport = LMTPTransport(App(config))
+        transport = LMTPTransport(config)
         try:
             for i in range(3):
                 entry = entry_for([f"u{i}@example.com"])
@@ -198,7 +185,7 @@ async def test_a_reused_session_the_server_dropped_is_replaced_once(make_config)
         writer.close()
 
     async with fake_lmtp(handle) as port:
-        transport = LMTPTransport(App(lmtp_config(make_config, f"host: 127.0.0.1, port: {port}")))
+        transport = LMTPTransport(lmtp_config(make_config, f"host: 127.0.0.1, port: {port}"))
         try:
             for rcpt in ("first@example.com", "second@example.com"):
                 entry = entry_for([rcpt])
@@ -357,13 +344,33 @@ async def test_a_pipelining_server_gets_the_transaction_in_one_go(make_config):
 
 
 async def test_pipelined_with_every_recipient_refused_no_message_is_sent(make_config):
+    """No message after a refused DATA; the next delivery on the same session starts
+    with RSET (the server may still hold the refused transaction)."""
     seen: list[bytes] = []
     replies = [b"250 ok\r\n", b"550 5.1.1 no\r\n", b"452 4.2.2 full\r\n"]
     replies.append(b"554 5.5.1 no valid recipients\r\n")
+    # The next transaction: MAIL, RCPT, DATA, then the recipient's reply.
+    replies += [b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n", b"250 2.0.0 c stored\r\n"]
     async with fake_lmtp(pipelining_lmtp(replies, seen)) as port:
-        config = lmtp_config(make_config, f"host: 127.0.0.1, port: {port}")
-        rcpts = ["a@example.com", "b@example.com"]
-        outcomes = await asyncio.wait_for(deliver(config, rcpts, make_message()), 10)
-    assert outcomes == {"a@example.com": (550, "5.1.1 no"), "b@example.com": (452, "4.2.2 full")}
-    assert b"RSET\r\n" in seen  # the session is left clean for the next delivery
-    assert not any(line.startswith(b"Subject:") for line in seen)
+        transport = LMTPTransport(lmtp_config(make_config, f"host: 127.0.0.1, port: {port}"))
+        try:
+            first = entry_for(["a@example.com", "b@example.com"])
+            refused = await asyncio.wait_for(
+                transport(first, make_message(subject="one"), first.recipients, ROUTE), 10
+            )
+            assert not any(line.startswith(b"Subject:") for line in seen)
+            second = entry_for(["c@example.com"])
+            stored = await asyncio.wait_for(
+                transport(second, make_message(subject="two"), second.recipients, ROUTE), 10
+            )
+        finally:
+            await transport.aclose()
+    assert refused == {
+        "a@example.com": Outcome(550, "5.1.1 no"),
+        "b@example.com": Outcome(452, "4.2.2 full"),
+    }
+    assert stored == {"c@example.com": Outcome(250, "2.0.0 c stored")}
+    commands = [line.split(b" ")[0].rstrip() for line in seen if line[:4].isupper()]
+    assert commands[:6] == [b"LHLO", b"MAIL", b"RCPT", b"RCPT", b"DATA", b"RSET"]
+    assert commands[6:9] == [b"MAIL", b"RCPT", b"DATA"]
+    assert b"Subject: two\r\n" in seen

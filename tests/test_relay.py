@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mailflow.app import App
-from mailflow.delivery.relay import RelayTransport
+from mailflow.delivery.relay import RelayTransport, relay_pool
 from mailflow.delivery.spool import QueueEntry, RecipientState, Spool
 from mailflow.testing import SinkBehaviour, free_port, make_message, running_server, smtp_sink
 from mailflow.verdict import Route, RouteKind
@@ -150,24 +149,24 @@ async def test_a_pooled_session_closed_by_the_server_is_replaced(make_config):
 
 
 async def test_route_to_target_none_fails_permanently(make_config):
-    app = App(make_config())
-    transport = RelayTransport(app)
+    config = make_config()
+    transport = RelayTransport(config, relay_pool(config))
     entry = QueueEntry("Q1", SENDER, [], created=0.0)
     rcpt = RecipientState("bob@remote.test", {"kind": "relay", "target": "none"})
     outcomes = await transport(entry, b"x", [rcpt], Route(RouteKind.RELAY, target="none"))
     assert outcomes["bob@remote.test"].code == 550
     assert "5.7.1 relaying not configured" in outcomes["bob@remote.test"].text
-    await transport.aclose()
+    await transport.pool.aclose()
 
 
 async def test_unknown_relay_target_is_deferred_not_bounced(make_config):
-    app = App(make_config())
-    transport = RelayTransport(app)
+    config = make_config()
+    transport = RelayTransport(config, relay_pool(config))
     entry = QueueEntry("Q1", SENDER, [], created=0.0)
     rcpt = RecipientState("bob@remote.test", {"kind": "relay", "target": "gone"})
     outcomes = await transport(entry, b"x", [rcpt], Route(RouteKind.RELAY, target="gone"))
     assert outcomes["bob@remote.test"].temporary
-    await transport.aclose()
+    await transport.pool.aclose()
 
 
 # --- TLS policies ------------------------------------------------------------------------------

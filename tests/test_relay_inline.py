@@ -46,16 +46,16 @@ def count_stores(srv: RunningServer) -> list[QueueEntry]:
 def delivered_events(srv: RunningServer) -> list[tuple[str, str, str]]:
     """(recipient, route kind, outcome) of every ``mailflow_delivered`` notification."""
     events: list[tuple[str, str, str]] = []
-    server = srv.server
-    original = server._on_delivered
+    dispatcher = srv.server.dispatcher
+    assert dispatcher is not None
+    original = dispatcher.on_delivered
 
     async def on_delivered(queue_id, rcpt, route, outcome, detail) -> None:  # type: ignore[no-untyped-def]
         events.append((rcpt, route.kind.value, outcome))
         await original(queue_id, rcpt, route, outcome, detail)
 
-    server._on_delivered = on_delivered  # type: ignore[method-assign]
-    assert server.queue is not None
-    server.queue.on_delivered = on_delivered
+    dispatcher.on_delivered = on_delivered  # type: ignore[method-assign]
+    dispatcher.queue.on_delivered = on_delivered
     return events
 
 
@@ -230,7 +230,8 @@ async def test_slow_upstream_is_cut_off_at_the_bound_and_the_message_spooled(mak
             assert "timed out after 0.5s" in entry.recipients[0].last_reply
             # The session cut off mid-transaction was dropped, not pooled.
             await wait_for(lambda: "closed" in events)
-            pool = srv.app.state["mailflow.smtp_pool"]
+            assert srv.server.dispatcher is not None
+            pool = srv.server.dispatcher.pool
             assert not pool._idle  # no idle session kept
             assert first_entry(srv.app.spool) is not None
 

@@ -19,7 +19,6 @@ from mailflow.delivery.outcome import Outcome
 from mailflow.delivery.smtp_client import (
     SessionClosed,
     SMTPSession,
-    dot_stuff,
     parse_reply,
     safe_address,
 )
@@ -469,19 +468,6 @@ async def test_required_tls_after_a_failed_handshake_defers():
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("message", "payload"),
-    [
-        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
-        (b".a\r\n.\r\nb", b"..a\r\n..\r\nb\r\n.\r\n"),
-        (b"a\nb\rc\r\n", b"a\r\nb\r\nc\r\n.\r\n"),
-        (b"", b".\r\n"),
-    ],
-)
-def test_dot_stuff(message: bytes, payload: bytes) -> None:
-    assert dot_stuff(message) == payload
 
 
 def test_parse_reply_multi_line_and_partial() -> None:

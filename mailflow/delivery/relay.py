@@ -1,8 +1,10 @@
 """Relay transports: a configured smarthost, or direct delivery to the domain's MX.
 
-Both share one :class:`~mailflow.delivery.smtp_pool.SMTPPool` per process, so idle
-sessions are reused across messages. Which host to use is decided here; how to talk
-to it (TLS policy, AUTH, the SMTP transaction) lives in ``smtp_pool.py``.
+Both share one :class:`~mailflow.delivery.smtp_pool.SMTPPool` per process (made by
+:func:`relay_pool`, owned by the :class:`~mailflow.delivery.dispatch.Dispatcher`, which
+closes it), so idle sessions are reused across messages. Which host to use is decided
+here; how to talk to it (TLS policy, AUTH, the SMTP transaction) lives in
+``smtp_pool.py``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from mailflow.app import App
-from mailflow.config import RelayTarget
+from mailflow.config import Config, RelayTarget
 from mailflow.delivery.outcome import Outcome
 from mailflow.delivery.smtp_pool import Destination, SessionError, SMTPPool
 from mailflow.delivery.spool import QueueEntry, RecipientState
-from mailflow.dns import DNSTempError
+from mailflow.dns import DNSTempError, Resolver
 from mailflow.verdict import Route
 
 log = logging.getLogger("mailflow.relay")
@@ -28,15 +29,11 @@ MAX_MX_ADDRESSES = 8
 NO_RELAY = Outcome(550, "5.7.1 relaying not configured")
 
 
-def _pool(app: App) -> SMTPPool:
-    """One pool per App: the relay and the MX transport share idle sessions."""
-    pool = app.state.get("mailflow.smtp_pool")
-    if pool is None:
-        relay = app.config.relay
-        helo = relay.helo_name or app.config.server.hostname
-        pool = SMTPPool(helo, size=relay.pool_size, idle=relay.pool_idle)
-        app.state["mailflow.smtp_pool"] = pool
-    return pool
+def relay_pool(config: Config) -> SMTPPool:
+    """The pool the relay and the MX transport share (one per process)."""
+    relay = config.relay
+    helo = relay.helo_name or config.server.hostname
+    return SMTPPool(helo, size=relay.pool_size, idle=relay.pool_idle)
 
 
 def _ca(path: Path | None) -> str | None:
@@ -67,13 +64,13 @@ def _parse_host_port(text: str) -> RelayTarget | None:
 class RelayTransport:
     """Route kind ``relay``: every recipient goes to one configured target."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.pool = _pool(app)
+    def __init__(self, config: Config, pool: SMTPPool) -> None:
+        self.config = config
+        self.pool = pool
         self._destinations: dict[str, Destination] = {}  # target name -> how to reach it
 
     def resolve(self, name: str) -> RelayTarget | None:
-        return self.app.config.relay.targets.get(name) or _parse_host_port(name)
+        return self.config.relay.targets.get(name) or _parse_host_port(name)
 
     def destination(self, name: str) -> Destination | None:
         """The :class:`Destination` of a target name (remembered: the config is fixed)."""
@@ -90,7 +87,7 @@ class RelayTransport:
     async def __call__(
         self, entry: QueueEntry, message: bytes, rcpts: list[RecipientState], route: Route
     ) -> dict[str, Outcome]:
-        name = route.target or self.app.config.relay.default
+        name = route.target or self.config.relay.default
         if name == "none":
             return {r.address: NO_RELAY for r in rcpts}
         dest = self.destination(name)
@@ -102,18 +99,16 @@ class RelayTransport:
             return await self.pool.send(dest, entry.sender, [r.address for r in rcpts], message)
         except SessionError as exc:
             log.info("relay %s: %s", entry.id, exc.outcome)
-            return {r.address: exc.outcome for r in rcpts}
-
-    async def aclose(self) -> None:
-        await self.pool.aclose()
+            return exc.outcomes([r.address for r in rcpts])
 
 
 class MXTransport:
     """Route kind ``mx``: look up each recipient domain's MX hosts (RFC 5321 5.1)."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.pool = _pool(app)
+    def __init__(self, config: Config, resolver: Resolver, pool: SMTPPool) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.pool = pool
 
     async def __call__(
         self, entry: QueueEntry, message: bytes, rcpts: list[RecipientState], route: Route
@@ -132,7 +127,7 @@ class MXTransport:
         def all_(outcome: Outcome) -> dict[str, Outcome]:
             return dict.fromkeys(rcpts, outcome)
 
-        resolver = self.app.resolver
+        resolver = self.resolver
         try:
             hosts = await resolver.mx(domain)
         except DNSTempError as exc:
@@ -140,7 +135,7 @@ class MXTransport:
         if not hosts:
             # RFC 7505 section 4.1 (null MX): fail at once with 5.1.10, do not retry.
             return all_(Outcome(556, f"5.1.10 {domain} does not accept mail (null MX)"))
-        relay = self.app.config.relay
+        relay = self.config.relay
         last: Outcome | None = None
         tried = 0
         dns_trouble = False
@@ -173,14 +168,3 @@ class MXTransport:
             # No MX host has an address: Postfix-style "host not found" is permanent.
             return all_(Outcome(550, f"5.4.4 no address found for any MX of {domain}"))
         return all_(last or Outcome(451, f"4.4.1 no MX of {domain} was reachable"))
-
-    async def aclose(self) -> None:
-        await self.pool.aclose()
-
-
-def relay_transport(app: App) -> RelayTransport:
-    return RelayTransport(app)
-
-
-def mx_transport(app: App) -> MXTransport:
-    return MXTransport(app)

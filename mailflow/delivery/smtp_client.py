@@ -1,4 +1,11 @@
-"""A lean SMTP client for relaying: one session on an asyncio protocol.
+"""The one SMTP-family client: relaying (SMTP, RFC 5321) and local delivery (LMTP,
+RFC 2033), one session on an asyncio protocol.
+
+SMTP and LMTP differ in two places only: the greeting command (``EHLO`` or
+``LHLO``, :meth:`SMTPSession.hello` / :meth:`SMTPSession.lhlo`) and the replies after
+the message: SMTP sends one for the whole transaction (RFC 5321 3.3), LMTP one per
+accepted recipient, in RCPT order (RFC 2033 4.2). Both send the message through the
+one :func:`dot_stuff` here.
 
 Why not aiosmtplib: relaying spends most of its time in transactions on pooled,
 already greeted sessions, and there a general-purpose client costs a round trip,
@@ -91,10 +98,19 @@ def safe_address(address: str) -> bool:
 def dot_stuff(message: bytes) -> bytes:
     """The DATA payload with its terminator: CRLF line ends, leading dots doubled.
 
-    RFC 5321 4.5.2: a line starting with "." gets another "." prepended; 2.3.8: lines
-    end in CRLF, so bare LFs and CRs are turned into CRLF on the way. A message that
-    already has CRLF line ends and no line starting with "." (the usual case: the
-    front end normalises line ends) is only copied once, to append the terminator.
+    The one dot-stuffing of every message mailflow sends (relay, MX, LMTP):
+
+    - RFC 5321 2.3.8: lines end in CRLF. A bare LF and a bare CR each end a line and
+      are sent as CRLF (so ``a\rb`` is two lines, ``a\r\r\nb`` three); nothing is
+      dropped.
+    - RFC 5321 4.5.2: a line starting with "." gets another "." prepended; a line of
+      only "." is sent as "..", so it cannot end the message early.
+    - A message not ending in a line break gets CRLF before the terminating
+      ``.<CRLF>``; an empty message is sent as the terminator alone.
+
+    Linear in the size of the message. A message that already has CRLF line ends and
+    no line starting with "." (the usual case: the front end normalises line ends) is
+    only copied once, to append the terminator.
     """
     lf = message.count(b"\n")
     if lf != message.count(b"\r\n") or lf != message.count(b"\r"):
@@ -217,13 +233,19 @@ class _ClientProtocol(asyncio.Protocol):
 
 
 class SMTPSession:
-    """One SMTP client session. Use :meth:`connect`, then :meth:`hello` and friends."""
+    """One SMTP or LMTP client session. Use :meth:`connect`, then :meth:`hello` (SMTP)
+    or :meth:`lhlo` (LMTP) and friends."""
 
-    def __init__(self, protocol: _ClientProtocol, timeout: float) -> None:
+    def __init__(
+        self, protocol: _ClientProtocol, timeout: float, data_timeout: float | None = None
+    ) -> None:
         self._protocol = protocol
         self._pos = 0  # parse offset into protocol.buffer
-        self.timeout = timeout
-        self.extensions: dict[str, str] = {}  # EHLO keyword (lower case) -> parameters
+        self.timeout = timeout  # seconds per command reply
+        # Seconds for the replies after the message (RFC 5321 4.5.3.2.6 suggests 10 min).
+        self.data_timeout = timeout if data_timeout is None else data_timeout
+        self.lmtp = False  # set by lhlo(): one reply per accepted recipient after DATA
+        self.extensions: dict[str, str] = {}  # EHLO/LHLO keyword (lower case) -> parameters
         self.tls = False
         # The server may still hold transaction state (a refused DATA, an aborted
         # pipeline): RSET before the next MAIL.
@@ -233,12 +255,24 @@ class SMTPSession:
     # --- connection -----------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, host: str, port: int, timeout: float) -> tuple[SMTPSession, Reply]:
-        """Open a TCP connection and read the greeting (whatever its code)."""
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        timeout: float,
+        *,
+        unix_socket: str | None = None,
+        data_timeout: float | None = None,
+    ) -> tuple[SMTPSession, Reply]:
+        """Open a TCP connection (or one to ``unix_socket``, when given) and read the
+        greeting (whatever its code)."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
-            _, protocol = await loop.create_connection(_ClientProtocol, host, port)
-        session = cls(protocol, timeout)
+            if unix_socket is not None:
+                _, protocol = await loop.create_unix_connection(_ClientProtocol, unix_socket)
+            else:
+                _, protocol = await loop.create_connection(_ClientProtocol, host, port)
+        session = cls(protocol, timeout, data_timeout)
         try:
             [greeting] = await session.read_replies(1)
         except BaseException:
@@ -333,6 +367,16 @@ class SMTPSession:
                 return reply
         raise ReplyError("EHLO", reply)
 
+    async def lhlo(self, name: str) -> Reply:
+        """LMTP's greeting command (RFC 2033 4.1), recording the extensions; from now on
+        the session reads one reply per accepted recipient after the message."""
+        reply = await self.command(f"LHLO {name}")
+        if reply.code != 250:
+            raise ReplyError("LHLO", reply)
+        self.extensions = _extensions(reply)
+        self.lmtp = True
+        return reply
+
     def supports(self, extension: str) -> bool:
         return extension.lower() in self.extensions
 
@@ -416,16 +460,28 @@ class SMTPSession:
     # --- one transaction ----------------------------------------------------------------------
 
     async def send_message(
-        self, sender: str, rcpts: Sequence[str], message: bytes
+        self,
+        sender: str,
+        rcpts: Sequence[str],
+        message: bytes,
+        out: dict[str, Outcome] | None = None,
     ) -> dict[str, Outcome]:
         """MAIL, RCPT per recipient, DATA, the message: an :class:`Outcome` per recipient.
 
-        RCPT replies are per recipient; the reply after the message applies to every
-        recipient accepted at RCPT (RFC 5321 3.3); a refused MAIL applies to all.
-        Raises :class:`SessionClosed` if the connection ends before the final reply
+        RCPT replies are per recipient; a refused MAIL applies to all. After the
+        message, SMTP's one reply applies to every recipient accepted at RCPT (RFC 5321
+        3.3); on an LMTP session (:meth:`lhlo`) each accepted recipient gets its own
+        reply, in RCPT order (RFC 2033 4.2).
+
+        Answers go into ``out`` (when given) as they arrive, so the caller keeps those
+        received before a failure: a refusal at RCPT, or on LMTP the recipients already
+        answered after the message (*those* were delivered). Raises
+        :class:`SessionClosed` if the connection ends before the last reply
         (``data_sent`` tells whether the message may have arrived), ``TimeoutError``
         if the server is too slow.
         """
+        if out is None:
+            out = {}
         options = ""
         if "size" in self.extensions:
             options += f" SIZE={len(message)}"  # RFC 1870
@@ -436,13 +492,14 @@ class SMTPSession:
             if "smtputf8" not in self.extensions:
                 # RFC 6531 3.2: such an envelope may only go to an SMTPUTF8 server.
                 outcome = Outcome(553, "5.6.7 SMTPUTF8 is required but not offered by host")
-                return dict.fromkeys(rcpts, outcome)
+                out.update(dict.fromkeys(rcpts, outcome))
+                return out
             options += " SMTPUTF8"
             encoding = "utf-8"
         if not safe_address(sender):
             outcome = Outcome(553, "5.1.7 sender address cannot be sent on a command line")
-            return dict.fromkeys(rcpts, outcome)
-        out: dict[str, Outcome] = {}
+            out.update(dict.fromkeys(rcpts, outcome))
+            return out
         valid = []
         for rcpt in rcpts:
             if safe_address(rcpt):
@@ -476,7 +533,9 @@ class SMTPSession:
         if mail.code // 100 != 2:
             if len(replies) == len(commands) - rset and replies[-1].code == 354:
                 self.usable = False  # DATA accepted without a transaction: out of step
-            return dict.fromkeys(rcpts, mail.outcome) | out
+            for rcpt in rcpts:
+                out.setdefault(rcpt, mail.outcome)
+            return out
         accepted = []
         for rcpt, reply in zip(valid, replies[1 : 1 + len(valid)], strict=False):
             if reply.code // 100 == 2:
@@ -494,20 +553,26 @@ class SMTPSession:
             for rcpt in accepted:  # RFC 2920: DATA refused, e.g. 554 no valid recipients
                 out[rcpt] = outcome
             return out
+        # With nobody accepted (RFC 2920 3.1: a 354 anyway), an empty message, whose
+        # one reply is nobody's.
         payload = dot_stuff(message) if accepted else b".\r\n"
         try:
             self._write(payload)
-        except SessionClosed as exc:
-            raise SessionClosed(str(exc), data_sent=True) from exc
-        try:
-            [final] = await self.read_replies(1)
+            if self.lmtp and accepted:
+                for rcpt in accepted:  # RFC 2033 4.2: one reply each, in RCPT order
+                    [final] = await self.read_replies(1, self.data_timeout)
+                    if final.code == 421:
+                        self.usable = False
+                    out[rcpt] = final.outcome
+            else:
+                [final] = await self.read_replies(1, self.data_timeout)
+                if final.code == 421:
+                    self.usable = False
+                for rcpt in accepted:
+                    out[rcpt] = final.outcome
         except SessionClosed as exc:
             raise SessionClosed(str(exc), data_sent=True) from exc
         self.needs_rset = False  # the reply to the data ends the transaction either way
-        if final.code == 421:
-            self.usable = False
-        for rcpt in accepted:
-            out[rcpt] = final.outcome
         return out
 
     async def _one_by_one(self, commands: list[bytes], rset: bool) -> list[Reply]:

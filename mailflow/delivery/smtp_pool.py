@@ -1,7 +1,8 @@
-"""Outbound SMTP sessions: connect, STARTTLS policy, AUTH, one transaction, reuse.
+"""Outbound SMTP and LMTP sessions: connect, STARTTLS policy, AUTH, one transaction, reuse.
 
-The relay and MX transports (``relay.py``) decide *where* a message goes; this module
-knows *how* to talk to one host, with the client in ``smtp_client.py``. A session that
+The relay and MX transports (``relay.py``) and the LMTP transport (``lmtp.py``) decide
+*where* a message goes; this module knows *how* to talk to one host, with the one
+client in ``smtp_client.py``. A session that
 finished a transaction cleanly goes back to a small per-destination pool and is
 reused for the next message (RFC 5321 4.1.1.5: RSET first only if the previous
 transaction did not end cleanly), so a burst of relayed mail costs one TCP+TLS+AUTH
@@ -26,25 +27,40 @@ from mailflow.delivery.smtp_client import ReplyError, SessionClosed, SMTPSession
 log = logging.getLogger("mailflow.relay")
 
 TLSPolicy = Literal["none", "opportunistic", "required", "verify"]
+Dialect = Literal["smtp", "lmtp"]
+IdleKey = tuple[str, int, str, str, str, str, str]
 
 QUIT_TIMEOUT = 2.0  # seconds to wait for the reply to QUIT before just closing
 
 
 class SessionError(Exception):
-    """The host could not be used at all; ``outcome`` applies to every recipient."""
+    """The host could not be used, or the session failed mid-transaction.
 
-    def __init__(self, outcome: Outcome) -> None:
+    ``answered`` holds the recipients the server had already answered for good
+    before the failure (a refusal at RCPT; on LMTP, a reply after the message);
+    ``outcome`` applies to every other recipient.
+    """
+
+    def __init__(self, outcome: Outcome, answered: dict[str, Outcome] | None = None) -> None:
         super().__init__(str(outcome))
         self.outcome = outcome
+        self.answered: dict[str, Outcome] = answered or {}
+
+    def outcomes(self, rcpts: list[str]) -> dict[str, Outcome]:
+        """An outcome for each of ``rcpts``: its answer if it had one, else ``outcome``."""
+        return {rcpt: self.answered.get(rcpt, self.outcome) for rcpt in rcpts}
 
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """One SMTP server and how to talk to it.
+    """One SMTP or LMTP server and how to talk to it.
 
-    ``host`` is what we connect to (a name or an address); ``tls_name`` is the name the
-    certificate must carry under the ``verify`` policy (for MX delivery: the MX host
-    name, not the address we connected to).
+    ``host`` is what we connect to (a name or an address), or ``socket`` a unix
+    socket path instead; ``tls_name`` is the name the certificate must carry under the
+    ``verify`` policy (for MX delivery: the MX host name, not the address we connected
+    to). ``protocol`` ``lmtp`` greets with LHLO and reads one reply per recipient
+    after the message (RFC 2033). ``timeout`` bounds each command's reply,
+    ``data_timeout`` (default: ``timeout``) the replies after the message.
     """
 
     host: str
@@ -55,14 +71,25 @@ class Destination:
     password: str | None = None
     timeout: float = 60.0
     ca_file: str | None = None
+    protocol: Dialect = "smtp"
+    socket: str | None = None
+    data_timeout: float | None = None
 
     @property
-    def key(self) -> tuple[str, int, str, str, str]:
+    def key(self) -> IdleKey:
         """Sessions are only shared between identical security settings."""
-        return (self.host, self.port, self.tls, self.tls_name, self.username or "")
+        return (
+            self.host,
+            self.port,
+            self.tls,
+            self.tls_name,
+            self.username or "",
+            self.protocol,
+            self.socket or "",
+        )
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.socket if self.socket is not None else f"{self.host}:{self.port}"
 
 
 def _tls_context(dest: Destination) -> ssl.SSLContext:
@@ -76,11 +103,8 @@ def _tls_context(dest: Destination) -> ssl.SSLContext:
     return ctx
 
 
-def _temp(status: str, text: str) -> SessionError:
-    return SessionError(Outcome(451, f"{status} {text}"))
-
-
-IdleKey = tuple[str, int, str, str, str]
+def _temp(status: str, text: str, answered: dict[str, Outcome] | None = None) -> SessionError:
+    return SessionError(Outcome(451, f"{status} {text}"), answered)
 
 
 class SMTPPool:
@@ -114,11 +138,20 @@ class SMTPPool:
         return session
 
     async def _connect(self, dest: Destination) -> SMTPSession:
-        session, greeting = await SMTPSession.connect(dest.host, dest.port, dest.timeout)
+        session, greeting = await SMTPSession.connect(
+            dest.host,
+            dest.port,
+            dest.timeout,
+            unix_socket=dest.socket,
+            data_timeout=dest.data_timeout,
+        )
         try:
             if greeting.code != 220:
                 raise ReplyError("greeting", greeting)
-            await session.hello(self.helo_name)
+            if dest.protocol == "lmtp":
+                await session.lhlo(self.helo_name)
+            else:
+                await session.hello(self.helo_name)
         except BaseException:
             session.close()
             raise
@@ -210,7 +243,9 @@ class SMTPPool:
     async def send(
         self, dest: Destination, sender: str, rcpts: list[str], message: bytes
     ) -> dict[str, Outcome]:
-        """Deliver over a pooled session; raise :class:`SessionError` if none is usable.
+        """Deliver over a pooled session; raise :class:`SessionError` if none is usable
+        or the session fails before every recipient has its answer (the answers it
+        did get are in :attr:`SessionError.answered`).
 
         A pooled session may have been closed by the server since its last use; if
         that shows before the message itself was sent, the transaction is repeated
@@ -219,8 +254,9 @@ class SMTPPool:
         """
         session, reused = await self.acquire(dest)
         while True:
+            out: dict[str, Outcome] = {}
             try:
-                outcomes = await session.send_message(sender, rcpts, message)
+                await session.send_message(sender, rcpts, message, out)
             except SessionClosed as exc:
                 session.abort()
                 if reused and not exc.data_sent:  # the server closed our idle session
@@ -228,19 +264,19 @@ class SMTPPool:
                     continue
                 if exc.data_sent:
                     raise _temp(
-                        "4.4.2", f"connection to {dest} lost after DATA: {_describe(exc)}"
+                        "4.4.2", f"connection to {dest} lost after DATA: {_describe(exc)}", out
                     ) from exc
                 if exc.reply is not None:  # 421: the server is going away (RFC 5321 3.8)
-                    raise SessionError(exc.reply.outcome) from exc
-                raise _temp("4.4.2", f"connection to {dest} lost: {_describe(exc)}") from exc
+                    raise SessionError(exc.reply.outcome, out) from exc
+                raise _temp("4.4.2", f"connection to {dest} lost: {_describe(exc)}", out) from exc
             except (OSError, TimeoutError) as exc:
                 session.abort()
-                raise _temp("4.4.2", f"{dest}: {_describe(exc)}") from exc
+                raise _temp("4.4.2", f"{dest}: {_describe(exc)}", out) from exc
             except BaseException:
                 session.abort()
                 raise
             self.release(dest, session)
-            return outcomes
+            return out
 
 
 def _idle_clean(session: SMTPSession) -> bool:

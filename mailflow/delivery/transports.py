@@ -1,27 +1,30 @@
 """Transports: how a group of recipients sharing one route gets its copy.
 
 Each transport returns an :class:`Outcome` per recipient; the queue turns those
-into delivered / deferred / bounced states.
+into delivered / deferred / bounced states. They are built from their real
+dependencies (the config, the Maildir writer, the resolver, the relay's session
+pool), never from the application object.
 """
 
 from __future__ import annotations
 
 import logging
 
-from mailflow.app import App
-from mailflow.delivery.maildir import MailboxError, QuotaExceeded
+from mailflow.config import Config
+from mailflow.delivery.lmtp import LMTPTransport
+from mailflow.delivery.maildir import MailboxError, MaildirDelivery, QuotaExceeded
 from mailflow.delivery.outcome import Outcome
 from mailflow.delivery.queue import Transport
+from mailflow.delivery.relay import MXTransport, RelayTransport
+from mailflow.delivery.smtp_pool import SMTPPool
 from mailflow.delivery.spool import QueueEntry, RecipientState
+from mailflow.dns import Resolver
 from mailflow.verdict import Route, RouteKind
 
 log = logging.getLogger("mailflow.delivery")
 
 
-def maildir_transport(app: App) -> Transport:
-    maildir = app.maildir
-    quota_code = app.config.delivery.maildir.over_quota_code
-
+def maildir_transport(maildir: MaildirDelivery, over_quota_code: int) -> Transport:
     async def deliver(
         entry: QueueEntry, message: bytes, rcpts: list[RecipientState], route: Route
     ) -> dict[str, Outcome]:
@@ -31,8 +34,8 @@ def maildir_transport(app: App) -> Transport:
         results = await maildir.deliver_many_async(copies, message)
         for r, result in zip(rcpts, results, strict=True):
             if isinstance(result, QuotaExceeded):
-                status = "4.2.2" if quota_code == 452 else "5.2.2"
-                out[r.address] = Outcome(quota_code, f"{status} {result}")
+                status = "4.2.2" if over_quota_code == 452 else "5.2.2"
+                out[r.address] = Outcome(over_quota_code, f"{status} {result}")
             elif isinstance(result, MailboxError):
                 out[r.address] = Outcome(550, f"5.1.1 {result}")
             elif isinstance(result, OSError):
@@ -46,13 +49,13 @@ def maildir_transport(app: App) -> Transport:
     return deliver
 
 
-def build_transports(app: App) -> dict[RouteKind, Transport]:
-    transports: dict[RouteKind, Transport] = {RouteKind.MAILDIR: maildir_transport(app)}
-    try:
-        from mailflow.delivery import lmtp, relay
-    except ImportError:  # pragma: no cover - during development only
-        return transports
-    transports[RouteKind.LMTP] = lmtp.lmtp_transport(app)
-    transports[RouteKind.RELAY] = relay.relay_transport(app)
-    transports[RouteKind.MX] = relay.mx_transport(app)
-    return transports
+def build_transports(
+    config: Config, *, maildir: MaildirDelivery, resolver: Resolver, pool: SMTPPool
+) -> dict[RouteKind, Transport]:
+    """One transport per route kind; ``relay`` and ``mx`` share ``pool``."""
+    return {
+        RouteKind.MAILDIR: maildir_transport(maildir, config.delivery.maildir.over_quota_code),
+        RouteKind.LMTP: LMTPTransport(config),
+        RouteKind.RELAY: RelayTransport(config, pool),
+        RouteKind.MX: MXTransport(config, resolver, pool),
+    }

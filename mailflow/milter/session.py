@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from mailflow.app import App
 from mailflow.delivery.spool import new_queue_id
-from mailflow.message import Connection, Envelope, MessageContext, PluginRun
+from mailflow.message import Connection, Delivery, Envelope, MessageContext, PluginRun
 from mailflow.milter import protocol as p
 from mailflow.milter.diff import Field, Snapshot, all_edits, field_from_milter, parse_fields
 from mailflow.msglog import record_after_reply
@@ -363,12 +363,12 @@ class MilterSession:
             fallback = R_REJECTED if action is Action.REJECT else R_TRY_LATER
             reply = ctx.reply if ctx.reply is not None and 400 <= ctx.reply.code < 600 else None
             reply = reply or fallback
-            ctx.extra["delivery"] = "refused"
+            ctx.delivery = Delivery.REFUSED
             return [_reply_code(reply)], str(reply)
         if action is Action.DISCARD or not ctx.envelope.rcpt_tos:
             # No recipients left is a discard too: deleting every recipient would leave
             # the MTA a message it can only bounce or drop.
-            ctx.extra["delivery"] = "discarded"
+            ctx.delivery = Delivery.DISCARDED
             return [p.reply_simple(p.SMFIR_DISCARD)], "milter discard"
         if ctx.routes and not self._routes_noted:
             self._routes_noted = True
@@ -385,7 +385,7 @@ class MilterSession:
                 summary = f"milter quarantine ({len(packets) - 1} edits)"
             else:
                 log.warning("milter: MTA did not allow quarantine; message %s passed", ctx.queue_id)
-        ctx.extra["delivery"] = "milter"
+        ctx.delivery = Delivery.MILTER
         packets.append(p.reply_simple(p.SMFIR_CONTINUE))
         return packets, summary
 
