@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import random
 
+from mailflow.delivery.smtp_client import dot_stuff
+
 DEFAULT_SIZE = 5 * 1024
 _MARKER = b"@@ID@@"
 _WORDS = [
@@ -112,20 +114,11 @@ def message_template(size: int = DEFAULT_SIZE, seed: int = 1) -> bytes:
     return "\r\n".join(parts).encode("ascii")
 
 
-def dot_stuff(message: bytes) -> bytes:
-    """RFC 5321 4.5.2: double a leading dot; end with CRLF; no terminator added."""
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    if message.startswith(b"."):
-        message = b"." + message
-    return message.replace(b"\r\n.", b"\r\n..")
-
-
 class MessageFactory:
     """Hands out the DATA payload (dot-stuffed, with the ``.`` terminator) per index."""
 
     def __init__(self, size: int = DEFAULT_SIZE, run: str = "run") -> None:
-        stuffed = dot_stuff(message_template(size)) + b".\r\n"
+        stuffed = dot_stuff(message_template(size))  # with its terminator
         self._head, _, self._tail = stuffed.partition(_MARKER)
         self._run = run.encode()
         self.size = len(stuffed)

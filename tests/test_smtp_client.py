@@ -283,6 +283,23 @@ async def test_connection_lost_after_the_message_is_not_resent_at_once():
     assert raw.connections == 1
 
 
+async def test_a_rcpt_refusal_is_kept_when_the_connection_is_lost_after_data():
+    """The server refused b at RCPT, then hung up after the message: b keeps its 550
+    (it will bounce), only a is left to retry."""
+    async with raw_server(
+        reply=lambda c: "550 5.1.1 no such user" if "b@r.test" in c else None,
+        after_data=["close"],
+    ) as raw:
+        pool = SMTPPool("relay.test")
+        with pytest.raises(SessionError) as info:
+            await pooled_send(pool, raw.port, ["a@r.test", "b@r.test"], b"x\r\n")
+        await pool.aclose()
+    assert info.value.answered == {"b@r.test": Outcome(550, "5.1.1 no such user")}
+    outcomes = info.value.outcomes(["a@r.test", "b@r.test"])
+    assert outcomes["a@r.test"].code == 451 and "after DATA" in outcomes["a@r.test"].text
+    assert outcomes["b@r.test"] == Outcome(550, "5.1.1 no such user")
+
+
 async def test_a_large_message_arrives_whole():
     line = b"x" * 998 + b"\r\n"
     msg = b"Subject: big\r\n\r\n" + line * 4000 + b".leading dot\r\n"  # ~4 MB
