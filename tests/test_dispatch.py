@@ -127,3 +127,21 @@ async def test_a_refusal_of_every_copy_raises_and_stores_nothing(make_config):
         assert refused.value.reply() == "550 5.7.1 not here"
         assert ctx.delivery is None  # the front end says what it answered
         assert disp.queue.spool.ids() == []
+
+
+async def test_reconfigure_moves_relayed_mail_to_the_new_target(make_config):
+    async with (
+        smtp_sink() as old_sink,
+        smtp_sink() as new_sink,
+        dispatcher(relay_config(make_config, old_sink.port)) as (disp, _),
+    ):
+        first = context(["carol@remote.test"])
+        await disp.enqueue(first)
+        await disp.reconfigure(relay_config(make_config, new_sink.port, inline_timeout=0))
+        assert disp.inline_bounds == {}
+        second = context(["dave@remote.test"])
+        await disp.enqueue(second)
+        assert (first.delivery, second.delivery) == (Delivery.DELIVERED, Delivery.QUEUED)
+        await new_sink.wait_messages(1)  # by the queue, to the new target
+    assert [m.rcpt_tos for m in old_sink.messages] == [["carol@remote.test"]]
+    assert [m.rcpt_tos for m in new_sink.messages] == [["dave@remote.test"]]

@@ -70,6 +70,7 @@ class Dispatcher:
     ) -> None:
         self.config = config
         self.maildir = maildir
+        self.resolver = resolver
         self.metrics = metrics
         self._route = route
         self._notify = notify
@@ -98,6 +99,30 @@ class Dispatcher:
         """Stop the queue (running attempts get a grace period), then QUIT idle sessions."""
         await self.queue.stop()
         await self.pool.aclose()
+
+    async def reconfigure(self, config: Config) -> None:
+        """Deliver by ``config`` from now on (a reload): relay targets, routes and
+        ``relay.default``, MX settings, ``delivery.lmtp`` and ``over_quota_code``,
+        the inline timeouts, and the queue's ``retry_schedule``, ``lifetime`` and
+        ``scan_interval``. Attempts under way finish with the transports they
+        started with; idle LMTP sessions are closed.
+
+        Kept until a restart: ``queue.directory`` and ``queue.workers``, the relay
+        pool's ``helo_name``, ``pool_size`` and ``pool_idle``, and the Maildir root
+        and layout (the Maildir writer is the application's).
+        """
+        old = dict(self.transports)
+        self.config = config
+        self.inline_bounds = inline_bounds(config)
+        self.queue.config = config
+        # The queue holds this very dict: replace its contents, not the dict.
+        self.transports.update(
+            build_transports(config, maildir=self.maildir, resolver=self.resolver, pool=self.pool)
+        )
+        for transport in old.values():
+            aclose = getattr(transport, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def enqueue(self, ctx: MessageContext) -> None:
         """Make the message durable or hand it on before the 250: delivered, spooled, or both.
