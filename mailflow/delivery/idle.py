@@ -1,7 +1,7 @@
 """Sessions kept open between deliveries, per destination, and closed after a while idle.
 
-Used by the relay's SMTP pool (one list per destination) and the LMTP transport (one
-destination). The most recently used session is taken first; a session that is no
+Used by ``SMTPPool`` (one list per destination), for the relay's sessions and for
+the LMTP transport's. The most recently used session is taken first; a session that is no
 longer clean (closed, or the server sent something unasked) is never handed out.
 """
 
