@@ -101,7 +101,7 @@ def dot_stuff(message: bytes) -> bytes:
     The one dot-stuffing of every message mailflow sends (relay, MX, LMTP):
 
     - RFC 5321 2.3.8: lines end in CRLF. A bare LF and a bare CR each end a line and
-      are sent as CRLF (so ``a\rb`` is two lines, ``a\r\r\nb`` three); nothing is
+      are sent as CRLF (so ``a\\rb`` is two lines, ``a\\r\\r\\nb`` three); nothing is
       dropped.
     - RFC 5321 4.5.2: a line starting with "." gets another "." prepended; a line of
       only "." is sent as "..", so it cannot end the message early.
