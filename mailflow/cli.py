@@ -118,9 +118,9 @@ def setup_logging(config: Config, verbose: bool = False) -> None:
     msglog.configure(config.log.format == "json")
 
 
-def load_or_exit(path: str | None) -> Config:
+def load_or_exit(path: str | None, load: Any = None) -> Config:
     try:
-        return load_config(path)
+        return load() if load is not None else load_config(path)
     except ConfigError as exc:
         click.echo(f"mailflow: invalid config:\n{exc}", err=True)
         sys.exit(2)
@@ -184,12 +184,30 @@ def version() -> None:
 @click.option("--listen", "-l", multiple=True, help="Override server.listen (HOST:PORT).")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> None:
-    """Receive mail over SMTP, filter it, deliver it."""
-    config = load_or_exit(config_path)
-    if listen:
-        server_cfg = config.server.model_copy(update={"listen": list(listen)})
-        config = config.model_copy(update={"server": server_cfg})
+    """Receive mail over SMTP, filter it, deliver it.
+
+    SIGHUP (or `mailflow reload`) re-reads the config and the files it names without
+    a restart (docs/reload.md).
+    """
+    from mailflow.config_check import file_issues
+
+    if config_path is not None:
+        config_path = str(Path(config_path).absolute())  # reloads read the same file
+
+    def load() -> Config:
+        loaded = load_config(config_path)
+        if listen:
+            server_cfg = loaded.server.model_copy(update={"listen": list(listen)})
+            loaded = loaded.model_copy(update={"server": server_cfg})
+        return loaded
+
+    config = load_or_exit(config_path, load)
+    issues = file_issues(config)
+    if issues:
+        click.echo("mailflow: invalid config:\n" + "\n".join(map(str, issues)), err=True)
+        sys.exit(2)
     setup_logging(config, verbose)
+    from mailflow.reload import Reloader, remove_pid_file, write_pid_file
     from mailflow.server import Server
 
     app = build_app(config)
@@ -218,6 +236,9 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
             await server.stop()
             sys.exit(2)
         source = config_path or "embedded default config"
+        reloader = Reloader(server, load, source)
+        reloader.install_signal_handler()
+        write_pid_file(config)
         for host, port in addresses:
             click.echo(f"mailflow {__version__}: listening on {host}:{port} (SMTP)", err=True)
         if server.milter is not None:
@@ -233,9 +254,48 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
             f"relay: {config.relay.default}",
             err=True,
         )
-        await server.run_forever()
+        try:
+            await server.run_forever()
+        finally:
+            await reloader.close()
+            remove_pid_file(config)
 
     asyncio.run(run())
+
+
+@main.command("reload")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def reload_command(config_path: str | None) -> None:
+    """Make the running `serve` re-read its config and files (sends it SIGHUP).
+
+    Give the --config that `serve` was started with: it is checked first as `config
+    validate` checks it (a bad one is reported here and not sent), and its
+    queue.directory holds the pid file of the running server. What the reload changed,
+    or why the server refused it, is in the server's log. Exit status: 0 sent, 1 no
+    server runs, 2 invalid config.
+    """
+    import os
+    import signal
+
+    from mailflow.config_check import file_issues
+    from mailflow.reload import NotRunning, running_pid
+
+    config = load_or_exit(config_path)
+    issues = file_issues(config)
+    if issues:
+        click.echo("mailflow: invalid config:\n" + "\n".join(map(str, issues)), err=True)
+        sys.exit(2)
+    build_app(config)  # plugin settings, rule files
+    try:
+        pid = running_pid(config)
+        os.kill(pid, signal.SIGHUP)
+    except NotRunning as exc:
+        click.echo(f"mailflow: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"mailflow: cannot signal the server: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"sent SIGHUP to mailflow serve (pid {pid}); its log says what changed")
 
 
 # --- check ---------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from mailflow.delivery.transports import build_transports
 from mailflow.message import MessageContext
 from mailflow.milter.server import MilterServer
 from mailflow.pipeline import default_route
-from mailflow.smtp import Handler, bound_addresses, start_servers
+from mailflow.reload import ProtocolSwitch
+from mailflow.smtp import Handler, bound_addresses, protocol_factory, start_servers
 from mailflow.verdict import Route, RouteKind
 
 log = logging.getLogger("mailflow.server")
@@ -43,6 +44,7 @@ class Server:
         self.authenticator = authenticator
         self.queue: QueueManager | None = None
         self.handler: Handler | None = None
+        self.protocols: ProtocolSwitch | None = None  # what a reload re-points
         self.servers: list[asyncio.Server] = []
         self.metrics_server: asyncio.Server | None = None
         self.milter: MilterServer | None = None  # milter front end, when milter.listen is set
@@ -72,7 +74,10 @@ class Server:
             from mailflow.auth import UsersFileAuthenticator
 
             self.authenticator = UsersFileAuthenticator(app.config.server.auth.users_file)
-        self.servers = await start_servers(app, self.handler, self.authenticator)
+        self.protocols = ProtocolSwitch(protocol_factory(app, self.handler, self.authenticator))
+        self.servers = await start_servers(
+            app, self.handler, self.authenticator, factory=self.protocols
+        )
         if app.config.milter.listen:
             # Milter front end (docs/milter.md): same pipeline, the MTA delivers.
             self.milter = MilterServer(app, app.config.milter)
