@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import logging
-import logging.handlers
-import queue
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,123 +13,17 @@ from typing import Any
 import click
 
 from mailflow import __version__
+from mailflow.cli_config import (
+    DEFAULT_FILE,
+    build_app,
+    config_option,
+    config_source,
+    exit_invalid,
+    find_config,
+    load_or_exit,
+)
 from mailflow.config import Config, ConfigError, default_config_text, load_config
-
-CONFIG_HELP = "Path to mailflow.yaml (default: the embedded default config)."
-
-
-LOG_FLUSH_INTERVAL = 0.05  # seconds: how late a log line may reach the stream or file
-
-
-class _LogWriter(threading.Thread):
-    """Writes queued log records from its own thread, looking every ``LOG_FLUSH_INTERVAL``.
-
-    Unlike ``logging.handlers.QueueListener`` nothing wakes it per record: a
-    thread woken for every line costs the event loop a context switch on a small
-    machine. Records reach the handler at most ``LOG_FLUSH_INTERVAL`` late; the
-    rest are written when it stops (at exit).
-    """
-
-    def __init__(self, handler: logging.Handler) -> None:
-        super().__init__(name="mailflow-log", daemon=True)
-        self.handler = handler
-        self.records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self._stopping.wait(LOG_FLUSH_INTERVAL):
-            self._write_out()
-        self._write_out()
-
-    def _write_out(self) -> None:
-        while True:
-            try:
-                record = self.records.get_nowait()
-            except queue.Empty:
-                return
-            self.handler.handle(record)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.join()
-        self.handler.flush()
-        self.handler.close()  # a log file is closed, not left to the garbage collector
-
-
-class _DeferredFormatQueueHandler(logging.handlers.QueueHandler):
-    """Queues records with their message text fixed, leaving the formatting (time
-    stamp, level, logger name) to the writer thread, off the event loop.
-
-    The ``%`` arguments are merged in the calling thread, so an argument changed
-    later cannot change the line; records with a traceback are prepared in full.
-    """
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        if record.exc_info or record.stack_info:
-            return super().prepare(record)
-        record.msg = record.getMessage()
-        record.args = None
-        return record
-
-
-_log_writer: _LogWriter | None = None
-
-
-def _stop_log_writer() -> None:
-    """Write out what is still queued (at exit)."""
-    global _log_writer
-    if _log_writer is not None:
-        _log_writer.stop()
-        _log_writer = None
-
-
-def setup_logging(config: Config, verbose: bool = False) -> None:
-    from mailflow import msglog
-
-    global _log_writer
-    level = logging.DEBUG if verbose else getattr(logging, config.log.level)
-    handler: logging.Handler
-    if config.log.file:
-        handler = logging.FileHandler(config.log.file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # The event loop only puts records on a queue; a listener thread does the writing,
-    # so a slow terminal, pipe or disk never stalls SMTP sessions.
-    if _log_writer is not None:
-        _log_writer.stop()
-    else:
-        atexit.register(_stop_log_writer)
-    _log_writer = _LogWriter(handler)
-    _log_writer.start()
-    # The line format names no process, thread or source location: do not collect
-    # them for every record (a stack walk and a getpid system call each time).
-    # Documented switches (logging HOWTO, "Optimization").
-    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
-    logging._srcfile = None
-    root = logging.getLogger()
-    root.handlers[:] = [_DeferredFormatQueueHandler(_log_writer.records)]
-    root.setLevel(level)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatty logger
-    msglog.configure(config.log.format == "json")
-
-
-def load_or_exit(path: str | None, load: Any = None) -> Config:
-    try:
-        return load() if load is not None else load_config(path)
-    except ConfigError as exc:
-        click.echo(f"mailflow: invalid config:\n{exc}", err=True)
-        sys.exit(2)
-
-
-def build_app(config: Config) -> Any:
-    from mailflow.app import App
-
-    try:
-        return App(config)
-    except ConfigError as exc:
-        click.echo(f"mailflow: invalid config:\n{exc}", err=True)
-        sys.exit(2)
+from mailflow.msglog import setup_logging
 
 
 class PluginCommandsGroup(click.Group):
@@ -165,7 +55,7 @@ class PluginCommandsGroup(click.Group):
 
 
 @click.group(cls=PluginCommandsGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="mailflow")
+@click.version_option(__version__, prog_name="mailflow", message="%(prog)s %(version)s")
 def main() -> None:
     """mailflow: a pluggable mail filtering pipeline (SMTP in, plugins, Maildir/LMTP/relay out)."""
 
@@ -180,7 +70,7 @@ def version() -> None:
 
 
 @main.command()
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--listen", "-l", multiple=True, help="Override server.listen (HOST:PORT).")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> None:
@@ -191,6 +81,7 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
     """
     from mailflow.config_check import file_issues
 
+    config_path = find_config(config_path)
     if config_path is not None:
         config_path = str(Path(config_path).absolute())  # reloads read the same file
 
@@ -202,10 +93,9 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
         return loaded
 
     config = load_or_exit(config_path, load)
-    issues = file_issues(config)
+    issues = file_issues(config)  # e.g. "server.tls.cert: file not found: /etc/..."
     if issues:
-        click.echo("mailflow: invalid config:\n" + "\n".join(map(str, issues)), err=True)
-        sys.exit(2)
+        exit_invalid(issues)
     setup_logging(config, verbose)
     from mailflow.reload import Reloader, remove_pid_file, write_pid_file
     from mailflow.server import Server
@@ -235,7 +125,7 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
             )
             await server.stop()
             sys.exit(2)
-        source = config_path or "embedded default config"
+        source = config_source(config_path)
         reloader = Reloader(server, load, source)
         reloader.install_signal_handler()
         write_pid_file(config)
@@ -264,7 +154,7 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
 
 
 @main.command("reload")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 def reload_command(config_path: str | None) -> None:
     """Make the running `serve` re-read its config and files (sends it SIGHUP).
 
@@ -283,8 +173,7 @@ def reload_command(config_path: str | None) -> None:
     config = load_or_exit(config_path)
     issues = file_issues(config)
     if issues:
-        click.echo("mailflow: invalid config:\n" + "\n".join(map(str, issues)), err=True)
-        sys.exit(2)
+        exit_invalid(issues)
     build_app(config)  # plugin settings, rule files
     try:
         pid = running_pid(config)
@@ -303,7 +192,7 @@ def reload_command(config_path: str | None) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--from", "sender", help="Envelope sender (default: the From header).")
 @click.option("--to", "recipients", multiple=True, help="Envelope recipient (repeatable).")
 @click.option("--ip", default="127.0.0.1", show_default=True, help="Client IP address.")
@@ -383,13 +272,24 @@ def config_group() -> None:
 
 @config_group.command("validate")
 @click.argument("path", type=click.Path(dir_okay=False), required=False)
-@click.option("--config", "-c", "config_opt", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def config_validate(path: str | None, config_opt: str | None) -> None:
-    """Validate a config file (and the settings of the plugins it enables)."""
-    target = path or config_opt
-    config = load_or_exit(target)
-    build_app(config)  # loads plugins and validates their settings
-    click.echo(f"{target or 'embedded default config'}: OK")
+@config_option
+def config_validate(path: str | None, config_path: str | None) -> None:
+    """Validate a config file and everything it refers to.
+
+    Checks every key, the files it names (TLS certificate and key: parse and match;
+    users file; rule files), the relay targets its rules route to, and the settings of
+    every plugin it enables; reports every problem at once. PATH or --config; without
+    either, ./mailflow.yaml if it exists, else the embedded default.
+    """
+    from mailflow.config_check import check_config_file
+
+    target = find_config(path or config_path, quiet=True)
+    report = check_config_file(target)
+    for warning in report.warnings:
+        click.echo(f"mailflow: warning: {warning}", err=True)
+    if report.issues:
+        exit_invalid(report.issues)
+    click.echo(f"{config_source(target)}: OK")
 
 
 @config_group.command("show-default")
@@ -412,6 +312,12 @@ def init(path: str, force: bool) -> None:
     text = importlib.resources.files("mailflow").joinpath("data/starter.yaml").read_text("utf-8")
     target.write_text(text, "utf-8")
     click.echo(f"wrote {target}; check it with: mailflow config validate {target}")
+    if target.resolve() == Path(DEFAULT_FILE).resolve():
+        click.echo(
+            "run it with: mailflow serve  (./mailflow.yaml is used when no --config is given)"
+        )
+    else:
+        click.echo(f"run it with: mailflow serve --config {target}")
 
 
 # --- queue ---------------------------------------------------------------------------------
@@ -430,7 +336,7 @@ def _spool(config_path: str | None) -> Any:
 
 
 @queue_group.command("list")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--json", "as_json", is_flag=True)
 def queue_list(config_path: str | None, as_json: bool) -> None:
     """List queued messages."""
@@ -472,7 +378,7 @@ def queue_list(config_path: str | None, as_json: bool) -> None:
 
 @queue_group.command("show")
 @click.argument("queue_id")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--body", is_flag=True, help="Also print the message.")
 def queue_show(queue_id: str, config_path: str | None, body: bool) -> None:
     """Show one queued message's envelope and delivery state."""
@@ -490,7 +396,7 @@ def queue_show(queue_id: str, config_path: str | None, body: bool) -> None:
 
 
 @queue_group.command("flush")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 def queue_flush(config_path: str | None) -> None:
     """Ask the running server to retry every queued message now."""
     from mailflow.delivery.queue import FLUSH_TRIGGER
@@ -508,7 +414,7 @@ def queue_flush(config_path: str | None) -> None:
 
 @queue_group.command("delete")
 @click.argument("queue_ids", nargs=-1, required=True)
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 def queue_delete(queue_ids: tuple[str, ...], config_path: str | None) -> None:
     """Delete queued messages (no bounce is sent)."""
     spool = _spool(config_path)
@@ -543,7 +449,7 @@ def _quarantine(config_path: str | None) -> tuple[Config, Any]:
 
 
 @quarantine_group.command("list")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--json", "as_json", is_flag=True)
 def quarantine_list(config_path: str | None, as_json: bool) -> None:
     """List quarantined messages, oldest first."""
@@ -567,7 +473,7 @@ def quarantine_list(config_path: str | None, as_json: bool) -> None:
 
 @quarantine_group.command("show")
 @click.argument("queue_id")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--body", is_flag=True, help="Also print the message.")
 def quarantine_show(queue_id: str, config_path: str | None, body: bool) -> None:
     """Show why a message was quarantined (and optionally the message)."""
@@ -588,7 +494,7 @@ NO_LEARN_HELP = "Do not tell the plugins what the messages are (hook mailflow_le
 
 @quarantine_group.command("release")
 @click.argument("queue_ids", nargs=-1, required=True)
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--no-learn", is_flag=True, help=NO_LEARN_HELP)
 def quarantine_release(queue_ids: tuple[str, ...], config_path: str | None, no_learn: bool) -> None:
     """Deliver quarantined messages to their recipients (the running server sends them).
@@ -624,7 +530,7 @@ def quarantine_release(queue_ids: tuple[str, ...], config_path: str | None, no_l
 
 @quarantine_group.command("delete")
 @click.argument("queue_ids", nargs=-1, required=True)
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--spam", is_flag=True, help="They are spam: the plugins learn it (mailflow_learn).")
 @click.option("--no-learn", is_flag=True, help=NO_LEARN_HELP)
 def quarantine_delete(
@@ -741,7 +647,7 @@ def plugins_group() -> None:
 
 
 @plugins_group.command("list")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 def plugins_list(config_path: str | None) -> None:
     """Installed plugins, whether the config enables them, and their hook order."""
     from mailflow.hookspecs import hook_names
@@ -775,6 +681,6 @@ def _register_plugin_commands(cli: click.Group) -> None:
             hook(cli=cli)
 
 
-from mailflow.auth import users_group  # noqa: E402  (mailflow users add/remove/list)
+from mailflow.users_cli import users_group  # noqa: E402  (mailflow users add/remove/list)
 
 main.add_command(users_group)

@@ -154,10 +154,10 @@ def config_files(config: Config) -> list[Path]:
 
 def config_relative(config: Config, path: Path) -> Path:
     """Where a relative path in ``config`` points: beside the config file."""
-    base = getattr(config, "base_dir", None)
+    base = config._base_dir
     if path.is_absolute() or base is None:
         return path
-    return Path(base) / path
+    return base / path
 
 
 def fingerprint(paths: Iterable[Path]) -> dict[str, str]:
