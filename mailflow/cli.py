@@ -80,7 +80,9 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
     a restart (docs/reload.md).
     """
     from mailflow.config_check import file_issues
+    from mailflow.reload import Reloader, hold_sighup, remove_pid_file, write_pid_file
 
+    sighup_during_start = hold_sighup()
     config_path = find_config(config_path)
     if config_path is not None:
         config_path = str(Path(config_path).absolute())  # reloads read the same file
@@ -97,7 +99,6 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
     if issues:
         exit_invalid(issues)
     setup_logging(config, verbose)
-    from mailflow.reload import Reloader, remove_pid_file, write_pid_file
     from mailflow.server import Server
 
     app = build_app(config)
@@ -128,6 +129,8 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
         source = config_source(config_path)
         reloader = Reloader(server, load, source)
         reloader.install_signal_handler()
+        if sighup_during_start():
+            reloader.request()  # the files may have changed after we read them
         write_pid_file(config)
         for host, port in addresses:
             click.echo(f"mailflow {__version__}: listening on {host}:{port} (SMTP)", err=True)

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from mailflow.app import App
 from mailflow.config import Config, ConfigError, ConfigIssue
-from mailflow.config_check import file_issues
+from mailflow.config_check import file_issues, plugin_issues
 
 if TYPE_CHECKING:
     from mailflow.server import Server
@@ -292,7 +292,10 @@ class Reloader:
         issues: list[ConfigIssue] = await asyncio.to_thread(file_issues, config)
         if issues:
             raise ConfigError(issues)
-        app = App(config)  # plugins re-instantiated: their settings are checked here
+        try:
+            app = App(config)  # plugins re-instantiated: their settings are checked here
+        except ConfigError as exc:  # every plugin's problems, as `config validate` lists them
+            raise ConfigError(plugin_issues(config) or exc.issues) from None
         app.share_services(old.app)
         try:
             await app.startup()
@@ -366,6 +369,14 @@ class Reloader:
             with contextlib.suppress(asyncio.CancelledError):
                 await retiring
             await close_app(old.app)
+
+
+def hold_sighup() -> Callable[[], bool]:
+    """Until :meth:`Reloader.install_signal_handler`, a SIGHUP (during start-up) is
+    remembered instead of ending the process; returns "was there one?"."""
+    seen: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: seen.append(signum))
+    return lambda: bool(seen)
 
 
 # --- the pid file and `mailflow reload` -------------------------------------------------------

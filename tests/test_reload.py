@@ -281,3 +281,55 @@ def test_docs_name_every_key_that_needs_a_restart():
     docs = (Path(__file__).parent.parent / "docs" / "reload.md").read_text()
     for key in RESTART_KEYS:
         assert f"`{key}`" in docs
+
+
+async def test_milter_connections_switch_at_a_reload_and_open_ones_finish_on_theirs(
+    tmp_path, caplog
+):
+    """In process, with the milter front end: a conversation open across the reload
+    keeps the old rules; a new one gets the new rules."""
+    import logging
+
+    from mailflow.app import App
+    from mailflow.reload import Reloader
+    from mailflow.server import Server
+    from mailflow.testing import config_for
+    from tests.test_milter_session import MTA
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.format(tag="one"))
+    text = f"""
+        server: {{listen: []}}
+        milter: {{listen: "127.0.0.1:0"}}
+        isolation: {{processes: 0}}
+        plugins: [{{name: rules, settings: {{files: [{rules}]}}}}]
+        """
+    server = Server(App(config_for(tmp_path, text)))
+    await server.start()
+    reloader = Reloader(server, lambda: config_for(tmp_path, text), "test.yaml")
+    caplog.set_level(logging.INFO, "mailflow.reload")
+    try:
+        assert server.milter is not None
+        held = await MTA.open(server.milter.port)
+        await held.negotiate()
+        await held.connect_and_mail()
+        rules.write_text(RULES.format(tag="two"))
+        assert await reloader.reload()
+        fresh = await MTA.open(server.milter.port)
+        await fresh.negotiate()
+        await fresh.connect_and_mail()
+        replies = {}
+        for name, mta in (("held", held), ("fresh", fresh)):
+            await mta.ask(b"R", b"<bob@example.com>\0")
+            replies[name] = await mta.message([(b"Subject", b" hello")], b"x\r\n")
+            await mta.close()
+        async with asyncio.timeout(30):
+            while reloader._retiring:
+                await asyncio.sleep(0.05)
+    finally:
+        await server.stop()
+        await reloader.close()
+    # SMFIR_INSHEADER at index 0: the header the rule added.
+    assert (b"i", b"\0\0\0\0X-Rule\0 one\0") in replies["held"]
+    assert (b"i", b"\0\0\0\0X-Rule\0 two\0") in replies["fresh"]
+    assert "configuration 1 closed (its last connection ended)" in caplog.text
