@@ -302,7 +302,12 @@ class Reloader:
             await app.pipeline.start_isolation(on_restart=app.metrics.observe_worker_restart)
             authenticator: object | None = self._given_authenticator
             if config.server.auth is not None:
-                authenticator = UsersFileAuthenticator(config.server.auth.users_file)
+                users = config.server.auth.users_file
+                running = old.app.config.server.auth
+                if running is not None and running.users_file == users:
+                    authenticator = old.authenticator  # it re-reads the file when it changes
+                else:  # (a thread: it hashes a dummy password, ~50 ms)
+                    authenticator = await asyncio.to_thread(UsersFileAuthenticator, users)
             handler = Handler(app, self.server.enqueue, clear_incoming=False)
             _share_handler_state(old.handler, handler)
             factory = protocol_factory(app, handler, authenticator)

@@ -333,3 +333,48 @@ async def test_milter_connections_switch_at_a_reload_and_open_ones_finish_on_the
     assert (b"i", b"\0\0\0\0X-Rule\0 one\0") in replies["held"]
     assert (b"i", b"\0\0\0\0X-Rule\0 two\0") in replies["fresh"]
     assert "configuration 1 closed (its last connection ended)" in caplog.text
+
+
+async def test_a_reload_reads_a_new_users_file_and_refuses_a_broken_one(
+    tmp_path, tls_files, caplog
+):
+    """In process: ``server.auth.users_file`` pointed elsewhere by a reload takes effect
+    for new connections; a broken one is refused with its file and line."""
+    from mailflow.app import App
+    from mailflow.reload import Reloader
+    from mailflow.server import Server
+    from mailflow.testing import config_for
+    from tests.smtp_support import TEST_PASSWORD_HASH
+
+    cert, key = tls_files
+    (tmp_path / "old").write_text(f"alice:{TEST_PASSWORD_HASH}\n")
+    (tmp_path / "new").write_text(f"bob:{TEST_PASSWORD_HASH}\n")
+
+    def text(users: str) -> str:
+        return f"""
+            server:
+              tls: {{cert: {cert}, key: {key}}}
+              auth: {{users_file: {tmp_path / users}}}
+            isolation: {{processes: 0}}
+            """
+
+    current = {"users": "old"}
+    server = Server(App(config_for(tmp_path, text("old"))))
+    await server.start()
+    reloader = Reloader(server, lambda: config_for(tmp_path, text(current["users"])), "t.yaml")
+    try:
+        first = server.authenticator
+        assert await reloader.reload()
+        assert server.authenticator is first  # same file: the running one re-reads it
+        current["users"] = "new"
+        assert await reloader.reload()
+        assert server.authenticator is not first
+        assert server.authenticator.users == ["bob"]  # type: ignore[attr-defined]
+        (tmp_path / "broken").write_text("carol\n")
+        current["users"] = "broken"
+        assert not await reloader.reload()
+        assert f"{tmp_path / 'broken'}:1: server.auth.users_file: expected" in caplog.text
+        assert server.authenticator.users == ["bob"]  # type: ignore[attr-defined]
+    finally:
+        await server.stop()
+        await reloader.close()
