@@ -52,6 +52,14 @@ class App:
     def authserv_id(self) -> str:
         return self.config.authserv_id or self.config.server.hostname
 
+    def share_services(self, running: App) -> None:
+        """Use ``running``'s process-wide services instead of new ones (a reload,
+        mailflow.reload): the metrics keep counting, the Maildir writer and the spool
+        stay the ones the queue uses (their config keys need a restart)."""
+        self.metrics = running.metrics
+        self.maildir = running.maildir
+        self._spool = running.spool
+
     async def startup(self) -> None:
         if not self.started:
             await self.pipeline.notify("mailflow_startup", app=self)

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import logging
-import logging.handlers
-import queue
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,123 +13,17 @@ from typing import Any
 import click
 
 from mailflow import __version__
+from mailflow.cli_config import (
+    DEFAULT_FILE,
+    build_app,
+    config_option,
+    config_source,
+    exit_invalid,
+    find_config,
+    load_or_exit,
+)
 from mailflow.config import Config, ConfigError, default_config_text, load_config
-
-CONFIG_HELP = "Path to mailflow.yaml (default: the embedded default config)."
-
-
-LOG_FLUSH_INTERVAL = 0.05  # seconds: how late a log line may reach the stream or file
-
-
-class _LogWriter(threading.Thread):
-    """Writes queued log records from its own thread, looking every ``LOG_FLUSH_INTERVAL``.
-
-    Unlike ``logging.handlers.QueueListener`` nothing wakes it per record: a
-    thread woken for every line costs the event loop a context switch on a small
-    machine. Records reach the handler at most ``LOG_FLUSH_INTERVAL`` late; the
-    rest are written when it stops (at exit).
-    """
-
-    def __init__(self, handler: logging.Handler) -> None:
-        super().__init__(name="mailflow-log", daemon=True)
-        self.handler = handler
-        self.records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self._stopping.wait(LOG_FLUSH_INTERVAL):
-            self._write_out()
-        self._write_out()
-
-    def _write_out(self) -> None:
-        while True:
-            try:
-                record = self.records.get_nowait()
-            except queue.Empty:
-                return
-            self.handler.handle(record)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self.join()
-        self.handler.flush()
-        self.handler.close()  # a log file is closed, not left to the garbage collector
-
-
-class _DeferredFormatQueueHandler(logging.handlers.QueueHandler):
-    """Queues records with their message text fixed, leaving the formatting (time
-    stamp, level, logger name) to the writer thread, off the event loop.
-
-    The ``%`` arguments are merged in the calling thread, so an argument changed
-    later cannot change the line; records with a traceback are prepared in full.
-    """
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        if record.exc_info or record.stack_info:
-            return super().prepare(record)
-        record.msg = record.getMessage()
-        record.args = None
-        return record
-
-
-_log_writer: _LogWriter | None = None
-
-
-def _stop_log_writer() -> None:
-    """Write out what is still queued (at exit)."""
-    global _log_writer
-    if _log_writer is not None:
-        _log_writer.stop()
-        _log_writer = None
-
-
-def setup_logging(config: Config, verbose: bool = False) -> None:
-    from mailflow import msglog
-
-    global _log_writer
-    level = logging.DEBUG if verbose else getattr(logging, config.log.level)
-    handler: logging.Handler
-    if config.log.file:
-        handler = logging.FileHandler(config.log.file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # The event loop only puts records on a queue; a listener thread does the writing,
-    # so a slow terminal, pipe or disk never stalls SMTP sessions.
-    if _log_writer is not None:
-        _log_writer.stop()
-    else:
-        atexit.register(_stop_log_writer)
-    _log_writer = _LogWriter(handler)
-    _log_writer.start()
-    # The line format names no process, thread or source location: do not collect
-    # them for every record (a stack walk and a getpid system call each time).
-    # Documented switches (logging HOWTO, "Optimization").
-    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
-    logging._srcfile = None
-    root = logging.getLogger()
-    root.handlers[:] = [_DeferredFormatQueueHandler(_log_writer.records)]
-    root.setLevel(level)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatty logger
-    msglog.configure(config.log.format == "json")
-
-
-def load_or_exit(path: str | None) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        click.echo(f"mailflow: invalid config:\n{exc}", err=True)
-        sys.exit(2)
-
-
-def build_app(config: Config) -> Any:
-    from mailflow.app import App
-
-    try:
-        return App(config)
-    except ConfigError as exc:
-        click.echo(f"mailflow: invalid config:\n{exc}", err=True)
-        sys.exit(2)
+from mailflow.msglog import setup_logging
 
 
 class PluginCommandsGroup(click.Group):
@@ -165,7 +55,7 @@ class PluginCommandsGroup(click.Group):
 
 
 @click.group(cls=PluginCommandsGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="mailflow")
+@click.version_option(__version__, prog_name="mailflow", message="%(prog)s %(version)s")
 def main() -> None:
     """mailflow: a pluggable mail filtering pipeline (SMTP in, plugins, Maildir/LMTP/relay out)."""
 
@@ -180,15 +70,34 @@ def version() -> None:
 
 
 @main.command()
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--listen", "-l", multiple=True, help="Override server.listen (HOST:PORT).")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> None:
-    """Receive mail over SMTP, filter it, deliver it."""
-    config = load_or_exit(config_path)
-    if listen:
-        server_cfg = config.server.model_copy(update={"listen": list(listen)})
-        config = config.model_copy(update={"server": server_cfg})
+    """Receive mail over SMTP, filter it, deliver it.
+
+    SIGHUP (or `mailflow reload`) re-reads the config and the files it names without
+    a restart (docs/reload.md).
+    """
+    from mailflow.config_check import file_issues
+    from mailflow.reload import Reloader, hold_sighup, remove_pid_file, write_pid_file
+
+    sighup_during_start = hold_sighup()
+    config_path = find_config(config_path)
+    if config_path is not None:
+        config_path = str(Path(config_path).absolute())  # reloads read the same file
+
+    def load() -> Config:
+        loaded = load_config(config_path)
+        if listen:
+            server_cfg = loaded.server.model_copy(update={"listen": list(listen)})
+            loaded = loaded.model_copy(update={"server": server_cfg})
+        return loaded
+
+    config = load_or_exit(config_path, load)
+    issues = file_issues(config)  # e.g. "server.tls.cert: file not found: /etc/..."
+    if issues:
+        exit_invalid(issues)
     setup_logging(config, verbose)
     from mailflow.server import Server
 
@@ -217,7 +126,12 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
             )
             await server.stop()
             sys.exit(2)
-        source = config_path or "embedded default config"
+        source = config_source(config_path)
+        reloader = Reloader(server, load, source)
+        reloader.install_signal_handler()
+        if sighup_during_start():
+            reloader.request()  # the files may have changed after we read them
+        write_pid_file(config)
         for host, port in addresses:
             click.echo(f"mailflow {__version__}: listening on {host}:{port} (SMTP)", err=True)
         if server.milter is not None:
@@ -233,9 +147,47 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
             f"relay: {config.relay.default}",
             err=True,
         )
-        await server.run_forever()
+        try:
+            await server.run_forever()
+        finally:
+            await reloader.close()
+            remove_pid_file(config)
 
     asyncio.run(run())
+
+
+@main.command("reload")
+@config_option
+def reload_command(config_path: str | None) -> None:
+    """Make the running `serve` re-read its config and files (sends it SIGHUP).
+
+    Give the --config that `serve` was started with: it is checked first as `config
+    validate` checks it (a bad one is reported here and not sent), and its
+    queue.directory holds the pid file of the running server. What the reload changed,
+    or why the server refused it, is in the server's log. Exit status: 0 sent, 1 no
+    server runs, 2 invalid config.
+    """
+    import os
+    import signal
+
+    from mailflow.config_check import file_issues
+    from mailflow.reload import NotRunning, running_pid
+
+    config = load_or_exit(config_path)
+    issues = file_issues(config)
+    if issues:
+        exit_invalid(issues)
+    build_app(config)  # plugin settings, rule files
+    try:
+        pid = running_pid(config)
+        os.kill(pid, signal.SIGHUP)
+    except NotRunning as exc:
+        click.echo(f"mailflow: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"mailflow: cannot signal the server: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"sent SIGHUP to mailflow serve (pid {pid}); its log says what changed")
 
 
 # --- check ---------------------------------------------------------------------------------
@@ -243,7 +195,7 @@ def serve(config_path: str | None, listen: tuple[str, ...], verbose: bool) -> No
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--from", "sender", help="Envelope sender (default: the From header).")
 @click.option("--to", "recipients", multiple=True, help="Envelope recipient (repeatable).")
 @click.option("--ip", default="127.0.0.1", show_default=True, help="Client IP address.")
@@ -323,13 +275,24 @@ def config_group() -> None:
 
 @config_group.command("validate")
 @click.argument("path", type=click.Path(dir_okay=False), required=False)
-@click.option("--config", "-c", "config_opt", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def config_validate(path: str | None, config_opt: str | None) -> None:
-    """Validate a config file (and the settings of the plugins it enables)."""
-    target = path or config_opt
-    config = load_or_exit(target)
-    build_app(config)  # loads plugins and validates their settings
-    click.echo(f"{target or 'embedded default config'}: OK")
+@config_option
+def config_validate(path: str | None, config_path: str | None) -> None:
+    """Validate a config file and everything it refers to.
+
+    Checks every key, the files it names (TLS certificate and key: parse and match;
+    users file; rule files), the relay targets its rules route to, and the settings of
+    every plugin it enables; reports every problem at once. PATH or --config; without
+    either, ./mailflow.yaml if it exists, else the embedded default.
+    """
+    from mailflow.config_check import check_config_file
+
+    target = find_config(path or config_path, quiet=True)
+    report = check_config_file(target)
+    for warning in report.warnings:
+        click.echo(f"mailflow: warning: {warning}", err=True)
+    if report.issues:
+        exit_invalid(report.issues)
+    click.echo(f"{config_source(target)}: OK")
 
 
 @config_group.command("show-default")
@@ -352,6 +315,12 @@ def init(path: str, force: bool) -> None:
     text = importlib.resources.files("mailflow").joinpath("data/starter.yaml").read_text("utf-8")
     target.write_text(text, "utf-8")
     click.echo(f"wrote {target}; check it with: mailflow config validate {target}")
+    if target.resolve() == Path(DEFAULT_FILE).resolve():
+        click.echo(
+            "run it with: mailflow serve  (./mailflow.yaml is used when no --config is given)"
+        )
+    else:
+        click.echo(f"run it with: mailflow serve --config {target}")
 
 
 # --- queue ---------------------------------------------------------------------------------
@@ -370,7 +339,7 @@ def _spool(config_path: str | None) -> Any:
 
 
 @queue_group.command("list")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--json", "as_json", is_flag=True)
 def queue_list(config_path: str | None, as_json: bool) -> None:
     """List queued messages."""
@@ -412,7 +381,7 @@ def queue_list(config_path: str | None, as_json: bool) -> None:
 
 @queue_group.command("show")
 @click.argument("queue_id")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--body", is_flag=True, help="Also print the message.")
 def queue_show(queue_id: str, config_path: str | None, body: bool) -> None:
     """Show one queued message's envelope and delivery state."""
@@ -430,7 +399,7 @@ def queue_show(queue_id: str, config_path: str | None, body: bool) -> None:
 
 
 @queue_group.command("flush")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 def queue_flush(config_path: str | None) -> None:
     """Ask the running server to retry every queued message now."""
     from mailflow.delivery.queue import FLUSH_TRIGGER
@@ -448,7 +417,7 @@ def queue_flush(config_path: str | None) -> None:
 
 @queue_group.command("delete")
 @click.argument("queue_ids", nargs=-1, required=True)
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 def queue_delete(queue_ids: tuple[str, ...], config_path: str | None) -> None:
     """Delete queued messages (no bounce is sent)."""
     spool = _spool(config_path)
@@ -483,7 +452,7 @@ def _quarantine(config_path: str | None) -> tuple[Config, Any]:
 
 
 @quarantine_group.command("list")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--json", "as_json", is_flag=True)
 def quarantine_list(config_path: str | None, as_json: bool) -> None:
     """List quarantined messages, oldest first."""
@@ -507,7 +476,7 @@ def quarantine_list(config_path: str | None, as_json: bool) -> None:
 
 @quarantine_group.command("show")
 @click.argument("queue_id")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--body", is_flag=True, help="Also print the message.")
 def quarantine_show(queue_id: str, config_path: str | None, body: bool) -> None:
     """Show why a message was quarantined (and optionally the message)."""
@@ -528,7 +497,7 @@ NO_LEARN_HELP = "Do not tell the plugins what the messages are (hook mailflow_le
 
 @quarantine_group.command("release")
 @click.argument("queue_ids", nargs=-1, required=True)
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--no-learn", is_flag=True, help=NO_LEARN_HELP)
 def quarantine_release(queue_ids: tuple[str, ...], config_path: str | None, no_learn: bool) -> None:
     """Deliver quarantined messages to their recipients (the running server sends them).
@@ -564,7 +533,7 @@ def quarantine_release(queue_ids: tuple[str, ...], config_path: str | None, no_l
 
 @quarantine_group.command("delete")
 @click.argument("queue_ids", nargs=-1, required=True)
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option("--spam", is_flag=True, help="They are spam: the plugins learn it (mailflow_learn).")
 @click.option("--no-learn", is_flag=True, help=NO_LEARN_HELP)
 def quarantine_delete(
@@ -681,7 +650,7 @@ def plugins_group() -> None:
 
 
 @plugins_group.command("list")
-@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 def plugins_list(config_path: str | None) -> None:
     """Installed plugins, whether the config enables them, and their hook order."""
     from mailflow.hookspecs import hook_names
@@ -715,6 +684,6 @@ def _register_plugin_commands(cli: click.Group) -> None:
             hook(cli=cli)
 
 
-from mailflow.auth import users_group  # noqa: E402  (mailflow users add/remove/list)
+from mailflow.users_cli import users_group  # noqa: E402  (mailflow users add/remove/list)
 
 main.add_command(users_group)

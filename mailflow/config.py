@@ -373,6 +373,9 @@ class Config(Strict):
     # Where the config came from, kept so later checks (plugin settings) can name lines.
     _source: str = PrivateAttr(default=DEFAULT_CONFIG_NAME)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
+    # The directory of the config file: relative paths in it (plugin settings too) are
+    # relative to it. None: the embedded default or parsed text (relative to the cwd).
+    _base_dir: Path | None = PrivateAttr(default=None)
 
     @field_validator("relay_networks")
     @classmethod
@@ -666,14 +669,51 @@ def validate_model(
         raise ConfigError(_by_line(issues)) from None
 
 
-def parse_config(text: str, filename: str = DEFAULT_CONFIG_NAME) -> Config:
-    """Parse and validate YAML text; raise :class:`ConfigError` naming file/key/line."""
+def parse_config(
+    text: str, filename: str = DEFAULT_CONFIG_NAME, base_dir: Path | None = None
+) -> Config:
+    """Parse and validate YAML text; raise :class:`ConfigError` naming file/key/line.
+
+    With ``base_dir``, every relative path in the config is made relative to it
+    (:func:`resolve_paths`), and plugins resolve theirs against it too.
+    """
     data, lines = load_yaml(text, filename)
     config = validate_model(Config, data, filename, lines)
     _check_references(config, filename, lines)
+    if base_dir is not None:
+        config = resolve_paths(config, base_dir)
+        config._base_dir = base_dir
     config._source = filename
     config._lines = lines
     return config
+
+
+def resolve_paths(model: ModelT, base_dir: Path) -> ModelT:
+    """``model`` with every relative :class:`~pathlib.Path` field (in nested models,
+    lists and mappings too) joined to ``base_dir``. Text fields are left alone."""
+    resolved = _resolved(model, base_dir)
+    assert isinstance(resolved, type(model))
+    return resolved
+
+
+def _resolved(value: Any, base_dir: Path) -> Any:
+    if isinstance(value, Path):
+        return value if value.is_absolute() else base_dir / value
+    if isinstance(value, BaseModel):
+        changed = {}
+        for name in type(value).model_fields:
+            old = getattr(value, name)
+            new = _resolved(old, base_dir)
+            if new is not old:
+                changed[name] = new
+        return value.model_copy(update=changed) if changed else value
+    if isinstance(value, list):
+        items = [_resolved(v, base_dir) for v in value]
+        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    if isinstance(value, dict):
+        mapped = {k: _resolved(v, base_dir) for k, v in value.items()}
+        return mapped if any(mapped[k] is not value[k] for k in value) else value
+    return value
 
 
 def _by_line(issues: list[ConfigIssue]) -> list[ConfigIssue]:
@@ -788,7 +828,11 @@ def read_text_file(path: str | Path) -> str:
 
 
 def load_config(path: str | Path | None = None) -> Config:
-    """Load ``path``, or the embedded default when ``path`` is None."""
+    """Load ``path``, or the embedded default when ``path`` is None.
+
+    Relative paths in the file are relative to the file's directory.
+    """
     if path is None:
         return parse_config(default_config_text(), DEFAULT_CONFIG_NAME)
-    return parse_config(read_text_file(path), str(path))
+    base_dir = Path(os.path.abspath(path)).parent  # abspath: also drops '..' parts
+    return parse_config(read_text_file(path), str(path), base_dir)

@@ -1,14 +1,23 @@
-"""One structured log line per message (text or JSON lines, by config)."""
+"""Logging: one structured log line per message (text or JSON lines, by config), and
+the writer thread that puts every log line on stderr or in ``log.file``."""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
+import sys
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailflow.message import MessageContext
+
+if TYPE_CHECKING:
+    from mailflow.config import Config
 
 log = logging.getLogger("mailflow.message")
 _json_mode = False
@@ -110,3 +119,102 @@ def record_after_reply(
         observe(ctx, elapsed_s)
 
     asyncio.get_running_loop().call_soon(record)
+
+
+# --- the log writer ---------------------------------------------------------------------------
+
+
+LOG_FLUSH_INTERVAL = 0.05  # seconds: how late a log line may reach the stream or file
+
+
+class _LogWriter(threading.Thread):
+    """Writes queued log records from its own thread, looking every ``LOG_FLUSH_INTERVAL``.
+
+    Unlike ``logging.handlers.QueueListener`` nothing wakes it per record: a
+    thread woken for every line costs the event loop a context switch on a small
+    machine. Records reach the handler at most ``LOG_FLUSH_INTERVAL`` late; the
+    rest are written when it stops (at exit).
+    """
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__(name="mailflow-log", daemon=True)
+        self.handler = handler
+        self.records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopping.wait(LOG_FLUSH_INTERVAL):
+            self._write_out()
+        self._write_out()
+
+    def _write_out(self) -> None:
+        while True:
+            try:
+                record = self.records.get_nowait()
+            except queue.Empty:
+                return
+            self.handler.handle(record)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+        self.handler.flush()
+        self.handler.close()  # a log file is closed, not left to the garbage collector
+
+
+class _DeferredFormatQueueHandler(logging.handlers.QueueHandler):
+    """Queues records with their message text fixed, leaving the formatting (time
+    stamp, level, logger name) to the writer thread, off the event loop.
+
+    The ``%`` arguments are merged in the calling thread, so an argument changed
+    later cannot change the line; records with a traceback are prepared in full.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if record.exc_info or record.stack_info:
+            return super().prepare(record)
+        record.msg = record.getMessage()
+        record.args = None
+        return record
+
+
+_log_writer: _LogWriter | None = None
+
+
+def _stop_log_writer() -> None:
+    """Write out what is still queued (at exit)."""
+    global _log_writer
+    if _log_writer is not None:
+        _log_writer.stop()
+        _log_writer = None
+
+
+def setup_logging(config: Config, verbose: bool = False) -> None:
+    """Log to ``log.file`` or stderr at ``log.level`` (DEBUG with ``verbose``), written
+    by a thread of its own; the per-message line as ``log.format`` says."""
+    global _log_writer
+    level = logging.DEBUG if verbose else getattr(logging, config.log.level)
+    handler: logging.Handler
+    if config.log.file:
+        handler = logging.FileHandler(config.log.file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # The event loop only puts records on a queue; a listener thread does the writing,
+    # so a slow terminal, pipe or disk never stalls SMTP sessions.
+    if _log_writer is not None:
+        _log_writer.stop()
+    else:
+        atexit.register(_stop_log_writer)
+    _log_writer = _LogWriter(handler)
+    _log_writer.start()
+    # The line format names no process, thread or source location: do not collect
+    # them for every record (a stack walk and a getpid system call each time).
+    # Documented switches (logging HOWTO, "Optimization").
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None
+    root = logging.getLogger()
+    root.handlers[:] = [_DeferredFormatQueueHandler(_log_writer.records)]
+    root.setLevel(level)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatty logger
+    configure(config.log.format == "json")

@@ -21,7 +21,14 @@ from pydantic import BaseModel, ValidationError
 
 from mailflow import hookspecs
 from mailflow.batching import DataBatch
-from mailflow.config import Config, ConfigError, ConfigIssue, PluginEntry, issues_from_validation
+from mailflow.config import (
+    Config,
+    ConfigError,
+    ConfigIssue,
+    PluginEntry,
+    issues_from_validation,
+    resolve_paths,
+)
 from mailflow.dns import current_budget, start_budget
 from mailflow.isolation.pool import WorkerPool
 from mailflow.message import MessageContext, PluginRun
@@ -50,7 +57,8 @@ def instantiate(factory: Any, settings: dict[str, Any], config: Config, index: i
     * a module: registered as is (hook functions at module level); takes no settings;
     * a class or callable: called with its settings. If it has a ``Settings`` attribute
       (a pydantic model), the settings are validated against it first, so mistakes are
-      reported with file, key and line like the rest of the config.
+      reported with file, key and line like the rest of the config, and its relative
+      ``Path`` fields are made relative to the config file's directory.
     """
     if inspect.ismodule(factory):
         if settings:
@@ -73,6 +81,8 @@ def instantiate(factory: Any, settings: dict[str, Any], config: Config, index: i
             raise issues_from_validation(
                 config, ("plugins", index, "settings"), exc, model
             ) from None
+        if config._base_dir is not None:  # relative paths: beside the config file
+            validated = resolve_paths(validated, config._base_dir)
         return _build(factory, (validated,), config, index)
     return _build(factory, (settings,) if settings else (), config, index)
 

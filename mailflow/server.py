@@ -14,7 +14,8 @@ from mailflow.delivery.queue import QueueManager
 from mailflow.message import MessageContext
 from mailflow.milter.server import MilterServer
 from mailflow.pipeline import default_route
-from mailflow.smtp import Handler, bound_addresses, start_servers
+from mailflow.reload import ProtocolSwitch
+from mailflow.smtp import Handler, bound_addresses, protocol_factory, start_servers
 
 log = logging.getLogger("mailflow.server")
 
@@ -28,6 +29,7 @@ class Server:
         # Delivery policy, the queue, the transports and the relay pool (docs/delivery.md).
         self.dispatcher: Dispatcher | None = None
         self.handler: Handler | None = None
+        self.protocols: ProtocolSwitch | None = None  # what a reload re-points
         self.servers: list[asyncio.Server] = []
         self.metrics_server: asyncio.Server | None = None
         self.milter: MilterServer | None = None  # milter front end, when milter.listen is set
@@ -51,9 +53,11 @@ class Server:
             maildir=app.maildir,
             resolver=app.resolver,
             metrics=app.metrics,
-            route=app.route,
-            bounce_route=lambda rcpt: default_route(app.config, rcpt),
-            notify=app.pipeline.notify,
+            # Through self.app: a reload (mailflow.reload) replaces the App, and
+            # routing and delivery notices go to the plugins of the one serving.
+            route=lambda ctx: self.app.route(ctx),
+            bounce_route=lambda rcpt: default_route(self.app.config, rcpt),
+            notify=lambda hook, **kwargs: self.app.pipeline.notify(hook, **kwargs),
         )
         await self.dispatcher.start()
         self.handler = Handler(app, self.enqueue)
@@ -61,7 +65,10 @@ class Server:
             from mailflow.auth import UsersFileAuthenticator
 
             self.authenticator = UsersFileAuthenticator(app.config.server.auth.users_file)
-        self.servers = await start_servers(app, self.handler, self.authenticator)
+        self.protocols = ProtocolSwitch(protocol_factory(app, self.handler, self.authenticator))
+        self.servers = await start_servers(
+            app, self.handler, self.authenticator, factory=self.protocols
+        )
         if app.config.milter.listen:
             # Milter front end (docs/milter.md): same pipeline, the MTA delivers.
             self.milter = MilterServer(app, app.config.milter)

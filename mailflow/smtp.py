@@ -109,7 +109,9 @@ def _reply_for(result: Result, stage: str) -> str:
 class Handler:
     """aiosmtpd handler: the glue between SMTP commands and pipeline stages."""
 
-    def __init__(self, app: App, enqueue: Callable[..., Any]) -> None:
+    def __init__(
+        self, app: App, enqueue: Callable[..., Any], *, clear_incoming: bool = True
+    ) -> None:
         self.app = app
         self.enqueue = enqueue  # async (ctx) -> queue id, after durable store
         self.quarantine = Quarantine(app.config.quarantine.directory)
@@ -124,7 +126,8 @@ class Handler:
         server = app.config.server
         # Large messages arrive into files here; what a crash left behind goes now.
         self.incoming_dir = Path(app.config.queue.directory) / INCOMING_DIR
-        clear_directory(self.incoming_dir)
+        if clear_incoming:  # not on a reload (mailflow.reload): connections are writing there
+            clear_directory(self.incoming_dir)
         # Memory for large messages read back from their files to be filtered.
         self.large_messages = ByteBudget(server.large_message_memory)
         self.bulk = BulkPacer(server.large_message_rate)
@@ -446,13 +449,15 @@ def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
-async def start_servers(
+def protocol_factory(
     app: App, handler: Handler, authenticator: Any = None
-) -> list[asyncio.Server]:
-    """Listen on every configured address; returns the asyncio servers."""
+) -> Callable[[], MailflowSMTP]:
+    """What makes the protocol object for each new connection (the TLS context is loaded
+    here, once)."""
     cfg = app.config.server
     tls_context = make_tls_context(str(cfg.tls.cert), str(cfg.tls.key)) if cfg.tls else None
     loop = asyncio.get_running_loop()
+    excluded = _excluded_mechanisms(app, authenticator)
 
     def factory() -> MailflowSMTP:
         return MailflowSMTP(
@@ -467,14 +472,31 @@ async def start_servers(
             timeout=cfg.command_timeout,
             auth_require_tls=True,
             authenticator=authenticator,
-            auth_exclude_mechanism=_excluded_mechanisms(app, authenticator),
+            auth_exclude_mechanism=excluded,
             loop=loop,
         )
 
+    return factory
+
+
+async def start_servers(
+    app: App,
+    handler: Handler,
+    authenticator: Any = None,
+    *,
+    factory: Callable[[], MailflowSMTP] | None = None,
+) -> list[asyncio.Server]:
+    """Listen on every configured address; returns the asyncio servers.
+
+    ``factory`` (default: :func:`protocol_factory`) is called for every connection; a
+    reload (mailflow.reload) passes one whose target it can swap.
+    """
+    make = factory or protocol_factory(app, handler, authenticator)
+    loop = asyncio.get_running_loop()
     servers = []
-    for item in cfg.listen:
+    for item in app.config.server.listen:
         host, port = parse_listen(item)
-        servers.append(await loop.create_server(factory, host=host, port=port, reuse_address=True))
+        servers.append(await loop.create_server(make, host=host, port=port, reuse_address=True))
     return servers
 
 
