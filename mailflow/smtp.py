@@ -19,7 +19,6 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
@@ -32,21 +31,21 @@ from mailflow.authlimit import AuthGuard, Scope
 from mailflow.config import AuthThrottleConfig, parse_listen
 from mailflow.delivery.outcome import RefusedUpstream
 from mailflow.delivery.spool import new_queue_id
-from mailflow.message import Connection, Envelope, MessageContext, PluginRun, format_header
+from mailflow.message import Connection, MessageContext, format_header
 from mailflow.mime import HeaderBlock
 from mailflow.msglog import record_after_reply
 from mailflow.normalize import has_bare_newline, normalize_newlines
-from mailflow.policy import admit_recipient, in_networks, is_local_recipient
+from mailflow.policy import in_networks, is_local_recipient
 from mailflow.quarantine import Quarantine
 from mailflow.smtp_data import BulkPacer, ByteBudget, DataFacts, clear_directory
 from mailflow.smtp_session import MailflowSMTP
-from mailflow.verdict import Action, Mutation, Result, SMTPReply
+from mailflow.transaction import Decision, Transaction, accepted_reply
+from mailflow.verdict import Action, SMTPReply
 
 log = logging.getLogger("mailflow.smtp")
 
 
 # RFC 5321 4.2 replies used by the front end.
-R_TOO_MANY_RCPTS = SMTPReply(452, "Too many recipients", "4.5.3")
 R_LOOP = SMTPReply(554, "Too many Received headers: mail loop?", "5.4.6")
 R_BARE_NEWLINE = SMTPReply(
     550, "Bare CR or LF in message data is not allowed (RFC 5322 2.3)", "5.6.0"
@@ -72,31 +71,6 @@ def _sender(address: str | None) -> str:
 _ADDRESS_OK = re.compile(
     r"^[^\s<>()\[\],;:\\\"]+@[A-Za-z0-9.\-\[\]:]+$|^postmaster$", re.IGNORECASE
 )
-
-
-@dataclass(slots=True)
-class Transaction:
-    """Per-MAIL-transaction state kept on aiosmtpd's Envelope."""
-
-    runs: list[PluginRun] = field(default_factory=list)
-    mutations: list[Mutation] = field(default_factory=list)
-
-
-def _tx(envelope: SMTPEnvelope) -> Transaction:
-    tx = getattr(envelope, "mailflow_tx", None)
-    if tx is None:
-        tx = Transaction()
-        envelope.mailflow_tx = tx  # type: ignore[attr-defined]
-    return tx
-
-
-def _reply_for(result: Result, stage: str) -> str:
-    reply = result.smtp_reply()
-    if reply is None:
-        reply = SMTPReply(550, "Rejected", "5.7.1")
-    if stage == "rcpt" and result.action is Action.DISCARD:
-        reply = SMTPReply(550, "Recipient rejected", "5.7.1")
-    return str(reply)
 
 
 class Handler:
@@ -139,6 +113,29 @@ class Handler:
             conn._resolver = self.app.resolver.ptr
         return conn
 
+    def transaction(self, conn: Connection) -> Transaction:
+        """The sans-IO model of one connection (mailflow.transaction)."""
+        return Transaction(
+            self.app.pipeline, self.app.config, conn, recipient_check=self._check_quota
+        )
+
+    async def _check_quota(self, address: str) -> SMTPReply | None:
+        """A full local mailbox refuses the recipient at RCPT (``over_quota_code``)."""
+        config = self.app.config
+        maildir = config.delivery.maildir
+        if not (
+            maildir.quota is not None
+            and config.delivery.method == "maildir"
+            and is_local_recipient(config, address)
+        ):
+            return None
+        try:
+            await asyncio.to_thread(self.app.maildir.check_quota, address, 0)
+        except Exception:
+            code = maildir.over_quota_code
+            return SMTPReply(code, "Mailbox full", "4.2.2" if code == 452 else "5.2.2")
+        return None
+
     async def handle_exception(self, error: Exception) -> str:
         """A bug or I/O error in a stage: log it, answer a temporary failure, keep serving."""
         log.error("SMTP session error: %r", error, exc_info=error)
@@ -147,6 +144,10 @@ class Handler:
     @staticmethod
     def conn(session: Session) -> Connection:
         return session.mailflow_conn  # type: ignore[attr-defined]
+
+    @staticmethod
+    def model(server: SMTP) -> Transaction:
+        return server.mailflow_tx  # type: ignore[attr-defined]
 
     # --- HELO/EHLO ------------------------------------------------------------------------
 
@@ -178,14 +179,8 @@ class Handler:
         return [*kept, "250-PIPELINING", responses[-1]]
 
     async def _helo(self, server: SMTP, session: Session, hostname: str) -> str | None:
-        conn = self.conn(session)
-        conn.helo = hostname
-        result, runs = await self.app.pipeline.run_stage("helo", connection=conn, name=hostname)
-        # A second EHLO replaces the first (RFC 5321 4.1.4), and so do its results.
-        server.mailflow_helo_runs = runs  # type: ignore[attr-defined]
-        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL):
-            return _reply_for(result, "helo")
-        return None
+        decision = await self.model(server).helo(hostname)
+        return str(decision.reply) if decision.refused else None
 
     # --- MAIL FROM ------------------------------------------------------------------------
 
@@ -202,16 +197,9 @@ class Handler:
         # aiosmtpd spells the null sender (RFC 5321 4.5.5) "<>" and needs it truthy.
         if address and address != "<>" and not _address_ok(address):
             return str(R_BAD_ADDRESS)
-        tx = _tx(envelope)
-        result, runs = await self.app.pipeline.run_stage(
-            "mail", connection=conn, sender=_sender(address), options=mail_options
-        )
-        tx.runs.extend(runs)
-        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL):
-            return _reply_for(result, "mail")
-        for run in runs:
-            if run.result is not None:
-                tx.mutations.extend(run.result.mutations)
+        decision = await self.model(server).mail(_sender(address), mail_options)
+        if decision.refused:
+            return str(decision.reply)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -226,53 +214,21 @@ class Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        conn = self.conn(session)
-        config = self.app.config
         if envelope.mail_from is None:
             return str(R_SENDER_NEEDED)
         if not _address_ok(address):
             return str(R_BAD_ADDRESS)
-        if len(envelope.rcpt_tos) >= config.server.max_recipients:
-            return str(R_TOO_MANY_RCPTS)
-        # Relay control; postmaster (RFC 5321 4.5.1) becomes its configured mailbox here,
-        # so the plugins, routing and delivery see an ordinary address.
-        asked = address
-        address, refusal = admit_recipient(config, conn, address)
-        if refusal is not None:
-            return str(refusal)
-        if address != asked and address in envelope.rcpt_tos:
-            return "250 2.1.5 Ok"  # <postmaster> and postmaster@ ours: one mailbox, one copy
-        maildir = config.delivery.maildir
-        if (
-            is_local_recipient(config, address)
-            and config.delivery.method == "maildir"
-            and maildir.quota is not None
-        ):
-            try:
-                await asyncio.to_thread(self.app.maildir.check_quota, address, 0)
-            except Exception:
-                code = maildir.over_quota_code
-                status = "4.2.2" if code == 452 else "5.2.2"
-                return f"{code} {status} Mailbox full"
-        tx = _tx(envelope)
-        result, runs = await self.app.pipeline.run_stage(
-            "rcpt",
-            connection=conn,
-            sender=_sender(envelope.mail_from),
-            recipient=address,
-            options=rcpt_options,
-        )
-        tx.runs.extend(runs)
-        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
-            return _reply_for(result, "rcpt")
-        for run in runs:
-            if run.result is not None:
-                tx.mutations.extend(run.result.mutations)
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
+        decision = await self.model(server).rcpt(address, rcpt_options)
+        if decision.refused:
+            return str(decision.reply)
+        if not decision.duplicate:  # <postmaster> and postmaster@ ours: one mailbox, one copy
+            envelope.rcpt_tos.append(decision.address)
+            envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
-    # --- DATA -----------------------------------------------------------------------------
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
+        self.model(server).reset()
+        return "250 2.0.0 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
         started = time.perf_counter()
@@ -295,60 +251,34 @@ class Handler:
         queue_id = new_queue_id()
         if facts.received >= config.server.max_received_headers:
             return str(R_LOOP)
-        if not raw.startswith(b"\r\n") and not _HEADER_START.match(raw):
-            # No header section at all (RFC 5322 3.5 wants a blank line before the
-            # body): add the blank line, or our Received header would turn the first
-            # body line into a broken header field.
-            raw = b"\r\n" + raw
-        raw = self.received_header(conn, session, envelope, queue_id) + raw
+        proto = protocol_name(
+            session.extended_smtp, session.ssl is not None, bool(conn.authenticated_user)
+        )
+        by = config.server.hostname
+        raw = with_trace(raw, received_header(conn, by, proto, envelope.rcpt_tos, queue_id))
         # The message lives on as ctx.raw; the envelope's copy (as large as the message)
         # would only double the memory of a large message while the plugins run.
         envelope.content = envelope.original_content = None
-        ctx = MessageContext(
-            raw,
-            Envelope(
-                _sender(envelope.mail_from),
-                list(envelope.rcpt_tos),
-                list(envelope.mail_options),
-            ),
-            conn,
-            queue_id=queue_id,
-        )
-        tx = _tx(envelope)
-        ctx.runs.extend(getattr(server, "mailflow_connect_runs", []))
-        ctx.runs.extend(getattr(server, "mailflow_helo_runs", []))
-        ctx.runs.extend(tx.runs)
-        for run in ctx.runs:
-            if run.result is not None:
-                ctx.score += run.result.score
-        ctx.apply(tx.mutations)
-        await self.app.pipeline.run_data(ctx)
-        reply = await self.finish(ctx)
+        model = self.model(server)
+        ctx = model.message(raw, queue_id)
+        decision = await model.data(ctx)
+        reply = await self.finish(ctx, decision)
         elapsed = time.perf_counter() - started
         record_after_reply(ctx, reply, elapsed, self.app.metrics.observe_message)
         return reply
 
-    async def finish(self, ctx: MessageContext) -> str:
-        """Turn the pipeline's decision into storage and an SMTP reply."""
-        action = ctx.action
-        if action in (Action.REJECT, Action.TEMPFAIL):
-            reply = ctx.reply or (
-                SMTPReply(550, "Rejected", "5.7.1")
-                if action is Action.REJECT
-                else SMTPReply(451, "Try again later", "4.7.1")
-            )
-            return str(reply)
-        if action is Action.DISCARD:
-            ctx.extra["delivery"] = "discarded"
-            return f"250 2.0.0 Ok: {ctx.queue_id} discarded"
+    async def finish(self, ctx: MessageContext, decision: Decision) -> str:
+        """Carry out the transaction's decision: store the message, then say so."""
+        action = decision.action
+        if decision.refused or action is Action.DISCARD:
+            if action is Action.DISCARD:
+                ctx.extra["delivery"] = "discarded"
+            return str(decision.reply)
         try:
             if action is Action.QUARANTINE:
                 await self.quarantine.store(ctx)
                 ctx.extra["delivery"] = "quarantined"
-                return f"250 2.0.0 Ok: queued as {ctx.queue_id}"
-            if not ctx.envelope.rcpt_tos:
-                ctx.extra["delivery"] = "no recipients left"
-                return f"250 2.0.0 Ok: {ctx.queue_id} (no recipients left)"
+                return str(accepted_reply(ctx.queue_id))
             await self.enqueue(ctx)
         except RefusedUpstream as refused:
             ctx.extra["delivery"] = "refused upstream"
@@ -358,30 +288,40 @@ class Handler:
             ctx.extra["delivery"] = "store failed"
             return str(R_SPOOL_FAILED)
         ctx.extra.setdefault("delivery", "queued")
-        return f"250 2.0.0 Ok: queued as {ctx.queue_id}"
+        return str(accepted_reply(ctx.queue_id))
 
-    def received_header(
-        self, conn: Connection, session: Session, envelope: SMTPEnvelope, queue_id: str
-    ) -> bytes:
-        """RFC 5321 4.4 trace header; 'with' uses RFC 3848 protocol names."""
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
-        if session.ssl is not None:
-            proto += "S"
-        if conn.authenticated_user:
-            proto += "A"
-        helo = _sanitize(conn.helo or "unknown")
-        rdns = _sanitize(conn.reverse_name or "")
-        ip = f"[{conn.ip}]" if ":" not in conn.ip else f"[IPv6:{conn.ip}]"
-        by = self.app.config.server.hostname
-        rcpt = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else ""
-        value = (
-            f"from {helo} ({rdns + ' ' if rdns else ''}{ip}) by {by} (mailflow) "
-            f"with {proto} id {queue_id}"
-        )
-        if rcpt:
-            value += f" for <{_sanitize(rcpt)}>"
-        value += "; " + _date_now()
-        return format_header("Received", value)
+
+def with_trace(raw: bytes, received: bytes) -> bytes:
+    """``raw`` with the ``received`` field in front."""
+    if not raw.startswith(b"\r\n") and not _HEADER_START.match(raw):
+        # No header section at all (RFC 5322 3.5 wants a blank line before the
+        # body): add the blank line, or the Received field would turn the first
+        # body line into a broken header field.
+        raw = b"\r\n" + raw
+    return received + raw
+
+
+def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:
+    """RFC 3848 name of the protocol a message came in by, for Received's "with"."""
+    return ("ESMTP" if esmtp else "SMTP") + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+def received_header(
+    conn: Connection, by: str, protocol: str, recipients: list[str], queue_id: str
+) -> bytes:
+    """RFC 5321 4.4 trace header of a message received from ``conn`` by host ``by``."""
+    helo = _sanitize(conn.helo or "unknown")
+    rdns = _sanitize(conn.reverse_name or "")
+    ip = f"[{conn.ip}]" if ":" not in conn.ip else f"[IPv6:{conn.ip}]"
+    rcpt = recipients[0] if len(recipients) == 1 else ""
+    value = (
+        f"from {helo} ({rdns + ' ' if rdns else ''}{ip}) by {by} (mailflow) "
+        f"with {protocol} id {queue_id}"
+    )
+    if rcpt:
+        value += f" for <{_sanitize(rcpt)}>"
+    value += "; " + _date_now()
+    return format_header("Received", value)
 
 
 _date_cache: tuple[int, str] = (0, "")

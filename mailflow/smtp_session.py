@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from aiosmtpd.smtp import MISSING, SMTP
 
 from mailflow.auth import AuthMechanisms
-from mailflow.message import Connection, PluginRun
+from mailflow.message import Connection
 from mailflow.policy import in_networks
 from mailflow.smtp_data import BulkPacer, DataScanner, DataStore
-from mailflow.verdict import Action, SMTPReply
+from mailflow.verdict import SMTPReply
 
 if TYPE_CHECKING:
     from mailflow.smtp import Handler
+    from mailflow.transaction import Transaction
 
 log = logging.getLogger("mailflow.smtp")
 
@@ -137,8 +138,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         self.mailflow_handler = handler
         self.mailflow_auth_guard = handler.login_guard
         self.mailflow_conn: Connection | None = None
-        self.mailflow_connect_runs: list[PluginRun] = []
-        self.mailflow_helo_runs: list[PluginRun] = []
+        self.mailflow_tx: Transaction | None = None  # the sans-IO model, from the connect stage
         self._counted = False  # this connection is in handler.active
         self._counted_ip: str | None = None  # ... and in handler.active_by_ip under this
         # The timers (see _next_deadline): one loop timer, moved lazily.
@@ -185,9 +185,9 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         if conn is None or self.session is None:
             return
         self.session.mailflow_conn = conn
-        conn.helo = ""
         conn.authenticated_user = ""
-        self.mailflow_helo_runs = []
+        if self.mailflow_tx is not None:
+            self.mailflow_tx.forget_helo()
         ssl_object = (self.session.ssl or {}).get("ssl_object")
         conn.tls = True
         conn.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
@@ -700,12 +700,11 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             await self.push(str(refusal))
             self._close()
             return
-        result, runs = await handler.app.pipeline.run_stage("connect", connection=conn)
-        self.mailflow_connect_runs = runs
-        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
-            reply = result.smtp_reply() or SMTPReply(554, "Connection refused", "5.7.1")
-            code = 554 if reply.code >= 500 else 421
-            await self.push(str(SMTPReply(code, reply.text, reply.status)))
+        model = handler.transaction(conn)
+        self.mailflow_tx = model
+        decision = await model.connect()
+        if decision.refused:
+            await self.push(str(decision.reply))
             self._close()
             return
         await super()._handle_client()
