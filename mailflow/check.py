@@ -9,7 +9,7 @@ from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
 from mailflow.policy import in_networks
-from mailflow.smtp import protocol_name, received_header, with_trace
+from mailflow.smtp.received import protocol_name, received_header, with_trace
 from mailflow.transaction import Decision, Transaction, accepted_reply
 from mailflow.verdict import Action
 

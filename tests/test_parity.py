@@ -36,7 +36,8 @@ from mailflow.message import Connection, MessageContext
 from mailflow.milter.server import MilterServer
 from mailflow.normalize import normalize_newlines
 from mailflow.pipeline import available_plugins
-from mailflow.smtp import Handler, bound_addresses, received_header, start_servers, with_trace
+from mailflow.smtp import Handler, bound_addresses, start_servers
+from mailflow.smtp.received import received_header, with_trace
 from mailflow.testing import config_for, make_message
 from mailflow.verdict import Action, AddHeader, RemoveRecipient, Result
 from tests.test_milter_session import MTA

@@ -1,21 +1,19 @@
-"""SMTP front end: aiosmtpd protocol -> the mailflow pipeline -> spool.
+"""The SMTP handler: aiosmtpd's command hooks as calls of the transaction model.
 
-The handler turns each SMTP phase into one pipeline stage; a verdict at an early
-stage is answered at that command. A message is acknowledged with 250 only after
-it has been fsync'd into the spool (or quarantine), never before.
+Each SMTP command becomes a step of :class:`mailflow.transaction.Transaction` (the
+model the milter session and ``mailflow check`` run too), whose decision is answered
+at that command. A message is acknowledged with 250 only after it has been fsync'd
+into the spool (or quarantine), never before.
 
-The per-connection protocol (limits, timeouts, STARTTLS bookkeeping) is
-:class:`mailflow.smtp_session.MailflowSMTP`; AUTH is in :mod:`mailflow.auth`.
+The per-connection protocol (limits, timeouts, the DATA reader, STARTTLS
+bookkeeping) is :class:`mailflow.smtp.protocol.MailflowSMTP`; AUTH is
+:mod:`mailflow.smtp.auth`; the Received field :mod:`mailflow.smtp.received`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import functools
 import logging
-import re
-import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,17 +26,17 @@ from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from mailflow.app import App
 from mailflow.authlimit import AuthGuard, Scope
-from mailflow.config import AuthThrottleConfig, parse_listen
+from mailflow.config import AuthThrottleConfig
 from mailflow.delivery.outcome import RefusedUpstream
 from mailflow.delivery.spool import new_queue_id
-from mailflow.message import Connection, MessageContext, format_header
-from mailflow.mime import HeaderBlock
+from mailflow.message import Connection, MessageContext
 from mailflow.msglog import record_after_reply
 from mailflow.normalize import has_bare_newline, normalize_newlines
 from mailflow.policy import in_networks, is_local_recipient
 from mailflow.quarantine import Quarantine
-from mailflow.smtp_data import BulkPacer, ByteBudget, DataFacts, clear_directory
-from mailflow.smtp_session import MailflowSMTP
+from mailflow.smtp.data import BulkPacer, ByteBudget, DataFacts, clear_directory
+from mailflow.smtp.policy import address_ok
+from mailflow.smtp.received import count_received, protocol_name, received_header, with_trace
 from mailflow.transaction import Decision, Transaction, accepted_reply
 from mailflow.verdict import Action, SMTPReply
 
@@ -59,18 +57,10 @@ R_LOCAL_ERROR = SMTPReply(451, "Local error in processing, try again later", "4.
 # Under queue.directory: temporary files of large messages while they arrive.
 INCOMING_DIR = "incoming"
 
-# RFC 5322 2.2 field name (printable ASCII except ":"), with obsolete WSP before ":".
-_HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
-
 
 def _sender(address: str | None) -> str:
     """The envelope sender as mailflow models it: "" is the null sender."""
     return "" if not address or address == "<>" else address
-
-
-_ADDRESS_OK = re.compile(
-    r"^[^\s<>()\[\],;:\\\"]+@[A-Za-z0-9.\-\[\]:]+$|^postmaster$", re.IGNORECASE
-)
 
 
 class Handler:
@@ -195,7 +185,7 @@ class Handler:
         conn = self.conn(session)
         conn.tls = session.ssl is not None
         # aiosmtpd spells the null sender (RFC 5321 4.5.5) "<>" and needs it truthy.
-        if address and address != "<>" and not _address_ok(address):
+        if address and address != "<>" and not address_ok(address):
             return str(R_BAD_ADDRESS)
         decision = await self.model(server).mail(_sender(address), mail_options)
         if decision.refused:
@@ -216,7 +206,7 @@ class Handler:
     ) -> str:
         if envelope.mail_from is None:
             return str(R_SENDER_NEEDED)
-        if not _address_ok(address):
+        if not address_ok(address):
             return str(R_BAD_ADDRESS)
         decision = await self.model(server).rcpt(address, rcpt_options)
         if decision.refused:
@@ -241,9 +231,9 @@ class Handler:
             facts = DataFacts(len(raw), nul=b"\x00" in raw, bare_newline=has_bare_newline(raw))
             if facts.bare_newline and config.server.bare_newline == "normalize":
                 raw = normalize_newlines(raw)
-            facts.received = _count_received(raw)
+            facts.received = count_received(raw)
         # Else the reader did it block by block as the data arrived: the NUL check,
-        # bare line ends made CRLF, Received fields counted (mailflow.smtp_data).
+        # bare line ends made CRLF, Received fields counted (mailflow.smtp.data).
         if facts.nul:
             return str(R_NUL)
         if facts.bare_newline and config.server.bare_newline == "reject":
@@ -289,141 +279,3 @@ class Handler:
             return str(R_SPOOL_FAILED)
         ctx.extra.setdefault("delivery", "queued")
         return str(accepted_reply(ctx.queue_id))
-
-
-def with_trace(raw: bytes, received: bytes) -> bytes:
-    """``raw`` with the ``received`` field in front."""
-    if not raw.startswith(b"\r\n") and not _HEADER_START.match(raw):
-        # No header section at all (RFC 5322 3.5 wants a blank line before the
-        # body): add the blank line, or the Received field would turn the first
-        # body line into a broken header field.
-        raw = b"\r\n" + raw
-    return received + raw
-
-
-def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:
-    """RFC 3848 name of the protocol a message came in by, for Received's "with"."""
-    return ("ESMTP" if esmtp else "SMTP") + ("S" if tls else "") + ("A" if authenticated else "")
-
-
-def received_header(
-    conn: Connection, by: str, protocol: str, recipients: list[str], queue_id: str
-) -> bytes:
-    """RFC 5321 4.4 trace header of a message received from ``conn`` by host ``by``."""
-    helo = _sanitize(conn.helo or "unknown")
-    rdns = _sanitize(conn.reverse_name or "")
-    ip = f"[{conn.ip}]" if ":" not in conn.ip else f"[IPv6:{conn.ip}]"
-    rcpt = recipients[0] if len(recipients) == 1 else ""
-    value = (
-        f"from {helo} ({rdns + ' ' if rdns else ''}{ip}) by {by} (mailflow) "
-        f"with {protocol} id {queue_id}"
-    )
-    if rcpt:
-        value += f" for <{_sanitize(rcpt)}>"
-    value += "; " + _date_now()
-    return format_header("Received", value)
-
-
-_date_cache: tuple[int, str] = (0, "")
-
-
-def _date_now() -> str:
-    """RFC 5322 3.3 date-time of now, local time, formatted once per second (~9 us each)."""
-    global _date_cache
-    now = time.time()
-    second = int(now)
-    if _date_cache[0] != second:
-        _date_cache = (second, email.utils.formatdate(second, localtime=True))
-    return _date_cache[1]
-
-
-def _address_ok(address: str) -> bool:
-    """Plausible mailbox syntax, and valid UTF-8 (RFC 6531 3.3): aiosmtpd hands us
-    undecodable bytes as surrogate escapes, which must not reach paths or the spool."""
-    try:
-        address.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return _ADDRESS_OK.match(address) is not None
-
-
-# Printable ASCII except the characters that delimit a Received clause: ( ) ; < >
-_UNSAFE_IN_RECEIVED = re.compile(r"[^\x21-\x27\x2a-\x3a\x3d\x3f-\x7e]")
-
-
-@functools.lru_cache(maxsize=4096)
-def _sanitize(text: str) -> str:
-    """``text`` safe inside a Received header: every other character becomes ``_``.
-
-    Cached: the same HELO names and recipients come back message after message.
-    """
-    return _UNSAFE_IN_RECEIVED.sub("_", text[:255])
-
-
-def _count_received(raw: bytes) -> int:
-    """Received fields in the header block (mailflow.mime: one C-level count)."""
-    return HeaderBlock(raw).count("received")
-
-
-# --- relay control (pure functions, shared with `mailflow check`) -----------------------------
-
-
-# --- servers -------------------------------------------------------------------------------
-
-
-def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-async def start_servers(
-    app: App, handler: Handler, authenticator: Any = None
-) -> list[asyncio.Server]:
-    """Listen on every configured address; returns the asyncio servers."""
-    cfg = app.config.server
-    tls_context = make_tls_context(str(cfg.tls.cert), str(cfg.tls.key)) if cfg.tls else None
-    loop = asyncio.get_running_loop()
-
-    def factory() -> MailflowSMTP:
-        return MailflowSMTP(
-            handler,
-            hostname=cfg.hostname,
-            ident="mailflow ESMTP",
-            data_size_limit=cfg.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            tls_context=tls_context,
-            require_starttls=bool(cfg.tls and cfg.tls.require),
-            timeout=cfg.command_timeout,
-            auth_require_tls=True,
-            authenticator=authenticator,
-            auth_exclude_mechanism=_excluded_mechanisms(app, authenticator),
-            loop=loop,
-        )
-
-    servers = []
-    for item in cfg.listen:
-        host, port = parse_listen(item)
-        servers.append(await loop.create_server(factory, host=host, port=port, reuse_address=True))
-    return servers
-
-
-def _excluded_mechanisms(app: App, authenticator: Any) -> list[str]:
-    """Mechanisms not to offer: all without an authenticator (else aiosmtpd offers
-    ones that always fail), otherwise those missing from ``server.auth.mechanisms``."""
-    if authenticator is None:
-        return ["PLAIN", "LOGIN"]
-    auth = app.config.server.auth
-    allowed = set(auth.mechanisms) if auth else {"PLAIN", "LOGIN"}
-    return [m for m in ("PLAIN", "LOGIN") if m not in allowed]
-
-
-def bound_addresses(servers: list[asyncio.Server]) -> list[tuple[str, int]]:
-    out = []
-    for server in servers:
-        for sock in server.sockets:
-            name = sock.getsockname()
-            out.append((name[0], name[1]))
-    return out
