@@ -63,6 +63,17 @@ def _sender(address: str | None) -> str:
     return "" if not address or address == "<>" else address
 
 
+def _data_refusal(facts: DataFacts, bare_newline: str, max_received: int) -> SMTPReply | None:
+    """The refusal of message data that no plugin gets to see, else None."""
+    if facts.nul:
+        return R_NUL
+    if facts.bare_newline and bare_newline == "reject":
+        return R_BARE_NEWLINE
+    if facts.received >= max_received:
+        return R_LOOP
+    return None
+
+
 class Handler:
     """aiosmtpd handler: the glue between SMTP commands and pipeline stages."""
 
@@ -234,13 +245,13 @@ class Handler:
             facts.received = count_received(raw)
         # Else the reader did it block by block as the data arrived: the NUL check,
         # bare line ends made CRLF, Received fields counted (mailflow.smtp.data).
-        if facts.nul:
-            return str(R_NUL)
-        if facts.bare_newline and config.server.bare_newline == "reject":
-            return str(R_BARE_NEWLINE)
+        refusal = _data_refusal(
+            facts, config.server.bare_newline, config.server.max_received_headers
+        )
+        if refusal is not None:
+            self.model(server).reset()  # as aiosmtpd resets its envelope after DATA
+            return str(refusal)
         queue_id = new_queue_id()
-        if facts.received >= config.server.max_received_headers:
-            return str(R_LOOP)
         proto = protocol_name(
             session.extended_smtp, session.ssl is not None, bool(conn.authenticated_user)
         )
