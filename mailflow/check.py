@@ -9,7 +9,7 @@ from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
 from mailflow.policy import in_networks
-from mailflow.smtp.received import protocol_name, received_header, with_trace
+from mailflow.smtp.received import is_header_start, protocol_name, received_header, with_trace
 from mailflow.transaction import Decision, Transaction, accepted_reply
 from mailflow.verdict import Action
 
@@ -31,7 +31,7 @@ async def check_message(
     To/Cc headers. A refusal at connect, HELO or MAIL ends the check there, as it
     would end the SMTP transaction; a refused recipient is reported and the others go on.
     """
-    raw = normalize_newlines(raw)
+    raw = without_mbox_line(normalize_newlines(raw))
     conn = Connection(ip=ip, authenticated_user=authenticated_user)
     conn.relay_allowed = in_networks(ip, app.config.relay_network_objects)
     model = Transaction(app.pipeline, app.config, conn)
@@ -63,6 +63,19 @@ async def check_message(
     ctx = model.message(with_trace(raw, received), queue_id)
     await model.data(ctx)
     return ctx
+
+
+def without_mbox_line(raw: bytes) -> bytes:
+    """``raw`` without the ``From sender date`` line an mbox file starts a message with.
+
+    That line belongs to the file format, not to the message: no client sends it over
+    SMTP. (Over SMTP a first line that is no header field would make the whole
+    message body.)
+    """
+    if raw.startswith(b"From ") and not is_header_start(raw):
+        end = raw.find(b"\r\n")
+        return b"" if end < 0 else raw[end + 2 :]
+    return raw
 
 
 def _stopped(

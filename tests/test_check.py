@@ -270,3 +270,13 @@ def test_stdin_only_once(tmp_path, example_config):
     result = CliRunner().invoke(main, ["check", "-c", str(example_config), "-", "-"], input=b"")
     assert result.exit_code == 2
     assert "once" in result.output
+
+
+def test_an_mbox_from_line_is_not_part_of_the_message(tmp_path, example_config):
+    message = make_message(subject="lottery", to="bob@example.com")
+    plain, mbox = tmp_path / "plain.eml", tmp_path / "mbox.eml"
+    plain.write_bytes(message)
+    mbox.write_bytes(b"From alice@example.org  Fri Aug 23 11:23:31 2002\n" + message)
+    _, a = run_check("--json", "-c", str(example_config), str(plain))
+    _, b = run_check("--json", "-c", str(example_config), str(mbox))
+    assert (b["score"], b["headers_added"], b["sender"]) == (4, a["headers_added"], a["sender"])

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from mailflow.app import App
-from mailflow.check import check_message, report
+from mailflow.check import check_message, report, without_mbox_line
 from mailflow.config import MilterConfig
 from mailflow.hookspecs import hookimpl
 from mailflow.message import Connection, MessageContext
@@ -363,7 +363,8 @@ def _corpus(directory: Path, per_label: int, prefix: str) -> list[Case]:
     for label in ("ham", "spam"):
         files = sorted(p for p in (directory / label).iterdir() if p.is_file())[:per_label]
         for path in files:
-            raw = normalize_newlines(path.read_bytes())
+            # As a client would send it: without the mbox "From " line.
+            raw = without_mbox_line(normalize_newlines(path.read_bytes()))
             cases.append(Case(f"{prefix}/{label}/{path.name}", raw))
     return cases
 

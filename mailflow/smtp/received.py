@@ -20,9 +20,14 @@ from mailflow.mime import HeaderBlock
 _HEADER_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
+def is_header_start(raw: bytes) -> bool:
+    """True when ``raw`` starts with a header field name and its colon."""
+    return _HEADER_START.match(raw) is not None
+
+
 def with_trace(raw: bytes, received: bytes) -> bytes:
     """``raw`` with the ``received`` field in front."""
-    if not raw.startswith(b"\r\n") and not _HEADER_START.match(raw):
+    if not raw.startswith(b"\r\n") and not is_header_start(raw):
         # No header section at all (RFC 5322 3.5 wants a blank line before the
         # body): add the blank line, or the Received field would turn the first
         # body line into a broken header field.
