@@ -1,9 +1,11 @@
 """One milter conversation mapped onto mailflow's pipeline.
 
-The MTA's events become the same pipeline stages the SMTP front end runs: CONNECT ->
+The MTA's events become the steps of the transaction model the SMTP front end and
+``mailflow check`` run too (:class:`mailflow.transaction.Transaction`): CONNECT ->
 ``connect``, HELO -> ``helo``, MAIL -> ``mail``, RCPT -> ``rcpt``, end of message ->
 ``data`` over a :class:`~mailflow.message.MessageContext` rebuilt from the headers and
-body the MTA sent. Plugins cannot tell the front ends apart.
+body the MTA sent. Plugins cannot tell the front ends apart, and the replies come from
+the same stage -> reply table.
 
 Decisions come back as milter replies at the stage they were made (a reject at RCPT is
 an SMFIR_REPLYCODE to that RCPT); at end of message the differences between what the
