@@ -193,17 +193,27 @@ def reload_command(config_path: str | None) -> None:
 # --- check ---------------------------------------------------------------------------------
 
 
+# Exit status of `check` per action; several files: the highest.
+CHECK_EXIT = {"accept": 0, "quarantine": 1, "discard": 1}
+
+
 @main.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, allow_dash=True)
+)
 @config_option
 @click.option("--from", "sender", help="Envelope sender (default: the From header).")
 @click.option("--to", "recipients", multiple=True, help="Envelope recipient (repeatable).")
 @click.option("--ip", default="127.0.0.1", show_default=True, help="Client IP address.")
 @click.option("--helo", default="localhost", show_default=True, help="HELO/EHLO name.")
-@click.option("--user", default="", help="Pretend the client authenticated as USER.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--auth", "--user", "user", default="", help="Pretend the client authenticated as USER."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object per file (JSON Lines)."
+)
 def check(
-    file: str,
+    files: tuple[str, ...],
     config_path: str | None,
     sender: str | None,
     recipients: tuple[str, ...],
@@ -212,57 +222,77 @@ def check(
     user: str,
     as_json: bool,
 ) -> None:
-    """Run the whole content pipeline on FILE (an .eml; '-' for stdin) and print the decision.
+    """Run the whole pipeline on each FILE (an .eml; '-' for stdin) and print the decisions.
 
-    Exit status: 0 accept, 1 quarantine/discard, 2 reject/tempfail or error.
+    The stages are those `serve` runs, with the connection facts given as options.
+    With --json, one JSON object per file and line (JSON Lines), in the order given.
+    Exit status: 0 every message accepted, 1 some quarantined/discarded (none worse),
+    2 some rejected/tempfailed, or an error.
     """
     from mailflow.check import check_message, report
 
+    if files.count("-") > 1:
+        raise click.UsageError("'-' (stdin) can be given once")
     config = load_or_exit(config_path)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     app = build_app(config)
 
-    async def run() -> dict[str, Any]:
+    async def run() -> int:
         await app.startup()
+        worst = 0
         try:
-            ctx = await check_message(
-                app,
-                raw,
-                sender=sender,
-                recipients=list(recipients) or None,
-                ip=ip,
-                helo=helo,
-                authenticated_user=user,
-            )
+            for index, file in enumerate(files):
+                raw = await asyncio.to_thread(_read_message, file)
+                ctx = await check_message(
+                    app,
+                    raw,
+                    sender=sender,
+                    recipients=list(recipients) or None,
+                    ip=ip,
+                    helo=helo,
+                    authenticated_user=user,
+                )
+                result = {"file": file, **report(ctx)}
+                _print_check(result, as_json, first=index == 0, several=len(files) > 1)
+                worst = max(worst, CHECK_EXIT.get(result["action"], 2))
         finally:
             await app.shutdown()
-        return report(ctx)
+        return worst
 
     try:
-        result = asyncio.run(run())
+        code = asyncio.run(run())
     except ConfigError as exc:  # a plugin that cannot start with this config
         click.echo(f"mailflow: invalid config:\n{exc}", err=True)
         sys.exit(2)
-    if as_json:
-        click.echo(json.dumps(result, indent=2, default=str))
-    else:
-        click.echo(f"action:     {result['action']}")
-        if result["smtp_reply"]:
-            r = result["smtp_reply"]
-            click.echo(f"smtp reply: {r['code']} {r['status']} {r['text']}")
-        if result["reason"]:
-            click.echo(f"reason:     {result['reason']}")
-        click.echo(f"score:      {result['score']}")
-        click.echo(f"sender:     <{result['sender']}>")
-        for rcpt, route in result["route"].items():
-            click.echo(f"route:      <{rcpt}> -> {route}")
-        for name, value in result["headers_added"]:
-            click.echo(f"header:     {name}: {value}")
-        for name, info in result["plugins"].items():
-            click.echo(f"plugin:     {name}: {info.get('action')} ({info.get('time_ms')} ms)")
-    code = {"accept": 0, "quarantine": 1, "discard": 1}.get(result["action"], 2)
     sys.exit(code)
+
+
+def _read_message(file: str) -> bytes:
+    return sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+
+
+def _print_check(result: dict[str, Any], as_json: bool, *, first: bool, several: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, separators=(",", ":"), default=str))
+        return
+    if several:
+        click.echo(("" if first else "\n") + f"file:       {result['file']}")
+    click.echo(f"action:     {result['action']}")
+    if result["smtp_reply"]:
+        r = result["smtp_reply"]
+        click.echo(f"smtp reply: {r['code']} {r['status']} {r['text']}")
+    if result["reason"]:
+        click.echo(f"reason:     {result['reason']}")
+    click.echo(f"score:      {result['score']}")
+    click.echo(f"sender:     <{result['sender']}>")
+    for rcpt, route in result["route"].items():
+        click.echo(f"route:      <{rcpt}> -> {route}")
+    for rcpt, reply in result.get("refused_recipients", {}).items():
+        click.echo(f"refused:    <{rcpt}>: {reply}")
+    for name, value in result["headers_added"]:
+        click.echo(f"header:     {name}: {value}")
+    for name, info in result["plugins"].items():
+        click.echo(f"plugin:     {name}: {info.get('action')} ({info.get('time_ms')} ms)")
 
 
 # --- config --------------------------------------------------------------------------------

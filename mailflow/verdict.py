@@ -43,10 +43,104 @@ class SMTPReply:
         return {"code": self.code, "status": self.status, "text": self.text}
 
 
-DEFAULT_REPLIES: dict[Action, SMTPReply] = {
-    Action.REJECT: SMTPReply(550, "Message rejected", "5.7.1"),
-    Action.TEMPFAIL: SMTPReply(451, "Temporary failure, please try again later", "4.7.1"),
+class Stage(enum.StrEnum):
+    """The SMTP phases a verdict can be given at (one pipeline stage each)."""
+
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+
+
+# The one stage -> reply table (like Haraka's ``<phase>_respond``): what a refusal at
+# each stage answers when the plugin gave no ``reply``. A plugin's ``reason`` replaces
+# the text, its ``reply`` the whole line (see :func:`refusal_reply`). Every front end
+# (SMTP, milter, ``mailflow check``) answers from this table, through
+# :mod:`mailflow.transaction`.
+STAGE_REPLIES: dict[tuple[Stage, Action], SMTPReply] = {
+    # RFC 5321 3.1: 554 instead of the greeting; 421 and close for a temporary refusal.
+    (Stage.CONNECT, Action.REJECT): SMTPReply(554, "Connection refused", "5.7.1"),
+    (Stage.CONNECT, Action.TEMPFAIL): SMTPReply(421, "Try again later", "4.7.1"),
+    (Stage.HELO, Action.REJECT): SMTPReply(550, "HELO/EHLO rejected", "5.7.1"),
+    (Stage.HELO, Action.TEMPFAIL): SMTPReply(451, "HELO/EHLO deferred, try again later", "4.7.1"),
+    (Stage.MAIL, Action.REJECT): SMTPReply(550, "Sender rejected", "5.7.1"),
+    (Stage.MAIL, Action.TEMPFAIL): SMTPReply(451, "Sender deferred, try again later", "4.7.1"),
+    (Stage.RCPT, Action.REJECT): SMTPReply(550, "Recipient rejected", "5.7.1"),
+    (Stage.RCPT, Action.TEMPFAIL): SMTPReply(451, "Recipient deferred, try again later", "4.7.1"),
+    (Stage.DATA, Action.REJECT): SMTPReply(550, "Message rejected", "5.7.1"),
+    (Stage.DATA, Action.TEMPFAIL): SMTPReply(
+        451, "Temporary failure, please try again later", "4.7.1"
+    ),
 }
+
+# What each stage does with each final action (docs/plugins.md "Where each verdict is
+# honoured"). REFUSE: the reply above ends that command (at connect: the connection);
+# PENDING: the transaction's message gets this verdict at end of data; IGNORED: only
+# the stage's chain ends. DISCARD at connect and at RCPT can only be a refusal.
+REFUSE, PENDING, IGNORED = "refuse", "pending", "ignored"
+STAGE_ACTIONS: dict[Stage, dict[Action, str]] = {
+    Stage.CONNECT: {
+        Action.REJECT: REFUSE,
+        Action.TEMPFAIL: REFUSE,
+        Action.DISCARD: REFUSE,
+        Action.QUARANTINE: IGNORED,
+        Action.ACCEPT: IGNORED,
+    },
+    Stage.HELO: {
+        Action.REJECT: REFUSE,
+        Action.TEMPFAIL: REFUSE,
+        Action.DISCARD: IGNORED,
+        Action.QUARANTINE: IGNORED,
+        Action.ACCEPT: IGNORED,
+    },
+    Stage.MAIL: {
+        Action.REJECT: REFUSE,
+        Action.TEMPFAIL: REFUSE,
+        Action.DISCARD: PENDING,
+        Action.QUARANTINE: PENDING,
+        Action.ACCEPT: IGNORED,
+    },
+    Stage.RCPT: {
+        Action.REJECT: REFUSE,
+        Action.TEMPFAIL: REFUSE,
+        Action.DISCARD: REFUSE,
+        Action.QUARANTINE: PENDING,
+        Action.ACCEPT: IGNORED,
+    },
+}
+
+# Kept for plugins that read it: the data-stage defaults.
+DEFAULT_REPLIES: dict[Action, SMTPReply] = {
+    Action.REJECT: STAGE_REPLIES[Stage.DATA, Action.REJECT],
+    Action.TEMPFAIL: STAGE_REPLIES[Stage.DATA, Action.TEMPFAIL],
+}
+
+
+def refusal_reply(
+    stage: Stage, action: Action, reply: SMTPReply | None = None, reason: str = ""
+) -> SMTPReply:
+    """The answer to a refusal (``action`` reject or tempfail; discard refuses as reject).
+
+    ``reply`` (the plugin's own) is used when its code fits the action: 5xx for reject,
+    4xx for tempfail; otherwise its text goes with the table's code and status, so a
+    verdict can never come out as a 2xx/3xx "accept". At connect the code is 554 or 421
+    whatever the plugin said (RFC 5321 3.1, 4.2.2: the only greeting refusals).
+    """
+    kind = Action.TEMPFAIL if action is Action.TEMPFAIL else Action.REJECT
+    default = STAGE_REPLIES[stage, kind]
+    wanted = "4" if kind is Action.TEMPFAIL else "5"
+    if reply is not None and str(reply.code)[:1] == wanted and 400 <= reply.code < 600:
+        chosen = reply
+    elif reply is not None and reply.text:
+        chosen = SMTPReply(default.code, reply.text, default.status)
+    elif reason:
+        chosen = SMTPReply(default.code, reason, default.status)
+    else:
+        chosen = default
+    if stage is Stage.CONNECT and chosen.code != default.code:
+        chosen = SMTPReply(default.code, chosen.text, chosen.status)
+    return chosen
 
 
 # --- mutations (milter's "modification actions") -------------------------------------------
@@ -215,13 +309,8 @@ class Result:
     def accept(cls, reason: str = "") -> Result:
         return cls(Action.ACCEPT, reason=reason)
 
-    def smtp_reply(self) -> SMTPReply | None:
-        """The SMTP answer this result implies, or None when it implies none."""
-        if self.reply is not None:
+    def smtp_reply(self, stage: Stage = Stage.DATA) -> SMTPReply | None:
+        """The SMTP answer this result implies at ``stage`` (reject and tempfail only)."""
+        if self.action not in (Action.REJECT, Action.TEMPFAIL):
             return self.reply
-        default = DEFAULT_REPLIES.get(self.action)
-        if default is None:
-            return None
-        if self.reason:
-            return SMTPReply(default.code, self.reason, default.status)
-        return default
+        return refusal_reply(stage, self.action, self.reply, self.reason)

@@ -211,3 +211,72 @@ async def test_ip_and_helo_reach_the_early_stages(make_config):
     )
     assert recorder.seen == {"ip": "192.0.2.7", "helo": ("h.test", "h.test"), "sender": ""}
     assert report(ctx)["action"] == "accept"
+
+
+def _files(tmp_path: Path, subjects: list[str]) -> list[str]:
+    paths = []
+    for n, subject in enumerate(subjects):
+        path = tmp_path / f"{n}.eml"
+        path.write_bytes(make_message(subject=subject))
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("subjects", "code"),
+    [
+        (["prize", "hello"], 0),
+        (["prize", "lottery prize", "hello"], 1),  # a quarantine among accepts
+        (["lottery winner", "lottery prize"], 2),  # the highest status wins
+    ],
+)
+def test_several_files_give_json_lines_and_the_highest_exit_status(
+    tmp_path, example_config, subjects, code
+):
+    files = _files(tmp_path, subjects)
+    result = CliRunner().invoke(main, ["check", "--json", "-c", str(example_config), *files])
+    lines = result.stdout.splitlines()
+    objects = [json.loads(line) for line in lines]
+    assert result.exit_code == code
+    assert [o["file"] for o in objects] == files  # one line per file, in order
+    assert [o["score"] for o in objects] == [
+        {"prize": 2, "hello": 0, "lottery prize": 6, "lottery winner": 11}[s] for s in subjects
+    ]
+
+
+def test_several_files_in_text_name_each_file(tmp_path, example_config):
+    files = _files(tmp_path, ["prize", "lottery winner"])
+    code, out = run_check("-c", str(example_config), *files)
+    assert code == 2
+    assert [line for line in out.splitlines() if line.startswith(("file:", "action:"))] == [
+        f"file:       {files[0]}",
+        "action:     accept",
+        f"file:       {files[1]}",
+        "action:     reject",
+    ]
+
+
+def test_auth_is_the_authenticated_user(tmp_path):
+    config = tmp_path / "mailflow.yaml"
+    config.write_text("local_domains: [example.com]\nrelay:\n  default: mx\n")
+    message = eml(tmp_path, to="someone@elsewhere.test")
+    code, out = run_check("--json", "-c", str(config), "--ip", "192.0.2.1", message)
+    assert (code, out["action"]) == (2, "reject")
+    code, out = run_check("--json", "-c", str(config), "--ip", "192.0.2.1", "--auth", "al", message)
+    assert (code, out["action"]) == (0, "accept")
+
+
+def test_stdin_only_once(tmp_path, example_config):
+    result = CliRunner().invoke(main, ["check", "-c", str(example_config), "-", "-"], input=b"")
+    assert result.exit_code == 2
+    assert "once" in result.output
+
+
+def test_an_mbox_from_line_is_not_part_of_the_message(tmp_path, example_config):
+    message = make_message(subject="lottery", to="bob@example.com")
+    plain, mbox = tmp_path / "plain.eml", tmp_path / "mbox.eml"
+    plain.write_bytes(message)
+    mbox.write_bytes(b"From alice@example.org  Fri Aug 23 11:23:31 2002\n" + message)
+    _, a = run_check("--json", "-c", str(example_config), str(plain))
+    _, b = run_check("--json", "-c", str(example_config), str(mbox))
+    assert (b["score"], b["headers_added"], b["sender"]) == (4, a["headers_added"], a["sender"])

@@ -20,9 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mailflow"
 ABOVE_DELIVERY = (
     "mailflow.app",
     "mailflow.server",
-    "mailflow.smtp",  # also mailflow.smtp.* once the front end is a package
-    "mailflow.smtp_session",
-    "mailflow.smtp_data",
+    "mailflow.smtp",  # and mailflow.smtp.*
     "mailflow.milter",
     "mailflow.pipeline",
     "mailflow.check",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mailflow.smtp_session import R_DATA_READ_FAILED
+from mailflow.smtp.protocol import R_DATA_READ_FAILED
 from mailflow.testing import SMTPDialog, running_server
 from tests.test_smtp_badinput import RCPT, still_works
 from tests.test_smtp_slow_large import large_message, server_yaml, start_data, wait_for
@@ -112,7 +112,7 @@ async def test_a_message_over_the_size_limit_leaves_no_file_and_no_descriptor(ma
 def failing_writes(monkeypatch, errno_: int, from_write: int) -> list[int]:
     """Writes to temporary message files fail with ``errno_`` from the ``from_write``-th
     (0: creating the file); returns a counter of the writes that went through."""
-    import mailflow.smtp_data as smtp_data
+    import mailflow.smtp.data as smtp_data
 
     real = smtp_data._write_all
     done = [0]
@@ -164,7 +164,7 @@ async def test_a_storage_error_mid_data_is_answered_451_after_the_end(
 
 
 async def test_a_read_back_error_is_answered_451(make_config, monkeypatch):
-    import mailflow.smtp_data as smtp_data
+    import mailflow.smtp.data as smtp_data
 
     def read_all(fd: int, size: int) -> bytes:
         raise OSError(5, os.strerror(5))
@@ -184,7 +184,7 @@ async def test_a_read_back_error_is_answered_451(make_config, monkeypatch):
 
 
 async def test_other_errors_of_the_reader_are_answered_421_and_close(make_config, monkeypatch):
-    from mailflow.smtp_data import DataScanner
+    from mailflow.smtp.data import DataScanner
 
     def broken(self: DataScanner, block: bytes) -> bytes:
         raise RuntimeError("a bug in the scanner")

@@ -59,7 +59,7 @@ async def test_terminator_split_between_its_crlf_and_dot(make_config):
 async def test_end_of_data_split_at_the_read_limit(make_config, before, cut):
     """The end line arriving in two writes, where the reader's limit falls (its
     LimitOverrunError paths): found exactly there, not before and not later."""
-    from mailflow.smtp_session import DATA_READ_LIMIT
+    from mailflow.smtp.protocol import DATA_READ_LIMIT
 
     head = b"Subject: t\r\n\r\n"
     filler = DATA_READ_LIMIT + before - len(head) - 2
@@ -117,7 +117,7 @@ def test_the_long_line_shortcut_agrees_with_measuring_every_line():
     """has_line_longer_than skips the split for typical mail; same answer as measuring."""
     import random
 
-    from mailflow.smtp_data import _longest_line, has_line_longer_than
+    from mailflow.smtp.data import _longest_line, has_line_longer_than
 
     rng = random.Random(7)
     ends = [b"\r\n", b"\r\n", b"\n", b"\r"]  # bare CR/LF do not end a line here
@@ -132,7 +132,7 @@ def test_the_long_line_shortcut_agrees_with_measuring_every_line():
 
 
 def test_received_header_text_is_sanitized_character_by_character():
-    from mailflow.smtp import _sanitize
+    from mailflow.smtp.received import _sanitize
 
     assert _sanitize("mx.example.org") == "mx.example.org"
     assert _sanitize("a (b);<c>\té\x00") == "a__b___c____"
@@ -162,8 +162,8 @@ async def test_message_data_is_read_without_stopping_the_socket_and_limits_come_
     applies again, and what the client pipelined after the data is left for the
     command loop.
     """
-    from mailflow.smtp_data import DataScanner, DataStore
-    from mailflow.smtp_session import DATA_READ_LIMIT, MailflowSMTP
+    from mailflow.smtp.data import DataScanner, DataStore
+    from mailflow.smtp.protocol import DATA_READ_LIMIT, MailflowSMTP
 
     line_limit = 1001
     reader = asyncio.StreamReader(limit=line_limit)
@@ -198,8 +198,8 @@ async def test_reader_finds_exactly_the_end_however_the_socket_splits_the_data(t
     import random
 
     from mailflow.normalize import normalize_newlines
-    from mailflow.smtp_data import DataScanner, DataStore
-    from mailflow.smtp_session import MailflowSMTP, _unpaced
+    from mailflow.smtp.data import DataScanner, DataStore
+    from mailflow.smtp.protocol import MailflowSMTP, _unpaced
 
     rng = random.Random(5)
     atoms = [b"x", b".", b"x.\r\n", b"\r\n", b"\r\n..", b"\n", b"\r", b"\n.\n", b"\r.\r", b"ab "]

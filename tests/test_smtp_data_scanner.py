@@ -1,4 +1,4 @@
-"""The per-block DATA scanner and the stores behind it (mailflow.smtp_data), without sockets.
+"""The per-block DATA scanner and the stores behind it (mailflow.smtp.data), without sockets.
 
 The scanner must give the same message, facts and verdict however the data is cut
 into blocks (the socket decides that), and the same as a whole-message reference:
@@ -16,7 +16,7 @@ import time
 import pytest
 
 from mailflow.normalize import has_bare_newline, normalize_newlines
-from mailflow.smtp_data import ByteBudget, DataError, DataScanner, DataStore
+from mailflow.smtp.data import ByteBudget, DataError, DataScanner, DataStore
 
 LIMIT = 1001  # aiosmtpd's line_length_limit
 
@@ -212,7 +212,7 @@ async def test_a_storage_error_is_kept_and_the_file_goes_at_once(tmp_path, monke
     the data), keeps nothing more, and the half-written file is deleted right away."""
     import errno
 
-    import mailflow.smtp_data as smtp_data
+    import mailflow.smtp.data as smtp_data
 
     store = DataStore(10, tmp_path)
     await store.add(b"x" * 100)
@@ -278,7 +278,7 @@ async def test_the_bulk_pacer_shares_one_rate_among_all_connections():
     machine can only make it slower)."""
     import time
 
-    from mailflow.smtp_data import BulkPacer
+    from mailflow.smtp.data import BulkPacer
 
     pacer = BulkPacer(1024 * 1024)
     finished: list[float] = []
@@ -294,7 +294,7 @@ async def test_the_bulk_pacer_shares_one_rate_among_all_connections():
 
 
 async def test_a_zero_rate_does_not_pace():
-    from mailflow.smtp_data import BulkPacer
+    from mailflow.smtp.data import BulkPacer
 
     pacer = BulkPacer(0)
     async with asyncio.timeout(5):  # generous: only a bug sleeps here

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from mailflow.smtp_session import _PLAIN_ADDRESS, MailflowSMTP
+from mailflow.smtp.protocol import _PLAIN_ADDRESS, MailflowSMTP
 
 SAMPLES = [
     "<a@b.c>",

@@ -312,7 +312,7 @@ async def test_a_large_message_arriving_holds_what_docs_smtp_md_says(make_config
     the NUL at the end refuses it after the data, so no read-back is counted."""
     import tracemalloc
 
-    from mailflow.smtp_session import DATA_READ_LIMIT
+    from mailflow.smtp.protocol import DATA_READ_LIMIT
 
     message = large_message(8_000_000) + b"NUL \x00\r\n"
     pieces = [message[i : i + 65536] for i in range(0, len(message), 65536)]
@@ -418,7 +418,7 @@ def nul_first(size: int) -> bytes:
 def disk_full(monkeypatch) -> None:
     import errno
 
-    import mailflow.smtp_data as smtp_data
+    import mailflow.smtp.data as smtp_data
 
     def write_all(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -445,7 +445,7 @@ async def test_refused_data_is_read_at_the_shared_rate_too(
     cannot push refused data at full speed (lower bound only, as above)."""
     import time
 
-    from mailflow.smtp_session import DATA_READ_LIMIT
+    from mailflow.smtp.protocol import DATA_READ_LIMIT
 
     if expected.startswith("451"):
         disk_full(monkeypatch)

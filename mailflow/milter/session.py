@@ -1,9 +1,11 @@
 """One milter conversation mapped onto mailflow's pipeline.
 
-The MTA's events become the same pipeline stages the SMTP front end runs: CONNECT ->
+The MTA's events become the steps of the transaction model the SMTP front end and
+``mailflow check`` run too (:class:`mailflow.transaction.Transaction`): CONNECT ->
 ``connect``, HELO -> ``helo``, MAIL -> ``mail``, RCPT -> ``rcpt``, end of message ->
 ``data`` over a :class:`~mailflow.message.MessageContext` rebuilt from the headers and
-body the MTA sent. Plugins cannot tell the front ends apart.
+body the MTA sent. Plugins cannot tell the front ends apart, and the replies come from
+the same stage -> reply table.
 
 Decisions come back as milter replies at the stage they were made (a reject at RCPT is
 an SMFIR_REPLYCODE to that RCPT); at end of message the differences between what the
@@ -25,12 +27,13 @@ from dataclasses import dataclass, field
 
 from mailflow.app import App
 from mailflow.delivery.spool import new_queue_id
-from mailflow.message import Connection, Delivery, Envelope, MessageContext, PluginRun
+from mailflow.message import Connection, Delivery, MessageContext
 from mailflow.milter import protocol as p
 from mailflow.milter.diff import Field, Snapshot, all_edits, field_from_milter, parse_fields
 from mailflow.msglog import record_after_reply
 from mailflow.policy import in_networks
-from mailflow.verdict import Action, Mutation, Result, SMTPReply
+from mailflow.transaction import Decision, Transaction
+from mailflow.verdict import Action, SMTPReply
 
 log = logging.getLogger("mailflow.milter")
 
@@ -38,11 +41,6 @@ log = logging.getLogger("mailflow.milter")
 # milter_content_timeout (Postfix default 300 s) does not run out under slow plugins.
 PROGRESS_INTERVAL = 30.0
 
-# The replies the SMTP front end gives (mailflow.smtp) for the same verdicts.
-R_CONN_REFUSED = SMTPReply(554, "Connection refused", "5.7.1")
-R_REJECTED = SMTPReply(550, "Rejected", "5.7.1")
-R_RCPT_REJECTED = SMTPReply(550, "Recipient rejected", "5.7.1")
-R_TRY_LATER = SMTPReply(451, "Try again later", "4.7.1")
 R_TOO_BIG = SMTPReply(552, "Message size exceeds fixed maximum message size", "5.3.4")
 
 # Macro stages that belong to one transaction: forgotten on SMFIC_ABORT (libmilter too).
@@ -58,14 +56,9 @@ _TX_STAGES = (
 
 
 @dataclass(slots=True)
-class Transaction:
-    """What one MAIL ... end-of-message sequence has told us so far."""
+class MessageData:
+    """The headers and body of the transaction's message as the MTA sends them."""
 
-    sender: str = ""
-    options: list[str] = field(default_factory=list)
-    recipients: list[str] = field(default_factory=list)
-    runs: list[PluginRun] = field(default_factory=list)
-    mutations: list[Mutation] = field(default_factory=list)
     headers: list[Field] = field(default_factory=list)
     body: bytearray = field(default_factory=bytearray)
     size: int = 0
@@ -96,9 +89,8 @@ class MilterSession:
         self.protocol = 0
         self.macros: dict[bytes, dict[str, str]] = {}
         self.conn: Connection | None = None
-        self.early_runs: list[PluginRun] = []  # connect and helo, for every message
-        self.helo_runs: list[PluginRun] = []
-        self.tx = Transaction()
+        self.model: Transaction | None = None  # the sans-IO model, from SMFIC_CONNECT on
+        self.tx = MessageData()
         self.closed = False
         self._relay_nets = app.config.relay_network_objects
         self._routes_noted = False
@@ -140,27 +132,15 @@ class MilterSession:
         return p.reply_simple(code)
 
     @staticmethod
-    def _verdict(result: Result | None, stage: str) -> bytes | None:
-        """The reply for an early-stage verdict, as the SMTP front end would answer it."""
-        if result is None:
-            return None
-        action = result.action
-        refusing = {Action.REJECT, Action.TEMPFAIL}
-        if stage in ("connect", "rcpt"):
-            refusing.add(Action.DISCARD)
-        if action not in refusing:
-            # ACCEPT at an early stage only ends that stage's chain (hookspecs); an
-            # SMFIR_ACCEPT would skip the rest of the message's filtering instead.
-            return None
-        reply = result.smtp_reply() or (R_RCPT_REJECTED if stage == "rcpt" else R_REJECTED)
-        if stage == "rcpt" and action is Action.DISCARD:
-            reply = R_RCPT_REJECTED
-        if stage == "connect":
-            reply = R_CONN_REFUSED if action is Action.DISCARD else reply
-            # The SMTP front end answers 554 or 421 and hangs up. Postfix refuses the
-            # session on these too, with its own text (tests/test_milter_postfix.py).
-            reply = SMTPReply(554 if reply.code >= 500 else 421, reply.text, reply.status)
-        return _reply_code(reply)
+    def _answer(decision: Decision) -> list[bytes]:
+        """An early stage's decision as a milter reply (the model's reply on refusal).
+
+        ACCEPT at an early stage only ends that stage's chain (hookspecs); an
+        SMFIR_ACCEPT would skip the rest of the message's filtering, so it is never sent.
+        """
+        if decision.refused and decision.reply is not None:
+            return [_reply_code(decision.reply)]
+        return [p.reply_simple(p.SMFIR_CONTINUE)]
 
     # --- dispatch -----------------------------------------------------------------------------
 
@@ -254,22 +234,19 @@ class MilterSession:
         conn.reverse_name = info.hostname if known else ""
         conn.relay_allowed = in_networks(ip, self._relay_nets)
         self.conn = conn
-        result, runs = await self.app.pipeline.run_stage("connect", connection=conn)
-        self.early_runs = runs
-        return [self._verdict(result, "connect") or p.reply_simple(p.SMFIR_CONTINUE)]
+        # Relay control and the recipient limit are the MTA's (policy=False).
+        self.model = Transaction(self.app.pipeline, self.app.config, conn, policy=False)
+        return self._answer(await self.model.connect())
 
-    def _require_conn(self) -> Connection:
-        if self.conn is None:
+    def _require_model(self) -> Transaction:
+        if self.model is None:
             raise p.ProtocolError("SMTP event before SMFIC_CONNECT")
-        return self.conn
+        return self.model
 
     async def _helo(self, name: str) -> list[bytes]:
-        conn = self._require_conn()
-        conn.helo = name
-        self._tls_facts(conn)
-        result, runs = await self.app.pipeline.run_stage("helo", connection=conn, name=name)
-        self.helo_runs = runs  # a second HELO replaces the first (RFC 5321 4.1.4)
-        return [self._verdict(result, "helo") or p.reply_simple(p.SMFIR_CONTINUE)]
+        model = self._require_model()
+        self._tls_facts(model.conn)
+        return self._answer(await model.helo(name))  # a second HELO replaces the first
 
     def _tls_facts(self, conn: Connection) -> None:
         version = self.macro("{tls_version}")
@@ -277,34 +254,14 @@ class MilterSession:
         conn.tls_version = version
 
     async def _mail(self, sender: str, options: list[str]) -> list[bytes]:
-        conn = self._require_conn()
+        model = self._require_model()
         self._reset_transaction(keep=p.SMFIC_MAIL)  # a new MAIL starts a new transaction
-        self._tls_facts(conn)
-        conn.authenticated_user = self.macro("{auth_authen}")
-        result, runs = await self.app.pipeline.run_stage(
-            "mail", connection=conn, sender=sender, options=options
-        )
-        self.tx.runs.extend(runs)
-        reply = self._verdict(result, "mail")
-        if reply is not None:
-            return [reply]
-        self.tx.sender = sender
-        self.tx.options = list(options)
-        self.tx.mutations.extend(m for r in runs if r.result for m in r.result.mutations)
-        return [p.reply_simple(p.SMFIR_CONTINUE)]
+        self._tls_facts(model.conn)
+        model.conn.authenticated_user = self.macro("{auth_authen}")
+        return self._answer(await model.mail(sender, options))
 
     async def _rcpt(self, recipient: str, options: list[str]) -> list[bytes]:
-        conn = self._require_conn()
-        result, runs = await self.app.pipeline.run_stage(
-            "rcpt", connection=conn, sender=self.tx.sender, recipient=recipient, options=options
-        )
-        self.tx.runs.extend(runs)
-        reply = self._verdict(result, "rcpt")
-        if reply is not None:
-            return [reply]
-        self.tx.recipients.append(recipient)
-        self.tx.mutations.extend(m for r in runs if r.result for m in r.result.mutations)
-        return [p.reply_simple(p.SMFIR_CONTINUE)]
+        return self._answer(await self._require_model().rcpt(recipient, options))
 
     def _add_body_size(self, n: int) -> None:
         self.tx.size += n
@@ -318,31 +275,26 @@ class MilterSession:
 
     async def _end_of_message(self) -> list[bytes]:
         started = time.perf_counter()
-        conn = self._require_conn()
+        model = self._require_model()
         tx = self.tx
         if tx.too_big:
+            model.reset()
             return [_reply_code(R_TOO_BIG)]
         head = b"".join(f.to_bytes() for f in tx.headers)
         raw = head + b"\r\n" + bytes(tx.body)
-        ctx = MessageContext(
-            raw,
-            Envelope(tx.sender, list(tx.recipients), list(tx.options)),
-            conn,
-            queue_id=self.macro("{i}") or new_queue_id(),
-        )
+        # What the MTA has, before the MAIL/RCPT mutations: the edits are the difference.
+        sender, recipients = model.tx.sender, list(model.tx.recipients)
+        before = Snapshot(list(tx.headers), bytes(tx.body), sender, recipients)
+        ctx = model.message(raw, self.macro("{i}") or new_queue_id())
         ctx.extra["front_end"] = "milter"
         ctx.extra["milter_macros"] = self.all_macros()
-        ctx.runs.extend([*self.early_runs, *self.helo_runs, *tx.runs])
-        ctx.score = sum(r.result.score for r in ctx.runs if r.result is not None)
-        ctx.apply(tx.mutations)
-        before = Snapshot(list(tx.headers), bytes(tx.body), tx.sender, list(tx.recipients))
-        await self._run_with_progress(ctx)
-        packets, summary = self._decide(ctx, before)
+        decision = await self._run_with_progress(model, ctx)
+        packets, summary = self._decide(ctx, decision, before)
         elapsed = time.perf_counter() - started
         record_after_reply(ctx, summary, elapsed, self.app.metrics.observe_message)
         return packets
 
-    async def _run_with_progress(self, ctx: MessageContext) -> None:
+    async def _run_with_progress(self, model: Transaction, ctx: MessageContext) -> Decision:
         async def keepalive() -> None:
             while True:
                 await asyncio.sleep(self.progress_interval)
@@ -350,23 +302,22 @@ class MilterSession:
 
         task = asyncio.create_task(keepalive())
         try:
-            await self.app.pipeline.run_data(ctx)
+            return await model.data(ctx)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _decide(self, ctx: MessageContext, before: Snapshot) -> tuple[list[bytes], str]:
-        """The end-of-message replies for the pipeline's decision, and a log summary."""
-        action = ctx.action
-        if action in (Action.REJECT, Action.TEMPFAIL):
-            fallback = R_REJECTED if action is Action.REJECT else R_TRY_LATER
-            reply = ctx.reply if ctx.reply is not None and 400 <= ctx.reply.code < 600 else None
-            reply = reply or fallback
+    def _decide(
+        self, ctx: MessageContext, decision: Decision, before: Snapshot
+    ) -> tuple[list[bytes], str]:
+        """The end-of-message replies for the transaction's decision, and a log summary."""
+        action = decision.action
+        if decision.refused and decision.reply is not None:
             ctx.delivery = Delivery.REFUSED
-            return [_reply_code(reply)], str(reply)
-        if action is Action.DISCARD or not ctx.envelope.rcpt_tos:
-            # No recipients left is a discard too: deleting every recipient would leave
+            return [_reply_code(decision.reply)], str(decision.reply)
+        if action is Action.DISCARD:
+            # Also when no recipients are left: deleting every recipient would leave
             # the MTA a message it can only bounce or drop.
             ctx.delivery = Delivery.DISCARDED
             return [p.reply_simple(p.SMFIR_DISCARD)], "milter discard"
@@ -408,7 +359,9 @@ class MilterSession:
     def _reset_transaction(self, keep: bytes = b"") -> None:
         """Forget the transaction; ``keep`` names the macro stage just received for it."""
         self._arrived()
-        self.tx = Transaction()
+        self.tx = MessageData()
+        if self.model is not None:
+            self.model.reset()
         for stage in _TX_STAGES:
             if stage != keep:
                 self.macros.pop(stage, None)
@@ -417,8 +370,7 @@ class MilterSession:
         self._reset_transaction()
         self.macros = {k: v for k, v in self.macros.items() if k == p.SMFIC_CONNECT}
         self.conn = None
-        self.early_runs = []
-        self.helo_runs = []
+        self.model = None
 
 
 def _split(raw: bytes) -> tuple[bytes, bytes]:

@@ -4,10 +4,10 @@ Connection limits (an exact count), the connect stage before the greeting, the
 timers (RFC 5321 4.5.3.2: per command and per chunk of DATA, plus an overall DATA
 deadline, a minimum transfer rate and a cap on time without progress, each
 answered 421 4.4.2), DATA read in blocks and scanned block by block
-(:mod:`mailflow.smtp_data`), large messages kept in a temporary file, carrying the
+(:mod:`mailflow.smtp.data`), large messages kept in a temporary file, carrying the
 :class:`~mailflow.message.Connection` across STARTTLS with the TLS facts, and
 crash-proof address parsing. The per-command decisions (relay control, limits, the
-pipeline) live in :class:`mailflow.smtp.Handler`.
+pipeline) live in :class:`mailflow.smtp.handler.Handler`.
 """
 
 from __future__ import annotations
@@ -23,22 +23,19 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from aiosmtpd.smtp import MISSING, SMTP
 
-from mailflow.auth import AuthMechanisms
-from mailflow.message import Connection, PluginRun
-from mailflow.policy import in_networks
-from mailflow.smtp_data import BulkPacer, DataScanner, DataStore
-from mailflow.verdict import Action, SMTPReply
+from mailflow.message import Connection
+from mailflow.smtp.auth import AuthMechanisms
+from mailflow.smtp.data import BulkPacer, DataScanner, DataStore
+from mailflow.smtp.policy import connection_refusal
+from mailflow.verdict import SMTPReply
 
 if TYPE_CHECKING:
-    from mailflow.smtp import Handler
+    from mailflow.smtp.handler import Handler
+    from mailflow.transaction import Transaction
 
 log = logging.getLogger("mailflow.smtp")
 
 # RFC 5321 3.1 / 4.5.3.2: replies given before closing the connection.
-R_TOO_MANY_CONNS = SMTPReply(421, "Too many connections, try again later", "4.7.0")
-R_TOO_MANY_FROM_IP = SMTPReply(
-    421, "Too many connections from your address, try again later", "4.7.0"
-)
 R_TIMEOUT = SMTPReply(421, "Timeout, closing connection", "4.4.2")
 R_NO_PROGRESS = SMTPReply(421, "Idle too long without progress, closing connection", "4.4.2")
 R_DATA_DEADLINE = SMTPReply(421, "Message data took too long, closing connection", "4.4.2")
@@ -137,8 +134,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         self.mailflow_handler = handler
         self.mailflow_auth_guard = handler.login_guard
         self.mailflow_conn: Connection | None = None
-        self.mailflow_connect_runs: list[PluginRun] = []
-        self.mailflow_helo_runs: list[PluginRun] = []
+        self.mailflow_tx: Transaction | None = None  # the sans-IO model, from the connect stage
         self._counted = False  # this connection is in handler.active
         self._counted_ip: str | None = None  # ... and in handler.active_by_ip under this
         # The timers (see _next_deadline): one loop timer, moved lazily.
@@ -185,9 +181,9 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         if conn is None or self.session is None:
             return
         self.session.mailflow_conn = conn
-        conn.helo = ""
         conn.authenticated_user = ""
-        self.mailflow_helo_runs = []
+        if self.mailflow_tx is not None:
+            self.mailflow_tx.forget_helo()
         ssl_object = (self.session.ssl or {}).get("ssl_object")
         conn.tls = True
         conn.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
@@ -415,9 +411,9 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         Same replies as aiosmtpd 1.4 (503 without RCPT, 501 with an argument, 552
         past ``data_size_limit`` and 500 for a line longer than ``line_length_limit``,
         both answered only after the whole message is read). Each block is scanned
-        as it arrives (:class:`~mailflow.smtp_data.DataScanner`: dot-stuffing, bare
+        as it arrives (:class:`~mailflow.smtp.data.DataScanner`: dot-stuffing, bare
         line ends, NUL, line length, trace fields) and kept in a
-        :class:`~mailflow.smtp_data.DataStore`: in memory, or beyond
+        :class:`~mailflow.smtp.data.DataStore`: in memory, or beyond
         ``large_message_threshold`` in a temporary file that is deleted on every
         path. A message that went to a file is read back for the plugins within the
         server's ``large_message_memory`` budget, waiting for room if need be.
@@ -685,27 +681,20 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         if self._counted:  # not when the connection is already gone
             self._counted_ip = ip
             handler.active_by_ip[ip] += 1
-        refusal = None
-        if handler.active > server.max_connections:
-            refusal = R_TOO_MANY_CONNS
-        elif (
-            server.max_connections_per_ip is not None
-            and handler.active_by_ip[ip] > server.max_connections_per_ip
-            and not in_networks(ip, handler.per_ip_exempt)
-        ):
-            refusal = R_TOO_MANY_FROM_IP
+        refusal = connection_refusal(
+            server, handler.active, handler.active_by_ip, ip, handler.per_ip_exempt
+        )
         if refusal is not None:
             # RFC 5321 3.1: a server may answer the connection with 421 and close.
             log.info("%s: refused at connect: %s", ip, refusal)
             await self.push(str(refusal))
             self._close()
             return
-        result, runs = await handler.app.pipeline.run_stage("connect", connection=conn)
-        self.mailflow_connect_runs = runs
-        if result is not None and result.action in (Action.REJECT, Action.TEMPFAIL, Action.DISCARD):
-            reply = result.smtp_reply() or SMTPReply(554, "Connection refused", "5.7.1")
-            code = 554 if reply.code >= 500 else 421
-            await self.push(str(SMTPReply(code, reply.text, reply.status)))
+        model = handler.transaction(conn)
+        self.mailflow_tx = model
+        decision = await model.connect()
+        if decision.refused:
+            await self.push(str(decision.reply))
             self._close()
             return
         await super()._handle_client()
