@@ -28,7 +28,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from mailflow.app import App
+    from mailflow.api import App
     from mailflow.message import Connection, MessageContext
     from mailflow.verdict import Result, Route
 
