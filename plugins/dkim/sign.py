@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import click
 import dkim
-from mailflow_plugins import dkim_keys
+from mailflow_plugins.dkim import keys as dkim_keys
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mailflow.hookspecs import hookimpl

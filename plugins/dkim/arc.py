@@ -12,7 +12,7 @@ message. This plugin validates the chain with dkimpy and reports
   key that could not be fetched.
 
 Keys are fetched up front through the shared async resolver (see
-``dkim_dns``), then dkimpy runs in a worker thread. Whether to trust a passing
+``mailflow_plugins.dkim.dns``), then dkimpy runs in a worker thread. Whether to trust a passing
 chain is a local policy decision (RFC 8617 7.2), made by DMARC or the admin;
 by default this plugin only reports. The ``authres`` plugin writes the
 ``arc=`` result into Authentication-Results from ``details``.
@@ -25,8 +25,8 @@ from typing import Any
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
-from mailflow_plugins.dkim import header_block, run_dkimpy
-from mailflow_plugins.dkim_dns import KeyTable, fetch_keys, key_name
+from mailflow_plugins.dkim.dns import KeyTable, fetch_keys, key_name
+from mailflow_plugins.dkim.verify import header_block, run_dkimpy
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailflow.hookspecs import hookimpl

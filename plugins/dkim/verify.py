@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
-from mailflow_plugins.dkim_dns import KeyTable, check_key_record, fetch_keys, key_name
+from mailflow_plugins.dkim.dns import KeyTable, check_key_record, fetch_keys, key_name
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailflow.hookspecs import hookimpl

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import dkim
-from mailflow_plugins import dkim_keys
+from mailflow_plugins.dkim import keys as dkim_keys
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailflow.hookspecs import hookimpl
