@@ -15,9 +15,16 @@ from typing import Any
 import authres as ar
 from pydantic import BaseModel, ConfigDict
 
-from mailflow.hookspecs import hookimpl
-from mailflow.mime import split_header_fields
-from mailflow.verdict import AddHeader, ChangeHeader, Mutation, RemoveHeader, Result
+from mailflow.api import (
+    AddHeader,
+    App,
+    ChangeHeader,
+    Mutation,
+    RemoveHeader,
+    Result,
+    hookimpl,
+    mime,
+)
 
 HEADER = "Authentication-Results"
 MAX_REASON = 120  # characters of a reason= text kept in the header
@@ -101,7 +108,7 @@ def _fields_named(head: bytes, name: str) -> list[str]:
     if wanted not in head.lower():  # one C-level scan rules out most messages
         return []
     values = []
-    for field in split_header_fields(head):
+    for field in mime.split_header_fields(head):
         fname, sep, value = field.partition(b":")
         if sep and fname.strip().lower() == wanted:
             values.append(value.decode("utf-8", "replace"))
@@ -134,7 +141,7 @@ class AuthResPlugin:
         self._built: dict[tuple[Any, ...], str] = {}
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         self.authserv_id = app.authserv_id
 
     # --- one builder per method -----------------------------------------------------------

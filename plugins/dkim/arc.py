@@ -29,8 +29,7 @@ from mailflow_plugins.dkim.dns import KeyTable, fetch_keys, key_name
 from mailflow_plugins.dkim.verify import header_block, run_dkimpy
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.hookspecs import hookimpl
-from mailflow.verdict import Result, Symbol
+from mailflow.api import App, Result, Symbol, hookimpl
 
 MAX_INSTANCES = 50  # RFC 8617 4.2.1: i= is 1..50
 REASON_LIMIT = 160
@@ -128,7 +127,7 @@ class ARCVerify:
         self.resolver: Any = None
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         self.resolver = app.resolver
 
     async def evaluate(self, raw: bytes) -> dict[str, Any]:

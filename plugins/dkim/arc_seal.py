@@ -28,8 +28,7 @@ import dkim
 from mailflow_plugins.dkim import keys as dkim_keys
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.hookspecs import hookimpl
-from mailflow.verdict import AddHeader, Mutation, Result
+from mailflow.api import AddHeader, App, Mutation, Result, hookimpl
 
 log = logging.getLogger("mailflow.plugins.arc_seal")
 
@@ -105,7 +104,7 @@ class ARCSeal:
         self.authserv_id = ""
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         """Load the key now, so a bad file stops start-up with its name."""
         self.private = dkim_keys.load_private(self.settings.key_file, "rsa-sha256")
         self.authserv_id = app.authserv_id

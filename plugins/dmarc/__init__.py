@@ -27,9 +27,7 @@ from mailflow_plugins.dmarc.record import (
 )
 from pydantic import BaseModel, ConfigDict
 
-from mailflow.dns import DNSTempError
-from mailflow.hookspecs import hookimpl
-from mailflow.verdict import Result, Symbol
+from mailflow.api import App, DNSTempError, Result, Symbol, hookimpl
 
 PolicyAction = Literal["reject", "quarantine", "tag"]
 
@@ -60,7 +58,7 @@ class DMARCPlugin:
         self.random = random.Random()  # pct sampling; tests may seed it
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         self.resolver = app.resolver
 
     async def lookup(self, from_domain: str) -> tuple[Record | None, str]:

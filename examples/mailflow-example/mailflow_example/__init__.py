@@ -19,9 +19,16 @@ import asyncio
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.hookspecs import hookimpl
-from mailflow.message import Connection, MessageContext
-from mailflow.verdict import AddHeader, Result, Route, RouteKind, Symbol
+from mailflow.api import (
+    AddHeader,
+    Connection,
+    MessageContext,
+    Result,
+    Route,
+    RouteKind,
+    Symbol,
+    hookimpl,
+)
 
 __all__ = ["ExamplePlugin", "ExampleSettings", "Settings", "domain_of", "matching_keywords"]
 __version__ = "1.0.0"
