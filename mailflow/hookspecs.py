@@ -174,10 +174,16 @@ def mailflow_learn(message: bytes, label: str, source: str) -> None:
 
 @hookspec
 def mailflow_register_commands(cli: click.Group) -> None:
-    """Add sub-commands to the ``mailflow`` CLI (e.g. ``mailflow train``).
+    """Add sub-commands to the ``mailflow`` CLI (e.g. ``mailflow train``): ``cli.add_command``.
 
-    Called at CLI start-up for every installed plugin, enabled or not, so a
-    plugin's maintenance commands work before it is switched on.
+    Called through the plugin manager when the CLI needs plugin commands (an unknown
+    command name, or ``--help``), for every installed plugin, enabled or not, so a
+    plugin's maintenance commands work before it is switched on. There is no config
+    yet, so the hook is called on what the entry point names (the class, or the
+    module), never on a built plugin: in a class, implement it as a
+    ``@staticmethod`` marked ``@hookimpl`` (``@staticmethod`` above ``@hookimpl``).
+    Return value ignored. An exception is reported on stderr with the plugin's name;
+    the other plugins' commands are still added.
     """
 
 
@@ -194,4 +200,8 @@ STAGE_HOOKS: dict[str, str] = {
     "data": "mailflow_data",
 }
 
-__all__: list[Any] = ["STAGE_HOOKS", "hook_names", "hookimpl", "hookspec"]
+# Hooks the CLI calls on the installed plugins (mailflow.pipeline.register_plugin_commands),
+# not the pipeline on the enabled ones.
+CLI_HOOKS = frozenset({"mailflow_register_commands"})
+
+__all__: list[Any] = ["CLI_HOOKS", "STAGE_HOOKS", "hook_names", "hookimpl", "hookspec"]

@@ -53,6 +53,7 @@ class RulesPlugin:
         return to_result(hits, message)  # details.matched is [] when nothing matched
 
     @staticmethod
+    @hookimpl
     def mailflow_register_commands(cli: click.Group) -> None:
         cli.add_command(rules_group)
 

@@ -337,6 +337,7 @@ class BayesPlugin:
         )
 
     @staticmethod
+    @hookimpl
     def mailflow_register_commands(cli: Any) -> None:
         """Add ``train``, ``learn`` and ``evaluate`` to the ``mailflow`` command."""
         from mailflow_plugins.bayes.commands import register

@@ -204,6 +204,7 @@ class DKIMSign:
         return Result(mutations=mutations, details={"signed": signed})
 
     @staticmethod
+    @hookimpl
     def mailflow_register_commands(cli: click.Group) -> None:
         """Add ``mailflow dkim keygen``."""
         group = cli.commands.get("dkim")
