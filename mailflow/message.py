@@ -155,7 +155,14 @@ class MessageContext:
         self.reply: SMTPReply | None = None
         self.reason: str = ""
         self.decided_by: str = ""
-        self.extra: dict[str, Any] = {}  # free space for plugins to share data
+        # The score reached ``actions.junk``: local Maildir copies go to ``.Junk``.
+        self.junk = False
+        # Which message this is for the content-analysis workers (0: none asked yet).
+        self.isolation_token = 0
+        self._view: MessageView | None = None  # mailflow.mime.view's cache (this version)
+        # The plugins' scratch space: what the core itself needs is in typed fields
+        # (docs/plugins.md, "Public API").
+        self.extra: dict[str, Any] = {}
 
     # --- raw access -----------------------------------------------------------------------
 

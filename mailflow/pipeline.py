@@ -599,7 +599,7 @@ def apply_thresholds(ctx: MessageContext, config: Config) -> None:
         ctx.action = Action.QUARANTINE
         ctx.reason = f"score {score:.2f} >= quarantine {t.quarantine}"
     elif t.junk is not None and score >= t.junk:
-        ctx.extra["junk"] = True
+        ctx.junk = True
         ctx.reason = f"score {score:.2f} >= junk {t.junk}"
     if t.add_header is not None and score >= t.add_header and ctx.action is Action.CONTINUE:
         ctx.apply([AddHeader("X-Spam-Flag", "YES")])
@@ -608,7 +608,7 @@ def apply_thresholds(ctx: MessageContext, config: Config) -> None:
 def default_route(config: Config, rcpt: str, ctx: MessageContext | None = None) -> Route:
     """Route from config alone: local domains -> local delivery, else relay rules."""
     domain = rcpt.rpartition("@")[2].lower()
-    folder = ".Junk" if ctx is not None and ctx.extra.get("junk") else ""
+    folder = ".Junk" if ctx is not None and ctx.junk else ""
     if config.is_local_domain(domain):
         kind = RouteKind.LMTP if config.delivery.method == "lmtp" else RouteKind.MAILDIR
         return Route(kind, folder=folder if kind is RouteKind.MAILDIR else "")

@@ -16,6 +16,7 @@ import pytest
 
 import mailflow
 from mailflow import api
+from mailflow.api import MessageContext, Result, Route, RouteKind, hookimpl
 from mailflow.app import App
 
 ROOT = Path(__file__).parent.parent
@@ -37,9 +38,7 @@ def mailflow_imports(path: Path) -> list[tuple[int, str]]:
                 modules = [node.module]
         else:
             continue
-        found += [
-            (node.lineno, m) for m in modules if m == "mailflow" or m.startswith("mailflow.")
-        ]
+        found += [(node.lineno, m) for m in modules if m == "mailflow" or m.startswith("mailflow.")]
     return found
 
 
@@ -154,3 +153,30 @@ def test_every_api_name_is_documented():
     section = text.split("## Public API", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([A-Za-z_]+)", section, re.M))
     assert documented == set(api.__all__)
+
+
+class ScratchUser:
+    """Leaves things in ``message.extra``, reads the shared view, then wipes ``extra``."""
+
+    @hookimpl
+    def mailflow_data(self, message: MessageContext) -> Result:
+        message.extra["junk"] = False  # a plugin's own key of that name means nothing
+        subject = message.header("Subject")
+        message.extra.clear()
+        assert message.header("Subject") == subject  # the view is not kept in extra
+        return Result(score=3.0, details={"subject": subject})
+
+
+async def test_what_the_core_reads_is_in_typed_fields_not_in_extra(make_config):
+    from mailflow.check import check_message
+    from mailflow.testing import make_message
+
+    config = make_config("actions: {junk: 2}\nplugins: [{name: scratch, on_error: continue}]\n")
+    app = App(config, extra_plugins={"scratch": ScratchUser()})
+    await app.startup()
+    raw = make_message(subject="hello there")
+    ctx = await check_message(app, raw, recipients=["bob@example.com"])
+    assert ctx.result_of("scratch").details == {"subject": "hello there"}
+    assert ctx.junk and ctx.score == 3.0
+    assert ctx.routes["bob@example.com"] == Route(RouteKind.MAILDIR, folder=".Junk")
+    assert ctx.extra == {}  # the core left nothing of its own there
