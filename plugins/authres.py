@@ -19,6 +19,7 @@ from mailflow.api import (
     AddHeader,
     App,
     ChangeHeader,
+    MessageContext,
     Mutation,
     RemoveHeader,
     Result,
@@ -224,7 +225,7 @@ class AuthResPlugin:
             )
         ]
 
-    def build(self, message: Any) -> str:
+    def build(self, message: MessageContext) -> str:
         """The header value (without the field name) for ``message``.
 
         Messages from the same client with the same results get the same value, so
@@ -281,7 +282,7 @@ class AuthResPlugin:
         return mutations, count
 
     @hookimpl
-    def mailflow_data(self, message: Any) -> Result:
+    def mailflow_data(self, message: MessageContext) -> Result:
         mutations: list[Mutation] = []
         removed = 0
         if self.settings.remove_ours:

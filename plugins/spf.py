@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 import spf as pyspf
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mailflow.api import AddHeader, App, DNSTempError, Result, Symbol, hookimpl
+from mailflow.api import AddHeader, App, DNSTempError, MessageContext, Result, Symbol, hookimpl
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 SpfAction = Literal["reject", "tempfail", "tag", "ignore"]
@@ -280,7 +280,7 @@ class SPFPlugin:
         return result
 
     @hookimpl
-    def mailflow_data(self, message: Any) -> Result | None:
+    def mailflow_data(self, message: MessageContext) -> Result | None:
         """With ``received_spf``: prepend the Received-SPF field of this message's check.
 
         The MAIL FROM details are repeated, so ``message.result_of("spf")`` still

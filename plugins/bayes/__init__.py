@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mailflow.api import (
     AddHeader,
     App,
+    MessageContext,
     RemoveHeader,
     Result,
     Route,
@@ -247,7 +248,7 @@ class BayesPlugin:
         return hasher
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         holder = self.holder
         if holder is None:
             raise RuntimeError("bayes: mailflow_startup has not run")

@@ -29,7 +29,7 @@ from mailflow_plugins.dkim.dns import KeyTable, fetch_keys, key_name
 from mailflow_plugins.dkim.verify import header_block, run_dkimpy
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.api import App, Result, Symbol, hookimpl
+from mailflow.api import App, MessageContext, Result, Symbol, hookimpl
 
 MAX_INSTANCES = 50  # RFC 8617 4.2.1: i= is 1..50
 REASON_LIMIT = 160
@@ -147,7 +147,7 @@ class ARCVerify:
         return {"result": result, "chain_length": highest, "reason": reason, "sets": sets}
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         details = await self.evaluate(message.raw)
         symbol = Symbol(f"ARC_{details['result'].upper()}")
         if details["result"] == "fail":

@@ -22,13 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
 
 import dkim
 from mailflow_plugins.dkim import keys as dkim_keys
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.api import AddHeader, App, Mutation, Result, hookimpl
+from mailflow.api import AddHeader, App, MessageContext, Mutation, Result, hookimpl
 
 log = logging.getLogger("mailflow.plugins.arc_seal")
 
@@ -110,7 +109,7 @@ class ARCSeal:
         self.authserv_id = app.authserv_id
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         try:
             fields = await asyncio.to_thread(
                 seal, message.raw, self.settings, self.private, self.authserv_id

@@ -21,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import click
 import dkim
 from mailflow_plugins.dkim import keys as dkim_keys
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mailflow.api import AddHeader, App, Mutation, Result, hookimpl, mime
+from mailflow.api import AddHeader, App, MessageContext, Mutation, Result, hookimpl, mime
 
 log = logging.getLogger("mailflow.plugins.dkim_sign")
 
@@ -163,7 +163,7 @@ class DKIMSign:
         return [(k, p) for k, p in self._keys if k.subdomains and domain.endswith("." + k.domain)]
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result | None:
+    async def mailflow_data(self, message: MessageContext) -> Result | None:
         if not message.connection.trusted:
             return None  # only our own users' mail is ours to sign
         from_values = message.fields.get_all("From")

@@ -39,7 +39,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from mailflow_plugins.dkim.dns import KeyTable, check_key_record, fetch_keys, key_name
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.api import Action, App, Result, Symbol, hookimpl
+from mailflow.api import Action, App, MessageContext, Result, Symbol, hookimpl
 
 # Order in which per-signature results summarise the message (first found wins).
 _PRECEDENCE = ("pass", "temperror", "fail", "permerror", "policy")
@@ -244,7 +244,7 @@ class DKIMVerify:
         return details
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         details = await self.evaluate(message.raw)
         result = details["result"]
         symbol = Symbol(f"DKIM_{result.upper()}")

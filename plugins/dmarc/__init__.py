@@ -27,7 +27,7 @@ from mailflow_plugins.dmarc.record import (
 )
 from pydantic import BaseModel, ConfigDict
 
-from mailflow.api import App, DNSTempError, Result, Symbol, hookimpl
+from mailflow.api import App, DNSTempError, MessageContext, Result, Symbol, hookimpl
 
 PolicyAction = Literal["reject", "quarantine", "tag"]
 
@@ -118,7 +118,7 @@ class DMARCPlugin:
         return {"reject": "quarantine", "quarantine": "none"}[policy]
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         if message.connection.trusted:
             return Result(details={"result": "none", "policy": "none", "disposition": "none",
                                    "skipped": "trusted client"})  # fmt: skip
@@ -185,6 +185,6 @@ class DMARCPlugin:
         return result
 
 
-def _details(message: Any, plugin: str) -> dict[str, Any]:
+def _details(message: MessageContext, plugin: str) -> dict[str, Any]:
     res = message.result_of(plugin)
     return dict(res.details) if res is not None else {}
