@@ -4,11 +4,11 @@ A plugin (builtin or third-party) imports from here and nowhere else in ``mailfl
 
     from mailflow.api import AddHeader, App, MessageContext, Result, Symbol, hookimpl
 
-The builtin plugins are held to this: ruff's banned-API rule (TID251) refuses any
-other ``mailflow.*`` import under ``plugins/``, and ``tests/test_plugin_api.py`` checks
-it again. What each name is, and which names are stable, is in docs/plugins.md
-("Public API"); what is not listed in ``__all__`` is internal and may change in
-any release.
+The builtin plugins and the example plugin are held to this: ruff's banned-API rule
+(TID251) refuses any other ``mailflow.*`` import under ``plugins/`` and
+``examples/``, and ``tests/test_plugin_api.py`` checks it again. What each name is,
+and which names are stable, is in docs/plugins.md ("Public API"); what is not listed
+in ``__all__`` is internal and may change in any release.
 """
 
 from __future__ import annotations

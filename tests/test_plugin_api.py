@@ -42,9 +42,10 @@ def mailflow_imports(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def test_the_builtin_plugins_import_only_the_plugin_api():
-    files = sorted(PLUGINS.rglob("*.py"))
-    assert len(files) > 10
+def test_the_builtin_and_example_plugins_import_only_the_plugin_api():
+    example = ROOT / "examples" / "mailflow-example" / "mailflow_example"
+    files = sorted(PLUGINS.rglob("*.py")) + sorted(example.rglob("*.py"))
+    assert len(files) > 10 and example / "__init__.py" in files
     offending = [
         f"{path.relative_to(ROOT)}:{line}: {module}"
         for path in files
@@ -100,10 +101,11 @@ def run_ruff(tree: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_refuses_a_plugin_that_imports_a_core_module(tmp_path):
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "tests").mkdir()
+    for folder in ("plugins", "tests", "examples/x"):
+        (tmp_path / folder).mkdir(parents=True)
     core_import = "from mailflow.pipeline import Pipeline\n\n__all__ = ['Pipeline']\n"
     (tmp_path / "plugins" / "bad.py").write_text(core_import)
+    (tmp_path / "examples" / "x" / "bad.py").write_text(core_import)
     (tmp_path / "plugins" / "good.py").write_text(
         "from mailflow.api import Result\n\n__all__ = ['Result']\n"
     )
@@ -112,12 +114,12 @@ def test_ruff_refuses_a_plugin_that_imports_a_core_module(tmp_path):
     result = run_ruff(tmp_path)
 
     assert result.returncode == 1, result.stdout + result.stderr
-    flagged = [line for line in result.stdout.splitlines() if "TID251" in line]
-    assert len(flagged) == 1
-    assert flagged[0].startswith("plugins/bad.py:1:")
-    assert "`mailflow.pipeline` is banned" in flagged[0]
+    flagged = sorted(line for line in result.stdout.splitlines() if "TID251" in line)
+    assert [line.split(":")[0] for line in flagged] == ["examples/x/bad.py", "plugins/bad.py"]
+    assert all("`mailflow.pipeline` is banned" in line for line in flagged)
 
     (tmp_path / "plugins" / "bad.py").unlink()
+    (tmp_path / "examples" / "x" / "bad.py").unlink()
     assert run_ruff(tmp_path).returncode == 0  # the API itself, and tests, are fine
 
 
