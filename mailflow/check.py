@@ -114,7 +114,7 @@ def report(ctx: MessageContext) -> dict[str, Any]:
         "headers_added": [[name, value] for name, value in ctx.headers_added],
         "plugins": ctx.plugin_report(),
     }
-    refused = ctx.extra.get("refused_recipients")
+    refused = ctx.refused_recipients
     if refused:
         out["refused_recipients"] = refused
     return out

@@ -700,18 +700,11 @@ def plugins_list(config_path: str | None) -> None:
 
 
 def _register_plugin_commands(cli: click.Group) -> None:
-    """Let installed plugins add commands (``mailflow_register_commands``)."""
-    from mailflow.pipeline import available_plugins
+    """Let installed plugins add commands (``pm.hook.mailflow_register_commands``)."""
+    from mailflow.pipeline import register_plugin_commands
 
-    for name, ep in available_plugins().items():
-        try:
-            obj = ep.load()
-        except Exception as exc:
-            click.echo(f"mailflow: plugin {name} failed to load: {exc}", err=True)
-            continue
-        hook = getattr(obj, "mailflow_register_commands", None)
-        if callable(hook):
-            hook(cli=cli)
+    for problem in register_plugin_commands(cli):
+        click.echo(f"mailflow: {problem}", err=True)
 
 
 from mailflow.users_cli import users_group  # noqa: E402  (mailflow users add/remove/list)

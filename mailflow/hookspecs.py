@@ -5,7 +5,8 @@ implementation may be a plain function or an ``async def`` coroutine; the pipeli
 awaits each one in the order the config lists the plugins (pluggy's own calling
 order is not used, because pluggy cannot await coroutines).
 
-Verdict hooks return ``None`` (no opinion) or a :class:`mailflow.verdict.Result`.
+Verdict hooks return ``None`` (no opinion) or a :class:`mailflow.api.Result`;
+plugins import everything they use from :mod:`mailflow.api` (docs/plugins.md, "Public API").
 A final action (reject, tempfail, discard, quarantine, accept) stops the chain at
 that stage, except quarantine at the data stage (see ``mailflow_data``); a reject or
 tempfail returned from an early stage is answered at that SMTP command (e.g. at
@@ -28,9 +29,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from mailflow.app import App
-    from mailflow.message import Connection, MessageContext
-    from mailflow.verdict import Result, Route
+    from mailflow.api import App, Connection, MessageContext, Result, Route
 
 PROJECT = "mailflow"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -134,7 +133,7 @@ def mailflow_data(message: MessageContext) -> Result | None:
 def mailflow_route(message: MessageContext, recipient: str) -> Route | None:
     """Choose where ``recipient``'s copy goes; runs after ``mailflow_data`` accepted.
 
-    Return a :class:`mailflow.verdict.Route` (Maildir folder/mailbox, LMTP target,
+    Return a :class:`mailflow.api.Route` (Maildir folder/mailbox, LMTP target,
     relay target, direct MX or discard) or ``None`` to leave the choice to the next
     plugin and finally to the config (``local_domains`` -> local delivery,
     ``relay.routes`` / ``relay.default`` otherwise). The first non-None route wins;
@@ -174,10 +173,16 @@ def mailflow_learn(message: bytes, label: str, source: str) -> None:
 
 @hookspec
 def mailflow_register_commands(cli: click.Group) -> None:
-    """Add sub-commands to the ``mailflow`` CLI (e.g. ``mailflow train``).
+    """Add sub-commands to the ``mailflow`` CLI (e.g. ``mailflow train``): ``cli.add_command``.
 
-    Called at CLI start-up for every installed plugin, enabled or not, so a
-    plugin's maintenance commands work before it is switched on.
+    Called through the plugin manager when the CLI needs plugin commands (an unknown
+    command name, or ``--help``), for every installed plugin, enabled or not, so a
+    plugin's maintenance commands work before it is switched on. There is no config
+    yet, so the hook is called on what the entry point names (the class, or the
+    module), never on a built plugin: in a class, implement it as a
+    ``@staticmethod`` marked ``@hookimpl`` (``@staticmethod`` above ``@hookimpl``).
+    Return value ignored. An exception is reported on stderr with the plugin's name;
+    the other plugins' commands are still added.
     """
 
 
@@ -194,4 +199,8 @@ STAGE_HOOKS: dict[str, str] = {
     "data": "mailflow_data",
 }
 
-__all__: list[Any] = ["STAGE_HOOKS", "hook_names", "hookimpl", "hookspec"]
+# Hooks the CLI calls on the installed plugins (mailflow.pipeline.register_plugin_commands),
+# not the pipeline on the enabled ones.
+CLI_HOOKS = frozenset({"mailflow_register_commands"})
+
+__all__: list[Any] = ["CLI_HOOKS", "STAGE_HOOKS", "hook_names", "hookimpl", "hookspec"]

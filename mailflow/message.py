@@ -63,6 +63,9 @@ class Connection:
     tls_version: str = ""
     authenticated_user: str = ""
     relay_allowed: bool = False  # client network is in relay_networks
+    front_end: str = "smtp"  # "smtp" or "milter" (`mailflow check` runs as "smtp")
+    # The milter front end: every macro the MTA sent (docs/milter.md); empty otherwise.
+    milter_macros: dict[str, str] = field(default_factory=dict)
     connected_at: float = field(default_factory=time.time)
     reverse_name: str | None = None
     _resolver: Callable[[str], Awaitable[str | None]] | None = None
@@ -178,7 +181,16 @@ class MessageContext:
         self.decided_by: str = ""
         # What became of the message (None until a front end or delivery decides).
         self.delivery: Delivery | None = None
-        self.extra: dict[str, Any] = {}  # free space for plugins to share data
+        # The score reached ``actions.junk``: local Maildir copies go to ``.Junk``.
+        self.junk = False
+        # Which message this is for the content-analysis workers (0: none asked yet).
+        self.isolation_token = 0
+        # Recipients refused at RCPT while others were accepted: recipient -> reply.
+        self.refused_recipients: dict[str, str] = {}
+        self._view: MessageView | None = None  # mailflow.mime.view's cache (this version)
+        # The plugins' scratch space: what the core itself needs is in typed fields
+        # (docs/plugins.md, "Public API").
+        self.extra: dict[str, Any] = {}
 
     # --- raw access -----------------------------------------------------------------------
 

@@ -51,6 +51,55 @@ def available_plugins() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in eps}
 
 
+def register_plugin_commands(cli: Any) -> list[str]:
+    """Let every installed plugin add its commands to ``cli``, enabled or not.
+
+    The plugins are registered as their entry points name them (a class or a module,
+    not built: there is no config yet) with a plugin manager for this hook alone, and
+    ``pm.hook.mailflow_register_commands(cli=cli)`` is called. Returns what went wrong,
+    one line per plugin that could not be loaded or whose hook raised; a failing
+    plugin does not keep the others from adding theirs.
+    """
+    hook_name = "mailflow_register_commands"
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    problems: list[str] = []
+    for name, ep in sorted(available_plugins().items()):
+        try:
+            pm.register(ep.load(), name=name)
+        except Exception as exc:  # a broken install must not take the CLI down
+            problems.append(f"plugin {name} failed to load: {exc}")
+            continue
+        plugin = pm.get_plugin(name)
+        marked = {i.plugin_name for i in pm.hook.mailflow_register_commands.get_hookimpls()}
+        if name not in marked:
+            if hasattr(plugin, hook_name):
+                problems.append(f"plugin {name}: {hook_name} is not marked @hookimpl, ignored")
+        elif inspect.isclass(plugin) and not isinstance(
+            inspect.getattr_static(plugin, hook_name), staticmethod
+        ):
+            # Called on the class: an instance method would get ``cli`` as ``self``.
+            problems.append(f"plugin {name}: {hook_name} must be a @staticmethod, ignored")
+            pm.unregister(plugin)
+    hook = pm.hook.mailflow_register_commands
+    while True:
+        try:
+            hook(cli=cli)
+            return problems
+        except Exception as exc:
+            impls = pm.hook.mailflow_register_commands.get_hookimpls()  # called last first
+            code = {i.function.__code__: n for n, i in enumerate(impls)}
+            tb, failed = exc.__traceback__, None
+            while tb is not None and failed is None:
+                failed, tb = code.get(tb.tb_frame.f_code), tb.tb_next
+            if failed is None:
+                return [*problems, f"a plugin failed to add its commands: {exc}"]
+            problems.append(f"plugin {impls[failed].plugin_name} failed to add its commands: {exc}")
+            # pluggy stopped at the failing plugin: call the ones it had not reached.
+            reached = [pm.get_plugin(i.plugin_name) for i in impls[failed:]]
+            hook = pm.subset_hook_caller(hook_name, reached)
+
+
 def instantiate(factory: Any, settings: dict[str, Any], config: Config, index: int) -> Any:
     """Build a plugin object from what its entry point names.
 
@@ -238,6 +287,8 @@ class Pipeline:
         self.order = list(self.entries)
         self._impls: dict[str, list[_Impl]] = {}
         for hook_name in hookspecs.hook_names():
+            if hook_name in hookspecs.CLI_HOOKS:
+                continue  # called on the installed plugins by the CLI, not on these
             caller = getattr(self.pm.hook, hook_name)
             impls = [
                 _Impl(
@@ -545,9 +596,6 @@ class Pipeline:
                 failures.append((impl.plugin, exc))
         return failures
 
-    def register_commands(self, cli: Any) -> None:
-        self.pm.hook.mailflow_register_commands(cli=cli)
-
 
 def apply_thresholds(ctx: MessageContext, config: Config) -> None:
     """rspamd-style: the one place where the total score becomes an action."""
@@ -561,7 +609,7 @@ def apply_thresholds(ctx: MessageContext, config: Config) -> None:
         ctx.action = Action.QUARANTINE
         ctx.reason = f"score {score:.2f} >= quarantine {t.quarantine}"
     elif t.junk is not None and score >= t.junk:
-        ctx.extra["junk"] = True
+        ctx.junk = True
         ctx.reason = f"score {score:.2f} >= junk {t.junk}"
     if t.add_header is not None and score >= t.add_header and ctx.action is Action.CONTINUE:
         ctx.apply([AddHeader("X-Spam-Flag", "YES")])
@@ -570,7 +618,7 @@ def apply_thresholds(ctx: MessageContext, config: Config) -> None:
 def default_route(config: Config, rcpt: str, ctx: MessageContext | None = None) -> Route:
     """Route from config alone: local domains -> local delivery, else relay rules."""
     domain = rcpt.rpartition("@")[2].lower()
-    folder = ".Junk" if ctx is not None and ctx.extra.get("junk") else ""
+    folder = ".Junk" if ctx is not None and ctx.junk else ""
     if config.is_local_domain(domain):
         kind = RouteKind.LMTP if config.delivery.method == "lmtp" else RouteKind.MAILDIR
         return Route(kind, folder=folder if kind is RouteKind.MAILDIR else "")

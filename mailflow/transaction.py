@@ -212,7 +212,7 @@ class Transaction:
         if tx.mutations:
             ctx.apply(tx.mutations)
         if tx.refused:
-            ctx.extra["refused_recipients"] = dict(tx.refused)
+            ctx.refused_recipients = dict(tx.refused)
         return ctx
 
     async def data(self, ctx: MessageContext) -> Decision:

@@ -15,9 +15,17 @@ from typing import Any
 import authres as ar
 from pydantic import BaseModel, ConfigDict
 
-from mailflow.hookspecs import hookimpl
-from mailflow.mime import split_header_fields
-from mailflow.verdict import AddHeader, ChangeHeader, Mutation, RemoveHeader, Result
+from mailflow.api import (
+    AddHeader,
+    App,
+    ChangeHeader,
+    MessageContext,
+    Mutation,
+    RemoveHeader,
+    Result,
+    hookimpl,
+    mime,
+)
 
 HEADER = "Authentication-Results"
 MAX_REASON = 120  # characters of a reason= text kept in the header
@@ -101,7 +109,7 @@ def _fields_named(head: bytes, name: str) -> list[str]:
     if wanted not in head.lower():  # one C-level scan rules out most messages
         return []
     values = []
-    for field in split_header_fields(head):
+    for field in mime.split_header_fields(head):
         fname, sep, value = field.partition(b":")
         if sep and fname.strip().lower() == wanted:
             values.append(value.decode("utf-8", "replace"))
@@ -134,7 +142,7 @@ class AuthResPlugin:
         self._built: dict[tuple[Any, ...], str] = {}
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         self.authserv_id = app.authserv_id
 
     # --- one builder per method -----------------------------------------------------------
@@ -217,7 +225,7 @@ class AuthResPlugin:
             )
         ]
 
-    def build(self, message: Any) -> str:
+    def build(self, message: MessageContext) -> str:
         """The header value (without the field name) for ``message``.
 
         Messages from the same client with the same results get the same value, so
@@ -274,7 +282,7 @@ class AuthResPlugin:
         return mutations, count
 
     @hookimpl
-    def mailflow_data(self, message: Any) -> Result:
+    def mailflow_data(self, message: MessageContext) -> Result:
         mutations: list[Mutation] = []
         removed = 0
         if self.settings.remove_ours:

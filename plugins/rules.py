@@ -13,11 +13,17 @@ from typing import Any
 import click
 from pydantic import BaseModel, ConfigDict
 
-from mailflow.config import ConfigError
-from mailflow.hookspecs import hookimpl
-from mailflow.message import MessageContext
-from mailflow.rules import CompiledRuleSet, compile_ruleset, evaluate, load_rules, to_result
-from mailflow.verdict import Result
+from mailflow.api import (
+    CompiledRuleSet,
+    ConfigError,
+    MessageContext,
+    Result,
+    compile_ruleset,
+    evaluate,
+    hookimpl,
+    load_rules,
+    to_result,
+)
 
 
 class RulesSettings(BaseModel):
@@ -47,6 +53,7 @@ class RulesPlugin:
         return to_result(hits, message)  # details.matched is [] when nothing matched
 
     @staticmethod
+    @hookimpl
     def mailflow_register_commands(cli: click.Group) -> None:
         cli.add_command(rules_group)
 

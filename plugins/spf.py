@@ -26,9 +26,7 @@ from typing import Annotated, Any, Literal
 import spf as pyspf
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mailflow.dns import DNSTempError
-from mailflow.hookspecs import hookimpl
-from mailflow.verdict import AddHeader, Result, Symbol
+from mailflow.api import AddHeader, App, DNSTempError, MessageContext, Result, Symbol, hookimpl
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 SpfAction = Literal["reject", "tempfail", "tag", "ignore"]
@@ -182,12 +180,12 @@ class SPFPlugin:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         self.resolver = app.resolver
         self.receiver = app.authserv_id
 
     @hookimpl
-    def mailflow_shutdown(self, app: Any) -> None:
+    def mailflow_shutdown(self, app: App) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -282,7 +280,7 @@ class SPFPlugin:
         return result
 
     @hookimpl
-    def mailflow_data(self, message: Any) -> Result | None:
+    def mailflow_data(self, message: MessageContext) -> Result | None:
         """With ``received_spf``: prepend the Received-SPF field of this message's check.
 
         The MAIL FROM details are repeated, so ``message.result_of("spf")`` still

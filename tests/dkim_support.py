@@ -22,7 +22,7 @@ from pathlib import Path
 import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from mailflow_plugins import dkim_keys
+from mailflow_plugins.dkim import keys as dkim_keys
 
 SUBPROCESS_TIMEOUT = 30  # seconds: a bound, never a timing assertion
 

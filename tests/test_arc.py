@@ -10,7 +10,7 @@ import re
 
 import dkim
 import pytest
-from mailflow_plugins.dkim_keys import DKIMKeyError
+from mailflow_plugins.dkim.keys import DKIMKeyError
 
 from mailflow.app import App
 from mailflow.check import check_message, report

@@ -12,7 +12,7 @@ import stat
 
 import pytest
 from click.testing import CliRunner
-from mailflow_plugins.dkim_keys import DKIMKeyError
+from mailflow_plugins.dkim.keys import DKIMKeyError
 
 from mailflow.app import App
 from mailflow.check import check_message, report

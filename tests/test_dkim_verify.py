@@ -17,8 +17,8 @@ from pathlib import Path
 import aiosmtplib
 import dkim
 import pytest
-from mailflow_plugins.arc import ARCVerify
-from mailflow_plugins.dkim import DKIMVerify
+from mailflow_plugins.dkim.arc import ARCVerify
+from mailflow_plugins.dkim.verify import DKIMVerify
 
 from mailflow.app import App
 from mailflow.check import check_message, report

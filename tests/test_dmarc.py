@@ -10,7 +10,7 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from mailflow_plugins.dmarc_record import (
+from mailflow_plugins.dmarc.record import (
     Record,
     RecordError,
     author_domains,

@@ -182,6 +182,29 @@ def test_the_installed_mailflow_command_finds_it(tmp_path):
     assert out["plugins"]["example"]["keywords"] == ["prize"]
 
 
+def test_its_command_is_added_to_the_installed_mailflow_command():
+    """``mailflow_register_commands`` of a third-party package, through the console script."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("mailflow")
+    assert exe, "the `mailflow` console script is not on PATH: `pip install -e .` first"
+    args = [exe, "example", "keywords", "You won the LOTTERY"]
+    proc = subprocess.run(
+        [*args, "--keyword", "lottery=3.5", "--keyword", "prize=1.5"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "lottery 3.5\nscore 3.5\n", "")
+    proc = subprocess.run(
+        [*args, "--keyword", "lottery"], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "'lottery' is not WORD=SCORE" in proc.stderr
+
+
 def test_matching_is_case_insensitive_and_keeps_settings_order():
     from mailflow_example import domain_of, matching_keywords
 

@@ -194,7 +194,7 @@ async def test_whole_conversation_builds_the_message_and_maps_macros(make_config
     assert ctx.connection.reverse_name == "client.example.org"
     assert ctx.connection.helo == "client.example.org"
     assert ctx.connection.authenticated_user == "carol"
-    assert ctx.extra["milter_macros"]["j"] == "mx.test"
+    assert ctx.connection.milter_macros["j"] == "mx.test"
     assert ctx.envelope.mail_options == ["SIZE=10"]
     # Headers are byte-faithful (HDR_LEADSPC), folding restored to CRLF.
     assert ctx.raw.startswith(b"X-Filtered: yes\r\nSubject: hello\r\n\tworld\r\nFrom: alice")

@@ -109,7 +109,7 @@ async def test_unbalanced_comments_in_from_do_not_crash_dmarc():
 
 
 def test_dmarc_reads_at_most_max_addresses():
-    from mailflow_plugins.dmarc_record import author_domains
+    from mailflow_plugins.dmarc.record import author_domains
 
     many = ", ".join(f"u{i}@d{i}.example" for i in range(mime.MAX_ADDRESSES + 5))
     domains, problem = author_domains([many])

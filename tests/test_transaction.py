@@ -126,7 +126,7 @@ async def test_refused_recipients_relay_control_and_reset(model):
     relay = await model.rcpt("x@elsewhere.test", [])  # untrusted client, not local
     assert relay.refused and relay.reply is not None and relay.reply.code == 554
     assert not (await model.rcpt("bob@example.com", [])).refused
-    assert model.message(b"\r\n", "Q4").extra["refused_recipients"] == {
+    assert model.message(b"\r\n", "Q4").refused_recipients == {
         "gone@example.com": "550 5.1.1 gone",
         "x@elsewhere.test": str(relay.reply),
     }

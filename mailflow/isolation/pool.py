@@ -49,7 +49,6 @@ from mailflow.message import MessageContext, PluginRun
 
 log = logging.getLogger("mailflow.isolation")
 
-_TOKEN_KEY = "isolation.token"  # ctx.extra: which message this is, for the workers
 _tokens = itertools.count(1)
 SEND_CHUNK = 1024 * 1024  # message bytes handed to the transport at a time
 STOP_GRACE = 5.0  # seconds running jobs get to finish, then workers to exit, at shutdown
@@ -372,9 +371,9 @@ class WorkerPool:
         the stage at ``index``; or ``failure`` is why the hook at ``index`` gave no
         run; or every hook ran (failure None, index = len(plugins)).
         """
-        token = ctx.extra.get(_TOKEN_KEY)
-        if token is None:
-            token = ctx.extra[_TOKEN_KEY] = next(_tokens)
+        token = ctx.isolation_token
+        if not token:
+            token = ctx.isolation_token = next(_tokens)
         for attempt in (1, 2):
             worker = await self._acquire(token)
             if isinstance(worker, PluginFailure):

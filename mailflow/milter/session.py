@@ -286,8 +286,8 @@ class MilterSession:
         sender, recipients = model.tx.sender, list(model.tx.recipients)
         before = Snapshot(list(tx.headers), bytes(tx.body), sender, recipients)
         ctx = model.message(raw, self.macro("{i}") or new_queue_id())
-        ctx.extra["front_end"] = "milter"
-        ctx.extra["milter_macros"] = self.all_macros()
+        ctx.connection.front_end = "milter"
+        ctx.connection.milter_macros = self.all_macros()
         decision = await self._run_with_progress(model, ctx)
         packets, summary = self._decide(ctx, decision, before)
         elapsed = time.perf_counter() - started

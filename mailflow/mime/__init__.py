@@ -46,6 +46,7 @@ from mailflow.mime.fields import (
 )
 from mailflow.mime.params import param_values, parse_params, unquote
 from mailflow.mime.text import (
+    MAX_HOST_CHARS,
     collapse_blanks,
     decode_part,
     element_names,
@@ -67,6 +68,7 @@ from mailflow.mime.walk import (
 __all__ = [
     "MAX_ADDRESSES",
     "MAX_DEPTH",
+    "MAX_HOST_CHARS",
     "MAX_PARTS",
     "MAX_TEXT_CHARS",
     "OPAQUE_TYPE",

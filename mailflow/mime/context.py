@@ -1,7 +1,7 @@
 """One message version's header block and MIME structure, shared by every plugin.
 
 :func:`view` gives the :class:`MessageView` of a :class:`~mailflow.message.MessageContext`,
-cached in ``ctx.extra`` for the current bytes (``ctx.raw``). When a plugin's mutation
+cached on the context for the current bytes (``ctx.raw``). When a plugin's mutation
 made a new version, the new view reuses the old one's :class:`Structure` if the body
 bytes and the top-level Content-* fields are unchanged, so headers added by earlier
 plugins (``X-Spam-*``, ``Authentication-Results``) cost no second walk: a message is
@@ -22,9 +22,6 @@ from mailflow.mime.walk import Part, Structure, parse_body
 
 if TYPE_CHECKING:
     from mailflow.message import MessageContext
-
-_VIEW_KEY = "mime.view"
-
 
 class MessageView:
     """The top-level header fields (:attr:`fields`) and the MIME structure
@@ -74,8 +71,8 @@ def view(ctx: MessageContext) -> MessageView:
     """The :class:`MessageView` of the message's current version (cached per version;
     the structure carried over when only headers changed)."""
     raw = ctx.raw
-    cached = ctx.extra.get(_VIEW_KEY)
-    if isinstance(cached, MessageView):
+    cached = ctx._view
+    if cached is not None:
         if cached.raw is raw:
             return cached
         fresh = MessageView(raw)
@@ -83,7 +80,7 @@ def view(ctx: MessageContext) -> MessageView:
             fresh._structure = cached._structure
     else:
         fresh = MessageView(raw)
-    ctx.extra[_VIEW_KEY] = fresh
+    ctx._view = fresh
     return fresh
 
 

@@ -24,9 +24,18 @@ from mailflow_plugins.bayes.features import Hasher, extract_tokens
 from mailflow_plugins.bayes.model import Model, ModelError, logistic, score_from_probability
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mailflow import mime
-from mailflow.hookspecs import hookimpl
-from mailflow.verdict import AddHeader, RemoveHeader, Result, Route, RouteKind, SetRoute
+from mailflow.api import (
+    AddHeader,
+    App,
+    MessageContext,
+    RemoveHeader,
+    Result,
+    Route,
+    RouteKind,
+    SetRoute,
+    hookimpl,
+    mime,
+)
 
 log = logging.getLogger("mailflow.bayes")
 
@@ -183,7 +192,7 @@ class BayesPlugin:
         self._warned_not_learning = False
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         s = self.settings
         fallback = shipped_model_path() if s.model is None and s.learn_model else None
         path = s.model or s.learn_model or shipped_model_path()
@@ -239,7 +248,7 @@ class BayesPlugin:
         return hasher
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         holder = self.holder
         if holder is None:
             raise RuntimeError("bayes: mailflow_startup has not run")
@@ -329,6 +338,7 @@ class BayesPlugin:
         )
 
     @staticmethod
+    @hookimpl
     def mailflow_register_commands(cli: Any) -> None:
         """Add ``train``, ``learn`` and ``evaluate`` to the ``mailflow`` command."""
         from mailflow_plugins.bayes.commands import register

@@ -22,16 +22,7 @@ from typing import TypeVar
 import numpy as np
 from sklearn.utils import murmurhash3_32
 
-from mailflow.mime import (
-    Address,
-    MessageView,
-    decode_words,
-    element_names,
-    header_text,
-    parse_addresses,
-    url_hosts,
-)
-from mailflow.mime.text import MAX_HOST_CHARS, collapse_blanks, visible_text
+from mailflow.api import mime
 
 # 2**20 hashed features: few collisions for a mail vocabulary, 4 MB as float32 weights.
 N_FEATURES = 2**20
@@ -91,8 +82,8 @@ def bucket(n: int, cap: int = 6) -> str:
 
 
 def _domain_tokens(host: str, prefix: str) -> tuple[str, ...]:
-    """Tokens of a host name (at most MAX_HOST_CHARS of it: a DNS name is no longer)."""
-    return _domain_tokens_cached(host[:MAX_HOST_CHARS], prefix)
+    """Tokens of a host name (at most mime.MAX_HOST_CHARS of it: a DNS name is no longer)."""
+    return _domain_tokens_cached(host[: mime.MAX_HOST_CHARS], prefix)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -118,7 +109,7 @@ def _domain_tokens_uncached(host: str, prefix: str) -> Iterable[str]:
 
 def _url_tokens(lowered: str, out: set[str]) -> None:
     """Domains of the URLs in (lower-cased) text, with and without a scheme."""
-    for host in url_hosts(lowered):
+    for host in mime.url_hosts(lowered):
         out.update(_domain_tokens(host, "u:"))
 
 
@@ -189,7 +180,7 @@ def _text_tokens(text: str, out: set[str], urls: set[str]) -> None:
     _url_tokens(lowered, urls)
 
 
-def _header_tokens(view: MessageView, out: set[str]) -> None:
+def _header_tokens(view: mime.MessageView, out: set[str]) -> None:
     # About 15 names are read: one pass over the unfolded block (an index of raw
     # values) costs less than one scan a name; only the values used become text.
     h = view.fields.unfolded_index()
@@ -199,7 +190,7 @@ def _header_tokens(view: MessageView, out: set[str]) -> None:
         if not values:
             return ""
         value = values[0]
-        return (value if value.isascii() else header_text(value)).strip()
+        return (value if value.isascii() else mime.header_text(value)).strip()
 
     out.update(_cached(_subject_tokens, first("subject")))
     sender, sender_domain = _cached(_sender_tokens, first("from"))
@@ -249,7 +240,7 @@ def _cached(fn: Callable[[str], _T], value: str) -> _T:
 def _subject_tokens(raw: str) -> tuple[str, ...]:
     """Tokens of a raw Subject value: words (``s:``) and shape flags."""
     out: set[str] = set()
-    subject = _LIST_TAG.sub(" ", decode_words(raw))
+    subject = _LIST_TAG.sub(" ", mime.decode_words(raw))
     out.update(map("s:".__add__, _words(subject.lower())))
     if "=?" in raw:
         out.add("s:=encoded")
@@ -280,7 +271,7 @@ def _sender_tokens(raw: str) -> tuple[tuple[str, ...], str | None]:
     address first: "Support team ,_<x@example.com>"); no more are read, so a From of
     20,000 addresses costs a few.
     """
-    sender = decode_words(raw)
+    sender = mime.decode_words(raw)
     name, _, _ = sender.partition("<")
     out = set(map("fn:".__add__, _words(name.lower())))
     mailbox = _first_with_domain(raw)
@@ -293,9 +284,9 @@ def _sender_tokens(raw: str) -> tuple[tuple[str, ...], str | None]:
     return tuple(out), mailbox.domain
 
 
-def _first_with_domain(value: str) -> Address | None:
+def _first_with_domain(value: str) -> mime.Address | None:
     """The first of the first MAILBOXES_READ mailboxes of ``value`` with a domain."""
-    for mailbox in parse_addresses(value, MAILBOXES_READ):
+    for mailbox in mime.parse_addresses(value, MAILBOXES_READ):
         if mailbox.domain:
             return mailbox
     return None
@@ -308,14 +299,14 @@ def _mailer_tokens(raw: str) -> tuple[str, ...]:
     return (f"xm:{product[0]}",) if product else ()
 
 
-def extract_tokens(message: bytes | MessageView) -> list[str]:
+def extract_tokens(message: bytes | mime.MessageView) -> list[str]:
     """All feature tokens of one message (unique, in no particular order).
 
     ``message`` is the shared view of a message in the pipeline
     (``mailflow.mime.view(ctx)``: the walk and decoded text are shared with the other
     plugins) or raw bytes (training, evaluation): both give the same tokens.
     """
-    view = MessageView(message) if isinstance(message, bytes) else message
+    view = mime.MessageView(message) if isinstance(message, bytes) else message
     out: set[str] = set()
     urls: set[str] = set()  # the u: tokens, kept apart until the summary counts them
     if view.size > HUGE_BYTES:
@@ -345,7 +336,7 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
             if ctype == "text/html":
                 markup = text[:MAX_TEXT_CHARS]
                 lowered = markup.lower()
-                out.update(map("tag:".__add__, element_names(markup)))
+                out.update(map("tag:".__add__, mime.element_names(markup)))
                 # URLs hide in attributes, so take them from the markup, words from the text.
                 _url_tokens(lowered, urls)
                 # The part's plain text is shared with the rules plugin (converted once);
@@ -355,9 +346,9 @@ def extract_tokens(message: bytes | MessageView) -> list[str]:
                     text = part.plain_text()
                     body_chars += part.visible_chars
                 else:
-                    text = visible_text(text[:MAX_MARKUP_CHARS])
+                    text = mime.visible_text(text[:MAX_MARKUP_CHARS])
                     body_chars += len(text)
-                    text = collapse_blanks(text)
+                    text = mime.collapse_blanks(text)
             else:
                 body_chars += len(text)
             text = text[: min(MAX_TEXT_CHARS, budget)]

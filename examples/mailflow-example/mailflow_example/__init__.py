@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import asyncio
 
+import click
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.hookspecs import hookimpl
-from mailflow.message import Connection, MessageContext
-from mailflow.verdict import AddHeader, Result, Route, RouteKind, Symbol
+from mailflow.api import (
+    AddHeader,
+    Connection,
+    MessageContext,
+    Result,
+    Route,
+    RouteKind,
+    Symbol,
+    hookimpl,
+)
 
 __all__ = ["ExamplePlugin", "ExampleSettings", "Settings", "domain_of", "matching_keywords"]
 __version__ = "1.0.0"
@@ -107,3 +115,43 @@ class ExamplePlugin:
         if folder is None:
             return None  # let later plugins and the config decide
         return Route(RouteKind.MAILDIR, folder=folder)
+
+    # Commands are added for every installed plugin, before any config is read: the
+    # hook is called on the class, so it is a static method (no ``self``, no settings).
+    @staticmethod
+    @hookimpl
+    def mailflow_register_commands(cli: click.Group) -> None:
+        cli.add_command(example_group)
+
+
+@click.group("example")
+def example_group() -> None:
+    """The example plugin's commands."""
+
+
+@example_group.command("keywords")
+@click.argument("subject")
+@click.option(
+    "--keyword",
+    "keywords",
+    multiple=True,
+    metavar="WORD=SCORE",
+    help="A subject keyword and its score, as in the settings (repeatable).",
+)
+def keywords_command(subject: str, keywords: tuple[str, ...]) -> None:
+    """Show which keywords SUBJECT matches and the score they add."""
+    table: dict[str, float] = {}
+    for item in keywords:
+        word, sep, score = item.partition("=")
+        try:
+            if not (word and sep):
+                raise ValueError(item)
+            table[word] = float(score)
+        except ValueError:
+            raise click.BadParameter(
+                f"{item!r} is not WORD=SCORE", param_hint="--keyword"
+            ) from None
+    found = matching_keywords(subject, table)
+    for word, score in found:
+        click.echo(f"{word} {score:g}")
+    click.echo(f"score {sum(score for _, score in found):g}")

@@ -5,15 +5,19 @@ via ``message.result_of("spf")`` / ``message.result_of("dkim")``. The policy rec
 is looked up with the shared resolver (``_dmarc.<From domain>``, then
 ``_dmarc.<organizational domain>``, RFC 7489 6.6.3); the organizational domain comes
 from the Public Suffix List bundled with tldextract, offline. Docs: docs/plugins/dmarc.md.
+
+The package: this module is the plugin (settings, lookup, verdict);
+:mod:`.record` parses policy records and From fields and knows organizational
+domains and alignment; :mod:`.policy` evaluates one author domain's outcome.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mailflow_plugins.dmarc_record import (
+from mailflow_plugins.dmarc.policy import Evaluation, rank, undecided
+from mailflow_plugins.dmarc.record import (
     Record,
     aligned,
     author_domains,
@@ -23,13 +27,9 @@ from mailflow_plugins.dmarc_record import (
 )
 from pydantic import BaseModel, ConfigDict
 
-from mailflow.dns import DNSTempError
-from mailflow.hookspecs import hookimpl
-from mailflow.verdict import Result, Symbol
+from mailflow.api import App, DNSTempError, MessageContext, Result, Symbol, hookimpl
 
 PolicyAction = Literal["reject", "quarantine", "tag"]
-# How strict each disposition is, to pick the strictest among several From domains.
-_SEVERITY = {"none": 0, "quarantine": 1, "reject": 2}
 
 
 class DMARCSettings(BaseModel):
@@ -47,41 +47,6 @@ class DMARCSettings(BaseModel):
     fail_score: float = 0.0  # added to the spam score whenever DMARC fails
 
 
-@dataclass(slots=True)
-class Evaluation:
-    """DMARC for one author domain."""
-
-    from_domain: str
-    result: str = "none"  # pass / fail / none / temperror / permerror
-    policy: str = "none"  # the p or sp that applies, "none" without a record
-    disposition: str = "none"  # after pct: none / quarantine / reject
-    policy_domain: str = ""
-    record: Record | None = None
-    aligned: dict[str, bool] = field(default_factory=lambda: {"spf": False, "dkim": False})
-    reason: str = ""
-    sampled_out: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "result": self.result,
-            "policy": self.policy,
-            "disposition": self.disposition,
-            "from_domain": self.from_domain,
-            "org_domain": organizational_domain(self.from_domain),
-            "aligned": dict(self.aligned),
-        }
-        if self.policy_domain:
-            out["policy_domain"] = self.policy_domain
-        if self.record is not None:
-            r = self.record
-            out["record"] = {"p": r.p, "sp": r.sp, "adkim": r.adkim, "aspf": r.aspf, "pct": r.pct}
-        if self.sampled_out:
-            out["sampled_out"] = True
-        if self.reason:
-            out["reason"] = self.reason
-        return out
-
-
 class DMARCPlugin:
     """Evaluates DMARC at end of data; rejects, quarantines or tags per policy."""
 
@@ -93,7 +58,7 @@ class DMARCPlugin:
         self.random = random.Random()  # pct sampling; tests may seed it
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         self.resolver = app.resolver
 
     async def lookup(self, from_domain: str) -> tuple[Record | None, str]:
@@ -131,7 +96,7 @@ class DMARCPlugin:
         if ev.aligned["spf"] or ev.aligned["dkim"]:
             ev.result = "pass"
             return ev
-        pending = _undecided(spf, dkim, from_domain, record)
+        pending = undecided(spf, dkim, from_domain, record)
         if pending:
             # An aligned identifier could not be checked for now: a DNS hiccup must not
             # become a policy failure that rejects legitimate mail (RFC 7489 6.6.2).
@@ -153,7 +118,7 @@ class DMARCPlugin:
         return {"reject": "quarantine", "quarantine": "none"}[policy]
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         if message.connection.trusted:
             return Result(details={"result": "none", "policy": "none", "disposition": "none",
                                    "skipped": "trusted client"})  # fmt: skip
@@ -164,7 +129,7 @@ class DMARCPlugin:
         dkim = _details(message, "dkim")
         evaluations = [await self.evaluate(d, spf, dkim) for d in domains]
         # Several author domains: the strictest outcome decides (RFC 7489 6.6.1).
-        worst = max(evaluations, key=_rank)
+        worst = max(evaluations, key=rank)
         details = worst.as_dict()
         if len(evaluations) > 1:
             details["from_domains"] = [e.as_dict() for e in evaluations]
@@ -220,25 +185,6 @@ class DMARCPlugin:
         return result
 
 
-def _undecided(spf: dict[str, Any], dkim: dict[str, Any], author: str, record: Record) -> str:
-    """Name the aligned identifier whose check ended in temperror, or ""."""
-    if spf.get("result") == "temperror" and aligned(
-        str(spf.get("domain", "")), author, record.aspf
-    ):
-        return "SPF"
-    for sig in dkim.get("signatures") or []:
-        if sig.get("result") == "temperror" and aligned(
-            str(sig.get("domain", "")), author, record.adkim
-        ):
-            return "DKIM"
-    return ""
-
-
-def _details(message: Any, plugin: str) -> dict[str, Any]:
+def _details(message: MessageContext, plugin: str) -> dict[str, Any]:
     res = message.result_of(plugin)
     return dict(res.details) if res is not None else {}
-
-
-def _rank(ev: Evaluation) -> tuple[int, int]:
-    failing = ev.result in ("fail", "temperror")
-    return (_SEVERITY.get(ev.disposition, 0), int(failing))

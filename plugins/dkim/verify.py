@@ -36,11 +36,10 @@ from typing import Any, Literal
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
-from mailflow_plugins.dkim_dns import KeyTable, check_key_record, fetch_keys, key_name
+from mailflow_plugins.dkim.dns import KeyTable, check_key_record, fetch_keys, key_name
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.hookspecs import hookimpl
-from mailflow.verdict import Action, Result, Symbol
+from mailflow.api import Action, App, MessageContext, Result, Symbol, hookimpl
 
 # Order in which per-signature results summarise the message (first found wins).
 _PRECEDENCE = ("pass", "temperror", "fail", "permerror", "policy")
@@ -213,7 +212,7 @@ class DKIMVerify:
         self.resolver: Any = None
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         self.resolver = app.resolver
 
     async def evaluate(self, raw: bytes) -> dict[str, Any]:
@@ -245,7 +244,7 @@ class DKIMVerify:
         return details
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         details = await self.evaluate(message.raw)
         result = details["result"]
         symbol = Symbol(f"DKIM_{result.upper()}")

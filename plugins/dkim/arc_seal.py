@@ -22,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
 
 import dkim
-from mailflow_plugins import dkim_keys
+from mailflow_plugins.dkim import keys as dkim_keys
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.hookspecs import hookimpl
-from mailflow.verdict import AddHeader, Mutation, Result
+from mailflow.api import AddHeader, App, MessageContext, Mutation, Result, hookimpl
 
 log = logging.getLogger("mailflow.plugins.arc_seal")
 
@@ -105,13 +103,13 @@ class ARCSeal:
         self.authserv_id = ""
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         """Load the key now, so a bad file stops start-up with its name."""
         self.private = dkim_keys.load_private(self.settings.key_file, "rsa-sha256")
         self.authserv_id = app.authserv_id
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         try:
             fields = await asyncio.to_thread(
                 seal, message.raw, self.settings, self.private, self.authserv_id

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import tldextract
 
-from mailflow.mime import parse_addresses, split_header_fields
+from mailflow.api import mime
 
 POLICIES = ("none", "quarantine", "reject")
 MAX_FROM_DOMAINS = 10  # distinct author domains evaluated per message; more is abuse
@@ -137,7 +137,7 @@ def from_fields(head: bytes) -> list[str]:
     at the first malformed line, which would hide a second From field placed after it.
     """
     values = []
-    for item in split_header_fields(head):
+    for item in mime.split_header_fields(head):
         name, sep, value = item.partition(b":")
         if sep and name.strip().lower() == b"from":
             text = value.decode("utf-8", "replace")
@@ -166,7 +166,7 @@ def author_domains(from_fields: list[str]) -> tuple[list[str], str]:
         return [], "no From header field"
     if len(from_fields) > 1:
         return [], f"{len(from_fields)} From header fields (RFC 5322 3.6 allows one)"
-    addresses = parse_addresses(from_fields[0])  # linear; at most MAX_ADDRESSES
+    addresses = mime.parse_addresses(from_fields[0])  # linear; at most MAX_ADDRESSES
     if addresses.truncated:
         return [], f"From names more than {len(addresses)} addresses"
     domains: dict[str, None] = {}  # in order, each once (a list's `in` made this quadratic)

@@ -12,7 +12,7 @@ message. This plugin validates the chain with dkimpy and reports
   key that could not be fetched.
 
 Keys are fetched up front through the shared async resolver (see
-``dkim_dns``), then dkimpy runs in a worker thread. Whether to trust a passing
+``mailflow_plugins.dkim.dns``), then dkimpy runs in a worker thread. Whether to trust a passing
 chain is a local policy decision (RFC 8617 7.2), made by DMARC or the admin;
 by default this plugin only reports. The ``authres`` plugin writes the
 ``arc=`` result into Authentication-Results from ``details``.
@@ -25,12 +25,11 @@ from typing import Any
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
-from mailflow_plugins.dkim import header_block, run_dkimpy
-from mailflow_plugins.dkim_dns import KeyTable, fetch_keys, key_name
+from mailflow_plugins.dkim.dns import KeyTable, fetch_keys, key_name
+from mailflow_plugins.dkim.verify import header_block, run_dkimpy
 from pydantic import BaseModel, ConfigDict, Field
 
-from mailflow.hookspecs import hookimpl
-from mailflow.verdict import Result, Symbol
+from mailflow.api import App, MessageContext, Result, Symbol, hookimpl
 
 MAX_INSTANCES = 50  # RFC 8617 4.2.1: i= is 1..50
 REASON_LIMIT = 160
@@ -128,7 +127,7 @@ class ARCVerify:
         self.resolver: Any = None
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         self.resolver = app.resolver
 
     async def evaluate(self, raw: bytes) -> dict[str, Any]:
@@ -148,7 +147,7 @@ class ARCVerify:
         return {"result": result, "chain_length": highest, "reason": reason, "sets": sets}
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result:
+    async def mailflow_data(self, message: MessageContext) -> Result:
         details = await self.evaluate(message.raw)
         symbol = Symbol(f"ARC_{details['result'].upper()}")
         if details["result"] == "fail":

@@ -59,7 +59,7 @@ async def fetch_keys(resolver: Any, names: set[str]) -> KeyTable:
     When a name holds several TXT records the first is used: RFC 6376 3.6.2.2
     leaves the outcome undefined and says verifiers may pick one.
     """
-    from mailflow.dns import DNSTempError
+    from mailflow.api import DNSTempError
 
     table = KeyTable()
     ordered = sorted(names)

@@ -21,16 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import click
 import dkim
-from mailflow_plugins import dkim_keys
+from mailflow_plugins.dkim import keys as dkim_keys
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mailflow.hookspecs import hookimpl
-from mailflow.mime import parse_addresses, unfold
-from mailflow.verdict import AddHeader, Mutation, Result
+from mailflow.api import AddHeader, App, MessageContext, Mutation, Result, hookimpl, mime
 
 log = logging.getLogger("mailflow.plugins.dkim_sign")
 
@@ -149,7 +147,7 @@ class DKIMSign:
         self._keys: list[tuple[KeySettings, bytes]] = []
 
     @hookimpl
-    def mailflow_startup(self, app: Any) -> None:
+    def mailflow_startup(self, app: App) -> None:
         """Load every key now, so a missing or bad file stops start-up with its name."""
         loaded = []
         for key in self.settings.keys:
@@ -165,7 +163,7 @@ class DKIMSign:
         return [(k, p) for k, p in self._keys if k.subdomains and domain.endswith("." + k.domain)]
 
     @hookimpl
-    async def mailflow_data(self, message: Any) -> Result | None:
+    async def mailflow_data(self, message: MessageContext) -> Result | None:
         if not message.connection.trusted:
             return None  # only our own users' mail is ours to sign
         from_values = message.fields.get_all("From")
@@ -173,7 +171,9 @@ class DKIMSign:
             # RFC 5322 3.6: exactly one From; signing an ambiguous author is pointless.
             reason = "no From header" if not from_values else f"{len(from_values)} From headers"
             return Result(details={"signed": [], "reason": f"not signed: {reason}"})
-        addresses = [a.address for a in parse_addresses(unfold(from_values[0]), 1) if a.address]
+        addresses = [
+            a.address for a in mime.parse_addresses(mime.unfold(from_values[0]), 1) if a.address
+        ]
         candidates = [_domain_of(a) for a in addresses[:1]] + [
             _domain_of(message.envelope.mail_from)
         ]
@@ -204,6 +204,7 @@ class DKIMSign:
         return Result(mutations=mutations, details={"signed": signed})
 
     @staticmethod
+    @hookimpl
     def mailflow_register_commands(cli: click.Group) -> None:
         """Add ``mailflow dkim keygen``."""
         group = cli.commands.get("dkim")
