@@ -109,7 +109,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         }
                     )
                     if not args.json:
-                        print(f"K={k} round {round_no} {name}: {result.rate:.1f} msgs/s", file=sys.stderr)
+                        print(
+                            f"K={k} round {round_no} {name}: {result.rate:.1f} msgs/s",
+                            file=sys.stderr,
+                        )
     finally:
         stacks.stop()
         if not args.workdir:
@@ -134,8 +137,11 @@ def medians(runs: list[dict[str, Any]], ks: list[int]) -> list[dict[str, Any]]:
     for k in ks:
         row: dict[str, Any] = {"concurrency": k}
         for name in STACKS:
-            rates = [r["rate"] if not r["failed"] else 0.0 for r in runs
-                     if r["stack"] == name and r["concurrency"] == k]
+            rates = [
+                r["rate"] if not r["failed"] else 0.0
+                for r in runs
+                if r["stack"] == name and r["concurrency"] == k
+            ]
             row[name] = round(statistics.median(rates), 1) if rates else None
             row[f"{name} range"] = [min(rates), max(rates)] if rates else None
         mf, rs = row["postfix+mailflow"], row["postfix+rspamd"]
