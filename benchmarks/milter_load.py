@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.add_argument("--profile", type=Path, help="run mailflow under cProfile; stats go here")
     p.add_argument(
+        "--batch-rounds", type=int, help="mailflow's server.data_batch_rounds (default: 3)"
+    )
+    p.add_argument("--py-spy", type=Path, help="sample mailflow with py-spy; stacks go here")
+    p.add_argument(
         "--mailflow-tree",
         type=Path,
         help="run mailflow from this source tree (e.g. a worktree of an older commit)",
@@ -71,7 +75,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)  # rspamd and postfix run as their own users
     message = postfix_source.write_message(message_template(args.size), workdir / "message.txt")
-    mailflow = milter_stacks.MailflowMilter(workdir, plugins, args.profile, args.mailflow_tree)
+    mailflow = milter_stacks.MailflowMilter(
+        workdir, plugins, args.profile, args.mailflow_tree, args.py_spy
+    )
+    if args.batch_rounds is not None:
+        mailflow.server_settings["data_batch_rounds"] = args.batch_rounds
     stacks = milter_stacks.PostfixStacks(workdir, mailflow)
     runs: list[dict[str, Any]] = []
     load_seen: list[list[float]] = []
@@ -88,6 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if not stacks.wait_drained():
                         raise SystemExit("Postfix's queue did not empty; see its maillog")
                     load_seen.append([round(x, 2) for x in os.getloadavg()])
+                    cpu_before = stacks.milter_cpu(name)
                     result = postfix_source.run_smtp_source(
                         "127.0.0.1",
                         stacks.ports[name],
@@ -97,8 +106,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         SENDER,
                         RECIPIENT,
                     )
+                    cpu_after = stacks.milter_cpu(name)
+                    cpu_ms = None
+                    if cpu_before is not None and cpu_after is not None and result.sent:
+                        cpu_ms = round((cpu_after - cpu_before) * 1000 / result.sent, 2)
                     runs.append(
                         {
+                            "milter_cpu_ms": cpu_ms,
                             "stack": name,
                             "concurrency": k,
                             "round": round_no,
@@ -144,6 +158,12 @@ def medians(runs: list[dict[str, Any]], ks: list[int]) -> list[dict[str, Any]]:
             ]
             row[name] = round(statistics.median(rates), 1) if rates else None
             row[f"{name} range"] = [min(rates), max(rates)] if rates else None
+            cpu = [
+                r["milter_cpu_ms"]
+                for r in runs
+                if r["stack"] == name and r["concurrency"] == k and r["milter_cpu_ms"]
+            ]
+            row[f"{name} milter cpu ms/msg"] = round(statistics.median(cpu), 2) if cpu else None
         mf, rs = row["postfix+mailflow"], row["postfix+rspamd"]
         row["mailflow/rspamd"] = round(mf / rs, 2) if mf and rs else None
         out.append(row)
@@ -171,6 +191,10 @@ def print_report(report: dict[str, Any]) -> None:
             lo, hi = row[f"{name} range"]
             cells += f"{row[name]:>10} ({lo:>5}-{hi:>5})".rjust(26)
         print(f"{row['concurrency']:>3} {cells}{row['mailflow/rspamd']!s:>17}")
+    print("milter CPU per message (ms, the milter's processes only; median):")
+    for row in report["medians"]:
+        cells = "  ".join(f"{name} {row[f'{name} milter cpu ms/msg']}" for name in STACKS[1:])
+        print(f"  K={row['concurrency']}: {cells}")
     failed = [r for r in report["runs"] if r["failed"]]
     for r in failed:
         print(f"FAILED {r['stack']} K={r['concurrency']}: {r['errors']}")
@@ -185,6 +209,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
+    if args.py_spy:
+        from benchmarks.stacks import summarise
+
+        print(summarise(args.py_spy), file=sys.stderr if args.json else sys.stdout)
 
 
 if __name__ == "__main__":

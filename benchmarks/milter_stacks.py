@@ -28,7 +28,15 @@ from pathlib import Path
 import yaml
 
 from benchmarks.nx_dns import NxDns
-from benchmarks.targets import SMTP_SINK, Process, TargetError, _wait_listening, free_port
+from benchmarks.targets import (
+    SMTP_SINK,
+    STOP_TIMEOUT,
+    Process,
+    TargetError,
+    _wait_listening,
+    cpu_seconds,
+    free_port,
+)
 from tests.postfix_instance import PostfixInstance, create_instance, destroy, postfix_available
 
 RSPAMD = "/usr/bin/rspamd"
@@ -50,6 +58,25 @@ def usable() -> str | None:
     return None
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used by ``pid`` and its live descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        total += cpu_seconds(current) or 0.0
+        todo += children.get(current, [])
+    return total
+
+
 class MailflowMilter:
     """``mailflow serve`` with the milter front end only, on a fixed loopback port."""
 
@@ -61,10 +88,15 @@ class MailflowMilter:
         plugins: list[dict[str, object]],
         profile: Path | None = None,
         source: Path | None = None,
+        py_spy: Path | None = None,
     ) -> None:
         """``profile``: run under cProfile, stats written here at exit; ``source``: run
-        ``serve`` from that source tree (another commit's worktree) instead of this one."""
+        ``serve`` from that source tree (another commit's worktree) instead of this one;
+        ``py_spy``: sample it with py-spy, collapsed stacks written here at exit."""
         self.profile = profile
+        self.py_spy = py_spy
+        self.server_settings: dict[str, object] = {}  # extra keys for the server section
+        self.spy: Process | None = None
         self.source = source
         self.dns_port = 0  # set by PostfixStacks: the NXDOMAIN responder
         self.dir = workdir / "mailflow"
@@ -75,7 +107,7 @@ class MailflowMilter:
 
     def start(self) -> None:
         cfg = {
-            "server": {"listen": [], "hostname": "mx.bench.test"},
+            "server": {"listen": [], "hostname": "mx.bench.test", **self.server_settings},
             "milter": {"listen": f"127.0.0.1:{self.port}", "max_connections": 1000},
             "queue": {"directory": str(self.dir / "spool")},
             "quarantine": {"directory": str(self.dir / "quarantine")},
@@ -92,10 +124,17 @@ class MailflowMilter:
         tree = [self.source.resolve()] if self.source is not None else None
         self.process = Process(argv, self.dir / "serve.log", cwd=self.dir, pythonpath=tree)
         self.process.wait_for(r"listening on \S+ \(milter\)")
+        if self.py_spy is not None:
+            argv = ["py-spy", "record", "--pid", str(self.process.proc.pid), "--format", "raw"]
+            argv += ["--rate", "200", "--output", str(self.py_spy)]
+            self.spy = Process(argv, self.dir / "py-spy.log")
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+        if self.spy is not None:
+            self.spy.proc.wait(STOP_TIMEOUT)  # py-spy writes its stacks when serve exits
+            self.spy.stop()
 
 
 class RspamdMilter:
@@ -200,6 +239,13 @@ class PostfixStacks:
         instance.start()
         for port in self.ports.values():
             _wait_listening(port, self.sink)
+
+    def milter_cpu(self, name: str) -> float | None:
+        """CPU seconds the milter of stack ``name`` (with its child processes) has used."""
+        stack = {self.mailflow.name: self.mailflow, self.rspamd.name: self.rspamd}.get(name)
+        if stack is None or stack.process is None:
+            return None
+        return tree_cpu_seconds(stack.process.proc.pid)
 
     def queued(self) -> int:
         """Messages in Postfix's queue (a run waits for 0 before it starts)."""
