@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         raise SystemExit("Postfix's queue did not empty; see its maillog")
                     load_seen.append([round(x, 2) for x in os.getloadavg()])
                     cpu_before = stacks.milter_cpu(name)
+                    postfix_before = stacks.postfix_cpu()
                     result = postfix_source.run_smtp_source(
                         "127.0.0.1",
                         stacks.ports[name],
@@ -106,13 +107,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         SENDER,
                         RECIPIENT,
                     )
-                    cpu_after = stacks.milter_cpu(name)
-                    cpu_ms = None
-                    if cpu_before is not None and cpu_after is not None and result.sent:
-                        cpu_ms = round((cpu_after - cpu_before) * 1000 / result.sent, 2)
+                    # Postfix's delivery of this run's messages to the sink is included:
+                    # the queue is empty before the next run starts.
+                    drained = stacks.wait_drained()
+                    cpu_ms = per_message(cpu_before, stacks.milter_cpu(name), result.sent)
+                    postfix_ms = per_message(postfix_before, stacks.postfix_cpu(), result.sent)
                     runs.append(
                         {
                             "milter_cpu_ms": cpu_ms,
+                            "postfix_cpu_ms": postfix_ms if drained else None,
                             "stack": name,
                             "concurrency": k,
                             "round": round_no,
@@ -145,6 +148,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def per_message(before: float | None, after: float | None, count: int) -> float | None:
+    if before is None or after is None or not count:
+        return None
+    return round((after - before) * 1000 / count, 2)
+
+
 def medians(runs: list[dict[str, Any]], ks: list[int]) -> list[dict[str, Any]]:
     """Per K: each stack's median rate (failed runs count as 0) and mailflow/rspamd."""
     out: list[dict[str, Any]] = []
@@ -158,12 +167,13 @@ def medians(runs: list[dict[str, Any]], ks: list[int]) -> list[dict[str, Any]]:
             ]
             row[name] = round(statistics.median(rates), 1) if rates else None
             row[f"{name} range"] = [min(rates), max(rates)] if rates else None
-            cpu = [
-                r["milter_cpu_ms"]
-                for r in runs
-                if r["stack"] == name and r["concurrency"] == k and r["milter_cpu_ms"]
-            ]
-            row[f"{name} milter cpu ms/msg"] = round(statistics.median(cpu), 2) if cpu else None
+            for key in ("milter_cpu_ms", "postfix_cpu_ms"):
+                cpu = [
+                    r[key]
+                    for r in runs
+                    if r["stack"] == name and r["concurrency"] == k and r[key] is not None
+                ]
+                row[f"{name} {key}"] = round(statistics.median(cpu), 2) if cpu else None
         mf, rs = row["postfix+mailflow"], row["postfix+rspamd"]
         row["mailflow/rspamd"] = round(mf / rs, 2) if mf and rs else None
         out.append(row)

@@ -34,7 +34,6 @@ from benchmarks.targets import (
     Process,
     TargetError,
     _wait_listening,
-    cpu_seconds,
     free_port,
 )
 from tests.postfix_instance import PostfixInstance, create_instance, destroy, postfix_available
@@ -58,21 +57,29 @@ def usable() -> str | None:
     return None
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds used by ``pid`` and its live descendants (Linux /proc)."""
+    """CPU seconds of ``pid``, its live descendants and the children it has reaped
+    (``cutime``/``cstime``: Postfix's master reaps its smtpd and cleanup processes)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
+        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks = os.sysconf("SC_CLK_TCK")
     total, todo = 0.0, [pid]
     while todo:
         current = todo.pop()
-        total += cpu_seconds(current) or 0.0
+        fields = _stat_fields(current)
+        if fields:
+            # proc(5) fields 14-17: utime, stime, cutime, cstime (index 11-14 here).
+            total += sum(int(x) for x in fields[11:15]) / ticks
         todo += children.get(current, [])
     return total
 
@@ -246,6 +253,16 @@ class PostfixStacks:
         if stack is None or stack.process is None:
             return None
         return tree_cpu_seconds(stack.process.proc.pid)
+
+    def postfix_cpu(self) -> float | None:
+        """CPU seconds used so far by Postfix (master and every process it started)."""
+        if self.instance is None:
+            return None
+        try:
+            pid = int((self.instance.root / "spool" / "pid" / "master.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        return tree_cpu_seconds(pid)
 
     def queued(self) -> int:
         """Messages in Postfix's queue (a run waits for 0 before it starts)."""
