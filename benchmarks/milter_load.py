@@ -201,9 +201,13 @@ def print_report(report: dict[str, Any]) -> None:
             lo, hi = row[f"{name} range"]
             cells += f"{row[name]:>10} ({lo:>5}-{hi:>5})".rjust(26)
         print(f"{row['concurrency']:>3} {cells}{row['mailflow/rspamd']!s:>17}")
-    print("milter CPU per message (ms, the milter's processes only; median):")
+    print("CPU ms per message, medians (Postfix: all its processes, delivery included):")
     for row in report["medians"]:
-        cells = "  ".join(f"{name} {row[f'{name} milter cpu ms/msg']}" for name in STACKS[1:])
+        cells = "  ".join(
+            f"{name}: Postfix {row[f'{name} postfix_cpu_ms']}"
+            + (f" + milter {row[f'{name} milter_cpu_ms']}" if name != "postfix" else "")
+            for name in STACKS
+        )
         print(f"  K={row['concurrency']}: {cells}")
     failed = [r for r in report["runs"] if r["failed"]]
     for r in failed:
