@@ -176,6 +176,22 @@ def medians(runs: list[dict[str, Any]], ks: list[int]) -> list[dict[str, Any]]:
                 row[f"{name} {key}"] = round(statistics.median(cpu), 2) if cpu else None
         mf, rs = row["postfix+mailflow"], row["postfix+rspamd"]
         row["mailflow/rspamd"] = round(mf / rs, 2) if mf and rs else None
+        # The same ratio within each round (runs seconds apart), then its median.
+        by_round: dict[int, dict[str, float]] = {}
+        for r in runs:
+            if r["concurrency"] == k:
+                by_round.setdefault(r["round"], {})[r["stack"]] = (
+                    r["rate"] if not r["failed"] else 0.0
+                )
+        paired = sorted(
+            v["postfix+mailflow"] / v["postfix+rspamd"]
+            for v in by_round.values()
+            if v.get("postfix+rspamd") and "postfix+mailflow" in v
+        )
+        row["mailflow/rspamd per round"] = [round(x, 2) for x in paired]
+        row["mailflow/rspamd paired median"] = (
+            round(statistics.median(paired), 2) if paired else None
+        )
         out.append(row)
     return out
 
@@ -209,6 +225,11 @@ def print_report(report: dict[str, Any]) -> None:
             for name in STACKS
         )
         print(f"  K={row['concurrency']}: {cells}")
+    for row in report["medians"]:
+        print(
+            f"  K={row['concurrency']}: mailflow/rspamd within each round "
+            f"{row['mailflow/rspamd per round']}, median {row['mailflow/rspamd paired median']}"
+        )
     failed = [r for r in report["runs"] if r["failed"]]
     for r in failed:
         print(f"FAILED {r['stack']} K={r['concurrency']}: {r['errors']}")
