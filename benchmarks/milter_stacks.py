@@ -249,10 +249,12 @@ class PostfixStacks:
 
     def milter_cpu(self, name: str) -> float | None:
         """CPU seconds the milter of stack ``name`` (with its child processes) has used."""
-        stack = {self.mailflow.name: self.mailflow, self.rspamd.name: self.rspamd}.get(name)
-        if stack is None or stack.process is None:
-            return None
-        return tree_cpu_seconds(stack.process.proc.pid)
+        processes = {
+            self.mailflow.name: self.mailflow.process,
+            self.rspamd.name: self.rspamd.process,
+        }
+        process = processes.get(name)
+        return tree_cpu_seconds(process.proc.pid) if process is not None else None
 
     def postfix_cpu(self) -> float | None:
         """CPU seconds used so far by Postfix (master and every process it started)."""
