@@ -382,3 +382,62 @@ async def test_connect_stage_verdicts_through_postfix(postfix, make_config):
         assert code // 100 == 4
         gate.result = None
         assert await asyncio.to_thread(_greeting_or_mail_reply, instance.port) == (250, b"2.1.0 Ok")
+
+
+class WireRecorder:
+    """A loopback relay between Postfix and the milter that keeps each chunk Postfix's
+    writes arrive in (one read each) and the milter's packets, unchanged."""
+
+    def __init__(self, milter_port: int) -> None:
+        self.milter_port = milter_port
+        self.from_mta: list[bytes] = []
+        self.from_milter = bytearray()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.milter_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: Any) -> None:
+            while data := await src.read(1 << 20):
+                keep(data)
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(
+            pump(reader, up_writer, self.from_mta.append),
+            pump(up_reader, writer, self.from_milter.extend),
+            return_exceptions=True,
+        )
+
+
+async def test_no_write_of_postfix_waits_unanswered(postfix, make_config):
+    """Every chunk Postfix sends ends in a command that mailflow answers, so an answer
+    always carries the ACK its next write waits for (Nagle): no 40 ms delayed-ACK stall
+    (docs/milter.md, "Round trips"). With SMFIP_NR_DATA agreed, DATA ended a chunk."""
+    from mailflow.milter import protocol as p
+
+    instance, port = postfix
+    async with milter_for(free_port(), make_config) as server:
+        recorder = WireRecorder(server.port)
+        relay = await asyncio.start_server(recorder.serve, "127.0.0.1", port)
+        try:
+            for n in range(2):  # the second message follows an SMFIC_ABORT on one connection
+                await submit(instance, make_message(subject=f"wire {n}", to=BOB))
+        finally:
+            relay.close()
+            await relay.wait_closed()
+    [answer] = p.Decoder().feed(bytes(recorder.from_milter[:17]))
+    agreed = p.decode_optneg(answer.data).protocol
+    assert not agreed & p.SMFIP_NR_DATA
+    decoder = p.Decoder()
+    silent = {p.SMFIC_MACRO, p.SMFIC_ABORT, p.SMFIC_QUIT, p.SMFIC_QUIT_NC}
+    ends = []
+    for chunk in recorder.from_mta:
+        commands = decoder.feed(chunk)
+        if commands and not decoder.pending:  # the chunk ended on a packet boundary
+            ends.append(commands[-1].code)
+    assert p.SMFIC_DATA in ends and p.SMFIC_BODYEOB in ends
+    for code in ends:
+        flag = p.NO_REPLY_FLAG.get(code, 0)
+        answered = code not in silent and not agreed & flag
+        assert answered or code in (p.SMFIC_QUIT, p.SMFIC_ABORT), p.COMMAND_NAMES[code]
