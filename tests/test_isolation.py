@@ -457,3 +457,50 @@ def test_a_runaway_worker_dies_with_a_killed_server(tmp_path):
         time.sleep(0.05)
     os.kill(worker, signal.SIGKILL)
     pytest.fail("the worker outlived the server")
+
+
+def _worker_children() -> set[int]:
+    """Pids of this process' worker children (zombies included: not yet reaped)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and (b"mailflow.isolation.worker" in cmdline or " Z " in stat):
+            found.add(int(entry.name))
+    return found
+
+
+def _still_there(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+async def test_a_worker_cancelled_while_starting_is_killed_and_reaped(make_config):
+    """The pool stops while a replacement is starting: that process must not outlive it
+    (it used to be killed but never reaped: a zombie, and a ResourceWarning later)."""
+    app = App(make_config(plugins_yaml("{name: marker}")), available_plugins=FACTORIES)
+    await app.pipeline.start_isolation()
+    pool = app.pipeline.isolation
+    assert pool is not None
+    try:
+        before = _worker_children()
+        task = asyncio.get_running_loop().create_task(pool._spawn())
+        new: set[int] = set()
+        for _ in range(200):  # until the process exists (it then loads its plugins)
+            await asyncio.sleep(0.01)
+            new = _worker_children() - before
+            if new:
+                break
+        assert new, "the worker process never started"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not _still_there(new)
+    finally:
+        await app.pipeline.stop_isolation()

@@ -156,6 +156,18 @@ class _Worker:
         return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
 
+async def _reap(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL a worker that never became one (its process group too) and wait for it,
+    even when the task doing this is being cancelled."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(process.wait())
+
+
 class WorkerPool:
     """``processes`` workers running the data hooks of ``plugins``."""
 
@@ -218,8 +230,14 @@ class WorkerPool:
         """Take no new jobs, let the running ones finish (for STOP_GRACE at most), then
         close every worker (they exit when their socket closes) and reap them."""
         self._stopping = True
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        # A replacement that was starting kills and reaps its process as it is
+        # cancelled: wait for that, or the process outlives the pool.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_GRACE):
+                await asyncio.gather(*tasks, return_exceptions=True)
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(PluginFailure("the server is shutting down", "shutdown"))
@@ -271,7 +289,12 @@ class WorkerPool:
             raise
         finally:
             child.close()
-        reader, writer = await asyncio.open_connection(sock=parent)
+        try:
+            reader, writer = await asyncio.open_connection(sock=parent)
+        except BaseException:
+            parent.close()
+            await _reap(process)
+            raise
         worker = _Worker(process, reader, writer)
         try:
             async with asyncio.timeout(self.start_timeout):
@@ -282,8 +305,9 @@ class WorkerPool:
             await process.wait()
             why = "no answer" if isinstance(exc, TimeoutError) else worker.status()
             raise IsolationError(f"worker process {process.pid}: {why}") from None
-        except BaseException:
+        except BaseException:  # cancelled (the pool stops while this one starts)
             worker.kill()
+            await _reap(process)
             raise
         if not isinstance(ready, Ready) or ready.error:
             worker.kill()
