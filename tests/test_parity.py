@@ -291,7 +291,7 @@ class MilterFrontEnd:
         if len(refused) == len(case.recipients):
             last = refused[case.recipients[-1]]
             return Outcome(_action_of(last), last, refused)
-        await mta.send(b"T")
+        await mta.ask(b"T")  # answered (docs/milter.md, "Round trips")
         # The MTA's own Received field comes first, as from Postfix (mailflow's SMTP
         # front end and `check` add theirs too: the plugins see one in every case).
         accepted = [r for r in case.recipients if r not in refused]
