@@ -32,7 +32,9 @@ async def check_message(
     would end the SMTP transaction; a refused recipient is reported and the others go on.
     """
     raw = without_mbox_line(normalize_newlines(raw))
-    conn = Connection(ip=ip, authenticated_user=authenticated_user)
+    # `serve` takes AUTH only over TLS (auth_require_tls): an authenticated client
+    # is a TLS client, and the plugins must see it as one here too.
+    conn = Connection(ip=ip, authenticated_user=authenticated_user, tls=bool(authenticated_user))
     conn.relay_allowed = in_networks(ip, app.config.relay_network_objects)
     model = Transaction(app.pipeline, app.config, conn)
     queue_id = new_queue_id()
@@ -56,7 +58,7 @@ async def check_message(
     if not model.tx.recipients:
         return _stopped(model, raw, queue_id, last or model.no_recipients(), sender)
     # The trace field the SMTP front end puts in front of the message (the plugins see it).
-    proto = protocol_name(True, False, bool(authenticated_user))
+    proto = protocol_name(True, conn.tls, bool(authenticated_user))
     received = received_header(
         conn, app.config.server.hostname, proto, model.tx.recipients, queue_id
     )

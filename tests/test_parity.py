@@ -16,6 +16,7 @@ quarantine or discard at every stage, with refused recipients and added headers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import re
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 
 from mailflow.app import App
+from mailflow.auth import UsersFileAuthenticator
 from mailflow.check import check_message, report, without_mbox_line
 from mailflow.config import MilterConfig
 from mailflow.hookspecs import hookimpl
@@ -40,6 +42,12 @@ from mailflow.smtp import Handler, bound_addresses, start_servers
 from mailflow.smtp.received import received_header, with_trace
 from mailflow.testing import config_for, make_message
 from mailflow.verdict import Action, AddHeader, RemoveRecipient, Result
+from tests.smtp_support import (
+    TEST_PASSWORD,
+    TEST_PASSWORD_HASH,
+    client_context,
+    self_signed_cert,
+)
 from tests.test_milter_session import MTA
 
 CORPUS_SLICE = Path(__file__).parent / "messages" / "corpus"
@@ -327,9 +335,15 @@ class MilterFrontEnd:
         return Outcome(action, None, refused, score, sorted(headers), None)
 
 
-async def check_front_end(app: App, case: Case) -> Outcome:
+async def check_front_end(app: App, case: Case, user: str = "") -> Outcome:
     ctx = await check_message(
-        app, case.raw, sender=case.sender, recipients=case.recipients, ip=IP, helo=HELO
+        app,
+        case.raw,
+        sender=case.sender,
+        recipients=case.recipients,
+        ip=IP,
+        helo=HELO,
+        authenticated_user=user,
     )
     out = report(ctx)
     refused = out.get("refused_recipients", {})
@@ -497,3 +511,149 @@ async def test_shared_corpus(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     if not SHARED_CORPUS.is_dir():
         pytest.skip(f"no shared corpus at {SHARED_CORPUS} (tests/messages/corpus is the slice)")
     await parity(tmp_path, caplog, _corpus(SHARED_CORPUS, PER_LABEL, "shared"))
+
+
+# --- an authenticated client ----------------------------------------------------------------
+
+
+class FactsReporter:
+    """Shows the connection facts a plugin sees, as a header: an authenticated client
+    that ``check --auth`` models differently from ``serve`` shows up as a difference."""
+
+    @hookimpl
+    def mailflow_data(self, message: MessageContext) -> Result:
+        conn = message.connection
+        facts = f"user={conn.authenticated_user} tls={conn.tls} trusted={conn.trusted}"
+        return Result(mutations=[AddHeader("X-Facts", facts)])
+
+
+class AuthSMTPFrontEnd(SMTPFrontEnd):
+    """The SMTP front end with a client that says STARTTLS and AUTH PLAIN first."""
+
+    def __init__(
+        self, app: App, caplog: pytest.LogCaptureFixture, cert: Path, user: str, password: str
+    ) -> None:
+        super().__init__(app, caplog)
+        self.cert = cert
+        self.login = (user, password)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        auth = self.app.config.server.auth
+        assert auth is not None
+        authenticator = UsersFileAuthenticator(auth.users_file)
+        handler = Handler(self.app, self.enqueue)
+        servers = await start_servers(self.app, handler, authenticator)
+        self.port = bound_addresses(servers)[0][1]
+        try:
+            yield
+        finally:
+            for server in servers:
+                server.close()
+                await server.wait_closed()
+
+    async def run(self, case: Case) -> Outcome:
+        reader, writer = await asyncio.open_connection(IP, self.port)
+        try:
+
+            async def reply() -> str:
+                async with asyncio.timeout(20):
+                    while True:
+                        line = (await reader.readline()).decode().rstrip("\r\n")
+                        if line[3:4] != "-":
+                            return line
+
+            async def command(line: str) -> str:
+                writer.write(line.encode() + b"\r\n")
+                return await reply()
+
+            assert (await reply()).startswith("220")
+            assert (await command(f"EHLO {HELO}")).startswith("250")
+            assert (await command("STARTTLS")).startswith("220")
+            await writer.start_tls(client_context(self.cert), server_hostname="mx.test")
+            assert (await command(f"EHLO {HELO}")).startswith("250")
+            user, password = self.login
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            answer = await command(f"AUTH PLAIN {token}")
+            assert answer.startswith("235"), answer
+            # The session goes on as SMTPFrontEnd's (its EHLO keeps the authentication).
+            return await self._session(case, _Replay(reader, b"220 mx.test\r\n"), writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+class _Replay:
+    """A stream reader that first gives ``first`` (a greeting already consumed)."""
+
+    def __init__(self, reader: asyncio.StreamReader, first: bytes) -> None:
+        self.reader = reader
+        self.first: bytes | None = first
+
+    async def readline(self) -> bytes:
+        if self.first is not None:
+            line, self.first = self.first, None
+            return line
+        return await self.reader.readline()
+
+
+async def test_an_authenticated_client_and_check_auth_agree(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """SMTP AUTH over STARTTLS (a users file and a certificate made here) against
+    ``check_message(authenticated_user=...)``: the same relay decisions, verdicts, score,
+    headers (among them the connection facts a plugin reads) and routes."""
+    if "example" not in available_plugins():
+        pytest.fail("run `pip install ./examples/mailflow-example` first", pytrace=False)
+    cert, key = self_signed_cert(tmp_path)
+    users = tmp_path / "users"
+    users.write_text(f"alice:{TEST_PASSWORD_HASH}\n")
+    config = (
+        CONFIG
+        + f"""
+server:
+  hostname: mx.test
+  tls: {{cert: {cert}, key: {key}}}
+  auth: {{users_file: {users}, failure_delay: 0}}
+relay: {{default: mx}}
+"""
+    )
+    caplog.set_level(logging.INFO, logger="mailflow.message")
+    stager = Stager()
+    plugins = {"stager": stager, "facts": FactsReporter()}
+    apps = [
+        App(config_for(tmp_path / name, config), extra_plugins=plugins)
+        for name in ("smtp", "check")
+    ]
+    for app in apps:
+        await app.startup()
+    smtp = AuthSMTPFrontEnd(apps[0], caplog, cert, "alice", TEST_PASSWORD)
+    two = ["bob@example.com", "carol@elsewhere.test"]  # the second only relayed when trusted
+    cases = [
+        Case("authenticated, relayed", make_message(), two),
+        Case("authenticated, keywords", make_message(subject="lottery prize"), two),
+        Case("authenticated, rcpt tempfail", make_message(), two,
+             at={"rcpt bob@example.com": Result.tempfail("later")}),
+        Case("authenticated, data reject", make_message(), two,
+             at={"data": Result.reject("no thanks")}),
+    ]  # fmt: skip
+    lines = []
+    try:
+        async with smtp.running():
+            for case in cases:
+                stager.at = case.at
+                outcomes = {
+                    "smtp": await smtp.run(case),
+                    "check": await check_front_end(apps[1], case, "alice"),
+                }
+                lines += [f"{case.name}: {d}" for d in divergences(outcomes)]
+                case.outcome = outcomes["smtp"]
+    finally:
+        for app in apps:
+            await app.shutdown()
+    assert not lines, "front ends diverge:\n" + "\n".join(lines)
+    first = cases[0].outcome
+    assert first is not None and first.action == "accept"
+    assert set(first.routes or {}) == set(two)  # carol@elsewhere.test was relayed
+    assert ("x-facts", "user=alice tls=True trusted=True") in first.headers
