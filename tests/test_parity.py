@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import re
 import struct
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ import pytest
 from mailflow.app import App
 from mailflow.auth import UsersFileAuthenticator
 from mailflow.check import check_message, report, without_mbox_line
-from mailflow.config import MilterConfig
+from mailflow.config import MilterConfig, default_config_text, parse_config
 from mailflow.hookspecs import hookimpl
 from mailflow.message import Connection, MessageContext
 from mailflow.milter.server import MilterServer
@@ -657,3 +659,74 @@ relay: {{default: mx}}
     assert first is not None and first.action == "accept"
     assert set(first.routes or {}) == set(two)  # carol@elsewhere.test was relayed
     assert ("x-facts", "user=alice tls=True trusted=True") in first.headers
+
+
+# --- the `mailflow check --json` command ----------------------------------------------------
+
+
+def _outcome_of_report(out: dict[str, Any]) -> Outcome:
+    """A ``check --json`` object of a message that reached the data stage, as an Outcome."""
+    action, reply = out["action"], out["smtp_reply"]
+    refused = out.get("refused_recipients", {})
+    score = round(out["score"], 2)
+    if action in ("reject", "tempfail"):
+        text = f"{reply['code']} {reply['status']} {reply['text']}"
+        return Outcome(action, text, refused, score)
+    headers = sorted(_norm_header(n, v) for n, v in out["headers_added"])
+    routes = out["route"] if action == "accept" else {}
+    return Outcome(action, None, refused, score, headers, routes)
+
+
+async def test_the_check_command_with_the_embedded_config_agrees_with_smtp(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """`mailflow check --json` as a user runs it (a subprocess, no config file: the
+    embedded default config) against mailflow's SMTP server with that same config."""
+    text = default_config_text()
+    text = text.replace("127.0.0.1:2525", "127.0.0.1:0")
+    text = text.replace("./mail", str(tmp_path / "mail")).replace(
+        "./spool", str(tmp_path / "spool")
+    )
+    app = App(parse_config(text))
+    await app.startup()
+    caplog.set_level(logging.INFO, logger="mailflow.message")
+    smtp = SMTPFrontEnd(app, caplog)
+    spam = sorted((CORPUS_SLICE / "spam").iterdir())[0]
+    cases = [
+        Case("plain", make_message(subject="lunch on friday?")),
+        Case("corpus spam", without_mbox_line(normalize_newlines(spam.read_bytes()))),
+    ]
+    files = []
+    for n, case in enumerate(cases):
+        files.append(tmp_path / f"{n}.eml")
+        files[-1].write_bytes(case.raw)
+    try:
+        async with smtp.running():
+            smtp_outcomes = [await smtp.run(case) for case in cases]
+    finally:
+        await app.shutdown()
+    cwd = tmp_path / "elsewhere"  # no ./mailflow.yaml here
+    cwd.mkdir()
+    args = ["check", "--json", "--ip", IP, "--helo", HELO, "--from", SENDER]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from mailflow.cli import main; main()",
+        *args,
+        "--to",
+        "bob@example.com",
+        *map(str, files),
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    reports = [json.loads(line) for line in out.decode().splitlines()]
+    assert [r["file"] for r in reports] == list(map(str, files)), err.decode()
+    lines = []
+    for case, mine, theirs in zip(cases, smtp_outcomes, reports, strict=True):
+        outcomes = {"smtp": mine, "check --json": _outcome_of_report(theirs)}
+        lines += [f"{case.name}: {d}" for d in divergences(outcomes)]
+    assert not lines, "front ends diverge:\n" + "\n".join(lines)
+    assert {o.action for o in smtp_outcomes} == {"accept"}
+    assert len({o.score for o in smtp_outcomes}) == 2  # bayes scored them
