@@ -203,10 +203,11 @@ async def close_app(app: App) -> None:
 
 
 def _share_handler_state(old: Handler, new: Handler) -> None:
-    """What counts across generations: connections per client address always; the
-    large-message budget, the read pacing and the AUTH failure counts while their
-    settings are unchanged."""
+    """What counts across generations: open connections, in all and per client address,
+    always; the large-message budget, the read pacing and the AUTH failure counts
+    while their settings are unchanged."""
     new.active_by_ip = old.active_by_ip
+    new.all_active = old.all_active
     a, b = old.app.config.server, new.app.config.server
     if a.large_message_memory == b.large_message_memory:
         new.large_messages = old.large_messages

@@ -378,3 +378,40 @@ async def test_a_reload_reads_a_new_users_file_and_refuses_a_broken_one(
     finally:
         await server.stop()
         await reloader.close()
+
+
+async def test_connections_open_across_a_reload_still_count_against_max_connections(tmp_path):
+    """In process: connections of the old configuration count toward
+    ``server.max_connections`` and the connections gauge after a reload."""
+    from mailflow.app import App
+    from mailflow.reload import Reloader
+    from mailflow.server import Server
+    from mailflow.testing import config_for
+
+    text = "server: {max_connections: 2}\nisolation: {processes: 0}\n"
+    server = Server(App(config_for(tmp_path, text)))
+    [(host, port)] = await server.start()
+    reloader = Reloader(server, lambda: config_for(tmp_path, text), "test.yaml")
+
+    async def connect() -> tuple[asyncio.StreamWriter, bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        return writer, await asyncio.wait_for(reader.readline(), 10)
+
+    held = []
+    try:
+        for _ in range(2):
+            writer, greeting = await connect()
+            assert greeting.startswith(b"220")
+            held.append(writer)
+        assert await reloader.reload()
+        server._refresh_gauges()
+        gauge = server.app.metrics.connections._value.get()
+        writer, greeting = await connect()
+        held.append(writer)
+    finally:
+        for writer in held:
+            writer.close()
+        await server.stop()
+        await reloader.close()
+    assert greeting.startswith(b"421"), greeting
+    assert gauge == 2

@@ -74,6 +74,15 @@ def _data_refusal(facts: DataFacts, bare_newline: str, max_received: int) -> SMT
     return None
 
 
+class ConnectionCount:
+    """A number of open connections that handlers can share."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 class Handler:
     """aiosmtpd handler: the glue between SMTP commands and pipeline stages."""
 
@@ -83,7 +92,10 @@ class Handler:
         self.app = app
         self.enqueue = enqueue  # async (ctx) -> queue id, after durable store
         self.quarantine = Quarantine(app.config.quarantine.directory)
-        self.active = 0  # open connections (MailflowSMTP keeps it exact)
+        self.active = 0  # open connections of this handler (MailflowSMTP keeps it exact)
+        # Open connections of every handler a reload (mailflow.reload) made: what
+        # max_connections and the connections gauge count. Shared like active_by_ip.
+        self.all_active = ConnectionCount()
         self.active_by_ip: Counter[str] = Counter()  # the same per client address
         self._relay_nets = app.config.relay_network_objects
         # Clients that max_connections_per_ip does not count against (relay_networks too).
