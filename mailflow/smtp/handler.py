@@ -27,6 +27,7 @@ from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from mailflow.app import App
 from mailflow.authlimit import AuthGuard, Scope
 from mailflow.config import AuthThrottleConfig
+from mailflow.delivery.maildir import QuotaExceeded
 from mailflow.delivery.outcome import RefusedUpstream
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Delivery, MessageContext
@@ -136,7 +137,11 @@ class Handler:
         )
 
     async def _check_quota(self, address: str) -> SMTPReply | None:
-        """A full local mailbox refuses the recipient at RCPT (``over_quota_code``)."""
+        """A full local mailbox refuses the recipient at RCPT (``over_quota_code``).
+
+        Only a full one: a mailbox that cannot be read raises, which answers 451
+        (:meth:`handle_exception`), never a permanent "Mailbox full".
+        """
         config = self.app.config
         maildir = config.delivery.maildir
         if not (
@@ -147,7 +152,7 @@ class Handler:
             return None
         try:
             await asyncio.to_thread(self.app.maildir.check_quota, address, 0)
-        except Exception:
+        except QuotaExceeded:
             code = maildir.over_quota_code
             return SMTPReply(code, "Mailbox full", "4.2.2" if code == 452 else "5.2.2")
         return None
