@@ -44,15 +44,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailflow.reload")
 
 # Keys (and whole sections) a reload does not apply: they are bound to listening
-# sockets, the queue's workers and transports, or the log writer set up at start.
+# sockets, the spool and the queue's workers, the Maildir writer, the relay's session
+# pool, the resolver, or the log writer set up at start. The rest of ``queue``,
+# ``delivery`` and ``relay`` applies: the dispatcher is reconfigured
+# (:meth:`mailflow.delivery.dispatch.Dispatcher.reconfigure`).
 RESTART_KEYS: tuple[str, ...] = (
     "server.listen",
     "milter.listen",
     "metrics.listen",
-    "queue",
+    "queue.directory",
+    "queue.workers",
     "storage",
-    "delivery",
-    "relay",
+    "delivery.maildir",
+    "relay.helo_name",
+    "relay.pool_size",
+    "relay.pool_idle",
     "dns",
     "log",
 )
