@@ -422,6 +422,17 @@ def _hand_written() -> list[Case]:
         Case("data reject", msg(), at={"data": Result.reject("no thanks", 554, "5.7.0")}),
         Case("data reject wrong class", msg(), at={"data": Result.reject("odd", 250, "2.0.0")}),
         Case("data tempfail", msg(), at={"data": Result.tempfail("try later")}),
+        Case(
+            "data reject, a line break in the reason",
+            msg(),
+            at={"data": Result.reject("no\r\n250 2.0.0 Ok: queued as FAKE")},
+        ),
+        Case(
+            "rcpt reject, a line break in the reply",
+            msg(),
+            ["a@example.com", "bob@example.com"],
+            at={"rcpt a@example.com": Result.reject("gone\r\n250 2.1.5 Ok", 550, "5.1.1")},
+        ),
         Case("data discard", msg(), at={"data": Result.discard("dup")}),
         Case(
             "data removes every recipient",
