@@ -36,6 +36,8 @@ async def check_message(
     # is a TLS client, and the plugins must see it as one here too.
     conn = Connection(ip=ip, authenticated_user=authenticated_user, tls=bool(authenticated_user))
     conn.relay_allowed = in_networks(ip, app.config.relay_network_objects)
+    if app.config.server.reverse_dns:  # as the SMTP front end: the client's PTR name
+        conn._resolver = app.resolver.ptr
     model = Transaction(app.pipeline, app.config, conn)
     queue_id = new_queue_id()
     if sender is None or not recipients:

@@ -741,3 +741,47 @@ async def test_the_check_command_with_the_embedded_config_agrees_with_smtp(
     assert not lines, "front ends diverge:\n" + "\n".join(lines)
     assert {o.action for o in smtp_outcomes} == {"accept"}
     assert len({o.score for o in smtp_outcomes}) == 2  # bayes scored them
+
+
+# --- the client's reverse name ------------------------------------------------------------------
+
+
+class ReverseNameReporter:
+    """Shows the client's PTR name as a plugin gets it (``server.reverse_dns``)."""
+
+    @hookimpl
+    async def mailflow_data(self, message: MessageContext) -> Result:
+        name = await message.connection.resolve_reverse_name()
+        return Result(mutations=[AddHeader("X-PTR", str(name))])
+
+
+async def test_check_looks_up_the_reverse_name_as_serve_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """With ``server.reverse_dns``, a plugin asking for the client's PTR name gets the
+    same answer in ``check`` (``--ip``) as in ``serve`` (a loopback DNS server)."""
+    from mailflow.testing_dns import dns_server
+
+    caplog.set_level(logging.INFO, logger="mailflow.message")
+    async with dns_server({"1.0.0.127.in-addr.arpa": [("PTR", "client.test.")]}) as dns:
+        config = f"server: {{reverse_dns: true}}\n{dns.config_yaml()}"
+        plugins = {"ptr": ReverseNameReporter()}
+        apps = [
+            App(config_for(tmp_path / name, config), extra_plugins=plugins)
+            for name in ("smtp", "check")
+        ]
+        for app in apps:
+            await app.startup()
+        smtp = SMTPFrontEnd(apps[0], caplog)
+        case = Case("reverse name", make_message())
+        try:
+            async with smtp.running():
+                outcomes = {
+                    "smtp": await smtp.run(case),
+                    "check": await check_front_end(apps[1], case),
+                }
+        finally:
+            for app in apps:
+                await app.shutdown()
+    assert ("x-ptr", "client.test") in outcomes["smtp"].headers
+    assert not divergences(outcomes)
