@@ -36,7 +36,7 @@ from mailflow.normalize import has_bare_newline, normalize_newlines
 from mailflow.policy import in_networks, is_local_recipient
 from mailflow.quarantine import Quarantine
 from mailflow.smtp.data import BulkPacer, ByteBudget, DataFacts, clear_directory
-from mailflow.smtp.policy import address_ok
+from mailflow.smtp.policy import address_ok, data_refusal
 from mailflow.smtp.received import count_received, protocol_name, received_header, with_trace
 from mailflow.transaction import Decision, Transaction, accepted_reply
 from mailflow.verdict import Action, SMTPReply
@@ -45,11 +45,6 @@ log = logging.getLogger("mailflow.smtp")
 
 
 # RFC 5321 4.2 replies used by the front end.
-R_LOOP = SMTPReply(554, "Too many Received headers: mail loop?", "5.4.6")
-R_BARE_NEWLINE = SMTPReply(
-    550, "Bare CR or LF in message data is not allowed (RFC 5322 2.3)", "5.6.0"
-)
-R_NUL = SMTPReply(550, "NUL characters are not allowed in message data", "5.6.0")
 R_SPOOL_FAILED = SMTPReply(451, "Local error storing the message, try again later", "4.3.0")
 R_BAD_ADDRESS = SMTPReply(553, "Malformed address", "5.1.3")
 R_SENDER_NEEDED = SMTPReply(503, "Need MAIL command first", "5.5.1")
@@ -62,17 +57,6 @@ INCOMING_DIR = "incoming"
 def _sender(address: str | None) -> str:
     """The envelope sender as mailflow models it: "" is the null sender."""
     return "" if not address or address == "<>" else address
-
-
-def _data_refusal(facts: DataFacts, bare_newline: str, max_received: int) -> SMTPReply | None:
-    """The refusal of message data that no plugin gets to see, else None."""
-    if facts.nul:
-        return R_NUL
-    if facts.bare_newline and bare_newline == "reject":
-        return R_BARE_NEWLINE
-    if facts.received >= max_received:
-        return R_LOOP
-    return None
 
 
 class ConnectionCount:
@@ -265,9 +249,7 @@ class Handler:
             facts.received = count_received(raw)
         # Else the reader did it block by block as the data arrived: the NUL check,
         # bare line ends made CRLF, Received fields counted (mailflow.smtp.data).
-        refusal = _data_refusal(
-            facts, config.server.bare_newline, config.server.max_received_headers
-        )
+        refusal = data_refusal(facts, config.server)
         if refusal is not None:
             self.model(server).reset()  # as aiosmtpd resets its envelope after DATA
             return str(refusal)
