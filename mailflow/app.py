@@ -35,7 +35,10 @@ class App:
     ) -> None:
         self.config = config
         self.resolver = Resolver(config.dns)
-        self.pipeline = Pipeline(config, extra=extra_plugins, available=available_plugins)
+        # A worker process (mailflow.isolation) builds its App with this same class.
+        self.pipeline = Pipeline(
+            config, extra=extra_plugins, available=available_plugins, app_factory=App
+        )
         self.maildir = MaildirDelivery(config.delivery.maildir, config.storage.sync)
         self.metrics = Metrics()
         self._spool: Spool | None = None

@@ -9,7 +9,15 @@ from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Envelope, MessageContext
 from mailflow.normalize import normalize_newlines
 from mailflow.policy import in_networks
-from mailflow.smtp.received import is_header_start, protocol_name, received_header, with_trace
+from mailflow.smtp.data import DataFacts
+from mailflow.smtp.policy import data_refusal
+from mailflow.smtp.received import (
+    count_received,
+    is_header_start,
+    protocol_name,
+    received_header,
+    with_trace,
+)
 from mailflow.transaction import Decision, Transaction, accepted_reply
 from mailflow.verdict import Action
 
@@ -30,10 +38,16 @@ async def check_message(
     SMTP and milter front ends run too. Sender and recipients default to the From and
     To/Cc headers. A refusal at connect, HELO or MAIL ends the check there, as it
     would end the SMTP transaction; a refused recipient is reported and the others go on.
+    Message data the SMTP front end refuses before any plugin (a NUL, a mail loop) is
+    refused here too.
     """
     raw = without_mbox_line(normalize_newlines(raw))
-    conn = Connection(ip=ip, authenticated_user=authenticated_user)
+    # `serve` takes AUTH only over TLS (auth_require_tls): an authenticated client
+    # is a TLS client, and the plugins must see it as one here too.
+    conn = Connection(ip=ip, authenticated_user=authenticated_user, tls=bool(authenticated_user))
     conn.relay_allowed = in_networks(ip, app.config.relay_network_objects)
+    if app.config.server.reverse_dns:  # as the SMTP front end: the client's PTR name
+        conn._resolver = app.resolver.ptr
     model = Transaction(app.pipeline, app.config, conn)
     queue_id = new_queue_id()
     if sender is None or not recipients:
@@ -55,8 +69,14 @@ async def check_message(
             last = decision
     if not model.tx.recipients:
         return _stopped(model, raw, queue_id, last or model.no_recipients(), sender)
+    # What the SMTP front end refuses before the plugins see the data: NUL, a mail loop.
+    # (Line ends were made CRLF above: a file on disk has LF ones.)
+    facts = DataFacts(len(raw), nul=b"\x00" in raw, received=count_received(raw))
+    refusal = data_refusal(facts, app.config.server)
+    if refusal is not None:
+        return _stopped(model, raw, queue_id, Decision(Action.REJECT, refusal), sender)
     # The trace field the SMTP front end puts in front of the message (the plugins see it).
-    proto = protocol_name(True, False, bool(authenticated_user))
+    proto = protocol_name(True, conn.tls, bool(authenticated_user))
     received = received_header(
         conn, app.config.server.hostname, proto, model.tx.recipients, queue_id
     )

@@ -207,14 +207,18 @@ class Pipeline:
         config: Config,
         extra: dict[str, Any] | None = None,
         available: dict[str, Any] | None = None,
+        app_factory: Callable[..., Any] | None = None,
     ) -> None:
         """Load the plugins the config enables.
 
         ``extra`` maps names to already-built plugin objects (tests, embedding);
-        ``available`` overrides entry-point discovery (name -> factory).
+        ``available`` overrides entry-point discovery (name -> factory);
+        ``app_factory`` builds a worker process's application
+        (:class:`mailflow.app.App`, which passes itself: see :meth:`start_isolation`).
         """
         self.config = config
         self._available = available
+        self._app_factory = app_factory
         self.isolation: WorkerPool | None = None  # started by start_isolation()
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
@@ -335,6 +339,8 @@ class Pipeline:
         processes = self.config.isolation.process_count()
         if self.isolation is not None or not names or processes == 0:
             return
+        if self._app_factory is None:
+            raise RuntimeError("worker processes need the pipeline's app_factory")
         pool = WorkerPool(
             self.config,
             names,
@@ -343,6 +349,7 @@ class Pipeline:
             start_timeout=self.config.isolation.start_timeout,
             queue_timeout=self.config.isolation.queue_timeout,
             on_restart=on_restart,
+            app_factory=self._app_factory,
         )
         await pool.start()
         self.isolation = pool

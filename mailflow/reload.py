@@ -44,15 +44,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailflow.reload")
 
 # Keys (and whole sections) a reload does not apply: they are bound to listening
-# sockets, the queue's workers and transports, or the log writer set up at start.
+# sockets, the spool and the queue's workers, the Maildir writer, the relay's session
+# pool, the resolver, or the log writer set up at start. The rest of ``queue``,
+# ``delivery`` and ``relay`` applies: the dispatcher is reconfigured
+# (:meth:`mailflow.delivery.dispatch.Dispatcher.reconfigure`).
 RESTART_KEYS: tuple[str, ...] = (
     "server.listen",
     "milter.listen",
     "metrics.listen",
-    "queue",
+    "queue.directory",
+    "queue.workers",
     "storage",
-    "delivery",
-    "relay",
+    "delivery.maildir",
+    "relay.helo_name",
+    "relay.pool_size",
+    "relay.pool_idle",
     "dns",
     "log",
 )
@@ -203,10 +209,11 @@ async def close_app(app: App) -> None:
 
 
 def _share_handler_state(old: Handler, new: Handler) -> None:
-    """What counts across generations: connections per client address always; the
-    large-message budget, the read pacing and the AUTH failure counts while their
-    settings are unchanged."""
+    """What counts across generations: open connections, in all and per client address,
+    always; the large-message budget, the read pacing and the AUTH failure counts
+    while their settings are unchanged."""
     new.active_by_ip = old.active_by_ip
+    new.all_active = old.all_active
     a, b = old.app.config.server, new.app.config.server
     if a.large_message_memory == b.large_message_memory:
         new.large_messages = old.large_messages

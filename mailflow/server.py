@@ -85,7 +85,7 @@ class Server:
         if self.queue is not None:
             self.app.metrics.queue_size.set(len(self.queue.entries()))
         if self.handler is not None:
-            self.app.metrics.connections.set(self.handler.active)
+            self.app.metrics.connections.set(self.handler.all_active.value)
         pool = self.app.pipeline.isolation
         self.app.metrics.isolation_workers.set(pool.size if pool is not None else 0)
 

@@ -7,6 +7,7 @@ evidence of all plugins into one decision. Nothing in this module does I/O.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,9 @@ STAGE_ACTIONS: dict[Stage, dict[Action, str]] = {
     },
 }
 
+# RFC 3463 2: class.subject.detail
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
 # Kept for plugins that read it: the data-stage defaults.
 DEFAULT_REPLIES: dict[Action, SMTPReply] = {
     Action.REJECT: STAGE_REPLIES[Stage.DATA, Action.REJECT],
@@ -126,6 +130,11 @@ def refusal_reply(
     4xx for tempfail; otherwise its text goes with the table's code and status, so a
     verdict can never come out as a 2xx/3xx "accept". At connect the code is 554 or 421
     whatever the plugin said (RFC 5321 3.1, 4.2.2: the only greeting refusals).
+
+    The text is one line: CR, LF, NUL and runs of white space become one space, so a
+    plugin's reason (which may quote a DNS TXT record or a header) cannot add a line
+    the client would read as the reply to its next command. A status whose class
+    does not match the code (RFC 3463) is replaced by the table's.
     """
     kind = Action.TEMPFAIL if action is Action.TEMPFAIL else Action.REJECT
     default = STAGE_REPLIES[stage, kind]
@@ -138,9 +147,11 @@ def refusal_reply(
         chosen = SMTPReply(default.code, reason, default.status)
     else:
         chosen = default
-    if stage is Stage.CONNECT and chosen.code != default.code:
-        chosen = SMTPReply(default.code, chosen.text, chosen.status)
-    return chosen
+    code = default.code if stage is Stage.CONNECT else chosen.code
+    status = chosen.status
+    if status and not (_STATUS.fullmatch(status) and status[0] == str(code)[0]):
+        status = default.status
+    return SMTPReply(code, " ".join(chosen.text.replace("\0", " ").split()), status)
 
 
 # --- mutations (milter's "modification actions") -------------------------------------------

@@ -47,14 +47,23 @@ def _type_checking(node: ast.If) -> bool:
     )
 
 
-def imported(name: str, path: Path, known: set[str], *, everywhere: bool = False) -> Iterator[str]:
+def imported(
+    name: str,
+    path: Path,
+    known: set[str],
+    *,
+    everywhere: bool = False,
+    functions: bool = False,
+) -> Iterator[str]:
     """The ``mailflow`` modules that module ``name`` imports.
 
     By default only what runs when the module is imported: its top level, including
     ``try``/``if`` blocks and class bodies, but not ``if TYPE_CHECKING:`` blocks nor
-    function bodies. With ``everywhere``, those too. ``from pkg import x`` counts as
-    importing ``pkg.x`` when that is a module, else ``pkg``.
+    function bodies. With ``functions``, function bodies too (a lazy import is still a
+    dependency, only hidden); with ``everywhere``, both. ``from pkg import x`` counts
+    as importing ``pkg.x`` when that is a module, else ``pkg``.
     """
+    functions = functions or everywhere
     is_package = path.name == "__init__.py"
 
     def resolve(target: str) -> str | None:
@@ -85,7 +94,7 @@ def imported(name: str, path: Path, known: set[str], *, everywhere: bool = False
                 if everywhere:
                     yield from visit(node.orelse)
             elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                if everywhere:
+                if functions:
                     yield from visit(node.body)
             else:
                 for field in ("body", "orelse", "finalbody", "handlers"):
@@ -102,11 +111,13 @@ def imported(name: str, path: Path, known: set[str], *, everywhere: bool = False
             yield found
 
 
-def import_graph(root: Path = PACKAGE, *, everywhere: bool = False) -> dict[str, set[str]]:
+def import_graph(
+    root: Path = PACKAGE, *, everywhere: bool = False, functions: bool = False
+) -> dict[str, set[str]]:
     found = modules(root)
     known = set(found)
     return {
-        name: set(imported(name, path, known, everywhere=everywhere))
+        name: set(imported(name, path, known, everywhere=everywhere, functions=functions))
         for name, path in found.items()
     }
 
@@ -163,6 +174,16 @@ def test_no_import_cycle_between_modules() -> None:
 def test_no_import_cycle_between_subpackages() -> None:
     cycle = find_cycle(by_package(import_graph()))
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_import_cycle_through_function_level_imports() -> None:
+    """A lazy import inside a function hides a cycle from the interpreter, not from the
+    design (the isolation worker building an App did: isolation -> app -> pipeline ->
+    isolation). Imports only for type checking do not count: they never run."""
+    graph = import_graph(functions=True)
+    for checked in (graph, by_package(graph)):
+        cycle = find_cycle(checked)
+        assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
 def test_delivery_never_imports_the_app_or_the_front_ends() -> None:
@@ -225,6 +246,28 @@ def test_the_checker_finds_module_cycles(
     tmp_path: Path, files: dict[str, str], cycle: list[str] | None
 ) -> None:
     assert find_cycle(import_graph(write_package(tmp_path, files))) == cycle
+
+
+def test_the_checker_finds_a_cycle_through_a_function_level_import(tmp_path: Path) -> None:
+    root = write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "a.py": "from mailflow import b\n",
+            "b.py": (
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                "    from mailflow.c import C\n"
+                "def f():\n    from mailflow.a import A\n"
+            ),
+            "c.py": "from mailflow import b\n",
+        },
+    )
+    assert find_cycle(import_graph(root)) is None
+    assert find_cycle(import_graph(root, functions=True)) == [
+        "mailflow.a",
+        "mailflow.b",
+        "mailflow.a",
+    ]
 
 
 def test_the_checker_finds_a_cycle_between_subpackages_no_module_closes(tmp_path: Path) -> None:

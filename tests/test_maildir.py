@@ -95,3 +95,24 @@ async def test_full_mailbox_is_refused_at_rcpt_with_configured_code(make_config,
         assert status in err.message
         # Other recipients are unaffected.
         assert await send(srv.port, "a@example.org", ["carol@example.com"], make_message()) == {}
+
+
+async def test_a_mailbox_that_cannot_be_read_is_a_temporary_error_at_rcpt(make_config):
+    """The quota check failing (an I/O error, here a ``new`` that is no directory) is
+    no full mailbox: 451, never the permanent over_quota_code."""
+    root = Path(make_config().delivery.maildir.root)
+    config = make_config(f"""
+        delivery:
+          maildir:
+            root: {root}
+            quota: 2000
+            over_quota_code: 552
+        """)
+    broken = root / "bob@example.com"
+    broken.mkdir(parents=True)
+    (broken / "new").write_bytes(b"not a directory")
+    async with running_server(config) as srv:
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as info:
+            await send(srv.port, "a@example.org", ["bob@example.com"], make_message())
+    [err] = info.value.recipients
+    assert err.code == 451, err

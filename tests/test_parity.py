@@ -16,10 +16,13 @@ quarantine or discard at every stage, with refused recipients and added headers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import re
 import struct
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -29,8 +32,9 @@ from typing import Any
 import pytest
 
 from mailflow.app import App
+from mailflow.auth import UsersFileAuthenticator
 from mailflow.check import check_message, report, without_mbox_line
-from mailflow.config import MilterConfig
+from mailflow.config import MilterConfig, default_config_text, parse_config
 from mailflow.hookspecs import hookimpl
 from mailflow.message import Connection, MessageContext
 from mailflow.milter.server import MilterServer
@@ -40,6 +44,12 @@ from mailflow.smtp import Handler, bound_addresses, start_servers
 from mailflow.smtp.received import received_header, with_trace
 from mailflow.testing import config_for, make_message
 from mailflow.verdict import Action, AddHeader, RemoveRecipient, Result
+from tests.smtp_support import (
+    TEST_PASSWORD,
+    TEST_PASSWORD_HASH,
+    client_context,
+    self_signed_cert,
+)
 from tests.test_milter_session import MTA
 
 CORPUS_SLICE = Path(__file__).parent / "messages" / "corpus"
@@ -105,6 +115,7 @@ class Case:
     sender: str = SENDER
     at: dict[str, Result] = field(default_factory=dict)
     outcome: Outcome | None = None  # what SMTP answered, once run
+    milter: bool = True  # False: what the MTA checks itself (a mail loop, a NUL)
 
 
 @dataclass
@@ -221,6 +232,8 @@ class SMTPFrontEnd:
         answer = await reply()
         await command("QUIT")
         await asyncio.sleep(0)  # the message's log line is written after the reply
+        if not answer.startswith("2") and not _logged(self.caplog):
+            return Outcome(_action_of(answer), answer, refused)  # refused before the plugins
         logged = _log_line(self.caplog)
         action, score = logged["action"], float(logged["score"])
         if not answer.startswith("2"):
@@ -238,8 +251,12 @@ class SMTPFrontEnd:
         return Outcome(action, None, refused, score, headers, routes)
 
 
+def _logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mailflow.message"]
+
+
 def _log_line(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
-    lines = [r.getMessage() for r in caplog.records if r.name == "mailflow.message"]
+    lines = _logged(caplog)
     assert lines, "no message log line"
     return dict(re.findall(r"\b(action|score)=(\S+)", lines[-1]))
 
@@ -327,9 +344,15 @@ class MilterFrontEnd:
         return Outcome(action, None, refused, score, sorted(headers), None)
 
 
-async def check_front_end(app: App, case: Case) -> Outcome:
+async def check_front_end(app: App, case: Case, user: str = "") -> Outcome:
     ctx = await check_message(
-        app, case.raw, sender=case.sender, recipients=case.recipients, ip=IP, helo=HELO
+        app,
+        case.raw,
+        sender=case.sender,
+        recipients=case.recipients,
+        ip=IP,
+        helo=HELO,
+        authenticated_user=user,
     )
     out = report(ctx)
     refused = out.get("refused_recipients", {})
@@ -346,7 +369,8 @@ async def check_front_end(app: App, case: Case) -> Outcome:
     text = None
     if action in ("reject", "tempfail") and reply is not None:
         text = f"{reply['code']} {reply['status']} {reply['text']}"
-    if not reached_data:
+    before_plugins = action == "reject" and not any(run.stage == "data" for run in ctx.runs)
+    if not reached_data or before_plugins:
         return Outcome(action, text, refused)
     headers = sorted(_norm_header(n, v) for n, v in out["headers_added"])
     if action not in ("accept", "quarantine"):
@@ -406,6 +430,23 @@ def _hand_written() -> list[Case]:
         Case("data reject", msg(), at={"data": Result.reject("no thanks", 554, "5.7.0")}),
         Case("data reject wrong class", msg(), at={"data": Result.reject("odd", 250, "2.0.0")}),
         Case("data tempfail", msg(), at={"data": Result.tempfail("try later")}),
+        Case(
+            "a mail loop",
+            b"Received: from a by b; Tue, 8 Dec 2026 00:00:00 +0000\r\n" * 50 + msg(),
+            milter=False,
+        ),
+        Case("a NUL in the body", msg(body="x\x00y\r\n"), milter=False),
+        Case(
+            "data reject, a line break in the reason",
+            msg(),
+            at={"data": Result.reject("no\r\n250 2.0.0 Ok: queued as FAKE")},
+        ),
+        Case(
+            "rcpt reject, a line break in the reply",
+            msg(),
+            ["a@example.com", "bob@example.com"],
+            at={"rcpt a@example.com": Result.reject("gone\r\n250 2.1.5 Ok", 550, "5.1.1")},
+        ),
         Case("data discard", msg(), at={"data": Result.discard("dup")}),
         Case(
             "data removes every recipient",
@@ -470,7 +511,11 @@ async def parity(tmp_path: Path, caplog: pytest.LogCaptureFixture, cases: list[C
     async with front_ends(tmp_path, stager, caplog) as runners:
         for case in cases:
             stager.at = case.at
-            outcomes = {name: await run(case) for name, run in runners.items()}
+            outcomes = {
+                name: await run(case)
+                for name, run in runners.items()
+                if case.milter or name != "milter"
+            }
             report_lines += [f"{case.name}: {d}" for d in divergences(outcomes)]
             case.outcome = outcomes["smtp"]
     assert not report_lines, "front ends diverge:\n" + "\n".join(report_lines)
@@ -497,3 +542,264 @@ async def test_shared_corpus(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     if not SHARED_CORPUS.is_dir():
         pytest.skip(f"no shared corpus at {SHARED_CORPUS} (tests/messages/corpus is the slice)")
     await parity(tmp_path, caplog, _corpus(SHARED_CORPUS, PER_LABEL, "shared"))
+
+
+# --- an authenticated client ----------------------------------------------------------------
+
+
+class FactsReporter:
+    """Shows the connection facts a plugin sees, as a header: an authenticated client
+    that ``check --auth`` models differently from ``serve`` shows up as a difference."""
+
+    @hookimpl
+    def mailflow_data(self, message: MessageContext) -> Result:
+        conn = message.connection
+        facts = f"user={conn.authenticated_user} tls={conn.tls} trusted={conn.trusted}"
+        return Result(mutations=[AddHeader("X-Facts", facts)])
+
+
+class AuthSMTPFrontEnd(SMTPFrontEnd):
+    """The SMTP front end with a client that says STARTTLS and AUTH PLAIN first."""
+
+    def __init__(
+        self, app: App, caplog: pytest.LogCaptureFixture, cert: Path, user: str, password: str
+    ) -> None:
+        super().__init__(app, caplog)
+        self.cert = cert
+        self.login = (user, password)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        auth = self.app.config.server.auth
+        assert auth is not None
+        authenticator = UsersFileAuthenticator(auth.users_file)
+        handler = Handler(self.app, self.enqueue)
+        servers = await start_servers(self.app, handler, authenticator)
+        self.port = bound_addresses(servers)[0][1]
+        try:
+            yield
+        finally:
+            for server in servers:
+                server.close()
+                await server.wait_closed()
+
+    async def run(self, case: Case) -> Outcome:
+        reader, writer = await asyncio.open_connection(IP, self.port)
+        try:
+
+            async def reply() -> str:
+                async with asyncio.timeout(20):
+                    while True:
+                        line = (await reader.readline()).decode().rstrip("\r\n")
+                        if line[3:4] != "-":
+                            return line
+
+            async def command(line: str) -> str:
+                writer.write(line.encode() + b"\r\n")
+                return await reply()
+
+            assert (await reply()).startswith("220")
+            assert (await command(f"EHLO {HELO}")).startswith("250")
+            assert (await command("STARTTLS")).startswith("220")
+            await writer.start_tls(client_context(self.cert), server_hostname="mx.test")
+            assert (await command(f"EHLO {HELO}")).startswith("250")
+            user, password = self.login
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            answer = await command(f"AUTH PLAIN {token}")
+            assert answer.startswith("235"), answer
+            # The session goes on as SMTPFrontEnd's (its EHLO keeps the authentication).
+            return await self._session(case, _Replay(reader, b"220 mx.test\r\n"), writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+class _Replay:
+    """A stream reader that first gives ``first`` (a greeting already consumed)."""
+
+    def __init__(self, reader: asyncio.StreamReader, first: bytes) -> None:
+        self.reader = reader
+        self.first: bytes | None = first
+
+    async def readline(self) -> bytes:
+        if self.first is not None:
+            line, self.first = self.first, None
+            return line
+        return await self.reader.readline()
+
+
+async def test_an_authenticated_client_and_check_auth_agree(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """SMTP AUTH over STARTTLS (a users file and a certificate made here) against
+    ``check_message(authenticated_user=...)``: the same relay decisions, verdicts, score,
+    headers (among them the connection facts a plugin reads) and routes."""
+    if "example" not in available_plugins():
+        pytest.fail("run `pip install ./examples/mailflow-example` first", pytrace=False)
+    cert, key = self_signed_cert(tmp_path)
+    users = tmp_path / "users"
+    users.write_text(f"alice:{TEST_PASSWORD_HASH}\n")
+    config = (
+        CONFIG
+        + f"""
+server:
+  hostname: mx.test
+  tls: {{cert: {cert}, key: {key}}}
+  auth: {{users_file: {users}, failure_delay: 0}}
+relay: {{default: mx}}
+"""
+    )
+    caplog.set_level(logging.INFO, logger="mailflow.message")
+    stager = Stager()
+    plugins = {"stager": stager, "facts": FactsReporter()}
+    apps = [
+        App(config_for(tmp_path / name, config), extra_plugins=plugins)
+        for name in ("smtp", "check")
+    ]
+    for app in apps:
+        await app.startup()
+    smtp = AuthSMTPFrontEnd(apps[0], caplog, cert, "alice", TEST_PASSWORD)
+    two = ["bob@example.com", "carol@elsewhere.test"]  # the second only relayed when trusted
+    cases = [
+        Case("authenticated, relayed", make_message(), two),
+        Case("authenticated, keywords", make_message(subject="lottery prize"), two),
+        Case("authenticated, rcpt tempfail", make_message(), two,
+             at={"rcpt bob@example.com": Result.tempfail("later")}),
+        Case("authenticated, data reject", make_message(), two,
+             at={"data": Result.reject("no thanks")}),
+    ]  # fmt: skip
+    lines = []
+    try:
+        async with smtp.running():
+            for case in cases:
+                stager.at = case.at
+                outcomes = {
+                    "smtp": await smtp.run(case),
+                    "check": await check_front_end(apps[1], case, "alice"),
+                }
+                lines += [f"{case.name}: {d}" for d in divergences(outcomes)]
+                case.outcome = outcomes["smtp"]
+    finally:
+        for app in apps:
+            await app.shutdown()
+    assert not lines, "front ends diverge:\n" + "\n".join(lines)
+    first = cases[0].outcome
+    assert first is not None and first.action == "accept"
+    assert set(first.routes or {}) == set(two)  # carol@elsewhere.test was relayed
+    assert ("x-facts", "user=alice tls=True trusted=True") in first.headers
+
+
+# --- the `mailflow check --json` command ----------------------------------------------------
+
+
+def _outcome_of_report(out: dict[str, Any]) -> Outcome:
+    """A ``check --json`` object of a message that reached the data stage, as an Outcome."""
+    action, reply = out["action"], out["smtp_reply"]
+    refused = out.get("refused_recipients", {})
+    score = round(out["score"], 2)
+    if action in ("reject", "tempfail"):
+        text = f"{reply['code']} {reply['status']} {reply['text']}"
+        return Outcome(action, text, refused, score)
+    headers = sorted(_norm_header(n, v) for n, v in out["headers_added"])
+    routes = out["route"] if action == "accept" else {}
+    return Outcome(action, None, refused, score, headers, routes)
+
+
+async def test_the_check_command_with_the_embedded_config_agrees_with_smtp(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """`mailflow check --json` as a user runs it (a subprocess, no config file: the
+    embedded default config) against mailflow's SMTP server with that same config."""
+    text = default_config_text()
+    text = text.replace("127.0.0.1:2525", "127.0.0.1:0")
+    text = text.replace("./mail", str(tmp_path / "mail")).replace(
+        "./spool", str(tmp_path / "spool")
+    )
+    app = App(parse_config(text))
+    await app.startup()
+    caplog.set_level(logging.INFO, logger="mailflow.message")
+    smtp = SMTPFrontEnd(app, caplog)
+    spam = sorted((CORPUS_SLICE / "spam").iterdir())[0]
+    cases = [
+        Case("plain", make_message(subject="lunch on friday?")),
+        Case("corpus spam", without_mbox_line(normalize_newlines(spam.read_bytes()))),
+    ]
+    files = []
+    for n, case in enumerate(cases):
+        files.append(tmp_path / f"{n}.eml")
+        files[-1].write_bytes(case.raw)
+    try:
+        async with smtp.running():
+            smtp_outcomes = [await smtp.run(case) for case in cases]
+    finally:
+        await app.shutdown()
+    cwd = tmp_path / "elsewhere"  # no ./mailflow.yaml here
+    cwd.mkdir()
+    args = ["check", "--json", "--ip", IP, "--helo", HELO, "--from", SENDER]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from mailflow.cli import main; main()",
+        *args,
+        "--to",
+        "bob@example.com",
+        *map(str, files),
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    reports = [json.loads(line) for line in out.decode().splitlines()]
+    assert [r["file"] for r in reports] == list(map(str, files)), err.decode()
+    lines = []
+    for case, mine, theirs in zip(cases, smtp_outcomes, reports, strict=True):
+        outcomes = {"smtp": mine, "check --json": _outcome_of_report(theirs)}
+        lines += [f"{case.name}: {d}" for d in divergences(outcomes)]
+    assert not lines, "front ends diverge:\n" + "\n".join(lines)
+    assert {o.action for o in smtp_outcomes} == {"accept"}
+    assert len({o.score for o in smtp_outcomes}) == 2  # bayes scored them
+
+
+# --- the client's reverse name ------------------------------------------------------------------
+
+
+class ReverseNameReporter:
+    """Shows the client's PTR name as a plugin gets it (``server.reverse_dns``)."""
+
+    @hookimpl
+    async def mailflow_data(self, message: MessageContext) -> Result:
+        name = await message.connection.resolve_reverse_name()
+        return Result(mutations=[AddHeader("X-PTR", str(name))])
+
+
+async def test_check_looks_up_the_reverse_name_as_serve_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """With ``server.reverse_dns``, a plugin asking for the client's PTR name gets the
+    same answer in ``check`` (``--ip``) as in ``serve`` (a loopback DNS server)."""
+    from mailflow.testing_dns import dns_server
+
+    caplog.set_level(logging.INFO, logger="mailflow.message")
+    async with dns_server({"1.0.0.127.in-addr.arpa": [("PTR", "client.test.")]}) as dns:
+        config = f"server: {{reverse_dns: true}}\n{dns.config_yaml()}"
+        plugins = {"ptr": ReverseNameReporter()}
+        apps = [
+            App(config_for(tmp_path / name, config), extra_plugins=plugins)
+            for name in ("smtp", "check")
+        ]
+        for app in apps:
+            await app.startup()
+        smtp = SMTPFrontEnd(apps[0], caplog)
+        case = Case("reverse name", make_message())
+        try:
+            async with smtp.running():
+                outcomes = {
+                    "smtp": await smtp.run(case),
+                    "check": await check_front_end(apps[1], case),
+                }
+        finally:
+            for app in apps:
+                await app.shutdown()
+    assert ("x-ptr", "client.test") in outcomes["smtp"].headers
+    assert not divergences(outcomes)

@@ -378,3 +378,80 @@ async def test_a_reload_reads_a_new_users_file_and_refuses_a_broken_one(
     finally:
         await server.stop()
         await reloader.close()
+
+
+async def test_connections_open_across_a_reload_still_count_against_max_connections(tmp_path):
+    """In process: connections of the old configuration count toward
+    ``server.max_connections`` and the connections gauge after a reload."""
+    from mailflow.app import App
+    from mailflow.reload import Reloader
+    from mailflow.server import Server
+    from mailflow.testing import config_for
+
+    text = "server: {max_connections: 2}\nisolation: {processes: 0}\n"
+    server = Server(App(config_for(tmp_path, text)))
+    [(host, port)] = await server.start()
+    reloader = Reloader(server, lambda: config_for(tmp_path, text), "test.yaml")
+
+    async def connect() -> tuple[asyncio.StreamWriter, bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        return writer, await asyncio.wait_for(reader.readline(), 10)
+
+    held = []
+    try:
+        for _ in range(2):
+            writer, greeting = await connect()
+            assert greeting.startswith(b"220")
+            held.append(writer)
+        assert await reloader.reload()
+        server._refresh_gauges()
+        gauge = server.app.metrics.connections._value.get()
+        writer, greeting = await connect()
+        held.append(writer)
+    finally:
+        for writer in held:
+            writer.close()
+        await server.stop()
+        await reloader.close()
+    assert greeting.startswith(b"421"), greeting
+    assert gauge == 2
+
+
+async def test_a_reload_sends_relayed_mail_to_a_changed_relay_target(tmp_path, caplog):
+    """In process: relay targets apply at a reload (the dispatcher is reconfigured);
+    the relay pool's own settings are the ones that need a restart."""
+    import logging
+
+    from mailflow.app import App
+    from mailflow.reload import Reloader
+    from mailflow.server import Server
+    from mailflow.testing import config_for, send, smtp_sink
+
+    def text(port: int, pool_size: int) -> str:
+        return (
+            "isolation: {processes: 0}\n"
+            "local_domains: [example.com]\n"
+            "relay_networks: ['127.0.0.0/8']\n"
+            f"relay: {{default: up, pool_size: {pool_size},"
+            f" targets: {{up: {{host: 127.0.0.1, port: {port}, tls: none, timeout: 5}}}}}}\n"
+        )
+
+    caplog.set_level(logging.INFO, "mailflow.reload")
+    async with smtp_sink() as old_sink, smtp_sink() as new_sink:
+        current = text(old_sink.port, 8)
+        server = Server(App(config_for(tmp_path, current)))
+        [(_, port)] = await server.start()
+        reloader = Reloader(server, lambda: config_for(tmp_path, current), "test.yaml")
+        try:
+            await send(port, "a@example.com", ["carol@remote.test"], make_message("one"))
+            current = text(new_sink.port, 3)
+            assert await reloader.reload()
+            await send(port, "a@example.com", ["dave@remote.test"], make_message("two"))
+            await new_sink.wait_messages(1)
+        finally:
+            await server.stop()
+            await reloader.close()
+    assert [m.rcpt_tos for m in old_sink.messages] == [["carol@remote.test"]]
+    assert [m.rcpt_tos for m in new_sink.messages] == [["dave@remote.test"]]
+    assert "relay.targets.up.port" in caplog.text  # a changed key, applied
+    assert "relay.pool_size changed but only take effect at a restart" in caplog.text

@@ -102,14 +102,15 @@ class Dispatcher:
 
     async def reconfigure(self, config: Config) -> None:
         """Deliver by ``config`` from now on (a reload): relay targets, routes and
-        ``relay.default``, MX settings, ``delivery.lmtp`` and ``over_quota_code``,
-        the inline timeouts, and the queue's ``retry_schedule``, ``lifetime`` and
-        ``scan_interval``. Attempts under way finish with the transports they
-        started with; idle LMTP sessions are closed.
+        ``relay.default``, MX settings, ``delivery.method`` and ``delivery.lmtp``,
+        the inline timeouts, and the queue's ``retry_schedule``, ``lifetime``,
+        ``scan_interval`` and ``bounce_from``. Attempts under way finish with the
+        transports they started with; idle LMTP sessions are closed.
 
-        Kept until a restart: ``queue.directory`` and ``queue.workers``, the relay
-        pool's ``helo_name``, ``pool_size`` and ``pool_idle``, and the Maildir root
-        and layout (the Maildir writer is the application's).
+        Kept until a restart (a reload gives back the running values,
+        ``mailflow.reload.RESTART_KEYS``): ``queue.directory`` and ``queue.workers``,
+        the relay pool's ``helo_name``, ``pool_size`` and ``pool_idle``, and
+        ``delivery.maildir`` (the Maildir writer is the application's).
         """
         old = dict(self.transports)
         self.config = config

@@ -181,6 +181,7 @@ class WorkerPool:
         start_timeout: float,
         queue_timeout: float,
         on_restart: Callable[[str], None] | None = None,
+        app_factory: Callable[..., Any] | None = None,
     ) -> None:
         self.plugins = list(plugins)
         self.processes = processes
@@ -192,6 +193,7 @@ class WorkerPool:
             available=available,
             log_level=logging.getLogger().getEffectiveLevel(),
             log_file=str(config.log.file) if config.log.file else None,
+            app_factory=app_factory,
         )
         self._on_restart = on_restart
         self._workers: set[_Worker] = set()

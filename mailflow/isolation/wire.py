@@ -35,6 +35,9 @@ class Init:
     available: dict[str, Any] | None  # name -> factory, or None for entry points
     log_level: int
     log_file: str | None  # the server's log.file; None: standard error
+    # What builds the worker's application from (config, available_plugins=...):
+    # mailflow.app.App, sent by reference, so this package never imports the app.
+    app_factory: Any = None
 
 
 @dataclass(slots=True)

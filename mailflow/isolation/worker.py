@@ -111,8 +111,8 @@ class _Runner:
     """The plugins of one worker and the message it holds."""
 
     def __init__(self, init: Init) -> None:
-        from mailflow.app import App
-
+        if init.app_factory is None:
+            raise RuntimeError("no application factory in the Init frame")
         config = init.config
         wanted = set(init.plugins)
         restricted = config.model_copy(
@@ -120,7 +120,7 @@ class _Runner:
         )
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.app = App(restricted, available_plugins=init.available)
+        self.app = init.app_factory(restricted, available_plugins=init.available)
         self.loop.run_until_complete(self.app.startup())
         self.impls = {impl.plugin: impl for impl in self.app.pipeline.data_impls()}
         self.held: tuple[int, MessageContext] | None = None  # the last message

@@ -27,6 +27,7 @@ from aiosmtpd.smtp import Envelope as SMTPEnvelope
 from mailflow.app import App
 from mailflow.authlimit import AuthGuard, Scope
 from mailflow.config import AuthThrottleConfig
+from mailflow.delivery.maildir import QuotaExceeded
 from mailflow.delivery.outcome import RefusedUpstream
 from mailflow.delivery.spool import new_queue_id
 from mailflow.message import Connection, Delivery, MessageContext
@@ -35,7 +36,7 @@ from mailflow.normalize import has_bare_newline, normalize_newlines
 from mailflow.policy import in_networks, is_local_recipient
 from mailflow.quarantine import Quarantine
 from mailflow.smtp.data import BulkPacer, ByteBudget, DataFacts, clear_directory
-from mailflow.smtp.policy import address_ok
+from mailflow.smtp.policy import address_ok, data_refusal
 from mailflow.smtp.received import count_received, protocol_name, received_header, with_trace
 from mailflow.transaction import Decision, Transaction, accepted_reply
 from mailflow.verdict import Action, SMTPReply
@@ -44,11 +45,6 @@ log = logging.getLogger("mailflow.smtp")
 
 
 # RFC 5321 4.2 replies used by the front end.
-R_LOOP = SMTPReply(554, "Too many Received headers: mail loop?", "5.4.6")
-R_BARE_NEWLINE = SMTPReply(
-    550, "Bare CR or LF in message data is not allowed (RFC 5322 2.3)", "5.6.0"
-)
-R_NUL = SMTPReply(550, "NUL characters are not allowed in message data", "5.6.0")
 R_SPOOL_FAILED = SMTPReply(451, "Local error storing the message, try again later", "4.3.0")
 R_BAD_ADDRESS = SMTPReply(553, "Malformed address", "5.1.3")
 R_SENDER_NEEDED = SMTPReply(503, "Need MAIL command first", "5.5.1")
@@ -63,15 +59,13 @@ def _sender(address: str | None) -> str:
     return "" if not address or address == "<>" else address
 
 
-def _data_refusal(facts: DataFacts, bare_newline: str, max_received: int) -> SMTPReply | None:
-    """The refusal of message data that no plugin gets to see, else None."""
-    if facts.nul:
-        return R_NUL
-    if facts.bare_newline and bare_newline == "reject":
-        return R_BARE_NEWLINE
-    if facts.received >= max_received:
-        return R_LOOP
-    return None
+class ConnectionCount:
+    """A number of open connections that handlers can share."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
 
 
 class Handler:
@@ -83,7 +77,10 @@ class Handler:
         self.app = app
         self.enqueue = enqueue  # async (ctx) -> queue id, after durable store
         self.quarantine = Quarantine(app.config.quarantine.directory)
-        self.active = 0  # open connections (MailflowSMTP keeps it exact)
+        self.active = 0  # open connections of this handler (MailflowSMTP keeps it exact)
+        # Open connections of every handler a reload (mailflow.reload) made: what
+        # max_connections and the connections gauge count. Shared like active_by_ip.
+        self.all_active = ConnectionCount()
         self.active_by_ip: Counter[str] = Counter()  # the same per client address
         self._relay_nets = app.config.relay_network_objects
         # Clients that max_connections_per_ip does not count against (relay_networks too).
@@ -124,7 +121,11 @@ class Handler:
         )
 
     async def _check_quota(self, address: str) -> SMTPReply | None:
-        """A full local mailbox refuses the recipient at RCPT (``over_quota_code``)."""
+        """A full local mailbox refuses the recipient at RCPT (``over_quota_code``).
+
+        Only a full one: a mailbox that cannot be read raises, which answers 451
+        (:meth:`handle_exception`), never a permanent "Mailbox full".
+        """
         config = self.app.config
         maildir = config.delivery.maildir
         if not (
@@ -135,7 +136,7 @@ class Handler:
             return None
         try:
             await asyncio.to_thread(self.app.maildir.check_quota, address, 0)
-        except Exception:
+        except QuotaExceeded:
             code = maildir.over_quota_code
             return SMTPReply(code, "Mailbox full", "4.2.2" if code == 452 else "5.2.2")
         return None
@@ -248,9 +249,7 @@ class Handler:
             facts.received = count_received(raw)
         # Else the reader did it block by block as the data arrived: the NUL check,
         # bare line ends made CRLF, Received fields counted (mailflow.smtp.data).
-        refusal = _data_refusal(
-            facts, config.server.bare_newline, config.server.max_received_headers
-        )
+        refusal = data_refusal(facts, config.server)
         if refusal is not None:
             self.model(server).reset()  # as aiosmtpd resets its envelope after DATA
             return str(refusal)

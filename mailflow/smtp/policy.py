@@ -1,5 +1,6 @@
 """What the SMTP front end refuses before any plugin runs: too many connections,
-malformed addresses.
+malformed addresses, message data no plugin gets to see (``mailflow check`` refuses
+the same data).
 
 Relay control is :func:`mailflow.policy.admit_recipient`, shared with ``check``
 through :mod:`mailflow.transaction`.
@@ -12,6 +13,7 @@ from collections import Counter
 
 from mailflow.config import ServerConfig
 from mailflow.policy import IPNetwork, in_networks
+from mailflow.smtp.data import DataFacts
 from mailflow.verdict import SMTPReply
 
 # RFC 5321 3.1: replies given before closing the connection.
@@ -35,6 +37,25 @@ def connection_refusal(
     per_ip = server.max_connections_per_ip
     if per_ip is not None and active_by_ip[ip] > per_ip and not in_networks(ip, exempt):
         return R_TOO_MANY_FROM_IP
+    return None
+
+
+# RFC 5321 4.2 replies to message data refused before the plugins.
+R_LOOP = SMTPReply(554, "Too many Received headers: mail loop?", "5.4.6")
+R_BARE_NEWLINE = SMTPReply(
+    550, "Bare CR or LF in message data is not allowed (RFC 5322 2.3)", "5.6.0"
+)
+R_NUL = SMTPReply(550, "NUL characters are not allowed in message data", "5.6.0")
+
+
+def data_refusal(facts: DataFacts, server: ServerConfig) -> SMTPReply | None:
+    """The refusal of message data that no plugin gets to see, else None."""
+    if facts.nul:
+        return R_NUL
+    if facts.bare_newline and server.bare_newline == "reject":
+        return R_BARE_NEWLINE
+    if facts.received >= server.max_received_headers:
+        return R_LOOP
     return None
 
 

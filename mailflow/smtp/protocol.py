@@ -168,6 +168,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             # Peers lose ~40 ms per reply to Nagle + delayed ACK otherwise.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.mailflow_handler.active += 1
+        self.mailflow_handler.all_active.value += 1
         self._counted = True
 
     def _after_starttls(self) -> None:
@@ -194,6 +195,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
         if self._counted:
             self._counted = False
             self.mailflow_handler.active -= 1
+            self.mailflow_handler.all_active.value -= 1
         if self._counted_ip is not None:
             by_ip = self.mailflow_handler.active_by_ip
             by_ip[self._counted_ip] -= 1
@@ -682,7 +684,7 @@ class MailflowSMTP(AuthMechanisms, SMTP):
             self._counted_ip = ip
             handler.active_by_ip[ip] += 1
         refusal = connection_refusal(
-            server, handler.active, handler.active_by_ip, ip, handler.per_ip_exempt
+            server, handler.all_active.value, handler.active_by_ip, ip, handler.per_ip_exempt
         )
         if refusal is not None:
             # RFC 5321 3.1: a server may answer the connection with 421 and close.
