@@ -9,6 +9,8 @@ raises on malformed input, and no text it returns holds a lone surrogate.
 * :mod:`.decode`: transfer encodings, the charset policy, RFC 2047 words;
 * :mod:`.addresses`: address lists (From, To, Cc);
 * :mod:`.text`: HTML to text, element names, URL host names;
+* :mod:`.links`: links in HTML (anchors with their visible text, src, form actions)
+  and bare URLs in text;
 * :mod:`.walk`: the MIME walk into leaf :class:`Part` objects (:class:`Structure`);
 * :mod:`.context`: one message version's header block and structure, shared by all
   plugins through ``MessageContext.mime`` / ``.fields`` (walked once per body).
@@ -44,6 +46,7 @@ from mailflow.mime.fields import (
     split_header_fields,
     unfold,
 )
+from mailflow.mime.links import MAX_URL_CHARS, Link, LinkScan, html_links, text_urls
 from mailflow.mime.params import param_values, parse_params, unquote
 from mailflow.mime.text import (
     MAX_HOST_CHARS,
@@ -71,11 +74,14 @@ __all__ = [
     "MAX_HOST_CHARS",
     "MAX_PARTS",
     "MAX_TEXT_CHARS",
+    "MAX_URL_CHARS",
     "OPAQUE_TYPE",
     "Address",
     "AddressList",
     "Fields",
     "HeaderBlock",
+    "Link",
+    "LinkScan",
     "MessageView",
     "Part",
     "Structure",
@@ -91,6 +97,7 @@ __all__ = [
     "header_addresses",
     "header_text",
     "header_values",
+    "html_links",
     "html_to_text",
     "param_values",
     "parse",
@@ -102,6 +109,7 @@ __all__ = [
     "split_entity",
     "split_header_fields",
     "structure",
+    "text_urls",
     "unfold",
     "unquote",
     "url_hosts",
