@@ -36,12 +36,10 @@ _ATTR = re.compile(
     re.IGNORECASE,
 )
 _ANCHOR_END = re.compile(r"</a\s*>|<a\b", re.IGNORECASE)
-# A bare URL: a scheme and "://", or "www." + a dot-separated name; what follows
-# runs to a blank, a quote or an angle bracket. Bounded length per match.
-_TEXT_URL = re.compile(
-    rf"(?:\b(?:https?|ftp)://|\bwww\.(?=[a-z0-9-]+\.))[^\s<>\"'\x00-\x1f]{{0,{MAX_URL_CHARS}}}",
-    re.IGNORECASE,
-)
+# What follows "://" or "www." in a bare URL: up to a blank, a quote or an angle
+# bracket, at most MAX_URL_CHARS characters (one bounded match per URL).
+_URL_TAIL = re.compile(rf"[^\s<>\"'\x00-\x1f]{{0,{MAX_URL_CHARS}}}")
+_SCHEMES = ("http", "https", "ftp")
 _TRAILING = ".,;:!?)]}'\""  # prose punctuation after a URL is not part of it
 
 
@@ -105,16 +103,53 @@ def html_links(markup: str, limit: int = MAX_LINKS) -> LinkScan:
 
 def text_urls(text: str, limit: int = MAX_LINKS) -> LinkScan:
     """Bare URLs in text (``http://``, ``https://``, ``ftp://``, ``www.``), each cut at
-    MAX_URL_CHARS, prose punctuation at the end removed. Linear; at most ``limit``."""
+    MAX_URL_CHARS, prose punctuation at the end removed, in order. Linear; at most
+    ``limit``.
+
+    As in :func:`mailflow.mime.text.url_hosts`, the scans are literal searches
+    (``str.find``, far faster than a regex with a case-insensitive alternation at
+    every position): "://" with the scheme checked before it, then "www." / "WWW."
+    outside the URLs already found. A URL's tail is one bounded match, and the next
+    search starts after it, so a megabyte of ``http://a.`` is read once.
+    """
     scan = LinkScan()
-    if ":" not in text and "www." not in text and "WWW." not in text:
-        return scan
-    for m in _TEXT_URL.finditer(text):
+    found: list[tuple[int, int]] = []  # (start, end) of each URL, in order
+    pos = text.find("://")
+    while pos >= 0 and len(found) <= limit:
         scan.tags += 1
-        if len(scan.links) >= limit:
-            scan.truncated = True
-            break
-        url = m.group(0).rstrip(_TRAILING)
-        if url:
+        head = text[max(0, pos - 5) : pos].lower()
+        scheme = next((s for s in _SCHEMES if head.endswith(s)), "")
+        start = pos - len(scheme)
+        end = pos + 3
+        if scheme and not (start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_")):
+            tail = _URL_TAIL.match(text, end)
+            end = tail.end() if tail is not None else end
+            found.append((start, end))
+        pos = text.find("://", end)
+    schemed = found
+    found = list(schemed)
+    for www in ("www.", "WWW."):
+        pos = text.find(www)
+        covered = 0
+        while pos >= 0 and len(found) <= limit:
+            scan.tags += 1
+            while covered < len(schemed) and schemed[covered][1] <= pos:
+                covered += 1
+            inside = covered < len(schemed) and schemed[covered][0] <= pos
+            before = text[pos - 1] if pos > 0 else " "
+            if inside or before.isalnum() or before in "._-/":
+                pos = text.find(www, pos + 4)
+                continue
+            tail = _URL_TAIL.match(text, pos)
+            end = tail.end() if tail is not None else pos + 4
+            if "." in text[pos + 4 : end]:
+                found.append((pos, end))
+            pos = text.find(www, end)
+    if len(found) > limit:
+        scan.truncated = True
+        found = found[:limit]
+    for start, end in sorted(found):
+        url = text[start:end].rstrip(_TRAILING)
+        if len(url) > 7:
             scan.links.append(Link("text", url))
     return scan

@@ -194,7 +194,7 @@ class PhishingPlugin:
             scans = []
             if ctype == "text/html":
                 scans.append(mime.html_links(text, limit - len(found.urls)))
-                text = mime.html_to_text(text)
+                text = part.plain_text()[:budget]  # cached: shared with bayes and rules
             scans.append(mime.text_urls(text, limit))
             for scan in scans:
                 found.tags += scan.tags
@@ -240,7 +240,7 @@ class PhishingPlugin:
                     )
                 if "idn" in link.flags:
                     self._check_homograph(found, url, link)
-            if len(links) > 1:
+            if len(links) > 1 and links[-1].domain != url.domain:
                 found.add("PHISHING_REDIRECTOR", f"{url.host} redirects to {links[-1].host}", url)
             if url.source.startswith("form.") or url.source.endswith(".formaction"):
                 target = url.domain
@@ -294,7 +294,9 @@ class PhishingPlugin:
             senders.add(domain)
             if not address.name or self._is_ours(domain):
                 continue
-            person = impersonated_name(address.name, self.protected_names)
+            person = None
+            if self.protected_names:
+                person = impersonated_name(address.name, self.protected_names)
             if person is not None:
                 found.add(
                     "PHISHING_IMPERSONATION",
