@@ -149,7 +149,7 @@ def text_urls(text: str, limit: int = MAX_LINKS) -> LinkScan:
         scan.truncated = True
         found = found[:limit]
     for start, end in sorted(found):
-        url = text[start:end].rstrip(_TRAILING)
+        url = text[start : min(end, start + MAX_URL_CHARS)].rstrip(_TRAILING)
         if len(url) > 7:
             scan.links.append(Link("text", url))
     return scan
