@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mailflow_plugins.phishing import SCORES, PhishingPlugin, PhishingSettings
 from mailflow_plugins.phishing.lookalike import lookalike_of, within_distance
+from mailflow_plugins.phishing.uribl import meanings
 from mailflow_plugins.phishing.urls import (
     decode_idn,
     numeric_ip,
@@ -22,7 +23,6 @@ from mailflow_plugins.phishing.urls import (
     registered_domain,
     skeleton,
 )
-from mailflow_plugins.phishing.uribl import meanings
 
 from mailflow import mime
 from mailflow.app import App
