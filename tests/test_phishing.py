@@ -193,9 +193,7 @@ def test_redirect_to_the_shown_domain_is_no_mismatch():
 
 def test_impersonation_of_a_protected_person():
     raw = html_message("<p>Please wire it today.</p>", sender='"Jane  BOSS" <ceo@gmail.example>')
-    found, details = analyse(
-        raw, protected_names=["Jane Boss"], protected_domains=["ourcorp.example"]
-    )
+    found, _ = analyse(raw, protected_names=["Jane Boss"], protected_domains=["ourcorp.example"])
     assert "PHISHING_IMPERSONATION" in found
     # The same name from our own domain is the person herself.
     own = html_message("<p>hi</p>", sender='"Jane Boss" <jane@ourcorp.example>')
