@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from mailflow.mime.text import html_to_text, unescape
+from mailflow.mime.text import collapse_blanks, html_to_text, unescape
 
 MAX_URL_CHARS = 2048  # a longer URL is cut here (browsers and servers cap near this)
 MAX_ANCHOR_TEXT = 1000  # characters of markup read for one anchor's visible text
@@ -96,7 +96,11 @@ def html_links(markup: str, limit: int = MAX_LINKS) -> LinkScan:
                         next_end = next(ends, None)
                 stop = len(markup) if next_end is None else next_end.start()
                 stop = min(stop, tag.end() + MAX_ANCHOR_TEXT)
-                text = html_to_text(markup[tag.end() : stop]).strip()
+                chunk = markup[tag.end() : stop]
+                if "<" in chunk or "&" in chunk:
+                    text = html_to_text(chunk).strip()
+                else:  # plain text: what html_to_text gives, without its scans
+                    text = collapse_blanks(chunk).strip()
             scan.links.append(Link(f"{name}.{attr.group(1).lower()}", value, text))
     return scan
 

@@ -5,6 +5,7 @@ redirector targets. Plain functions, no I/O; every input is cut to a bounded len
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import unicodedata
 from dataclasses import dataclass, field
@@ -158,9 +159,20 @@ class URL:
         return self.ip or (org_domain(self.host) if self.host else "")
 
 
-def parse_url(raw: str, source: str, redirect_params: frozenset[str], depth: int = 0) -> URL | None:
+def parse_url(raw: str, source: str, redirect_params: frozenset[str]) -> URL | None:
     """Read one absolute URL (or ``www.`` name); None for relative links, ``mailto:``
-    and other schemes without a host."""
+    and other schemes without a host. A new object per call (the parse is cached:
+    mailing-list footers and trackers repeat across messages; treat it as read-only)."""
+    parsed = _parse_cached(raw, redirect_params)
+    return None if parsed is None else dataclasses.replace(parsed, source=source)
+
+
+@lru_cache(maxsize=4096)
+def _parse_cached(raw: str, redirect_params: frozenset[str]) -> URL | None:
+    return _parse(raw, "", redirect_params, 0)
+
+
+def _parse(raw: str, source: str, redirect_params: frozenset[str], depth: int) -> URL | None:
     raw = raw.strip()[: mime.MAX_URL_CHARS]
     low = raw[:12].lower()
     if low.startswith("www."):
@@ -233,7 +245,7 @@ def parse_url(raw: str, source: str, redirect_params: frozenset[str], depth: int
             value = unquote(unquote(value.replace("+", " ")))
             low = value[:12].lower()
             if low.startswith(("http://", "https://", "www.", "ftp://")):
-                inner = parse_url(value, "redirect", redirect_params, depth + 1)
+                inner = _parse(value, "redirect", redirect_params, depth + 1)
                 if inner is not None:
                     url.inner.append(inner)
         if url.inner:
