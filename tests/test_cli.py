@@ -91,6 +91,7 @@ def test_starter_examples_are_valid_when_uncommented():
     assert config.metrics.listen == "127.0.0.1:9125"
     assert [p.name for p in config.plugins] == [
         "bayes",
+        "phishing",
         "spf",
         "dkim",
         "arc",
