@@ -487,3 +487,29 @@ def test_every_symbol_is_documented():
     page = (Path(__file__).parent.parent / "docs" / "plugins" / "phishing.md").read_text()
     for name, score in SCORES.items():
         assert f"`{name}`" in page and f"| {score:g} |" in page
+
+
+def test_check_json_shows_the_findings(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mailflow.cli import main
+
+    config = tmp_path / "mailflow.yaml"
+    config.write_text(
+        f"local_domains: [ourcorp.example]\nqueue: {{directory: {tmp_path / 'spool'}}}\n"
+        "plugins: [{name: phishing}]\n"
+    )
+    eml = tmp_path / "paypal.eml"
+    eml.write_bytes(PAYPAL)
+    result = CliRunner().invoke(main, ["check", "--json", "-c", str(config), str(eml)])
+    entry = json.loads(result.stdout)["plugins"]["phishing"]
+    assert {s["name"]: s["score"] for s in entry["symbols"]} == {
+        "PHISHING_LINK_MISMATCH": 5.0,
+        "PHISHING_URL_IP": 2.0,
+    }
+    assert entry["findings"]["PHISHING_LINK_MISMATCH"] == [
+        "text shows paypal.com, link goes to 198.51.100.9"
+    ]
+    assert entry["urls"][0]["text"] == "https://www.paypal.com"
