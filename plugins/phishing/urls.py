@@ -40,6 +40,7 @@ _CONFUSABLE = str.maketrans(_CONFUSABLE_FROM, _CONFUSABLE_TO)
 _ASCII_CONFUSABLE = (("rn", "m"), ("vv", "w"), ("0", "o"), ("1", "l"), ("5", "s"), ("i", "l"))
 
 
+@lru_cache(maxsize=8192)
 def skeleton(label: str) -> str:
     """A name with look-alike characters folded to what they imitate (lower case)."""
     folded = unicodedata.normalize("NFKC", label[:MAX_HOST]).lower().translate(_CONFUSABLE)
