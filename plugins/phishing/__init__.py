@@ -43,6 +43,7 @@ REDIRECT_PARAMS = [
 MAX_REASONS = 5  # reasons kept per symbol in details
 MAX_FROM = 5  # From / Reply-To mailboxes looked at
 MAX_SHOWN = 200  # characters of a URL or anchor text shown in details
+MAX_MEMO = 16384  # look-alike verdicts kept per host (cleared when full)
 _SYMBOL_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 # Anchor text that is itself a URL or a host name: "https://www.paypal.com/...",
 # "www.paypal.com", "paypal.com". Anything else ("click here") shows no domain.
@@ -166,6 +167,7 @@ class PhishingPlugin:
             if domain:
                 protected[domain] = registered_domain(domain)
         self.protected = protected
+        self._lookalikes: dict[str, tuple[str, str] | None] = {}
 
     @hookimpl
     def mailflow_startup(self, app: App) -> None:
@@ -326,7 +328,13 @@ class PhishingPlugin:
             return
         if org_domain(host) in self.trusted:
             return
-        hit = lookalike_of(host, self.protected)
+        memo = self._lookalikes
+        if host in memo:
+            hit = memo[host]
+        else:
+            if len(memo) >= MAX_MEMO:  # hosts repeat across messages; bounded memory
+                memo.clear()
+            hit = memo[host] = lookalike_of(host, self.protected)
         if hit is not None:
             found.add(
                 "PHISHING_LOOKALIKE_DOMAIN", f"{where} {host} imitates {hit[0]} ({hit[1]})", url
