@@ -64,7 +64,9 @@ def _ping(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def running_clamd(directory: Path) -> Iterator[Clamd]:
+def running_clamd(
+    directory: Path, stream_max: int = STREAM_MAX, cache: bool = True
+) -> Iterator[Clamd]:
     binary = clamd_binary()
     if binary is None:
         raise FileNotFoundError("clamd")
@@ -80,8 +82,10 @@ def running_clamd(directory: Path) -> Iterator[Clamd]:
     conf.write_text(
         f"Foreground yes\nLocalSocket {sock}\nTCPSocket {port}\nTCPAddr 127.0.0.1\n"
         f"DatabaseDirectory {db}\nLogFile {directory / 'clamd.log'}\nLogTime yes\n"
-        f"PidFile {directory / 'clamd.pid'}\nStreamMaxLength {STREAM_MAX}\n"
+        f"PidFile {directory / 'clamd.pid'}\nStreamMaxLength {stream_max}\n"
         "ScanMail yes\nScanArchive yes\nMaxThreads 4\n"
+        # clamd remembers the hashes of clean files: off for benchmarks that repeat input.
+        f"DisableCache {'no' if cache else 'yes'}\n"
     )
     out = (directory / "clamd.out").open("wb")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)

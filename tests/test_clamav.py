@@ -289,3 +289,14 @@ def test_settings_are_checked() -> None:
     for bad in ({"address": "localhost"}, {"on_error": "continue"}, {"header": "X-A: b"}):
         with pytest.raises(ValidationError):
             ClamAVSettings(**bad)
+
+
+async def test_runs_in_a_content_worker_process(clamd: Clamd, tmp_path: Path) -> None:
+    entry = {"name": "clamav", "isolate": True, "settings": {"address": str(clamd.socket_path)}}
+    cfg = config_for(tmp_path, "isolation: {processes: 1}\nplugins: " + json.dumps([entry]))
+    async with running_server(cfg) as srv:
+        assert srv.app.pipeline.isolation is not None
+        code, text = await refused_with(srv, with_attachment("eicar.com", EICAR))
+        assert code == 550 and EICAR_NAME in text
+        await send(srv.port, SENDER, [RCPT], make_message())
+        await srv.wait_delivered(RCPT)
