@@ -173,11 +173,15 @@ async def test_check_json_shows_symbol_and_details(clamd: Clamd, tmp_path: Path)
 # --- clamd unavailable: the failure policy, never a silent accept -------------------------
 
 
-async def test_clamd_down_tempfails_by_default(tmp_path: Path) -> None:
+async def test_clamd_down_tempfails_by_default(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO)
     async with running_server(config(tmp_path, str(tmp_path / "nobody.sock"))) as srv:
+        # start-up went on, with a warning: clamd may come up later
+        assert any("does not answer" in r.getMessage() for r in caplog.records)
         code, text = await refused_with(srv, make_message())
         assert code == 451 and text.startswith("4.3.0 ")
         assert srv.delivered(RCPT) == []
+    assert any("not scanned (tempfail)" in r.getMessage() for r in caplog.records)
 
 
 async def test_clamd_down_over_tcp_quarantines_when_configured(tmp_path: Path) -> None:
@@ -211,7 +215,7 @@ async def test_hanging_clamd_times_out_into_the_failure_action(
     tmp_path: Path, hanging_clamd: tuple[str, list[int]]
 ) -> None:
     path, state = hanging_clamd
-    cfg = config(tmp_path, path, timeout=0.5, max_concurrent=1)
+    cfg = config(tmp_path, path, timeout=0.5, connect_timeout=0.2, max_concurrent=1)
     async with running_server(cfg) as srv:
         results = await asyncio.gather(
             *(refused_with(srv, make_message(subject=f"m{i}")) for i in range(3))
