@@ -359,16 +359,19 @@ class ClamAVPlugin:
         log.warning("clamav: %s not scanned (%s): %s", message.queue_id, s.on_error, reason)
         symbol = Symbol("CLAM_ERROR", 0.0, reason)
         if s.on_error == "tempfail":
+            # The client gets a generic text; the reason (paths, addresses) is for the log.
             result = Result.tempfail(
                 "Virus scanner unavailable, please try again later", ERROR_CODE, ERROR_STATUS
             )
+            result.reason = f"virus scan failed: {reason}"
         elif s.on_error == "quarantine":
             result = Result.quarantine(f"virus scan failed: {reason}")
         else:
             result = Result(reason=f"virus scan failed: {reason}")
         result.symbols = [symbol]
         result.details = details
-        return self._with_header(result, f"unscanned (error: {reason})")
+        # The header goes to the recipients: no socket paths or addresses in it.
+        return self._with_header(result, "unscanned (scanner error)")
 
     def _with_header(self, result: Result, status: str) -> Result:
         name = self.settings.header
