@@ -275,6 +275,10 @@ async def test_max_size_above_clamds_limit_is_a_failure_not_a_pass(
         assert code == 451
     ctx = await check_message(App(cfg), big_message(True), recipients=[RCPT])
     assert "size limit exceeded" in report(ctx)["plugins"]["clamav"]["error"]
+    # over TCP too: clamd's answer is read although it closed while we were sending
+    tcp = config(tmp_path / "tcp", clamd.tcp_address, max_size=4 * STREAM_MAX)
+    ctx = await check_message(App(tcp), big_message(True), recipients=[RCPT])
+    assert "size limit exceeded" in report(ctx)["plugins"]["clamav"]["error"]
 
 
 # --- pure parts ----------------------------------------------------------------------------
