@@ -96,6 +96,7 @@ def test_starter_examples_are_valid_when_uncommented():
         "dkim",
         "arc",
         "dmarc",
+        "clamav",
         "rules",
         "authres",
         "dkim_sign",
