@@ -10,6 +10,8 @@ raises on malformed input, and no text it returns holds a lone surrogate.
 * :mod:`.addresses`: address lists (From, To, Cc);
 * :mod:`.text`: HTML to text, element names, URL host names;
 * :mod:`.walk`: the MIME walk into leaf :class:`Part` objects (:class:`Structure`);
+* :mod:`.filetype`: what a part really is, from its content (magic bytes);
+* :mod:`.edit`: replacing whole parts (stripping an attachment);
 * :mod:`.context`: one message version's header block and structure, shared by all
   plugins through ``MessageContext.mime`` / ``.fields`` (walked once per body).
 
@@ -36,6 +38,7 @@ from mailflow.mime.decode import (
     decode_words,
     header_text,
 )
+from mailflow.mime.edit import can_replace, note_entity, replace_parts
 from mailflow.mime.fields import (
     Fields,
     HeaderBlock,
@@ -43,6 +46,15 @@ from mailflow.mime.fields import (
     split_entity,
     split_header_fields,
     unfold,
+)
+from mailflow.mime.filetype import (
+    DANGEROUS_KINDS,
+    EXTENSION_KINDS,
+    KINDS,
+    FileType,
+    detect,
+    extension,
+    part_type,
 )
 from mailflow.mime.params import param_values, parse_params, unquote
 from mailflow.mime.text import (
@@ -66,6 +78,9 @@ from mailflow.mime.walk import (
 )
 
 __all__ = [
+    "DANGEROUS_KINDS",
+    "EXTENSION_KINDS",
+    "KINDS",
     "MAX_ADDRESSES",
     "MAX_DEPTH",
     "MAX_HOST_CHARS",
@@ -75,11 +90,13 @@ __all__ = [
     "Address",
     "AddressList",
     "Fields",
+    "FileType",
     "HeaderBlock",
     "MessageView",
     "Part",
     "Structure",
     "body_text",
+    "can_replace",
     "collapse_blanks",
     "decode_base64",
     "decode_charset",
@@ -87,18 +104,23 @@ __all__ = [
     "decode_transfer",
     "decode_uu",
     "decode_words",
+    "detect",
     "element_names",
+    "extension",
     "header_addresses",
     "header_text",
     "header_values",
     "html_to_text",
+    "note_entity",
     "param_values",
     "parse",
     "parse_addresses",
     "parse_body",
     "parse_fields",
     "parse_params",
+    "part_type",
     "parts",
+    "replace_parts",
     "split_entity",
     "split_header_fields",
     "structure",
