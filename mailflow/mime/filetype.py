@@ -70,7 +70,7 @@ EMPTY = FileType("application/x-empty", "unknown")
 # File name extension -> the kind a reader expects from it.
 EXTENSION_KINDS: dict[str, str] = {}
 for _kind, _exts in (
-    ("executable", "exe dll scr com pif cpl sys msi msp msc drv ocx elf bin app dmg appx"),
+    ("executable", "exe dll scr com pif cpl sys msi msp msc drv ocx elf app dmg appx"),
     ("script", "js jse vbs vbe wsf wsh wsc ps1 psm1 bat cmd sh hta vb jar reg sct inf"),
     ("shortcut", "lnk url scf"),
     ("disk-image", "iso img vhd vhdx udf"),
