@@ -19,6 +19,7 @@ import aiosmtplib
 import pytest
 
 from mailflow import mime
+from mailflow.api import Result, Symbol, hookimpl
 from mailflow.app import App
 from mailflow.check import check_message, report
 from mailflow.testing import running_server, send
@@ -370,3 +371,54 @@ def test_zipfile_never_extractall() -> None:
     for path in source.glob("*.py"):
         assert "extractall" not in path.read_text()
         assert zipfile  # the stdlib module the plugin reads archives with
+
+
+async def test_in_a_worker_process(make_config: Any) -> None:
+    """isolate: true runs the data hook in a content-analysis worker: the findings,
+    details and the strip mutation come back from there."""
+    config = make_config(
+        "local_domains: [example.org]\nplugins:\n  - name: attachments\n    isolate: true\n"
+        "    settings: {actions: {ATTACHMENT_EXECUTABLE: strip}}\n"
+    )
+    async with running_server(config) as srv:
+        inner = nested_zip(2, ("setup.exe", PE))
+        await send(
+            srv.port, "alice@example.net", [RCPT], message(("d.zip", inner, "application/zip"))
+        )
+        [delivered] = await srv.wait_delivered(RCPT)
+        err = await _refused(srv, message(("b.zip", zip_bomb(2, 4), "application/zip")))
+        assert "ARCHIVE_BOMB" not in err.message and "max_ratio" in err.message
+    after = mime.parse(delivered)
+    assert [p.content_type for p in after.parts] == ["text/plain", "text/plain"]
+    assert "'d.zip'" in after.parts[1].text()
+
+
+class _Phish:
+    """Stands for any earlier plugin: emits a symbol the rules match by name."""
+
+    @hookimpl
+    def mailflow_data(self, message: Any) -> Any:
+        if "paypal" in message.header("Subject").lower():
+            return Result(score=4.0, symbols=[Symbol("PHISHING_LINK_MISMATCH", 4.0, "x")])
+        return None
+
+
+async def test_symbol_condition_sees_any_earlier_plugin(make_config: Any, tmp_path: Path) -> None:
+    rules = tmp_path / "r.yaml"
+    rules.write_text(
+        "rules:\n  - name: phish\n    when: {symbol: {name: PHISHING_LINK_MISMATCH}}\n"
+        "    then: {action: quarantine, message: phishing}\n"
+    )
+    config = make_config(
+        f"plugins:\n  - name: phish\n  - name: rules\n    settings: {{files: [{rules}]}}\n"
+    )
+    app = App(config, extra_plugins={"phish": _Phish()})
+    await app.startup()
+    try:
+        hit = report(await check_message(app, message(subject="Your PayPal account")))
+        miss = report(await check_message(app, message(subject="Lunch")))
+    finally:
+        await app.shutdown()
+    assert hit["plugins"]["rules"]["matched"] == ["phish"]
+    assert hit["action"] == "quarantine"
+    assert miss["plugins"]["rules"]["matched"] == []
