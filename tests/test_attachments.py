@@ -422,3 +422,22 @@ async def test_symbol_condition_sees_any_earlier_plugin(make_config: Any, tmp_pa
     assert hit["plugins"]["rules"]["matched"] == ["phish"]
     assert hit["action"] == "quarantine"
     assert miss["plugins"]["rules"]["matched"] == []
+
+
+async def test_whole_message_finding_set_to_strip_rejects(make_config: Any) -> None:
+    config = _config(make_config, "max_count: 1\nactions: {ATTACHMENTS_TOO_MANY: strip}\n")
+    out = await _check(config, message(("a.png", PNG, "image/png"), ("b.png", PNG, "image/png")))
+    assert out["action"] == "reject"
+    assert "2 attachments > 1" in out["smtp_reply"]["text"]
+
+
+async def test_gzip_bomb_stops_at_the_ratio(make_config: Any) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"\x00" * (20 << 20), compresslevel=9)
+    assert len(bomb) < 64 * 1024
+    out = await _check(_config(make_config), message(("data.gz", bomb, "application/gzip")))
+    archives = out["plugins"]["attachments"]["archives"]
+    assert archives["limits_hit"][0].startswith("max_ratio 200 at data.gz")
+    assert archives["expanded_bytes"] <= 200 * len(bomb) + 1
+    assert out["action"] == "reject"

@@ -304,6 +304,7 @@ class AttachmentsPlugin:
         symbols: dict[str, Symbol] = {}
         worst: Action = "score"
         strip: dict[int, list[str]] = {}
+        acted: list[tuple[Finding, Action]] = []
         for f in findings:
             if f.symbol not in symbols:
                 symbols[f.symbol] = Symbol(f.symbol, self.score_of[f.symbol], f.reason)
@@ -314,11 +315,12 @@ class AttachmentsPlugin:
                 strip.setdefault(f.index, []).append(f.reason)
             if _RANK[action] > _RANK[worst]:
                 worst = action
+            acted.append((f, action))
         for index, f_list in strip.items():
             described[index]["stripped"] = True
             described[index]["strip_reasons"] = f_list[:5]
         score = sum(sym.score for sym in symbols.values())
-        first = next(f for f in findings if self.action_of[f.symbol] == worst or worst == "score")
+        first = next(f for f, action in acted if action == worst)
         reason = first.reason
         details["findings"] = [{"symbol": f.symbol, "reason": f.reason} for f in findings[:50]]
         syms = list(symbols.values())

@@ -211,6 +211,20 @@ def _tar(data: bytes, path: str, budget: Budget, depth: int) -> None:
             _member(stream, info.name, info.size, member_path, budget, depth)
 
 
+def _cap(budget: Budget, compressed: int) -> int:
+    """How much to decompress: what the budget and the ratio allow, plus one byte
+    to tell that there was more."""
+    return min(budget.left, budget.limits.max_ratio * max(compressed, 1024)) + 1
+
+
+def _capped(budget: Budget, produced: int, cap: int, path: str) -> None:
+    """Stop when decompression filled the cap. Called after :func:`_charge`, which
+    stops first when the cap was the budget, so a full cap here is the ratio."""
+    if produced >= cap:
+        budget.hit(f"max_ratio {budget.limits.max_ratio} at {path}")
+        raise _Stop
+
+
 def _decompressor(kind: str) -> Any:
     if kind == "application/gzip":
         return zlib.decompressobj(wbits=47)  # gzip or zlib header
@@ -223,12 +237,10 @@ def _stream(data: bytes, kind: str, path: str, budget: Budget, depth: int) -> No
     """One compressed stream: decompress at most what the budget allows (+1 byte to
     know it was more), then look at what came out as a member."""
     _count(budget, path)
-    cap = min(budget.left, budget.limits.max_ratio * max(len(data), 1024)) + 1
+    cap = _cap(budget, len(data))
     out = _decompressor(kind).decompress(data, cap)
     _charge(budget, len(out), path)
-    if len(out) >= cap:
-        budget.hit(f"max_ratio {budget.limits.max_ratio} at {path}")
-        raise _Stop
+    _capped(budget, len(out), cap, path)
     name = path.rsplit("/", 1)[-1]
     for suffix in (".gz", ".tgz", ".bz2", ".tbz", ".xz", ".txz"):
         if name.lower().endswith(suffix):
@@ -251,12 +263,10 @@ def _member(
     nested = real.kind == "archive" or real.kind == "office"
     data = head
     if nested and len(head) == HEAD:
-        cap = min(budget.left, budget.limits.max_ratio * max(compressed, 1024)) + 1
+        cap = _cap(budget, compressed)
         rest = stream.read(cap)
         _charge(budget, len(rest), member_path)
-        if len(rest) >= cap:
-            budget.hit(f"max_ratio {budget.limits.max_ratio} at {member_path}")
-            raise _Stop
+        _capped(budget, len(rest), cap, member_path)
         data = head + rest
         real = mime.detect(data, name)
     budget.found.append(Member(member_path, name, real, len(data), depth))
