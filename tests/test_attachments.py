@@ -441,3 +441,39 @@ async def test_gzip_bomb_stops_at_the_ratio(make_config: Any) -> None:
     assert archives["limits_hit"][0].startswith("max_ratio 200 at data.gz")
     assert archives["expanded_bytes"] <= 200 * len(bomb) + 1
     assert out["action"] == "reject"
+
+
+def test_replace_parts_in_nested_structures() -> None:
+    inner = message(("run.exe", PE, "application/octet-stream"), subject="inner")
+    raw = (
+        b"From: a@example.net\r\nSubject: fwd\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="out"\r\n\r\npreamble\r\n--out\r\n'
+        b'Content-Type: multipart/alternative; boundary="alt"\r\n\r\n--alt\r\n'
+        b"Content-Type: text/plain\r\n\r\nhello\r\n--alt\r\nContent-Type: text/html\r\n\r\n"
+        b"<p>hello</p>\r\n--alt--\r\n--out\r\nContent-Type: message/rfc822\r\n\r\n"
+        + inner
+        + b"\r\n--out--\r\nepilogue\r\n"
+    )
+    parts = mime.parse(raw).parts
+    exe = next(p for p in parts if p.filename == "run.exe")
+    assert mime.can_replace(raw, exe)
+    new = mime.replace_parts(raw, [(exe, mime.note_entity("--out\nremoved"))])
+    assert new is not None
+    after = mime.parse(new).parts
+    assert len(after) == len(parts)
+    assert [p.raw() for p in after if p.filename != "run.exe" and "removed" not in p.text()] == [
+        p.raw() for p in parts if p.filename != "run.exe"
+    ]
+    assert " --out\r\nremoved" in after[-1].text()  # a note line cannot be a delimiter
+    assert new.startswith(raw[: raw.index(b"--out")]) and new.endswith(b"--out--\r\nepilogue\r\n")
+    # A part only inside a base64-encoded forwarded message cannot be cut out.
+    import base64
+
+    encoded = raw.replace(
+        b"Content-Type: message/rfc822\r\n\r\n" + inner,
+        b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + base64.encodebytes(inner).replace(b"\n", b"\r\n"),
+    )
+    hidden = next(p for p in mime.parse(encoded).parts if p.filename == "run.exe")
+    assert not mime.can_replace(encoded, hidden)
+    assert mime.replace_parts(encoded, [(hidden, b"x")]) is None
