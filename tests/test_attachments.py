@@ -477,3 +477,31 @@ def test_replace_parts_in_nested_structures() -> None:
     hidden = next(p for p in mime.parse(encoded).parts if p.filename == "run.exe")
     assert not mime.can_replace(encoded, hidden)
     assert mime.replace_parts(encoded, [(hidden, b"x")]) is None
+
+
+async def test_hostile_archives_through_serve(make_config: Any) -> None:
+    """Malformed, huge-listing and deep archives through SMTP: each is held with its
+    symbol in the reason, and the server goes on delivering ordinary mail."""
+    settings = "actions: {ARCHIVE_MALFORMED: quarantine, ARCHIVE_BOMB: quarantine}\n"
+    good = zip_of(("a.txt", b"hello"), ("b.txt", b"world"))
+    hostile = [
+        ("broken.zip", good.replace(b"PK\x01\x02", b"PK\x01\x09")),
+        ("many.zip", zip_of(*((f"f{i}.txt", b"") for i in range(3000)))),
+        ("deep.zip", nested_zip(12, ("a.txt", b"x"))),
+        ("bomb.zip", zip_bomb(3, 16)),
+    ]
+    async with running_server(_config(make_config, settings)) as srv:
+        for name, data in hostile:
+            raw = message((name, data, "application/zip"), subject=name)
+            await send(srv.port, "alice@example.net", [RCPT], raw)
+        await send(
+            srv.port, "alice@example.net", [RCPT], message(("a.pdf", PDF, "application/pdf"))
+        )
+        [delivered] = await srv.wait_delivered(RCPT)
+        reasons = [held["reason"] for held in quarantined(srv)]
+    assert b"a.pdf" in delivered
+    assert len(reasons) == 4
+    assert any("broken.zip" in r and "BadZipFile" in r for r in reasons)
+    assert any("max_members 1000 at many.zip" in r for r in reasons)
+    assert any("max_depth 4 at deep.zip" in r for r in reasons)
+    assert any("max_ratio 200 at bomb.zip" in r for r in reasons)

@@ -222,10 +222,9 @@ class AttachmentsPlugin:
                     for m in inner[:20]
                 ]
             for member in inner:
-                if not member.encrypted:
+                self._double(member.name, member.path, add)
+                if not member.encrypted:  # its content is unknown: judged by name only
                     self._kind(member.real, member.name, add, inside=member.path)
-                    if member.real.kind not in ("unknown",):
-                        self._double(member.name, member.path, add)
             for hit in budget.hits[seen[0] :]:
                 add("ARCHIVE_BOMB", hit)
             for bad in budget.malformed[seen[1] :]:
