@@ -505,3 +505,11 @@ async def test_hostile_archives_through_serve(make_config: Any) -> None:
     assert any("max_members 1000 at many.zip" in r for r in reasons)
     assert any("max_depth 4 at deep.zip" in r for r in reasons)
     assert any("max_ratio 200 at bomb.zip" in r for r in reasons)
+
+
+async def test_encrypted_member_judged_by_its_name(make_config: Any) -> None:
+    raw = message(("pay.zip", encrypted_zip("setup.exe", PE), "application/zip"))
+    out = await _check(_config(make_config, "encrypted: allow\n"), raw)
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert names == {"ARCHIVE_ENCRYPTED", "ATTACHMENT_BLOCKED_TYPE"}
+    assert out["action"] == "reject"

@@ -222,9 +222,9 @@ class AttachmentsPlugin:
                     for m in inner[:20]
                 ]
             for member in inner:
+                # An encrypted member's content is unknown: it is judged by its name.
                 self._double(member.name, member.path, add)
-                if not member.encrypted:  # its content is unknown: judged by name only
-                    self._kind(member.real, member.name, add, inside=member.path)
+                self._kind(member.real, member.name, add, inside=member.path)
             for hit in budget.hits[seen[0] :]:
                 add("ARCHIVE_BOMB", hit)
             for bad in budget.malformed[seen[1] :]:
