@@ -90,6 +90,7 @@ def test_starter_examples_are_valid_when_uncommented():
     assert (config.actions.reject, config.actions.junk) == (15, 8)
     assert config.metrics.listen == "127.0.0.1:9125"
     assert [p.name for p in config.plugins] == [
+        "attachments",
         "bayes",
         "phishing",
         "spf",

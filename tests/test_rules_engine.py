@@ -14,12 +14,12 @@ import pytest
 
 from benchmarks.sample import message_template
 from mailflow import mime
-from mailflow.message import Connection, Envelope, MessageContext
+from mailflow.message import Connection, Envelope, MessageContext, PluginRun
 from mailflow.rules import compile_ruleset, evaluate, to_result
 from mailflow.rules.engine import Hit
 from mailflow.rules.schema import Condition, RuleSet, TextMatch
 from mailflow.testing import make_message
-from mailflow.verdict import Action, Result, Route, RouteKind, SMTPReply
+from mailflow.verdict import Action, Result, Route, RouteKind, SMTPReply, Symbol
 
 # --- the first engine, kept as the reference --------------------------------------------
 
@@ -93,10 +93,25 @@ def ref_check(cond: Condition, ctx: MessageContext, recipients: set[str]) -> boo
                 want.content_type, [part.content_type]
             ):
                 continue
+            if want.real_type is not None and not ref_match_text(
+                want.real_type,
+                ["unknown", "application/octet-stream"]
+                if part.opaque
+                else list(mime.detect(part.payload(), part.filename).labels),
+            ):
+                continue
             return True
         return False
     if cond.mime_truncated is not None:
         return mime.structure(ctx).truncated == cond.mime_truncated
+    if cond.symbol is not None:
+        floor = cond.symbol.min_score
+        return any(
+            s.name.upper() == cond.symbol.name.upper() and (floor is None or s.score >= floor)
+            for run in ctx.runs
+            if run.result is not None
+            for s in run.result.symbols
+        )
     raise AssertionError(cond)
 
 
@@ -171,6 +186,7 @@ def random_condition(rng: random.Random, depth: int = 0) -> dict[str, Any]:
             "body",
             "attachment",
             "mime_truncated",
+            "symbol",
         ]
     )
     if kind == "header":
@@ -194,11 +210,18 @@ def random_condition(rng: random.Random, depth: int = 0) -> dict[str, Any]:
         return {"score": {"over": rng.choice([-1, 0, 2])}}
     if kind == "mime_truncated":
         return {"mime_truncated": rng.random() < 0.5}
+    if kind == "symbol":
+        symbol: dict[str, Any] = {"name": rng.choice(["BAYES_SPAM", "phishing_link_mismatch"])}
+        if rng.random() < 0.5:
+            symbol["min_score"] = rng.choice([1.0, 3.0])
+        return {"symbol": symbol}
     want: dict[str, Any] = {}
     if rng.random() < 0.7:
         want["filename"] = random_text_match(rng, ["report.bin", "x.exe"])
     if not want or rng.random() < 0.4:
         want["content_type"] = random_text_match(rng, ["application/pdf", "text/plain"])
+    if rng.random() < 0.4:
+        want["real_type"] = random_text_match(rng, ["executable", "application/x-dosexec"])
     return {"attachment": want}
 
 
@@ -262,6 +285,9 @@ def contexts(rng: random.Random) -> list[MessageContext]:
         ctx = MessageContext(raw, Envelope(rng.choice(["a@example.org", ""]), rcpts), CLIENTS[0])
         ctx.connection = rng.choice(CLIENTS)
         ctx.score = rng.choice([0.0, 1.0, 5.0])
+        if rng.random() < 0.5:  # an earlier plugin's symbols, for `symbol:`
+            found = Symbol(rng.choice(["BAYES_SPAM", "PHISHING_LINK_MISMATCH"]), 2.0)
+            ctx.runs.append(PluginRun("earlier", "data", Result(symbols=[found]), 0.1))
         out.append(ctx)
     return out
 

@@ -12,6 +12,8 @@ raises on malformed input, and no text it returns holds a lone surrogate.
 * :mod:`.links`: links in HTML (anchors with their visible text, src, form actions)
   and bare URLs in text;
 * :mod:`.walk`: the MIME walk into leaf :class:`Part` objects (:class:`Structure`);
+* :mod:`.filetype`: what a part really is, from its content (magic bytes);
+* :mod:`.edit`: replacing whole parts (stripping an attachment);
 * :mod:`.context`: one message version's header block and structure, shared by all
   plugins through ``MessageContext.mime`` / ``.fields`` (walked once per body).
 
@@ -38,6 +40,7 @@ from mailflow.mime.decode import (
     decode_words,
     header_text,
 )
+from mailflow.mime.edit import can_replace, note_entity, replace_parts
 from mailflow.mime.fields import (
     Fields,
     HeaderBlock,
@@ -45,6 +48,15 @@ from mailflow.mime.fields import (
     split_entity,
     split_header_fields,
     unfold,
+)
+from mailflow.mime.filetype import (
+    DANGEROUS_KINDS,
+    EXTENSION_KINDS,
+    KINDS,
+    FileType,
+    detect,
+    extension,
+    part_type,
 )
 from mailflow.mime.links import MAX_URL_CHARS, Link, LinkScan, html_links, text_urls
 from mailflow.mime.params import param_values, parse_params, unquote
@@ -69,6 +81,9 @@ from mailflow.mime.walk import (
 )
 
 __all__ = [
+    "DANGEROUS_KINDS",
+    "EXTENSION_KINDS",
+    "KINDS",
     "MAX_ADDRESSES",
     "MAX_DEPTH",
     "MAX_HOST_CHARS",
@@ -79,6 +94,7 @@ __all__ = [
     "Address",
     "AddressList",
     "Fields",
+    "FileType",
     "HeaderBlock",
     "Link",
     "LinkScan",
@@ -86,6 +102,7 @@ __all__ = [
     "Part",
     "Structure",
     "body_text",
+    "can_replace",
     "collapse_blanks",
     "decode_base64",
     "decode_charset",
@@ -93,19 +110,24 @@ __all__ = [
     "decode_transfer",
     "decode_uu",
     "decode_words",
+    "detect",
     "element_names",
+    "extension",
     "header_addresses",
     "header_text",
     "header_values",
     "html_links",
     "html_to_text",
+    "note_entity",
     "param_values",
     "parse",
     "parse_addresses",
     "parse_body",
     "parse_fields",
     "parse_params",
+    "part_type",
     "parts",
+    "replace_parts",
     "split_entity",
     "split_header_fields",
     "structure",

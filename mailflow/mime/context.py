@@ -23,6 +23,7 @@ from mailflow.mime.walk import Part, Structure, parse_body
 if TYPE_CHECKING:
     from mailflow.message import MessageContext
 
+
 class MessageView:
     """The top-level header fields (:attr:`fields`) and the MIME structure
     (:attr:`structure`, walked on first use) of one version of a message."""

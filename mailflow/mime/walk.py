@@ -37,6 +37,7 @@ import re
 
 from mailflow.mime.decode import decode_charset, decode_transfer, decode_words, header_text
 from mailflow.mime.fields import Fields, block_text, match_few_fields, read_head
+from mailflow.mime.filetype import FileType
 from mailflow.mime.params import param_values, parse_params
 from mailflow.mime.text import collapse_blanks, visible_text
 
@@ -122,7 +123,9 @@ class Part:
     (Content-Disposition ``filename`` first, then Content-Type ``name``) and
     ``filenames`` every distinct name it carries; ``size`` the encoded size in
     bytes; ``is_attachment``: disposition attachment or a file name (or opaque).
-    ``opaque`` parts are the unwalked rest past a limit: never decoded. For the
+    ``opaque`` parts are the unwalked rest past a limit: never decoded.
+    ``head_start`` is where the part's header block starts in the bytes it was
+    walked from (-1 for the message's own body: it has no header block of its own). For the
     message itself (a single-part message seen through :func:`structure`),
     ``fields`` holds only its Content-* fields. ``container`` is the types of the
     containers the part is in, outermost first, joined by ">" ("" at the top).
@@ -130,6 +133,7 @@ class Part:
 
     __slots__ = (
         "_end",
+        "_filetype",
         "_head",
         "_payload",
         "_plain",
@@ -144,6 +148,7 @@ class Part:
         "fields",
         "filename",
         "filenames",
+        "head_start",
         "is_attachment",
         "opaque",
         "size",
@@ -159,8 +164,10 @@ class Part:
         depth: int = 0,
         opaque: bool = False,
         container: str = "",
+        head_start: int = -1,
     ) -> None:
         head = fields if isinstance(fields, _PartHead) else _PartHead(fields, content_type)
+        self.head_start = head_start
         self._head = head
         self.fields = head.fields
         self.content_type = content_type
@@ -179,6 +186,7 @@ class Part:
         self._text: str | None = None
         self._plain: str | None = None
         self._visible = -1
+        self._filetype: FileType | None = None
 
     @property
     def path(self) -> str:
@@ -338,15 +346,19 @@ class _Walker:
             known = _PART_HEADS.get(key)
             if known is not None:
                 self.seen += 1
-                part = Part(known, known.content_type, src, blank + 4, end, depth, False, container)
+                part = Part(
+                    known, known.content_type, src, blank + 4, end, depth, False, container, start
+                )
                 self.parts.append(part)
                 return
             few = match_few_fields(block_text(src[start : blank + 2]))
             if few is not None:
-                self.body(Fields(few), src, blank + 4, end, default_type, depth, container, key)
+                self.body(
+                    Fields(few), src, blank + 4, end, default_type, depth, container, key, start
+                )
                 return
         pairs, body = read_head(src, start, end)
-        self.body(Fields(pairs), src, body, end, default_type, depth, container)
+        self.body(Fields(pairs), src, body, end, default_type, depth, container, None, start)
 
     def body(
         self,
@@ -358,6 +370,7 @@ class _Walker:
         depth: int,
         container: str = "",
         key: bytes | None = None,
+        head_start: int = -1,
     ) -> None:
         """An entity whose header fields are known and whose body is src[start:end]
         (``key``: its header block, to remember what a leaf's headers say)."""
@@ -403,7 +416,7 @@ class _Walker:
             if len(_PART_HEADS) >= _PART_HEADS_MAX:
                 _PART_HEADS.clear()
             _PART_HEADS[key] = head
-        self.parts.append(Part(head, ctype, src, start, end, depth, opaque, container))
+        self.parts.append(Part(head, ctype, src, start, end, depth, opaque, container, head_start))
 
     def multipart(
         self,
@@ -427,7 +440,7 @@ class _Walker:
             self.entity(src, part_start, part_end, inner, depth + 1, container)
         if rest >= 0:
             self.truncated = True
-            opaque = Part(Fields([]), OPAQUE_TYPE, src, rest, end, depth + 1, True, container)
+            opaque = Part(Fields([]), OPAQUE_TYPE, src, rest, end, depth + 1, True, container, rest)
             self.parts.append(opaque)
         return True
 

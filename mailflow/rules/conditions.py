@@ -15,6 +15,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
+from mailflow import mime
 from mailflow.rules.fields import (
     Field,
     FlagField,
@@ -24,7 +25,7 @@ from mailflow.rules.fields import (
     TextField,
     Where,
 )
-from mailflow.rules.schema import AttachmentMatch, Condition, TextMatch
+from mailflow.rules.schema import AttachmentMatch, Condition, SymbolMatch, TextMatch
 
 if TYPE_CHECKING:
     from mailflow.rules.engine import Facts
@@ -169,6 +170,8 @@ class ConditionCompiler:
         if cond.mime_truncated is not None:
             flag = self._flag("mime_truncated", STRUCTURE, _truncated)
             return _leaf(flag, flag.atom(cond.mime_truncated))
+        if cond.symbol is not None:
+            return _symbol(cond.symbol)
         raise AssertionError("schema guarantees one condition key")  # pragma: no cover
 
     def _header(self, lname: str, want: TextMatch, where: Where) -> Compiled:
@@ -178,30 +181,36 @@ class ConditionCompiler:
     def _attachment(self, want: AttachmentMatch, where: Where) -> Compiled:
         names = self._text("attachment:filename", STRUCTURE, _name_items)
         types = self._text("attachment:content_type", STRUCTURE, _type_items)
+        reals = self._text("attachment:real_type", BODY, _real_items)
         name_atom = _part_atom(names, want.filename, (*where, "filename"))
         type_atom = _part_atom(types, want.content_type, (*where, "content_type"))
-        if name_atom is _NEVER or type_atom is _NEVER:
+        real_atom = _part_atom(reals, want.real_type, (*where, "real_type"))
+        if _NEVER in (name_atom, type_atom, real_atom):
             return Compiled(lambda f, ev: False, STRUCTURE, False, None)
-        if name_atom is None and type_atom is None:  # any attachment at all
+        if name_atom is None and type_atom is None and real_atom is None:  # any attachment
             present = types.atom(TextMatch(exists=True), where)
             return _leaf(types, present)
+        # Each attachment must pass every test given (cheapest fields first); the
+        # parts are the same list, in the same order, for the three fields.
+        checks = [
+            (field, atom)
+            for field, atom in ((names, name_atom), (types, type_atom), (reals, real_atom))
+            if atom is not None
+        ]
 
         def test(f: Facts, ev: Evaluation) -> bool:
-            by_name = f.scan(names)[0] if name_atom is not None else None
-            by_type = f.scan(types)[0] if type_atom is not None else None
-            count = len(by_name if by_name is not None else f.scan(types)[0])
-            for i in range(count):
-                if by_name is not None and name_atom not in by_name[i]:
+            first_field, first_atom = checks[0]
+            per_part = f.scan(first_field)[0]
+            for i, hits in enumerate(per_part):
+                if first_atom not in hits:
                     continue
-                if by_type is not None and type_atom not in by_type[i]:
-                    continue
-                return True
+                if all(atom in f.scan(field)[0][i] for field, atom in checks[1:]):
+                    return True
             return False
 
-        if name_atom is not None:
-            return _leaf(names, name_atom, test=test)
-        assert type_atom is not None
-        return _leaf(types, type_atom, test=test)
+        field, atom = checks[0]
+        leaf = _leaf(field, atom, test=test)
+        return Compiled(test, max(field.cost for field, _ in checks), False, leaf.need)
 
 
 _NEVER = -1  # a part test that no part passes
@@ -249,6 +258,12 @@ def _type_items(f: Facts) -> list[tuple[str]]:
     return [(p.content_type,) for p in f.structure().parts if p.is_attachment]
 
 
+def _real_items(f: Facts) -> list[tuple[str, ...]]:
+    """Per attachment: the kind and MIME type told from its content (and
+    ``office-macro`` for a document with macros); see mailflow.mime.filetype."""
+    return [mime.part_type(p).labels for p in f.structure().parts if p.is_attachment]
+
+
 def _address(f: Facts) -> tuple[int, int] | None:
     return f.address()
 
@@ -270,6 +285,26 @@ def _truncated(f: Facts) -> bool:
 
 
 # --- leaves with more to them -----------------------------------------------------------
+
+
+def _symbol(want: SymbolMatch) -> Compiled:
+    """Holds when a plugin that ran before the rules (any stage) emitted the symbol,
+    with at least ``min_score`` when given. Read from the message's plugin runs
+    (``ctx.runs``), which also reach a content-analysis worker."""
+    name = want.name.upper()
+    floor = want.min_score
+
+    def test(f: Facts, ev: Evaluation) -> bool:
+        for run in f.ctx.runs:
+            result = run.result
+            if result is None:
+                continue
+            for sym in result.symbols:
+                if sym.name.upper() == name and (floor is None or sym.score >= floor):
+                    return True
+        return False
+
+    return Compiled(test, ENVELOPE, False, None)
 
 
 def _recipient(field: TextField, want: TextMatch, where: Where) -> Compiled:

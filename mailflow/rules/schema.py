@@ -68,9 +68,30 @@ class ScoreMatch(_Strict):
     under: float | None = None
 
 
+def _text_shorthand(value: object) -> object:
+    """``real_type: executable`` is ``real_type: {equals: executable}``."""
+    return {"equals": value} if isinstance(value, str) else value
+
+
 class AttachmentMatch(_Strict):
     filename: TextMatch | None = None
     content_type: TextMatch | None = None
+    # The type told from the content (mailflow.mime.filetype): a kind such as
+    # executable, script, archive, office, office-macro, pdf, image, or a MIME type.
+    real_type: TextMatch | None = None
+
+    @field_validator("real_type", mode="before")
+    @classmethod
+    def _shorthand(cls, value: object) -> object:
+        return _text_shorthand(value)
+
+
+class SymbolMatch(_Strict):
+    """A symbol an earlier plugin emitted (``PHISHING_LINK_MISMATCH``), optionally
+    with at least ``min_score``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    min_score: float | None = None
 
 
 class Condition(_Strict):
@@ -91,6 +112,7 @@ class Condition(_Strict):
     attachment: AttachmentMatch | None = None
     score: ScoreMatch | None = None  # total spam score from earlier plugins
     mime_truncated: bool | None = None  # the MIME walk stopped at a limit (mailflow.mime)
+    symbol: SymbolMatch | None = None  # a symbol emitted by a plugin that ran before
 
     @model_validator(mode="after")
     def _one_key(self) -> Condition:

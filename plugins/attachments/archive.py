@@ -1,0 +1,274 @@
+"""Looking inside archives (zip, tar, gzip, bzip2, xz), nested, within fixed budgets.
+
+Nothing is ever extracted to disk and nothing is decompressed without a byte cap:
+zip members are read through ``ZipFile.open(...).read(n)`` with ``n`` at most what is
+left of the budget, gzip/bzip2/xz through their decompressor objects with
+``max_length``; tar members through ``extractfile(...).read(n)``. What one message may
+cost is bounded by :class:`Limits`, shared by all its attachments:
+
+* ``max_depth``: archives inside archives (the attachment itself is depth 1);
+* ``max_members``: members looked at, over all archives of the message;
+* ``max_expanded``: decompressed bytes produced, over all archives;
+* ``max_ratio``: a member whose declared size is more than this many times its
+  compressed size is not decompressed (a bomb), and neither is one whose output
+  passes the ratio while it is read.
+
+A zip's central directory is counted from its end record before ``zipfile`` reads it
+(so a directory of a million entries is refused, not loaded). Each limit hit is
+recorded in :attr:`Budget.hits` and becomes an ``ARCHIVE_BOMB`` finding; a member or
+archive that does not parse becomes ``ARCHIVE_MALFORMED``; an encrypted member
+``ARCHIVE_ENCRYPTED``; 7z, rar and cab are recognised but not opened
+(``ARCHIVE_UNINSPECTED``).
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import lzma
+import struct
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailflow.api import mime
+
+HEAD = 64 * 1024  # bytes of a member read to tell its type (ISO 9660 needs 32 KiB+)
+_EOCD = b"PK\x05\x06"
+_ZIP64_LOCATOR = b"PK\x06\x07"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_depth: int = 4
+    max_members: int = 1000
+    max_expanded: int = 32 * 1024 * 1024
+    max_ratio: int = 200
+
+
+@dataclass
+class Member:
+    """One file found inside an archive: its path (``outer.zip/inner.zip/a.exe``),
+    name, detected type, and sizes."""
+
+    path: str
+    name: str
+    real: mime.FileType
+    size: int
+    depth: int
+    encrypted: bool = False
+
+
+@dataclass
+class Budget:
+    """What the archives of one message have used so far, and the limits hit."""
+
+    limits: Limits
+    members: int = 0
+    expanded: int = 0
+    max_depth_seen: int = 0
+    hits: list[str] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)
+    encrypted: list[str] = field(default_factory=list)
+    uninspected: list[str] = field(default_factory=list)
+    found: list[Member] = field(default_factory=list)
+
+    def hit(self, what: str) -> None:
+        if len(self.hits) < 20:
+            self.hits.append(what)
+
+    @property
+    def left(self) -> int:
+        return max(0, self.limits.max_expanded - self.expanded)
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "members": self.members,
+            "expanded_bytes": self.expanded,
+            "max_depth": self.max_depth_seen,
+            "limits_hit": list(self.hits),
+        }
+
+
+class _Stop(Exception):
+    """A budget ran out: stop inspecting this message's archives."""
+
+
+def inspect(data: bytes, real: mime.FileType, path: str, budget: Budget, depth: int = 1) -> None:
+    """Look inside ``data`` (an archive of type ``real``, found at ``path``), adding
+    what is inside to ``budget.found``. Never raises."""
+    try:
+        _inspect(data, real, path, budget, depth)
+    except _Stop:
+        pass
+    except Exception as exc:  # hostile input: any parser error is a finding, not a crash
+        _malformed(budget, path, exc)
+
+
+def _malformed(budget: Budget, path: str, exc: BaseException) -> None:
+    if len(budget.malformed) < 20:
+        budget.malformed.append(f"{path}: {type(exc).__name__}: {str(exc)[:120]}")
+
+
+def _inspect(data: bytes, real: mime.FileType, path: str, budget: Budget, depth: int) -> None:
+    if depth > budget.limits.max_depth:
+        budget.hit(f"max_depth {budget.limits.max_depth} at {path}")
+        raise _Stop
+    budget.max_depth_seen = max(budget.max_depth_seen, depth)
+    kind = real.mime
+    if kind == "application/zip" or (real.kind == "office" and data.startswith(b"PK")):
+        _zip(data, path, budget, depth)
+    elif kind == "application/x-tar":
+        _tar(data, path, budget, depth)
+    elif kind in ("application/gzip", "application/x-bzip2", "application/x-xz"):
+        _stream(data, kind, path, budget, depth)
+    elif real.kind == "archive":
+        budget.uninspected.append(f"{path} ({kind})")
+
+
+def _count(budget: Budget, path: str) -> None:
+    budget.members += 1
+    if budget.members > budget.limits.max_members:
+        budget.hit(f"max_members {budget.limits.max_members} at {path}")
+        raise _Stop
+
+
+def _charge(budget: Budget, produced: int, path: str) -> None:
+    budget.expanded += produced
+    if budget.expanded > budget.limits.max_expanded:
+        budget.hit(f"max_expanded {budget.limits.max_expanded} bytes at {path}")
+        raise _Stop
+
+
+def _zip_entries(data: bytes) -> int:
+    """The number of entries the zip's end record declares (-1: no end record)."""
+    at = data.rfind(_EOCD, max(0, len(data) - 65557))
+    if at < 0 or at + 22 > len(data):
+        return -1
+    total = struct.unpack_from("<H", data, at + 10)[0]
+    if total == 0xFFFF:  # zip64: the real count is in the zip64 end record
+        loc = data.rfind(_ZIP64_LOCATOR, max(0, at - 20), at)
+        if loc >= 0 and loc + 20 <= len(data):
+            offset = struct.unpack_from("<Q", data, loc + 8)[0]
+            if offset + 40 <= len(data) and data.startswith(b"PK\x06\x06", offset):
+                return int(struct.unpack_from("<Q", data, offset + 32)[0])
+        return 1 << 62
+    return int(total)
+
+
+def _zip(data: bytes, path: str, budget: Budget, depth: int) -> None:
+    declared = _zip_entries(data)
+    if declared < 0:
+        raise zipfile.BadZipFile("no end of central directory record")
+    if budget.members + declared > budget.limits.max_members:
+        budget.hit(f"max_members {budget.limits.max_members} at {path} ({declared} entries)")
+        raise _Stop
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            member_path = f"{path}/{info.filename}"
+            _count(budget, member_path)
+            encrypted = bool(info.flag_bits & 0x1)
+            if encrypted:
+                budget.encrypted.append(member_path)
+                real = mime.detect(b"", info.filename)
+                budget.found.append(
+                    Member(member_path, info.filename, real, info.file_size, depth, True)
+                )
+                continue
+            ratio = info.file_size / max(1, info.compress_size)
+            if ratio > budget.limits.max_ratio and info.file_size > 1024 * 1024:
+                budget.hit(f"max_ratio {budget.limits.max_ratio} at {member_path}")
+                raise _Stop
+            try:
+                with archive.open(info) as stream:
+                    _member(stream, info.filename, info.compress_size, member_path, budget, depth)
+            except _Stop:
+                raise
+            except Exception as exc:
+                _malformed(budget, member_path, exc)
+
+
+def _tar(data: bytes, path: str, budget: Budget, depth: int) -> None:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+        while True:
+            info = archive.next()
+            if info is None:
+                break
+            kept = getattr(archive, "members", None)
+            if isinstance(kept, list):
+                kept.clear()  # keep no list of members (memory stays bounded)
+            if not info.isfile():
+                continue
+            member_path = f"{path}/{info.name}"
+            _count(budget, member_path)
+            stream = archive.extractfile(info)
+            if stream is None:
+                continue
+            _member(stream, info.name, info.size, member_path, budget, depth)
+
+
+def _cap(budget: Budget, compressed: int) -> int:
+    """How much to decompress: what the budget and the ratio allow, plus one byte
+    to tell that there was more."""
+    return min(budget.left, budget.limits.max_ratio * max(compressed, 1024)) + 1
+
+
+def _capped(budget: Budget, produced: int, cap: int, path: str) -> None:
+    """Stop when decompression filled the cap. Called after :func:`_charge`, which
+    stops first when the cap was the budget, so a full cap here is the ratio."""
+    if produced >= cap:
+        budget.hit(f"max_ratio {budget.limits.max_ratio} at {path}")
+        raise _Stop
+
+
+def _decompressor(kind: str) -> Any:
+    if kind == "application/gzip":
+        return zlib.decompressobj(wbits=47)  # gzip or zlib header
+    if kind == "application/x-bzip2":
+        return bz2.BZ2Decompressor()
+    return lzma.LZMADecompressor()
+
+
+def _stream(data: bytes, kind: str, path: str, budget: Budget, depth: int) -> None:
+    """One compressed stream: decompress at most what the budget allows (+1 byte to
+    know it was more), then look at what came out as a member."""
+    _count(budget, path)
+    cap = _cap(budget, len(data))
+    out = _decompressor(kind).decompress(data, cap)
+    _charge(budget, len(out), path)
+    _capped(budget, len(out), cap, path)
+    name = path.rsplit("/", 1)[-1]
+    for suffix in (".gz", ".tgz", ".bz2", ".tbz", ".xz", ".txz"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)] + (".tar" if suffix.startswith(".t") else "")
+            break
+    inner = mime.detect(out, name)
+    budget.found.append(Member(f"{path}/{name}", name, inner, len(out), depth))
+    if inner.kind == "archive" or (inner.kind == "office" and inner.mime != "application/x-msi"):
+        _inspect(out, inner, f"{path}/{name}", budget, depth + 1)
+
+
+def _member(
+    stream: Any, name: str, compressed: int, member_path: str, budget: Budget, depth: int
+) -> None:
+    """Read a member's head (its type); an archive or Office document is read whole,
+    within the budget, and looked into."""
+    head = stream.read(min(HEAD, budget.left + 1))
+    _charge(budget, len(head), member_path)
+    real = mime.detect(head, name)
+    nested = real.kind == "archive" or real.kind == "office"
+    data = head
+    if nested and len(head) == HEAD:
+        cap = _cap(budget, compressed)
+        rest = stream.read(cap)
+        _charge(budget, len(rest), member_path)
+        _capped(budget, len(rest), cap, member_path)
+        data = head + rest
+        real = mime.detect(data, name)
+    budget.found.append(Member(member_path, name, real, len(data), depth))
+    if real.kind == "archive" or (real.kind == "office" and data.startswith(b"PK")):
+        _inspect(data, real, member_path, budget, depth + 1)
