@@ -54,7 +54,8 @@ def test_the_set_covers_plain_html_and_attachments():
 
 async def test_short_business_mail_is_not_filed_as_junk(tmp_path):
     config = _default_config(tmp_path)
-    assert [p.name for p in config.plugins] == ["attachments", "bayes", "phishing"]  # the default chain
+    default_chain = ["attachments", "bayes", "phishing"]
+    assert [p.name for p in config.plugins] == default_chain
     files = [
         (path, hop)
         for path in sorted(p for d in MESSAGE_DIRS for p in d.glob("*.eml"))
