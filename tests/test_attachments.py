@@ -31,6 +31,7 @@ from tests.attachment_support import (
     encrypted_zip,
     message,
     nested_zip,
+    patched_zip,
     tar_of,
     zip_bomb,
     zip_of,
@@ -513,3 +514,24 @@ async def test_encrypted_member_judged_by_its_name(make_config: Any) -> None:
     names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
     assert names == {"ARCHIVE_ENCRYPTED", "ATTACHMENT_BLOCKED_TYPE"}
     assert out["action"] == "reject"
+
+
+async def test_unreadable_zip_members_are_still_judged(make_config: Any) -> None:
+    # Deflate64 (method 9): zipfile cannot read it, 7-Zip and Windows can; a wrong
+    # CRC-32: unzip tools warn and extract. Neither hides an executable.
+    plain = zip_of(("setup.exe", PE))
+    deflate64 = patched_zip(plain, 8, 10, 9)
+    crc = bytearray(plain)
+    crc[crc.find(b"PK\x01\x02") + 16] ^= 0xFF
+    renamed = bytearray(zip_of(("invoice.pdf", PE)))
+    renamed[renamed.find(b"PK\x01\x02") + 16] ^= 0xFF
+    for data, symbol in (
+        (deflate64, "ATTACHMENT_BLOCKED_TYPE"),
+        (bytes(crc), "ATTACHMENT_EXECUTABLE"),
+        (bytes(renamed), "ATTACHMENT_EXECUTABLE"),
+    ):
+        raw = message(("pay.zip", data, "application/zip"))
+        out = await _check(_config(make_config), raw)
+        names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+        assert symbol in names, names
+        assert out["action"] == "reject"

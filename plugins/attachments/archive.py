@@ -183,13 +183,25 @@ def _zip(data: bytes, path: str, budget: Budget, depth: int) -> None:
             if ratio > budget.limits.max_ratio and info.file_size > 1024 * 1024:
                 budget.hit(f"max_ratio {budget.limits.max_ratio} at {member_path}")
                 raise _Stop
+            before = len(budget.found)
             try:
                 with archive.open(info) as stream:
+                    # A wrong CRC-32 does not stop 7-Zip or WinRAR extracting the
+                    # member (they warn): what it holds is judged all the same.
+                    if hasattr(stream, "_expected_crc"):
+                        stream._expected_crc = None
                     _member(stream, info.filename, info.compress_size, member_path, budget, depth)
             except _Stop:
                 raise
             except Exception as exc:
                 _malformed(budget, member_path, exc)
+                # Unreadable here (Deflate64, a broken stream) need not be unreadable
+                # for the recipient's unzip: the member is still judged by its name.
+                if not any(m.path == member_path for m in budget.found[before:]):
+                    named = mime.detect(b"", info.filename)
+                    budget.found.append(
+                        Member(member_path, info.filename, named, info.file_size, depth)
+                    )
 
 
 def _tar(data: bytes, path: str, budget: Budget, depth: int) -> None:
