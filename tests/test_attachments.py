@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import email
 import email.policy
+import io
 import json
+import struct
 import textwrap
 import tracemalloc
 import zipfile
@@ -17,6 +19,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from mailflow_plugins.attachments.archive import Budget, Limits, inspect
 
 from mailflow import mime
 from mailflow.api import Result, Symbol, hookimpl
@@ -535,3 +538,26 @@ async def test_unreadable_zip_members_are_still_judged(make_config: Any) -> None
         names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
         assert symbol in names, names
         assert out["action"] == "reject"
+
+
+def test_zip_end_record_understating_its_entries_is_refused_unread() -> None:
+    # The end record says 1 entry; the central directory holds 20,000. zipfile would
+    # build them all (several times the zip in memory): the directory's size counts.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for i in range(20_000):
+            z.writestr(zipfile.ZipInfo(f"{i:x}"), b"")
+    data = bytearray(buf.getvalue())
+    end = data.rfind(b"PK\x05\x06")
+    data[end + 8 : end + 12] = struct.pack("<HH", 1, 1)
+    raw = bytes(data)
+    budget = Budget(Limits())
+    tracemalloc.start()
+    try:
+        inspect(raw, mime.detect(raw, "many.zip"), "many.zip", budget)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert budget.hits and "entries" in budget.hits[0]
+    assert budget.members == 0
+    assert peak < len(raw) // 4

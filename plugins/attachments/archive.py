@@ -38,6 +38,7 @@ from mailflow.api import mime
 HEAD = 64 * 1024  # bytes of a member read to tell its type (ISO 9660 needs 32 KiB+)
 _EOCD = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
+_CD_ENTRY = 46  # bytes of a central directory entry with an empty name
 
 
 @dataclass(frozen=True)
@@ -143,19 +144,24 @@ def _charge(budget: Budget, produced: int, path: str) -> None:
 
 
 def _zip_entries(data: bytes) -> int:
-    """The number of entries the zip's end record declares (-1: no end record)."""
+    """The number of entries the zip's end record declares (-1: no end record).
+
+    zipfile reads the central directory by its declared size, not by the count: a
+    count of 1 over a directory of 100,000 entries would load them all. So the
+    larger of the count and what the size can hold (46 bytes an entry at least)."""
     at = data.rfind(_EOCD, max(0, len(data) - 65557))
     if at < 0 or at + 22 > len(data):
         return -1
-    total = struct.unpack_from("<H", data, at + 10)[0]
-    if total == 0xFFFF:  # zip64: the real count is in the zip64 end record
+    total, size = struct.unpack_from("<HI", data, at + 10)
+    if total == 0xFFFF or size == 0xFFFFFFFF:  # zip64: the real figures are elsewhere
         loc = data.rfind(_ZIP64_LOCATOR, max(0, at - 20), at)
         if loc >= 0 and loc + 20 <= len(data):
             offset = struct.unpack_from("<Q", data, loc + 8)[0]
-            if offset + 40 <= len(data) and data.startswith(b"PK\x06\x06", offset):
-                return int(struct.unpack_from("<Q", data, offset + 32)[0])
+            if offset + 48 <= len(data) and data.startswith(b"PK\x06\x06", offset):
+                total, size = struct.unpack_from("<QQ", data, offset + 32)
+                return int(max(total, size // _CD_ENTRY))
         return 1 << 62
-    return int(total)
+    return int(max(total, size // _CD_ENTRY))
 
 
 def _zip(data: bytes, path: str, budget: Budget, depth: int) -> None:
