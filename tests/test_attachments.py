@@ -561,3 +561,14 @@ def test_zip_end_record_understating_its_entries_is_refused_unread() -> None:
     assert budget.hits and "entries" in budget.hits[0]
     assert budget.members == 0
     assert peak < len(raw) // 4
+
+
+async def test_bidi_control_in_an_archive_member_name(make_config: Any) -> None:
+    # "invoice\u202etxt.pdf" shows as "invoicefdp.txt": a trick inside a zip as outside.
+    raw = message(("docs.zip", zip_of(("invoice\u202etxt.pdf", PDF)), "application/zip"))
+    out = await _check(_config(make_config), raw)
+    symbols = out["plugins"]["attachments"]["symbols"]
+    assert "ATTACHMENT_RTLO" in {s["name"] for s in symbols}
+    reason = next(s["reason"] for s in symbols if s["name"] == "ATTACHMENT_RTLO")
+    assert "\u202e" not in reason and "\\u202e" in reason
+    assert out["action"] == "reject"

@@ -223,6 +223,11 @@ class AttachmentsPlugin:
                 ]
             for member in inner:
                 # An encrypted member's content is unknown: it is judged by its name.
+                if any(c in _BIDI for c in member.name):
+                    add(
+                        "ATTACHMENT_RTLO",
+                        f"bidirectional control character in a file name inside ({member.path})",
+                    )
                 self._double(member.name, member.path, add)
                 self._kind(member.real, member.name, add, inside=member.path)
             for hit in budget.hits[seen[0] :]:
