@@ -572,3 +572,13 @@ async def test_bidi_control_in_an_archive_member_name(make_config: Any) -> None:
     reason = next(s["reason"] for s in symbols if s["name"] == "ATTACHMENT_RTLO")
     assert "\u202e" not in reason and "\\u202e" in reason
     assert out["action"] == "reject"
+
+
+async def test_encrypted_by_the_local_header_only(make_config: Any) -> None:
+    # The central directory says "not encrypted", the local header says "encrypted":
+    # a tool believing the local header asks for a password. Still ARCHIVE_ENCRYPTED.
+    data = patched_zip(zip_of(("invoice.pdf", PDF)), 6, None, 1)
+    out = await _check(_config(make_config), message(("pay.zip", data, "application/zip")))
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert "ARCHIVE_ENCRYPTED" in names
+    assert out["action"] == "quarantine"

@@ -177,7 +177,12 @@ def _zip(data: bytes, path: str, budget: Budget, depth: int) -> None:
                 continue
             member_path = f"{path}/{info.filename}"
             _count(budget, member_path)
-            encrypted = bool(info.flag_bits & 0x1)
+            # Encrypted by the central directory or by the local header: unzip tools
+            # differ in which one they believe, so either is enough.
+            local = info.header_offset
+            encrypted = bool(info.flag_bits & 0x1) or (
+                data.startswith(b"PK\x03\x04", local) and bool(data[local + 6] & 0x1)
+            )
             if encrypted:
                 budget.encrypted.append(member_path)
                 real = mime.detect(b"", info.filename)
