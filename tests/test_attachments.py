@@ -582,3 +582,14 @@ async def test_encrypted_by_the_local_header_only(make_config: Any) -> None:
     names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
     assert "ARCHIVE_ENCRYPTED" in names
     assert out["action"] == "quarantine"
+
+
+async def test_reply_stays_short_for_a_long_non_ascii_name(make_config: Any) -> None:
+    # Each non-ASCII character is shown as a 6-character escape: the cut must count
+    # those, or a 200-character Cyrillic name makes a reply line of 2,400 bytes.
+    name = "\u0441\u0447\u0435\u0442" * 60 + ".exe"
+    async with running_server(_config(make_config)) as srv:
+        error = await _refused(srv, message((name, PE, "application/octet-stream")))
+    line = f"{error.code} {error.message}"
+    assert len(line) <= 512, len(line)
+    assert "\\u0441" in line

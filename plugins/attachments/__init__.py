@@ -119,8 +119,15 @@ def _shown(text: str, limit: int = 200) -> str:
     included) as a \\uXXXX escape."""
     if not text:
         return "(no name)"
-    out = "".join(c if " " <= c <= "~" else f"\\u{ord(c):04x}" for c in text[:limit])
-    return out + ("..." if len(text) > limit else "")
+    out: list[str] = []
+    used = 0
+    for c in text:  # at most ``limit`` characters shown, escapes (6 each) included
+        piece = c if " " <= c <= "~" else f"\\u{ord(c):04x}"
+        if used + len(piece) > limit:
+            return "".join(out) + "..."
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
 
 
 @dataclass
