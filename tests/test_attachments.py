@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import gzip
 import io
 import json
 import struct
@@ -593,3 +594,15 @@ async def test_reply_stays_short_for_a_long_non_ascii_name(make_config: Any) -> 
     line = f"{error.code} {error.message}"
     assert len(line) <= 512, len(line)
     assert "\\u0441" in line
+
+
+async def test_tar_member_after_a_broken_header_is_seen(make_config: Any) -> None:
+    # GNU tar skips a header with a bad checksum and extracts what follows.
+    data = bytearray(gzip.decompress(tar_of(("a.pdf", PDF), ("b.pdf", PDF), ("evil.exe", PE))))
+    at = data.find(b"b.pdf")
+    data[at + 148] = ord("9")  # the checksum field of b.pdf's header
+    raw = message(("files.tar", bytes(data), "application/x-tar"))
+    out = await _check(_config(make_config), raw)
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert "ATTACHMENT_EXECUTABLE" in names
+    assert out["action"] == "reject"

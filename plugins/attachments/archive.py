@@ -216,7 +216,10 @@ def _zip(data: bytes, path: str, budget: Budget, depth: int) -> None:
 
 
 def _tar(data: bytes, path: str, budget: Budget, depth: int) -> None:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+    # ignore_zeros: past a broken header (or an end marker) read on, block by block,
+    # as GNU tar does ("Skipping to next header"): tarfile would otherwise stop there
+    # silently, and the members after it would go unseen. Linear in the data.
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:", ignore_zeros=True) as archive:
         while True:
             info = archive.next()
             if info is None:
