@@ -606,3 +606,15 @@ async def test_tar_member_after_a_broken_header_is_seen(make_config: Any) -> Non
     names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
     assert "ATTACHMENT_EXECUTABLE" in names
     assert out["action"] == "reject"
+
+
+@pytest.mark.parametrize("prefix", [b"stub of a self-extractor\n", b"\x00" * 300])
+async def test_zip_behind_a_prefix_is_inspected(make_config: Any, prefix: bytes) -> None:
+    # unzip, 7-Zip and Windows find a zip by its end record: data before it is no
+    # disguise. Also one level down, inside an ordinary zip.
+    hidden = prefix + zip_of(("evil.exe", PE))
+    for data in (hidden, zip_of(("inner.zip", hidden))):
+        out = await _check(_config(make_config), message(("invoice.zip", data, "application/zip")))
+        names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+        assert "ATTACHMENT_EXECUTABLE" in names
+        assert out["action"] == "reject"

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from mailflow_plugins.attachments.archive import Budget, Limits, inspect
+from mailflow_plugins.attachments.archive import Budget, Limits, inspect, zip_inside
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from mailflow.api import MessageContext, ReplaceBody, Result, Symbol, hookimpl, mime
@@ -218,7 +218,7 @@ class AttachmentsPlugin:
         for each in names:
             self._name(each, real, part.content_type, add)
         self._kind(real, name, add)
-        if real.kind in ("archive", "office") and s.archives.inspect:
+        if (real.kind in ("archive", "office") or zip_inside(data, real)) and s.archives.inspect:
             before = len(budget.found)
             seen = (len(budget.hits), len(budget.malformed), len(budget.encrypted))
             inspect(data, real, name or f"attachment{index}", budget)

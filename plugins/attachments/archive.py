@@ -127,6 +127,14 @@ def _inspect(data: bytes, real: mime.FileType, path: str, budget: Budget, depth:
         _stream(data, kind, path, budget, depth)
     elif real.kind == "archive":
         budget.uninspected.append(f"{path} ({kind})")
+    elif zip_inside(data, real):
+        _zip(data, path, budget, depth)
+
+
+def zip_inside(data: bytes, real: mime.FileType) -> bool:
+    """A zip behind a prefix (a self-extractor stub, junk): no magic at the start, but
+    an end record near the end, which is all unzip, 7-Zip and Windows look for."""
+    return real.kind == "unknown" and data.rfind(_EOCD, max(0, len(data) - 65557)) >= 0
 
 
 def _count(budget: Budget, path: str) -> None:
@@ -286,7 +294,12 @@ def _member(
     head = stream.read(min(HEAD, budget.left + 1))
     _charge(budget, len(head), member_path)
     real = mime.detect(head, name)
-    nested = real.kind == "archive" or real.kind == "office"
+    nested = (
+        real.kind == "archive"
+        or real.kind == "office"
+        or zip_inside(head, real)
+        or (real.kind == "unknown" and mime.extension(name) == "zip")
+    )
     data = head
     if nested and len(head) == HEAD:
         cap = _cap(budget, compressed)
@@ -296,5 +309,9 @@ def _member(
         data = head + rest
         real = mime.detect(data, name)
     budget.found.append(Member(member_path, name, real, len(data), depth))
-    if real.kind == "archive" or (real.kind == "office" and data.startswith(b"PK")):
+    if (
+        real.kind == "archive"
+        or (real.kind == "office" and data.startswith(b"PK"))
+        or zip_inside(data, real)
+    ):
         _inspect(data, real, member_path, budget, depth + 1)
