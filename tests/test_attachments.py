@@ -6,11 +6,13 @@ and bombs are built in memory by tests/attachment_support.py.
 
 from __future__ import annotations
 
+import bz2
 import email
 import email.policy
 import gzip
 import io
 import json
+import lzma
 import struct
 import textwrap
 import tracemalloc
@@ -618,3 +620,32 @@ async def test_zip_behind_a_prefix_is_inspected(make_config: Any, prefix: bytes)
         names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
         assert "ATTACHMENT_EXECUTABLE" in names
         assert out["action"] == "reject"
+
+
+def _tar_bytes(*members: tuple[str, bytes]) -> bytes:
+    return gzip.decompress(tar_of(*members))
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+async def test_member_in_a_second_concatenated_stream_is_seen(
+    make_config: Any, compress: Any
+) -> None:
+    # A .tar.gz of two gzip members end to end: tar -xzf reads both (bzip2, xz alike).
+    tar = _tar_bytes(("a.pdf", PDF), ("evil.exe", PE))
+    data = compress(tar[:1024]) + compress(tar[1024:])
+    out = await _check(_config(make_config), message(("a.tar.gz", data, "application/gzip")))
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert "ATTACHMENT_EXECUTABLE" in names
+    assert out["action"] == "reject"
+
+
+def test_concatenated_streams_are_bounded() -> None:
+    data = gzip.compress(b"x") * 5000 + b"\0" * 1000
+    budget = Budget(Limits())
+    inspect(data, mime.detect(data, "many.gz"), "many.gz", budget)
+    assert budget.hits and "concatenated streams" in budget.hits[0]
+    one = gzip.compress(b"%PDF-1.4 ") + gzip.compress(b"hello") + b"\0" * 512 + b"junk"
+    budget = Budget(Limits())
+    inspect(one, mime.detect(one, "doc.pdf.gz"), "doc.pdf.gz", budget)
+    assert not budget.hits and not budget.malformed
+    assert budget.found[0].size == len(b"%PDF-1.4 hello")

@@ -267,12 +267,39 @@ def _decompressor(kind: str) -> Any:
     return lzma.LZMADecompressor()
 
 
+MAX_STREAMS = 16  # concatenated gzip/bzip2/xz streams in one file (gunzip reads all)
+
+
+def _concatenated(data: bytes, kind: str, cap: int, path: str, budget: Budget) -> bytes:
+    """Decompress ``data``, stream after stream as gunzip, bunzip2 and xz do (a
+    .tar.gz may be several gzip members end to end), at most ``cap`` bytes out and
+    :data:`MAX_STREAMS` streams: each next stream starts from a copy of what is left
+    (``unused_data``), so their number is bounded, and more of them is a finding."""
+    decompressor = _decompressor(kind)
+    out = decompressor.decompress(data, cap)
+    streams = 1
+    while decompressor.eof and len(out) < cap:
+        rest = decompressor.unused_data
+        if not rest.strip(b"\0"):
+            break  # zero padding after the last stream, as gunzip ignores
+        if streams >= MAX_STREAMS:
+            budget.hit(f"more than {MAX_STREAMS} concatenated streams at {path}")
+            raise _Stop
+        decompressor = _decompressor(kind)
+        try:
+            out += decompressor.decompress(rest, cap - len(out))
+        except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error):
+            break  # trailing garbage: gunzip warns and keeps what came before
+        streams += 1
+    return out
+
+
 def _stream(data: bytes, kind: str, path: str, budget: Budget, depth: int) -> None:
     """One compressed stream: decompress at most what the budget allows (+1 byte to
     know it was more), then look at what came out as a member."""
     _count(budget, path)
     cap = _cap(budget, len(data))
-    out = _decompressor(kind).decompress(data, cap)
+    out = _concatenated(data, kind, cap, path, budget)
     _charge(budget, len(out), path)
     _capped(budget, len(out), cap, path)
     name = path.rsplit("/", 1)[-1]
