@@ -649,3 +649,21 @@ def test_concatenated_streams_are_bounded() -> None:
     inspect(one, mime.detect(one, "doc.pdf.gz"), "doc.pdf.gz", budget)
     assert not budget.hits and not budget.malformed
     assert budget.found[0].size == len(b"%PDF-1.4 hello")
+
+
+@pytest.mark.parametrize("dangerous", ["evil.js", "evil.exe"])
+async def test_a_part_s_second_name_is_judged_too(make_config: Any, dangerous: str) -> None:
+    # name= on Content-Type says evil.js, filename= on Content-Disposition notes.txt:
+    # which one the recipient's client saves it under is the client's choice.
+    raw = (
+        "From: a@example.net\r\nTo: bob@example.org\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="B"\r\n\r\n--B\r\n'
+        "Content-Type: text/plain\r\n\r\nhi\r\n--B\r\n"
+        f'Content-Type: application/octet-stream; name="{dangerous}"\r\n'
+        'Content-Disposition: attachment; filename="notes.txt"\r\n\r\n'
+        "WScript.Shell.Run('calc')\r\n--B--\r\n"
+    ).encode()
+    out = await _check(_config(make_config), raw)
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert "ATTACHMENT_BLOCKED_TYPE" in names
+    assert out["action"] == "reject"

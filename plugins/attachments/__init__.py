@@ -218,6 +218,14 @@ class AttachmentsPlugin:
         for each in names:
             self._name(each, real, part.content_type, add)
         self._kind(real, name, add)
+        for other in names[1:]:
+            # Content-Type name= and Content-Disposition filename= can differ, and
+            # mail clients differ in which one they save the file under.
+            ext = mime.extension(other)
+            if ext != mime.extension(name) and (
+                ext in self.blocked_ext or mime.EXTENSION_KINDS.get(ext, "") in self.blocked
+            ):
+                add("ATTACHMENT_BLOCKED_TYPE", f"blocked file name extension .{ext} (other name)")
         if (real.kind in ("archive", "office") or zip_inside(data, real)) and s.archives.inspect:
             before = len(budget.found)
             seen = (len(budget.hits), len(budget.malformed), len(budget.encrypted))
