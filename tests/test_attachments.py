@@ -6,6 +6,7 @@ and bombs are built in memory by tests/attachment_support.py.
 
 from __future__ import annotations
 
+import base64
 import bz2
 import email
 import email.policy
@@ -667,3 +668,20 @@ async def test_a_part_s_second_name_is_judged_too(make_config: Any, dangerous: s
     names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
     assert "ATTACHMENT_BLOCKED_TYPE" in names
     assert out["action"] == "reject"
+
+
+async def test_attachment_past_the_mime_walk_limits_is_held(make_config: Any) -> None:
+    # 1,000 small text parts, then the executable: past MAX_PARTS the rest of the
+    # message is one opaque part, never decoded. Unseen is not clean.
+    padding = "".join("--B\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(1000))
+    raw = (
+        "From: a@example.net\r\nTo: bob@example.org\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="B"\r\n\r\n' + padding + "--B\r\n"
+        'Content-Type: application/octet-stream; name="evil.exe"\r\n'
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+        + base64.b64encode(PE).decode() + "\r\n--B--\r\n"
+    ).encode()
+    out = await _check(_config(make_config), raw)
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert names == {"ATTACHMENT_UNINSPECTED"}
+    assert out["action"] == "quarantine"

@@ -56,6 +56,8 @@ SYMBOLS: dict[str, tuple[float, Action]] = {
     "ARCHIVE_ENCRYPTED": (3.0, "quarantine"),
     "ARCHIVE_MALFORMED": (4.0, "score"),
     "ARCHIVE_UNINSPECTED": (1.0, "score"),
+    # Past the MIME walk's limits (parts, depth): never decoded, so never checked.
+    "ATTACHMENT_UNINSPECTED": (5.0, "quarantine"),
 }
 # Bidirectional-text controls: U+202E (RIGHT-TO-LEFT OVERRIDE) makes "exe.pdf" of
 # "\u202efdp.exe"; the others reorder or hide text the same way.
@@ -201,6 +203,15 @@ class AttachmentsPlugin:
         info: dict[str, Any] = {"name": _shown(name), "declared_type": part.content_type}
         if part.opaque:
             info.update(real_type="unknown", size=part.size, opaque=True)
+            # Whatever hides past the limit (an .exe after 1,000 parts) is unseen:
+            # held for a person by default rather than passed as checked.
+            findings.append(
+                Finding(
+                    "ATTACHMENT_UNINSPECTED",
+                    f"{_shown(name)}: {part.size} bytes past the MIME walk's limits, not inspected",
+                    index,
+                )
+            )
             return info, part.size
         data = part.payload()
         real = mime.part_type(part)
