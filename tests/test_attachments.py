@@ -685,3 +685,10 @@ async def test_attachment_past_the_mime_walk_limits_is_held(make_config: Any) ->
     names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
     assert names == {"ATTACHMENT_UNINSPECTED"}
     assert out["action"] == "quarantine"
+
+
+def test_stray_end_record_bytes_are_no_zip() -> None:
+    data = b"\x01" * 5000 + b"PK\x05\x06" + b"\x00" * 30
+    budget = Budget(Limits())
+    inspect(data, mime.detect(data, "blob.bin"), "blob.bin", budget)
+    assert not budget.malformed and not budget.found

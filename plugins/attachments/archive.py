@@ -134,7 +134,15 @@ def _inspect(data: bytes, real: mime.FileType, path: str, budget: Budget, depth:
 def zip_inside(data: bytes, real: mime.FileType) -> bool:
     """A zip behind a prefix (a self-extractor stub, junk): no magic at the start, but
     an end record near the end, which is all unzip, 7-Zip and Windows look for."""
-    return real.kind == "unknown" and data.rfind(_EOCD, max(0, len(data) - 65557)) >= 0
+    if real.kind != "unknown":
+        return False
+    at = data.rfind(_EOCD, max(0, len(data) - 65557))
+    if at < 0 or at + 22 > len(data):
+        return False
+    # The central directory ends where the end record starts: checked, so that four
+    # stray bytes in some binary file do not make it a broken zip.
+    size = struct.unpack_from("<I", data, at + 12)[0]
+    return 0 < size <= at and data.startswith(b"PK\x01\x02", at - size)
 
 
 def _count(budget: Budget, path: str) -> None:
