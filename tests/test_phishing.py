@@ -526,3 +526,10 @@ def test_link_text_naming_a_file_is_no_mismatch(text):
 def test_link_text_naming_a_domain_still_mismatches(text):
     found, _ = analyse(html_message(f'<a href="https://files.mailer.example/d/1">{text}</a>'))
     assert "PHISHING_LINK_MISMATCH" in found
+
+
+def test_details_show_a_few_of_many_inner_urls():
+    inner = "&".join(f"u=http%3A%2F%2Fh{i}.example%2F" for i in range(40))
+    _, details = analyse(html_message(f'<a href="http://r.example/?{inner}">x</a>'))
+    entry = details["urls"][0]
+    assert len(entry["redirects_to"]) == 5 and entry["redirects_more"] == 35

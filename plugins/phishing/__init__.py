@@ -453,7 +453,11 @@ class PhishingPlugin:
         if text:
             entry["text"] = text[:MAX_SHOWN]
         if url.inner:
-            entry["redirects_to"] = [u.raw[:MAX_SHOWN] for u in chain(url)[1:]]
+            # One URL of 2,048 characters can carry a hundred inner ones: a few shown.
+            inner = chain(url)[1:]
+            entry["redirects_to"] = [u.raw[:MAX_SHOWN] for u in inner[:MAX_REASONS]]
+            if len(inner) > MAX_REASONS:
+                entry["redirects_more"] = len(inner) - MAX_REASONS
         entry["flagged"] = flagged
         return entry
 
