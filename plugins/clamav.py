@@ -42,6 +42,8 @@ END_OF_STREAM = struct.pack(">I", 0)
 CHUNK_LENGTH = struct.Struct(">I")
 MAX_REPLY = 64 * KIB  # a reply is one short line per finding: anything longer is broken
 MAX_NAME = 200  # a signature name goes into the SMTP reply and a header: keep it short
+MAX_NAMES_SHOWN = 2  # names in the reply, the header, the symbol and the log line
+MAX_NAMES_KEPT = 20  # names in the details
 
 DEBIAN_SOCKET = "/var/run/clamav/clamd.ctl"  # LocalSocket of Debian's clamd.conf
 
@@ -331,9 +333,14 @@ class ClamAVPlugin:
             details["result"] = "clean"
             status = "clean" if partial is None else f"clean in the first {len(data)} bytes"
             return self._with_header(Result(symbols=symbols, details=details), status)
-        names = ", ".join(verdict.viruses)
+        # AllMatchScan may name hundreds: the reply line (RFC 5321: 512 bytes), the
+        # header and the details show the first few and a count.
+        names = ", ".join(verdict.viruses[:MAX_NAMES_SHOWN])
+        if len(verdict.viruses) > MAX_NAMES_SHOWN:
+            names += f" and {len(verdict.viruses) - MAX_NAMES_SHOWN} more"
         details["result"] = "infected"
-        details["viruses"] = list(verdict.viruses)
+        details["viruses"] = list(verdict.viruses[:MAX_NAMES_KEPT])
+        details["virus_count"] = len(verdict.viruses)
         log.warning("clamav: %s infected: %s", message.queue_id, names)
         symbols.insert(0, Symbol("CLAM_VIRUS", s.virus_score, names))
         if s.on_virus == "reject":

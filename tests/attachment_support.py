@@ -80,3 +80,14 @@ def nested_zip(depth: int, payload: tuple[str, bytes]) -> bytes:
     for i in range(depth - 1):
         data = zip_of((f"level{i}.zip", data))
     return data
+
+
+def patched_zip(data: bytes, local: int | None, central: int | None, value: int) -> bytes:
+    """``data`` (a one-member zip) with the byte at offset ``local`` of the local
+    header and ``central`` of the central directory entry set to ``value``."""
+    out = bytearray(data)
+    if local is not None:
+        out[out.find(b"PK\x03\x04") + local] = value
+    if central is not None:
+        out[out.find(b"PK\x01\x02") + central] = value
+    return bytes(out)

@@ -6,9 +6,15 @@ and bombs are built in memory by tests/attachment_support.py.
 
 from __future__ import annotations
 
+import base64
+import bz2
 import email
 import email.policy
+import gzip
+import io
 import json
+import lzma
+import struct
 import textwrap
 import tracemalloc
 import zipfile
@@ -17,6 +23,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from mailflow_plugins.attachments.archive import Budget, Limits, inspect
 
 from mailflow import mime
 from mailflow.api import Result, Symbol, hookimpl
@@ -31,6 +38,7 @@ from tests.attachment_support import (
     encrypted_zip,
     message,
     nested_zip,
+    patched_zip,
     tar_of,
     zip_bomb,
     zip_of,
@@ -513,3 +521,174 @@ async def test_encrypted_member_judged_by_its_name(make_config: Any) -> None:
     names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
     assert names == {"ARCHIVE_ENCRYPTED", "ATTACHMENT_BLOCKED_TYPE"}
     assert out["action"] == "reject"
+
+
+async def test_unreadable_zip_members_are_still_judged(make_config: Any) -> None:
+    # Deflate64 (method 9): zipfile cannot read it, 7-Zip and Windows can; a wrong
+    # CRC-32: unzip tools warn and extract. Neither hides an executable.
+    plain = zip_of(("setup.exe", PE))
+    deflate64 = patched_zip(plain, 8, 10, 9)
+    crc = bytearray(plain)
+    crc[crc.find(b"PK\x01\x02") + 16] ^= 0xFF
+    renamed = bytearray(zip_of(("invoice.pdf", PE)))
+    renamed[renamed.find(b"PK\x01\x02") + 16] ^= 0xFF
+    for data, symbol in (
+        (deflate64, "ATTACHMENT_BLOCKED_TYPE"),
+        (bytes(crc), "ATTACHMENT_EXECUTABLE"),
+        (bytes(renamed), "ATTACHMENT_EXECUTABLE"),
+    ):
+        raw = message(("pay.zip", data, "application/zip"))
+        out = await _check(_config(make_config), raw)
+        names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+        assert symbol in names, names
+        assert out["action"] == "reject"
+
+
+def test_zip_end_record_understating_its_entries_is_refused_unread() -> None:
+    # The end record says 1 entry; the central directory holds 20,000. zipfile would
+    # build them all (several times the zip in memory): the directory's size counts.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for i in range(20_000):
+            z.writestr(zipfile.ZipInfo(f"{i:x}"), b"")
+    data = bytearray(buf.getvalue())
+    end = data.rfind(b"PK\x05\x06")
+    data[end + 8 : end + 12] = struct.pack("<HH", 1, 1)
+    raw = bytes(data)
+    budget = Budget(Limits())
+    tracemalloc.start()
+    try:
+        inspect(raw, mime.detect(raw, "many.zip"), "many.zip", budget)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert budget.hits and "entries" in budget.hits[0]
+    assert budget.members == 0
+    assert peak < len(raw) // 4
+
+
+async def test_bidi_control_in_an_archive_member_name(make_config: Any) -> None:
+    # "invoice\u202etxt.pdf" shows as "invoicefdp.txt": a trick inside a zip as outside.
+    raw = message(("docs.zip", zip_of(("invoice\u202etxt.pdf", PDF)), "application/zip"))
+    out = await _check(_config(make_config), raw)
+    symbols = out["plugins"]["attachments"]["symbols"]
+    assert "ATTACHMENT_RTLO" in {s["name"] for s in symbols}
+    reason = next(s["reason"] for s in symbols if s["name"] == "ATTACHMENT_RTLO")
+    assert "\u202e" not in reason and "\\u202e" in reason
+    assert out["action"] == "reject"
+
+
+async def test_encrypted_by_the_local_header_only(make_config: Any) -> None:
+    # The central directory says "not encrypted", the local header says "encrypted":
+    # a tool believing the local header asks for a password. Still ARCHIVE_ENCRYPTED.
+    data = patched_zip(zip_of(("invoice.pdf", PDF)), 6, None, 1)
+    out = await _check(_config(make_config), message(("pay.zip", data, "application/zip")))
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert "ARCHIVE_ENCRYPTED" in names
+    assert out["action"] == "quarantine"
+
+
+async def test_reply_stays_short_for_a_long_non_ascii_name(make_config: Any) -> None:
+    # Each non-ASCII character is shown as a 6-character escape: the cut must count
+    # those, or a 200-character Cyrillic name makes a reply line of 2,400 bytes.
+    name = "\u0441\u0447\u0435\u0442" * 60 + ".exe"
+    async with running_server(_config(make_config)) as srv:
+        error = await _refused(srv, message((name, PE, "application/octet-stream")))
+    line = f"{error.code} {error.message}"
+    assert len(line) <= 512, len(line)
+    assert "\\u0441" in line
+
+
+async def test_tar_member_after_a_broken_header_is_seen(make_config: Any) -> None:
+    # GNU tar skips a header with a bad checksum and extracts what follows.
+    data = bytearray(gzip.decompress(tar_of(("a.pdf", PDF), ("b.pdf", PDF), ("evil.exe", PE))))
+    at = data.find(b"b.pdf")
+    data[at + 148] = ord("9")  # the checksum field of b.pdf's header
+    raw = message(("files.tar", bytes(data), "application/x-tar"))
+    out = await _check(_config(make_config), raw)
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert "ATTACHMENT_EXECUTABLE" in names
+    assert out["action"] == "reject"
+
+
+@pytest.mark.parametrize("prefix", [b"stub of a self-extractor\n", b"\x00" * 300])
+async def test_zip_behind_a_prefix_is_inspected(make_config: Any, prefix: bytes) -> None:
+    # unzip, 7-Zip and Windows find a zip by its end record: data before it is no
+    # disguise. Also one level down, inside an ordinary zip.
+    hidden = prefix + zip_of(("evil.exe", PE))
+    for data in (hidden, zip_of(("inner.zip", hidden))):
+        out = await _check(_config(make_config), message(("invoice.zip", data, "application/zip")))
+        names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+        assert "ATTACHMENT_EXECUTABLE" in names
+        assert out["action"] == "reject"
+
+
+def _tar_bytes(*members: tuple[str, bytes]) -> bytes:
+    return gzip.decompress(tar_of(*members))
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+async def test_member_in_a_second_concatenated_stream_is_seen(
+    make_config: Any, compress: Any
+) -> None:
+    # A .tar.gz of two gzip members end to end: tar -xzf reads both (bzip2, xz alike).
+    tar = _tar_bytes(("a.pdf", PDF), ("evil.exe", PE))
+    data = compress(tar[:1024]) + compress(tar[1024:])
+    out = await _check(_config(make_config), message(("a.tar.gz", data, "application/gzip")))
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert "ATTACHMENT_EXECUTABLE" in names
+    assert out["action"] == "reject"
+
+
+def test_concatenated_streams_are_bounded() -> None:
+    data = gzip.compress(b"x") * 5000 + b"\0" * 1000
+    budget = Budget(Limits())
+    inspect(data, mime.detect(data, "many.gz"), "many.gz", budget)
+    assert budget.hits and "concatenated streams" in budget.hits[0]
+    one = gzip.compress(b"%PDF-1.4 ") + gzip.compress(b"hello") + b"\0" * 512 + b"junk"
+    budget = Budget(Limits())
+    inspect(one, mime.detect(one, "doc.pdf.gz"), "doc.pdf.gz", budget)
+    assert not budget.hits and not budget.malformed
+    assert budget.found[0].size == len(b"%PDF-1.4 hello")
+
+
+@pytest.mark.parametrize("dangerous", ["evil.js", "evil.exe"])
+async def test_a_part_s_second_name_is_judged_too(make_config: Any, dangerous: str) -> None:
+    # name= on Content-Type says evil.js, filename= on Content-Disposition notes.txt:
+    # which one the recipient's client saves it under is the client's choice.
+    raw = (
+        "From: a@example.net\r\nTo: bob@example.org\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="B"\r\n\r\n--B\r\n'
+        "Content-Type: text/plain\r\n\r\nhi\r\n--B\r\n"
+        f'Content-Type: application/octet-stream; name="{dangerous}"\r\n'
+        'Content-Disposition: attachment; filename="notes.txt"\r\n\r\n'
+        "WScript.Shell.Run('calc')\r\n--B--\r\n"
+    ).encode()
+    out = await _check(_config(make_config), raw)
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert "ATTACHMENT_BLOCKED_TYPE" in names
+    assert out["action"] == "reject"
+
+
+async def test_attachment_past_the_mime_walk_limits_is_held(make_config: Any) -> None:
+    # 1,000 small text parts, then the executable: past MAX_PARTS the rest of the
+    # message is one opaque part, never decoded. Unseen is not clean.
+    padding = "".join("--B\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(1000))
+    raw = (
+        "From: a@example.net\r\nTo: bob@example.org\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/mixed; boundary="B"\r\n\r\n' + padding + "--B\r\n"
+        'Content-Type: application/octet-stream; name="evil.exe"\r\n'
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+        + base64.b64encode(PE).decode() + "\r\n--B--\r\n"
+    ).encode()
+    out = await _check(_config(make_config), raw)
+    names = {s["name"] for s in out["plugins"]["attachments"]["symbols"]}
+    assert names == {"ATTACHMENT_UNINSPECTED"}
+    assert out["action"] == "quarantine"
+
+
+def test_stray_end_record_bytes_are_no_zip() -> None:
+    data = b"\x01" * 5000 + b"PK\x05\x06" + b"\x00" * 30
+    budget = Budget(Limits())
+    inspect(data, mime.detect(data, "blob.bin"), "blob.bin", budget)
+    assert not budget.malformed and not budget.found

@@ -311,3 +311,32 @@ async def test_runs_in_a_content_worker_process(clamd: Clamd, tmp_path: Path) ->
         assert code == 550 and EICAR_NAME in text
         await send(srv.port, SENDER, [RCPT], make_message())
         await srv.wait_delivered(RCPT)
+
+
+async def test_many_virus_names_keep_the_reply_short(tmp_path: Path) -> None:
+    # clamd with AllMatchScan names every signature that matched: a message carrying
+    # many samples must not make a reply line longer than RFC 5321's 512 bytes.
+    path = tmp_path / "many.sock"
+    names = [f"Sample.{i:03d}.{'X' * 150}" for i in range(300)]
+    answer = b"".join(f"stream: {n} FOUND\0".encode() for n in names)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        while not data.endswith(b"\0\0\0\0"):
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            data += chunk
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(handle, path=str(path))
+    try:
+        async with running_server(config(tmp_path, str(path), header="X-Virus-Scan")) as srv:
+            code, text = await refused_with(srv, make_message())
+    finally:
+        server.close()
+    assert code == 554 or code == 550
+    assert len(f"{code} {text}") <= 512
+    assert names[0] in text and "and 298 more" in text

@@ -513,3 +513,23 @@ def test_check_json_shows_the_findings(tmp_path):
         "text shows paypal.com, link goes to 198.51.100.9"
     ]
     assert entry["urls"][0]["text"] == "https://www.paypal.com"
+
+
+@pytest.mark.parametrize("text", ["invoice.pdf", "Quarterly-Report.docx", "node.js"])
+def test_link_text_naming_a_file_is_no_mismatch(text):
+    # File-sharing links show the file's name: a dot in the text is not a domain.
+    found, _ = analyse(html_message(f'<a href="https://files.mailer.example/d/1">{text}</a>'))
+    assert "PHISHING_LINK_MISMATCH" not in found
+
+
+@pytest.mark.parametrize("text", ["paypal.com", "https://intranet.corp/x", "www.shop.example"])
+def test_link_text_naming_a_domain_still_mismatches(text):
+    found, _ = analyse(html_message(f'<a href="https://files.mailer.example/d/1">{text}</a>'))
+    assert "PHISHING_LINK_MISMATCH" in found
+
+
+def test_details_show_a_few_of_many_inner_urls():
+    inner = "&".join(f"u=http%3A%2F%2Fh{i}.example%2F" for i in range(40))
+    _, details = analyse(html_message(f'<a href="http://r.example/?{inner}">x</a>'))
+    entry = details["urls"][0]
+    assert len(entry["redirects_to"]) == 5 and entry["redirects_more"] == 35

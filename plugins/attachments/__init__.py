@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from mailflow_plugins.attachments.archive import Budget, Limits, inspect
+from mailflow_plugins.attachments.archive import Budget, Limits, inspect, zip_inside
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from mailflow.api import MessageContext, ReplaceBody, Result, Symbol, hookimpl, mime
@@ -56,6 +56,8 @@ SYMBOLS: dict[str, tuple[float, Action]] = {
     "ARCHIVE_ENCRYPTED": (3.0, "quarantine"),
     "ARCHIVE_MALFORMED": (4.0, "score"),
     "ARCHIVE_UNINSPECTED": (1.0, "score"),
+    # Past the MIME walk's limits (parts, depth): never decoded, so never checked.
+    "ATTACHMENT_UNINSPECTED": (5.0, "quarantine"),
 }
 # Bidirectional-text controls: U+202E (RIGHT-TO-LEFT OVERRIDE) makes "exe.pdf" of
 # "\u202efdp.exe"; the others reorder or hide text the same way.
@@ -119,8 +121,15 @@ def _shown(text: str, limit: int = 200) -> str:
     included) as a \\uXXXX escape."""
     if not text:
         return "(no name)"
-    out = "".join(c if " " <= c <= "~" else f"\\u{ord(c):04x}" for c in text[:limit])
-    return out + ("..." if len(text) > limit else "")
+    out: list[str] = []
+    used = 0
+    for c in text:  # at most ``limit`` characters shown, escapes (6 each) included
+        piece = c if " " <= c <= "~" else f"\\u{ord(c):04x}"
+        if used + len(piece) > limit:
+            return "".join(out) + "..."
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
 
 
 @dataclass
@@ -194,6 +203,15 @@ class AttachmentsPlugin:
         info: dict[str, Any] = {"name": _shown(name), "declared_type": part.content_type}
         if part.opaque:
             info.update(real_type="unknown", size=part.size, opaque=True)
+            # Whatever hides past the limit (an .exe after 1,000 parts) is unseen:
+            # held for a person by default rather than passed as checked.
+            findings.append(
+                Finding(
+                    "ATTACHMENT_UNINSPECTED",
+                    f"{_shown(name)}: {part.size} bytes past the MIME walk's limits, not inspected",
+                    index,
+                )
+            )
             return info, part.size
         data = part.payload()
         real = mime.part_type(part)
@@ -211,7 +229,15 @@ class AttachmentsPlugin:
         for each in names:
             self._name(each, real, part.content_type, add)
         self._kind(real, name, add)
-        if real.kind in ("archive", "office") and s.archives.inspect:
+        for other in names[1:]:
+            # Content-Type name= and Content-Disposition filename= can differ, and
+            # mail clients differ in which one they save the file under.
+            ext = mime.extension(other)
+            if ext != mime.extension(name) and (
+                ext in self.blocked_ext or mime.EXTENSION_KINDS.get(ext, "") in self.blocked
+            ):
+                add("ATTACHMENT_BLOCKED_TYPE", f"blocked file name extension .{ext} (other name)")
+        if (real.kind in ("archive", "office") or zip_inside(data, real)) and s.archives.inspect:
             before = len(budget.found)
             seen = (len(budget.hits), len(budget.malformed), len(budget.encrypted))
             inspect(data, real, name or f"attachment{index}", budget)
@@ -223,6 +249,11 @@ class AttachmentsPlugin:
                 ]
             for member in inner:
                 # An encrypted member's content is unknown: it is judged by its name.
+                if any(c in _BIDI for c in member.name):
+                    add(
+                        "ATTACHMENT_RTLO",
+                        f"bidirectional control character in a file name inside ({member.path})",
+                    )
                 self._double(member.name, member.path, add)
                 self._kind(member.real, member.name, add, inside=member.path)
             for hit in budget.hits[seen[0] :]:

@@ -38,6 +38,7 @@ from mailflow.api import mime
 HEAD = 64 * 1024  # bytes of a member read to tell its type (ISO 9660 needs 32 KiB+)
 _EOCD = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
+_CD_ENTRY = 46  # bytes of a central directory entry with an empty name
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,22 @@ def _inspect(data: bytes, real: mime.FileType, path: str, budget: Budget, depth:
         _stream(data, kind, path, budget, depth)
     elif real.kind == "archive":
         budget.uninspected.append(f"{path} ({kind})")
+    elif zip_inside(data, real):
+        _zip(data, path, budget, depth)
+
+
+def zip_inside(data: bytes, real: mime.FileType) -> bool:
+    """A zip behind a prefix (a self-extractor stub, junk): no magic at the start, but
+    an end record near the end, which is all unzip, 7-Zip and Windows look for."""
+    if real.kind != "unknown":
+        return False
+    at = data.rfind(_EOCD, max(0, len(data) - 65557))
+    if at < 0 or at + 22 > len(data):
+        return False
+    # The central directory ends where the end record starts: checked, so that four
+    # stray bytes in some binary file do not make it a broken zip.
+    size = struct.unpack_from("<I", data, at + 12)[0]
+    return 0 < size <= at and data.startswith(b"PK\x01\x02", at - size)
 
 
 def _count(budget: Budget, path: str) -> None:
@@ -143,19 +160,24 @@ def _charge(budget: Budget, produced: int, path: str) -> None:
 
 
 def _zip_entries(data: bytes) -> int:
-    """The number of entries the zip's end record declares (-1: no end record)."""
+    """The number of entries the zip's end record declares (-1: no end record).
+
+    zipfile reads the central directory by its declared size, not by the count: a
+    count of 1 over a directory of 100,000 entries would load them all. So the
+    larger of the count and what the size can hold (46 bytes an entry at least)."""
     at = data.rfind(_EOCD, max(0, len(data) - 65557))
     if at < 0 or at + 22 > len(data):
         return -1
-    total = struct.unpack_from("<H", data, at + 10)[0]
-    if total == 0xFFFF:  # zip64: the real count is in the zip64 end record
+    total, size = struct.unpack_from("<HI", data, at + 10)
+    if total == 0xFFFF or size == 0xFFFFFFFF:  # zip64: the real figures are elsewhere
         loc = data.rfind(_ZIP64_LOCATOR, max(0, at - 20), at)
         if loc >= 0 and loc + 20 <= len(data):
             offset = struct.unpack_from("<Q", data, loc + 8)[0]
-            if offset + 40 <= len(data) and data.startswith(b"PK\x06\x06", offset):
-                return int(struct.unpack_from("<Q", data, offset + 32)[0])
+            if offset + 48 <= len(data) and data.startswith(b"PK\x06\x06", offset):
+                total, size = struct.unpack_from("<QQ", data, offset + 32)
+                return int(max(total, size // _CD_ENTRY))
         return 1 << 62
-    return int(total)
+    return int(max(total, size // _CD_ENTRY))
 
 
 def _zip(data: bytes, path: str, budget: Budget, depth: int) -> None:
@@ -171,7 +193,12 @@ def _zip(data: bytes, path: str, budget: Budget, depth: int) -> None:
                 continue
             member_path = f"{path}/{info.filename}"
             _count(budget, member_path)
-            encrypted = bool(info.flag_bits & 0x1)
+            # Encrypted by the central directory or by the local header: unzip tools
+            # differ in which one they believe, so either is enough.
+            local = info.header_offset
+            encrypted = bool(info.flag_bits & 0x1) or (
+                data.startswith(b"PK\x03\x04", local) and bool(data[local + 6] & 0x1)
+            )
             if encrypted:
                 budget.encrypted.append(member_path)
                 real = mime.detect(b"", info.filename)
@@ -183,17 +210,32 @@ def _zip(data: bytes, path: str, budget: Budget, depth: int) -> None:
             if ratio > budget.limits.max_ratio and info.file_size > 1024 * 1024:
                 budget.hit(f"max_ratio {budget.limits.max_ratio} at {member_path}")
                 raise _Stop
+            before = len(budget.found)
             try:
                 with archive.open(info) as stream:
+                    # A wrong CRC-32 does not stop 7-Zip or WinRAR extracting the
+                    # member (they warn): what it holds is judged all the same.
+                    if hasattr(stream, "_expected_crc"):
+                        stream._expected_crc = None
                     _member(stream, info.filename, info.compress_size, member_path, budget, depth)
             except _Stop:
                 raise
             except Exception as exc:
                 _malformed(budget, member_path, exc)
+                # Unreadable here (Deflate64, a broken stream) need not be unreadable
+                # for the recipient's unzip: the member is still judged by its name.
+                if not any(m.path == member_path for m in budget.found[before:]):
+                    named = mime.detect(b"", info.filename)
+                    budget.found.append(
+                        Member(member_path, info.filename, named, info.file_size, depth)
+                    )
 
 
 def _tar(data: bytes, path: str, budget: Budget, depth: int) -> None:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+    # ignore_zeros: past a broken header (or an end marker) read on, block by block,
+    # as GNU tar does ("Skipping to next header"): tarfile would otherwise stop there
+    # silently, and the members after it would go unseen. Linear in the data.
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:", ignore_zeros=True) as archive:
         while True:
             info = archive.next()
             if info is None:
@@ -233,12 +275,39 @@ def _decompressor(kind: str) -> Any:
     return lzma.LZMADecompressor()
 
 
+MAX_STREAMS = 16  # concatenated gzip/bzip2/xz streams in one file (gunzip reads all)
+
+
+def _concatenated(data: bytes, kind: str, cap: int, path: str, budget: Budget) -> bytes:
+    """Decompress ``data``, stream after stream as gunzip, bunzip2 and xz do (a
+    .tar.gz may be several gzip members end to end), at most ``cap`` bytes out and
+    :data:`MAX_STREAMS` streams: each next stream starts from a copy of what is left
+    (``unused_data``), so their number is bounded, and more of them is a finding."""
+    decompressor = _decompressor(kind)
+    out = decompressor.decompress(data, cap)
+    streams = 1
+    while decompressor.eof and len(out) < cap:
+        rest = decompressor.unused_data
+        if not rest.strip(b"\0"):
+            break  # zero padding after the last stream, as gunzip ignores
+        if streams >= MAX_STREAMS:
+            budget.hit(f"more than {MAX_STREAMS} concatenated streams at {path}")
+            raise _Stop
+        decompressor = _decompressor(kind)
+        try:
+            out += decompressor.decompress(rest, cap - len(out))
+        except (OSError, EOFError, ValueError, lzma.LZMAError, zlib.error):
+            break  # trailing garbage: gunzip warns and keeps what came before
+        streams += 1
+    return out
+
+
 def _stream(data: bytes, kind: str, path: str, budget: Budget, depth: int) -> None:
     """One compressed stream: decompress at most what the budget allows (+1 byte to
     know it was more), then look at what came out as a member."""
     _count(budget, path)
     cap = _cap(budget, len(data))
-    out = _decompressor(kind).decompress(data, cap)
+    out = _concatenated(data, kind, cap, path, budget)
     _charge(budget, len(out), path)
     _capped(budget, len(out), cap, path)
     name = path.rsplit("/", 1)[-1]
@@ -260,7 +329,12 @@ def _member(
     head = stream.read(min(HEAD, budget.left + 1))
     _charge(budget, len(head), member_path)
     real = mime.detect(head, name)
-    nested = real.kind == "archive" or real.kind == "office"
+    nested = (
+        real.kind == "archive"
+        or real.kind == "office"
+        or zip_inside(head, real)
+        or (real.kind == "unknown" and mime.extension(name) == "zip")
+    )
     data = head
     if nested and len(head) == HEAD:
         cap = _cap(budget, compressed)
@@ -270,5 +344,9 @@ def _member(
         data = head + rest
         real = mime.detect(data, name)
     budget.found.append(Member(member_path, name, real, len(data), depth))
-    if real.kind == "archive" or (real.kind == "office" and data.startswith(b"PK")):
+    if (
+        real.kind == "archive"
+        or (real.kind == "office" and data.startswith(b"PK"))
+        or zip_inside(data, real)
+    ):
         _inspect(data, real, member_path, budget, depth + 1)

@@ -21,7 +21,16 @@ from mailflow.api import App, MessageContext, Result, Symbol, hookimpl, mime
 
 from .lookalike import domains_in_text, impersonated_name, lookalike_of, normalize_name
 from .uribl import LookupReport, lookup_all
-from .urls import URL, chain, org_domain, parse_url, registered_domain, scripts, skeleton
+from .urls import (
+    URL,
+    chain,
+    listed_suffix,
+    org_domain,
+    parse_url,
+    registered_domain,
+    scripts,
+    skeleton,
+)
 
 # Every symbol this plugin emits, with its default score (docs/plugins/phishing.md).
 SCORES: dict[str, float] = {
@@ -51,6 +60,8 @@ _SHOWN_HOST = re.compile(
     r"^(?:(?:https?|ftp)://)?(?:[^\s/@]*@)?((?:[\w-]{1,63}\.)+[^\W\d_]{2,63})\.?(?:[/:?#]\S*)?$",
     re.IGNORECASE,
 )
+# Names under no listed public suffix that still are domains (RFC 2606 / RFC 6761).
+_RESERVED_TLDS = frozenset({"test", "example", "invalid", "localhost"})
 
 
 class ZoneSettings(BaseModel):
@@ -257,6 +268,12 @@ class PhishingPlugin:
         label, suffix = registered_domain(shown_host)
         if not suffix:
             return
+        if (
+            suffix not in _RESERVED_TLDS
+            and not listed_suffix(shown_host)
+            and not text.lstrip().lower().startswith(("http://", "https://", "ftp://", "www."))
+        ):
+            return  # "invoice.pdf", "node.js": a file or a word with a dot, not a domain
         shown = f"{label}.{suffix}"
         if any(link.domain == shown for link in links):
             return
@@ -436,7 +453,11 @@ class PhishingPlugin:
         if text:
             entry["text"] = text[:MAX_SHOWN]
         if url.inner:
-            entry["redirects_to"] = [u.raw[:MAX_SHOWN] for u in chain(url)[1:]]
+            # One URL of 2,048 characters can carry a hundred inner ones: a few shown.
+            inner = chain(url)[1:]
+            entry["redirects_to"] = [u.raw[:MAX_SHOWN] for u in inner[:MAX_REASONS]]
+            if len(inner) > MAX_REASONS:
+                entry["redirects_more"] = len(inner) - MAX_REASONS
         entry["flagged"] = flagged
         return entry
 

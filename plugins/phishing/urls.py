@@ -88,6 +88,12 @@ def registered_domain(host: str) -> tuple[str, str]:
     return (labels[-2], labels[-1]) if len(labels) >= 2 else (host, "")
 
 
+def listed_suffix(host: str) -> bool:
+    """Whether ``host`` ends in a public suffix of the bundled list (``com``,
+    ``co.uk``), not merely in some last label (``invoice.pdf``)."""
+    return bool(_extractor()(host).suffix)
+
+
 def org_domain(host: str) -> str:
     label, suffix = registered_domain(host)
     return f"{label}.{suffix}" if label and suffix else host
