@@ -99,16 +99,29 @@ async def hanging_clamd(tmp_path: Path) -> AsyncIterator[tuple[str, list[int]]]:
     state = [0, 0]  # open now, most open at once
     release = asyncio.Event()
 
+    handlers: set[asyncio.Task[None]] = set()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        state[0] += 1
-        state[1] = max(state[1], state[0])
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        counted = False
         try:
+            # The client closes a connection before it opens the next one; this
+            # handler runs on the client's loop, so let the loop see that end of file
+            # first (counting at once raced with it: 2 "at once" under load, once).
+            await asyncio.sleep(0.05)
+            state[0] += 1
+            counted = True
+            state[1] = max(state[1], state[0])
             # Read (so the sender never blocks on a full buffer) and never answer.
             while not release.is_set() and await reader.read(65536):
                 pass
         finally:
-            state[0] -= 1
+            if counted:
+                state[0] -= 1
             writer.close()
+            handlers.discard(task)
 
     server = await asyncio.start_unix_server(handle, path=str(path))
     try:
@@ -116,6 +129,9 @@ async def hanging_clamd(tmp_path: Path) -> AsyncIterator[tuple[str, list[int]]]:
     finally:
         release.set()
         server.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 # --- through serve, against the real clamd ----------------------------------------------
