@@ -176,9 +176,13 @@ class SMTPFrontEnd:
         self.stored[ctx.queue_id] = ctx
         return ctx.queue_id
 
+    def authenticator(self) -> object | None:
+        return None
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        servers = await start_servers(self.app, Handler(self.app, self.enqueue))
+        handler = Handler(self.app, self.enqueue)
+        servers = await start_servers(self.app, handler, self.authenticator())
         self.port = bound_addresses(servers)[0][1]
         try:
             yield
@@ -568,20 +572,10 @@ class AuthSMTPFrontEnd(SMTPFrontEnd):
         self.cert = cert
         self.login = (user, password)
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
+    def authenticator(self) -> object | None:
         auth = self.app.config.server.auth
         assert auth is not None
-        authenticator = UsersFileAuthenticator(auth.users_file)
-        handler = Handler(self.app, self.enqueue)
-        servers = await start_servers(self.app, handler, authenticator)
-        self.port = bound_addresses(servers)[0][1]
-        try:
-            yield
-        finally:
-            for server in servers:
-                server.close()
-                await server.wait_closed()
+        return UsersFileAuthenticator(auth.users_file)
 
     async def run(self, case: Case) -> Outcome:
         reader, writer = await asyncio.open_connection(IP, self.port)
